@@ -1,0 +1,256 @@
+"""PacsLens settings: one file, every process setting from the environment.
+
+Typed helpers raise ImproperlyConfigured on a bad value so a typo in a unit
+file stops the process at start instead of misbehaving at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def envstr(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def envsecret(name: str, default: str | None) -> str | None:
+    """A secret from NAME, or from the file named by NAME_FILE (systemd credentials, k8s secrets)."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}_FILE={path!r} cannot be read: {exc}") from exc
+    return os.environ.get(name, default)
+
+
+def envbool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use true/false)")
+
+
+def envint(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
+    if minimum is not None and number < minimum:
+        raise ImproperlyConfigured(f"{name}={number} is below the minimum {minimum}")
+    if maximum is not None and number > maximum:
+        raise ImproperlyConfigured(f"{name}={number} is above the maximum {maximum}")
+    return number
+
+
+def envfloat(name: str, default: float, *, minimum: float | None = None) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number") from None
+    if minimum is not None and number < minimum:
+        raise ImproperlyConfigured(f"{name}={number} is below the minimum {minimum}")
+    return number
+
+
+def envaetitle(name: str, default: str) -> str:
+    value = os.environ.get(name, default)
+    from routing.validators import ae_title_problem  # pure function, no Django apps needed
+
+    problem = ae_title_problem(value)
+    if problem:
+        raise ImproperlyConfigured(f"{name}={value!r}: {problem}")
+    return value.strip()
+
+
+DEBUG = envbool("PACSLENS_DEBUG", False)
+DATA_DIR = Path(envstr("PACSLENS_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+
+_secret = envsecret("PACSLENS_SECRET_KEY", None)
+if not _secret:
+    # Development default: a random key kept in the data dir, so sessions survive restarts
+    # without anyone committing a secret. Production sets PACSLENS_SECRET_KEY.
+    _key_file = DATA_DIR / "secret_key"
+    if _key_file.exists():
+        _secret = _key_file.read_text().strip()
+    else:
+        from django.utils.crypto import get_random_string
+
+        _secret = get_random_string(64)
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        _key_file.write_text(_secret)
+        _key_file.chmod(0o600)
+SECRET_KEY = _secret
+
+ALLOWED_HOSTS = [h.strip() for h in envstr("PACSLENS_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
+CSRF_TRUSTED_ORIGINS = [o.strip() for o in envstr("PACSLENS_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+
+# DICOM listener
+AE_TITLE = envaetitle("PACSLENS_AE_TITLE", "PACSLENS")
+DICOM_HOST = envstr("PACSLENS_DICOM_HOST", "0.0.0.0")
+DICOM_PORT = envint("PACSLENS_DICOM_PORT", 11112, minimum=1, maximum=65535)
+DICOM_LISTENER_PROCESSES = envint("PACSLENS_DICOM_LISTENER_PROCESSES", 2, minimum=1, maximum=64)
+DICOM_MAX_ASSOCIATIONS = envint("PACSLENS_DICOM_MAX_ASSOCIATIONS", 20, minimum=1)
+DICOM_ACSE_TIMEOUT = envfloat("PACSLENS_DICOM_ACSE_TIMEOUT", 30.0, minimum=1)
+DICOM_DIMSE_TIMEOUT = envfloat("PACSLENS_DICOM_DIMSE_TIMEOUT", 60.0, minimum=1)
+DICOM_NETWORK_TIMEOUT = envfloat("PACSLENS_DICOM_NETWORK_TIMEOUT", 60.0, minimum=1)
+DICOM_ACCEPT_ANY_CALLING_AE = envbool("PACSLENS_ACCEPT_ANY_CALLING_AE", False)
+DICOM_SHUTDOWN_GRACE = envfloat("PACSLENS_DICOM_SHUTDOWN_GRACE", 30.0, minimum=0)
+# Refuse new data while free space under the data dir is below this many MiB.
+DISK_FREE_FLOOR_MB = envint("PACSLENS_DISK_FREE_FLOOR_MB", 1024, minimum=0)
+
+# Study completeness (seconds)
+STUDY_QUIET_PERIOD = envint("PACSLENS_STUDY_QUIET_PERIOD", 60, minimum=1)
+STUDY_RELEASE_GRACE = envfloat("PACSLENS_STUDY_RELEASE_GRACE", 2.0, minimum=0)
+STUDY_FORCE_COMPLETE_AFTER = envint("PACSLENS_STUDY_FORCE_COMPLETE_AFTER", 3600, minimum=1)
+SWEEP_INTERVAL_MINUTES = 1
+
+HTTP_PORT = envint("PACSLENS_HTTP_PORT", 8000, minimum=1, maximum=65535)
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "django_q",
+    "routing",
+    "results",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "pacslens.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "pacslens.wsgi.application"
+
+
+def _database() -> dict:
+    url = os.environ.get("DATABASE_URL", "")
+    if url:
+        import dj_database_url
+
+        try:
+            return dj_database_url.parse(url, conn_max_age=60, conn_health_checks=True)
+        except Exception as exc:  # the library raises several types for a bad URL
+            raise ImproperlyConfigured(f"DATABASE_URL is not a usable database URL: {exc}") from None
+    # The embedded default. Listener, workers and web all write: WAL lets readers proceed,
+    # the busy timeout and IMMEDIATE transactions make writers queue instead of failing
+    # with "database is locked".
+    return {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": DATA_DIR / "pacslens.sqlite3",
+        "OPTIONS": {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
+    }
+
+
+DATABASES = {"default": _database()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = envstr("PACSLENS_TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+LOGIN_URL = "/admin/login/"
+
+# Production hardening, switched on by PACSLENS_HTTPS=true behind a TLS-terminating proxy.
+if envbool("PACSLENS_HTTPS", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = envint("PACSLENS_HSTS_SECONDS", 31536000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = False
+
+# django-q2 workers. Tasks carry ids only; the database decides order (DESIGN.md).
+# retry must exceed timeout plus time spent waiting in the cluster's internal queue.
+Q_CLUSTER = {
+    "name": "pacslens",
+    "orm": "default",
+    "workers": envint("PACSLENS_WORKERS", 2, minimum=1),
+    "timeout": envint("PACSLENS_TASK_TIMEOUT", 300, minimum=10),
+    "retry": envint("PACSLENS_TASK_TIMEOUT", 300, minimum=10) * 3,
+    "max_attempts": 2,
+    "ack_failures": True,
+    "save_limit": 1000,
+    "catch_up": False,
+    "poll": 0.2,
+    "guard_cycle": 0.5,
+    "label": "Django Q2",
+}
+
+LOG_LEVEL = envstr("PACSLENS_LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # pynetdicom logs identifiers (patient name/ID) of C-FIND/C-STORE requests at INFO/DEBUG.
+        "pynetdicom": {"level": "WARNING"},
+        "django_q": {"level": envstr("PACSLENS_QUEUE_LOG_LEVEL", "WARNING").upper()},
+    },
+}

@@ -1,0 +1,213 @@
+"""AE titles, studies and their timeline.
+
+A Study's state only changes through `Study.transition`, a compare-and-set UPDATE that also
+writes the StudyEvent, so two workers can never both move a study and the timeline is complete.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db import models, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from routing.validators import validate_ae_title
+
+
+class ApplicationEntity(models.Model):
+    """A remote DICOM node: a PACS, a modality, a router."""
+
+    ae_title = models.CharField(max_length=16, unique=True, validators=[validate_ae_title])
+    host = models.CharField(max_length=255, blank=True, help_text="Host name or IP address")
+    port = models.PositiveIntegerField(null=True, blank=True)
+    description = models.CharField(max_length=200, blank=True)
+    enabled = models.BooleanField(default=True)
+    may_send = models.BooleanField(
+        default=True, help_text="On the calling-AE allow-list: may open associations to store to us"
+    )
+    check_peer_ip = models.BooleanField(
+        default=False, help_text="Also require the association to come from the host's address"
+    )
+    receives_results = models.BooleanField(default=False, help_text="Results (SR) are stored to it")
+    may_query = models.BooleanField(default=False, help_text="We may query/retrieve from it")
+    tls = models.BooleanField(default=False, help_text="Use DICOM TLS when we connect to it")
+    quiet_period_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="A study from this sender is complete after this many seconds without a new instance "
+        "(empty: the site default)",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["ae_title"]
+        verbose_name = "application entity"
+
+    def __str__(self) -> str:
+        return self.ae_title
+
+    def save(self, *args, **kwargs) -> None:
+        self.ae_title = self.ae_title.strip()
+        super().save(*args, **kwargs)
+
+
+class StudyState(models.TextChoices):
+    RECEIVING = "receiving", "Receiving"
+    COMPLETE = "complete", "Complete"
+    ROUTED = "routed", "Routed"
+    IGNORED = "ignored", "Ignored"
+    INFERRING = "inferring", "Inferring"
+    INFERRED = "inferred", "Inferred"
+    DELIVERING = "delivering", "Delivering"
+    DELIVERED = "delivered", "Delivered"
+    FAILED = "failed", "Failed"
+
+
+class Priority(models.IntegerChoices):
+    """Lower sorts first: the database orders the work queue by it."""
+
+    STAT = 0, "STAT"
+    ROUTINE = 5, "Routine"
+
+
+class Study(models.Model):
+    study_instance_uid = models.CharField(max_length=64, unique=True)
+    state = models.CharField(max_length=16, choices=StudyState.choices, default=StudyState.RECEIVING)
+    priority = models.SmallIntegerField(choices=Priority.choices, default=Priority.ROUTINE)
+    # Patient data: shown to logged-in staff only, never logged or passed to tasks.
+    patient_id = models.CharField(max_length=64, blank=True)
+    patient_name = models.CharField(max_length=324, blank=True)
+    accession_number = models.CharField(max_length=16, blank=True, db_index=True)
+    study_date = models.CharField(max_length=8, blank=True)
+    study_description = models.CharField(max_length=64, blank=True)
+    modalities = models.CharField(max_length=64, blank=True, help_text="Backslash-separated, as in DICOM")
+    calling_ae_title = models.CharField(max_length=16, blank=True)
+    called_ae_title = models.CharField(max_length=16, blank=True)
+    sender = models.ForeignKey(ApplicationEntity, null=True, blank=True, on_delete=models.SET_NULL)
+    first_received_at = models.DateTimeField(default=timezone.now)
+    last_received_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "studies"
+        indexes = [
+            models.Index(fields=["state", "priority", "state_changed_at"]),
+            models.Index(
+                fields=["last_received_at"], name="study_receiving_idx", condition=Q(state="receiving")
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Study {self.pk} ({self.study_instance_uid})"
+
+    def transition(self, to_state: str, *, from_states: list[str] | None = None, detail: str = "", kind: str = "") -> bool:
+        """Move to `to_state` if the study is still in one of `from_states` (default: its current state).
+
+        Returns False when another process moved it first. The event is written in the same
+        transaction, so the timeline and the state never disagree.
+        """
+        from_states = from_states or [self.state]
+        now = timezone.now()
+        fields: dict = {"state": to_state, "state_changed_at": now}
+        if to_state == StudyState.COMPLETE:
+            fields["completed_at"] = now
+        with transaction.atomic():
+            updated = Study.objects.filter(pk=self.pk, state__in=from_states).update(**fields)
+            if updated != 1:
+                return False
+            StudyEvent.objects.create(
+                study=self,
+                at=now,
+                kind=kind or to_state,
+                from_state=self.state if self.state in from_states else from_states[0],
+                to_state=to_state,
+                detail=detail[:1000],
+            )
+        for name, value in fields.items():
+            setattr(self, name, value)
+        return True
+
+    def log_event(self, kind: str, detail: str = "") -> StudyEvent:
+        return StudyEvent.objects.create(study=self, kind=kind, detail=detail[:1000])
+
+    def quiet_period(self, default_seconds: int) -> timedelta:
+        seconds = self.sender.quiet_period_seconds if self.sender and self.sender.quiet_period_seconds else None
+        return timedelta(seconds=seconds or default_seconds)
+
+
+class Series(models.Model):
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="series")
+    series_instance_uid = models.CharField(max_length=64, unique=True)
+    modality = models.CharField(max_length=16, blank=True)
+    body_part_examined = models.CharField(max_length=16, blank=True)
+    series_description = models.CharField(max_length=64, blank=True)
+    series_number = models.IntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "series"
+
+    def __str__(self) -> str:
+        return f"Series {self.pk} ({self.series_instance_uid})"
+
+
+class StoreAssociation(models.Model):
+    """One inbound association (C-STORE push or a retrieve into our listener).
+
+    Study completeness looks at these: a study whose delivering associations were all
+    released normally can complete after a short grace period instead of the quiet period.
+    """
+
+    calling_ae_title = models.CharField(max_length=16)
+    called_ae_title = models.CharField(max_length=16)
+    peer_address = models.CharField(max_length=64, blank=True)
+    listener = models.CharField(max_length=100, blank=True, help_text="host:pid of the listener process")
+    started_at = models.DateTimeField(default=timezone.now)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    released_normally = models.BooleanField(default=False)
+    instances_received = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"Association {self.pk} from {self.calling_ae_title}"
+
+
+class Instance(models.Model):
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="instances")
+    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="instances")
+    association = models.ForeignKey(StoreAssociation, null=True, blank=True, on_delete=models.SET_NULL)
+    sop_instance_uid = models.CharField(max_length=64, unique=True)
+    sop_class_uid = models.CharField(max_length=64)
+    transfer_syntax_uid = models.CharField(max_length=64)
+    instance_number = models.IntegerField(null=True, blank=True)
+    # Relative to PACSLENS_DATA_DIR and chosen by us, never from a peer-supplied string.
+    path = models.CharField(max_length=255, blank=True)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    calling_ae_title = models.CharField(max_length=16, blank=True)
+    received_at = models.DateTimeField(default=timezone.now)
+    deleted_at = models.DateTimeField(null=True, blank=True, help_text="Pixel data removed by retention")
+
+    def __str__(self) -> str:
+        return f"Instance {self.pk} ({self.sop_instance_uid})"
+
+
+class StudyEvent(models.Model):
+    """The study timeline: one row per state change or notable step. Never patient data in detail."""
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(default=timezone.now)
+    kind = models.CharField(max_length=32)
+    from_state = models.CharField(max_length=16, blank=True)
+    to_state = models.CharField(max_length=16, blank=True)
+    detail = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [models.Index(fields=["study", "at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} at {self.at:%Y-%m-%d %H:%M:%S}"
