@@ -12,6 +12,8 @@ import socket
 
 import pytest
 
+pytest_plugins = ["tests.peers"]
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 

@@ -1,0 +1,162 @@
+"""What a result delivery sends, and what came of sending it.
+
+These are plain values, free of Django models, so the payload builders (sr, hl7, fhir) and the
+protocol clients (dicom_send, stow_client, hl7, fhir) can be tested against real peers on their
+own, and the delivery ledger can record an `Outcome` per attempt without knowing the protocol.
+
+Patient data (name, id, the source datasets) is kept out of `repr()` because payloads and
+outcomes end up in log lines and exception messages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
+
+
+class Priority(enum.StrEnum):
+    """Worklist priority the result asks for; each protocol spells it its own way."""
+
+    STAT = "stat"
+    ROUTINE = "routine"
+
+    @property
+    def hl7_code(self) -> str:
+        # HL7 v2 table 0027 (ORC-7.6 / OBR-27.6 / TQ1-9): S stat, R routine.
+        return "S" if self is Priority.STAT else "R"
+
+    @property
+    def fhir_code(self) -> str:
+        # FHIR request-priority value set: routine | urgent | asap | stat.
+        return self.value
+
+
+@dataclass(frozen=True)
+class ResultPayload:
+    """Everything the SR, HL7 and FHIR builders need about one inference result."""
+
+    study_instance_uid: str
+    accession_number: str = field(repr=False)
+    patient_id: str = field(repr=False)
+    # Only ever written into the SR/HL7 bodies; never logged, hence repr=False.
+    patient_name: str = field(repr=False)
+    triage_score: float
+    finding_flag: bool
+    model_name: str
+    model_version: str
+    # Stable per result, e.g. "pacslens-result-42": every UID and identifier of the outgoing
+    # objects derives from it, so a re-send is the same object and receivers keep one copy.
+    result_uid_seed: str
+    created_at: dt.datetime
+    priority: Priority = Priority.ROUTINE
+    # Source instances for the SR's evidence and image library: datasets (pixel data not
+    # needed) or paths to Part 10 files. Not needed for HL7/FHIR.
+    source_instances: tuple[Dataset | Path, ...] = field(default=(), repr=False)
+    # The result is preliminary until a radiologist confirms it; sites may send final.
+    is_final: bool = False
+    # Org root for derived UIDs; pydicom's documented root unless the site has its own.
+    uid_prefix: str = PYDICOM_ROOT_UID
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.triage_score <= 1.0:
+            raise ValueError(f"triage_score must be within 0..1, got {self.triage_score!r}")
+        if not self.result_uid_seed:
+            raise ValueError("result_uid_seed must not be empty")
+        if self.created_at.tzinfo is None:
+            raise ValueError("created_at must be timezone-aware")
+
+    def derived_uid(self, purpose: str) -> UID:
+        """A UID that is the same for this result and purpose on every call and every host."""
+        return derive_uid(self.result_uid_seed, purpose, prefix=self.uid_prefix)
+
+    @property
+    def sr_sop_instance_uid(self) -> UID:
+        return self.derived_uid("sr-sop-instance")
+
+    @property
+    def sr_series_instance_uid(self) -> UID:
+        return self.derived_uid("sr-series")
+
+
+def derive_uid(seed: str, purpose: str, *, prefix: str = PYDICOM_ROOT_UID) -> UID:
+    # generate_uid concatenates its entropy sources without a separator, so "ab"+"c" would
+    # collide with "a"+"bc"; the separator keeps seed and purpose apart. prefix must not be
+    # None: generate_uid then ignores the entropy and returns a random 2.25 UUID UID.
+    return generate_uid(prefix=prefix, entropy_srcs=[f"{seed}\x00{purpose}"])
+
+
+class OutcomeKind(enum.StrEnum):
+    SUCCESS = "success"
+    # Worth retrying later: peer down, timeout, out of resources, 5xx, rejected-transient.
+    TRANSIENT = "transient"
+    # This object will never be accepted as is: invalid SR, SOP class not supported, AE/AR by
+    # policy, 409/412/422. Goes to the failure queue.
+    PERMANENT = "permanent"
+    # The destination's configuration is wrong (AE title unknown, 401/403): retrying the same
+    # configuration cannot help, staff must fix the destination.
+    CONFIG_ERROR = "config_error"
+
+
+class Protocol(enum.StrEnum):
+    DICOM = "dicom"
+    DICOMWEB = "dicomweb"
+    HL7 = "hl7"
+    FHIR = "fhir"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of sending one object (or one association/request that failed for all).
+
+    `code` is what the peer said: DIMSE status int, HL7 ACK code ("AA", "AE", ...), or HTTP
+    status int; None when there was no answer (refused connection, timeout). `message` never
+    contains patient data: UIDs, AE titles, hosts and codes only.
+    """
+
+    kind: OutcomeKind
+    protocol: Protocol
+    code: int | str | None
+    message: str
+    # The idempotency key of the object this outcome is about (SOP Instance UID, MSH-10,
+    # FHIR identifier value) when known.
+    key: str = ""
+    # Set for successes that carried a warning (DIMSE 0xB000..., STOW Warning Reason).
+    warning: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is OutcomeKind.SUCCESS
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind is OutcomeKind.TRANSIENT
+
+    def describe(self) -> str:
+        code = _format_code(self.protocol, self.code)
+        parts = [f"{self.protocol.value} {self.kind.value}"]
+        if code:
+            parts.append(code)
+        parts.append(self.message)
+        if self.warning:
+            parts.append(f"warning: {self.warning}")
+        return ": ".join(parts)
+
+
+def _format_code(protocol: Protocol, code: int | str | None) -> str:
+    if code is None:
+        return ""
+    if protocol is Protocol.DICOM and isinstance(code, int):
+        return f"status 0x{code:04X}"
+    if isinstance(code, int):
+        return f"HTTP {code}"
+    return f"ACK {code}"
+
+
+def all_ok(outcomes: Sequence[Outcome]) -> bool:
+    return bool(outcomes) and all(outcome.ok for outcome in outcomes)
