@@ -104,11 +104,19 @@ class Study(models.Model):
     def __str__(self) -> str:
         return f"Study {self.pk} ({self.study_instance_uid})"
 
-    def transition(self, to_state: str, *, from_states: list[str] | None = None, detail: str = "", kind: str = "") -> bool:
+    def transition(
+        self,
+        to_state: str,
+        *,
+        from_states: list[str] | None = None,
+        detail: str = "",
+        kind: str = "",
+        where: Q | None = None,
+    ) -> bool:
         """Move to `to_state` if the study is still in one of `from_states` (default: its current state).
 
-        Returns False when another process moved it first. The event is written in the same
-        transaction, so the timeline and the state never disagree.
+        Returns False when another process moved it first (or `where` no longer holds). The event
+        is written in the same transaction, so the timeline and the state never disagree.
         """
         from_states = from_states or [self.state]
         now = timezone.now()
@@ -116,7 +124,10 @@ class Study(models.Model):
         if to_state == StudyState.COMPLETE:
             fields["completed_at"] = now
         with transaction.atomic():
-            updated = Study.objects.filter(pk=self.pk, state__in=from_states).update(**fields)
+            rows = Study.objects.filter(pk=self.pk, state__in=from_states)
+            if where is not None:
+                rows = rows.filter(where)
+            updated = rows.update(**fields)
             if updated != 1:
                 return False
             StudyEvent.objects.create(
@@ -186,7 +197,6 @@ class Instance(models.Model):
     # Relative to PACSLENS_DATA_DIR and chosen by us, never from a peer-supplied string.
     path = models.CharField(max_length=255, blank=True)
     size = models.BigIntegerField()
-    sha256 = models.CharField(max_length=64)
     calling_ae_title = models.CharField(max_length=16, blank=True)
     received_at = models.DateTimeField(default=timezone.now)
     deleted_at = models.DateTimeField(null=True, blank=True, help_text="Pixel data removed by retention")

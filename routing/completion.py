@@ -1,0 +1,83 @@
+"""Study completeness: when has a sender finished sending a study?
+
+DICOM has no "end of study" message, so we infer it (DESIGN.md):
+- quiet period: no new instance for N seconds (per sending AE, site default otherwise);
+- association release: every association that delivered to the study has ended, the last
+  one released normally, and a short grace period passed (catches a sender that opens one
+  association per series);
+- forced ceiling: a study still receiving after this long completes anyway.
+This runs in the workers, from database rows only, so it survives restarts and works with
+several listeners.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from routing.models import Instance, StoreAssociation, Study, StudyState
+
+logger = logging.getLogger(__name__)
+
+
+def study_completion_reason(*, study: Study, now: datetime) -> str | None:
+    """Why `study` counts as complete at `now`, or None while it may still be receiving."""
+    ceiling = timedelta(seconds=settings.STUDY_FORCE_COMPLETE_AFTER)
+    if now - study.first_received_at >= ceiling:
+        return f"forced: still receiving {int(ceiling.total_seconds())} s after the first instance"
+    quiet = study.quiet_period(settings.STUDY_QUIET_PERIOD)
+    if now - study.last_received_at >= quiet:
+        return f"quiet period: no instance for {int(quiet.total_seconds())} s"
+    grace = timedelta(seconds=settings.STUDY_RELEASE_GRACE)
+    if now - study.last_received_at < grace:
+        return None
+    association_ids = set(
+        Instance.objects.filter(study=study).exclude(association=None).values_list("association_id", flat=True)
+    )
+    associations = list(StoreAssociation.objects.filter(pk__in=association_ids))
+    if not associations or any(a.ended_at is None for a in associations):
+        return None
+    last = max(associations, key=lambda a: a.ended_at)
+    if not last.released_normally:
+        return None  # an aborted association may be resent: wait for the quiet period
+    return f"association released by {last.calling_ae_title}, nothing else delivering"
+
+
+def study_try_complete(*, study: Study, now: datetime | None = None) -> bool:
+    """Complete `study` if its time has come. Safe to call from several workers at once."""
+    now = now or timezone.now()
+    if study.state != StudyState.RECEIVING:
+        return False
+    reason = study_completion_reason(study=study, now=now)
+    if reason is None:
+        return False
+    with transaction.atomic():
+        # Compare-and-set on last_received_at: an instance that arrived meanwhile keeps it open.
+        moved = study.transition(
+            StudyState.COMPLETE,
+            from_states=[StudyState.RECEIVING],
+            detail=reason,
+            where=Q(last_received_at=study.last_received_at),
+        )
+        if moved:
+            from django_q.tasks import async_task
+
+            study_id = study.pk
+            transaction.on_commit(lambda: async_task("results.tasks.process_study", study_id))
+    if moved:
+        logger.info("study %s complete: %s", study.pk, reason)
+    return moved
+
+
+def studies_complete_due(*, now: datetime | None = None) -> int:
+    """The sweep: complete every receiving study whose time has come. Returns how many."""
+    completed = 0
+    for study in Study.objects.filter(state=StudyState.RECEIVING).select_related("sender").order_by("last_received_at"):
+        if study_try_complete(study=study, now=now):
+            completed += 1
+    return completed

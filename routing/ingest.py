@@ -1,0 +1,296 @@
+"""The durable ingest path shared by every way an instance reaches us.
+
+C-STORE push, C-MOVE/C-GET retrieves and STOW-RS all end in `instance_store`: the caller
+has the encoded Part 10 file in a temporary file under `DATA_DIR/incoming`; we check it,
+fsync it, rename it to a path *we* choose, commit the rows, and only then report Success.
+A crash at any point leaves either nothing visible or a complete, recorded instance.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from routing.models import Instance, Series, Study, StudyState
+
+logger = logging.getLogger(__name__)
+
+# DIMSE status codes (PS3.4 B.2.3); STOW-RS reuses them as Failure Reason.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+# Only the header is parsed here; pixel data is never decoded in the listener.
+HEADER_TAGS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "PatientName",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyDescription",
+    "Modality",
+    "BodyPartExamined",
+    "SeriesDescription",
+    "SeriesNumber",
+    "InstanceNumber",
+    "SpecificCharacterSet",
+]
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    status: int
+    message: str = ""
+    instance_id: int | None = None
+    study_id: int | None = None
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+def incoming_dir() -> Path:
+    """Where receivers write temporary files: on the same filesystem as the store, so rename is atomic."""
+    path = Path(settings.DATA_DIR) / "incoming"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def disk_space_low() -> bool:
+    floor = settings.DISK_FREE_FLOOR_MB * 1024 * 1024
+    return shutil.disk_usage(settings.DATA_DIR).free < floor
+
+
+def instance_store(
+    *,
+    temp_path: Path,
+    request_sop_class_uid: str,
+    request_sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    calling_ae_title: str,
+    called_ae_title: str = "",
+    association_id: int | None = None,
+    sender_id: int | None = None,
+) -> StoreResult:
+    """Check, durably store and record one received Part 10 file. Always consumes `temp_path`."""
+    try:
+        return _store(
+            temp_path=temp_path,
+            request_sop_class_uid=request_sop_class_uid,
+            request_sop_instance_uid=request_sop_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            calling_ae_title=calling_ae_title,
+            called_ae_title=called_ae_title,
+            association_id=association_id,
+            sender_id=sender_id,
+        )
+    finally:
+        # On every path that did not move the file into the store, it must not linger.
+        temp_path.unlink(missing_ok=True)
+
+
+def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_uid: str, **kwargs) -> StoreResult:
+    if disk_space_low():
+        logger.warning("refusing instance: free space under %s below the floor", settings.DATA_DIR)
+        return StoreResult(OUT_OF_RESOURCES, "Out of resources: free disk space is below the configured floor")
+
+    try:
+        header = _read_header(temp_path)
+    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, AttributeError) as exc:
+        logger.info("cannot parse instance %s: %s", _safe_uid(request_sop_instance_uid), type(exc).__name__)
+        return StoreResult(CANNOT_UNDERSTAND, f"Cannot understand: the dataset could not be parsed ({type(exc).__name__})")
+
+    problem = _mismatch(header, request_sop_class_uid, request_sop_instance_uid)
+    if problem:
+        logger.info("refusing instance %s: %s", _safe_uid(request_sop_instance_uid), problem)
+        return StoreResult(DATASET_MISMATCH, f"Dataset does not match the request: {problem}")
+
+    existing = Instance.objects.filter(sop_instance_uid=header["SOPInstanceUID"]).first()
+    if existing:
+        return _duplicate(existing, temp_path)
+
+    relative = _final_relative_path()
+    final_path = Path(settings.DATA_DIR) / relative
+    try:
+        _durable_rename(temp_path, final_path)
+    except OSError as exc:
+        logger.error("cannot write instance %s: %s", header["SOPInstanceUID"], exc.strerror)
+        return StoreResult(OUT_OF_RESOURCES, "Out of resources: the instance could not be written to disk")
+
+    try:
+        instance = _record(header=header, relative=relative, size=final_path.stat().st_size, **kwargs)
+    except IntegrityError:
+        # Another association stored the same SOP Instance UID between our check and our insert.
+        final_path.unlink(missing_ok=True)
+        existing = Instance.objects.filter(sop_instance_uid=header["SOPInstanceUID"]).first()
+        if existing is None:
+            return StoreResult(PROCESSING_FAILURE, "Processing failure: the instance could not be recorded")
+        return StoreResult(SUCCESS, "duplicate", existing.pk, existing.study_id, duplicate=True)
+    except Exception:
+        final_path.unlink(missing_ok=True)
+        logger.exception("cannot record instance %s", header["SOPInstanceUID"])
+        return StoreResult(PROCESSING_FAILURE, "Processing failure: the instance could not be recorded")
+    return StoreResult(SUCCESS, "", instance.pk, instance.study_id)
+
+
+def _read_header(path: Path) -> dict[str, str]:
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    header: dict[str, str] = {}
+    for keyword in HEADER_TAGS:
+        # Accessing the value forces pydicom to convert it, so corrupt values fail here.
+        value = ds.get(keyword)
+        header[keyword] = "" if value is None else str(value).strip()
+    return header
+
+
+def _mismatch(header: dict[str, str], request_class: str, request_instance: str) -> str | None:
+    if header["SOPClassUID"] != request_class:
+        return "SOP Class UID in the dataset differs from the C-STORE request"
+    if header["SOPInstanceUID"] != request_instance:
+        return "SOP Instance UID in the dataset differs from the C-STORE request"
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = header[keyword]
+        if not value:
+            return f"{keyword} is missing"
+        if len(value) > 64 or not UID_RE.match(value):
+            return f"{keyword} is not a valid UID"
+    return None
+
+
+def _duplicate(existing: Instance, temp_path: Path) -> StoreResult:
+    stored = Path(settings.DATA_DIR) / existing.path
+    same = stored.exists() and filecmp.cmp(stored, temp_path, shallow=False)
+    if not same:
+        # Keep the first copy (as Orthanc does by default) and make the conflict visible.
+        existing.study.log_event(
+            "duplicate_conflict",
+            f"instance {existing.sop_instance_uid} received again with different content; first copy kept",
+        )
+    return StoreResult(SUCCESS, "duplicate", existing.pk, existing.study_id, duplicate=True)
+
+
+_made_dirs: set[Path] = set()
+
+
+def _final_relative_path() -> str:
+    # Server-chosen name: a date folder and a random UUID. No peer-supplied string ever reaches the path.
+    return f"instances/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}.dcm"
+
+
+def _durable_rename(temp_path: Path, final_path: Path) -> None:
+    folder = final_path.parent
+    if folder not in _made_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+        _made_dirs.add(folder)
+    fd = os.open(temp_path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temp_path, final_path)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a power cut
+    finally:
+        os.close(dir_fd)
+
+
+def _record(
+    *,
+    header: dict[str, str],
+    relative: str,
+    size: int,
+    transfer_syntax_uid: str,
+    calling_ae_title: str,
+    called_ae_title: str,
+    association_id: int | None,
+    sender_id: int | None,
+) -> Instance:
+    now = timezone.now()
+    with transaction.atomic():
+        study = Study.objects.select_for_update().filter(study_instance_uid=header["StudyInstanceUID"]).first()
+        if study is None:
+            study = Study.objects.create(
+                study_instance_uid=header["StudyInstanceUID"],
+                patient_id=header["PatientID"][:64],
+                patient_name=header["PatientName"][:324],
+                accession_number=header["AccessionNumber"][:16],
+                study_date=header["StudyDate"][:8],
+                study_description=header["StudyDescription"][:64],
+                modalities=header["Modality"][:64],
+                calling_ae_title=calling_ae_title,
+                called_ae_title=called_ae_title,
+                sender_id=sender_id,
+                first_received_at=now,
+                last_received_at=now,
+                state_changed_at=now,
+            )
+            study.log_event("receiving", f"first instance from {calling_ae_title or 'unknown sender'}")
+        else:
+            fields: dict = {"last_received_at": now}
+            modality = header["Modality"]
+            if modality and modality not in study.modalities.split("\\"):
+                fields["modalities"] = "\\".join(filter(None, [study.modalities, modality]))[:64]
+            Study.objects.filter(pk=study.pk).update(**fields)
+            if study.state != StudyState.RECEIVING:
+                # A late instance re-opens the study; inference re-runs once it is complete again.
+                study.transition(
+                    StudyState.RECEIVING,
+                    kind="amended",
+                    detail=f"late instance from {calling_ae_title or 'unknown sender'} re-opened the study",
+                )
+        series, _ = Series.objects.get_or_create(
+            series_instance_uid=header["SeriesInstanceUID"],
+            defaults={
+                "study": study,
+                "modality": header["Modality"][:16],
+                "body_part_examined": header["BodyPartExamined"][:16],
+                "series_description": header["SeriesDescription"][:64],
+                "series_number": _int_or_none(header["SeriesNumber"]),
+            },
+        )
+        return Instance.objects.create(
+            study=study,
+            series=series,
+            association_id=association_id,
+            sop_instance_uid=header["SOPInstanceUID"],
+            sop_class_uid=header["SOPClassUID"],
+            transfer_syntax_uid=transfer_syntax_uid,
+            instance_number=_int_or_none(header["InstanceNumber"]),
+            path=relative,
+            size=size,
+            calling_ae_title=calling_ae_title,
+            received_at=now,
+        )
+
+
+def _int_or_none(value: str) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _safe_uid(value: str) -> str:
+    """A peer-supplied UID fit for a log line: valid UIDs verbatim, anything else marked as such."""
+    return value if UID_RE.match(value or "") and len(value) <= 64 else "<invalid uid>"

@@ -1,0 +1,231 @@
+"""The DICOM listener: a pynetdicom SCP for C-ECHO and C-STORE.
+
+It does the least work possible per instance (verify, write durably, record, answer); the
+handlers here are thin and `routing.ingest.instance_store` does the work. Study completion
+and everything after run in the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import close_old_connections, connection, transaction
+from django.utils import timezone
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from routing.ingest import disk_space_low, incoming_dir, instance_store
+from routing.models import ApplicationEntity, StoreAssociation
+from routing.tasks import enqueue_completion_check
+
+logger = logging.getLogger(__name__)
+
+# Uncompressed and the common compressed syntaxes; stored exactly as received.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+# A-ASSOCIATE-RJ (result, source, reason) per PS3.8 9.3.4
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CONGESTION = (0x02, 0x03, 0x01)
+
+ALLOW_LIST_TTL = 5.0  # seconds an allow-list read from the database is reused
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's server plus SO_REUSEPORT (several listener processes share one port)
+    and TCP_NODELAY on accepted sockets (without it, a Nagle-enabled sender waits ~40 ms
+    for a delayed ACK on every response)."""
+
+    def server_bind(self) -> None:
+        if hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self):
+        client_socket, address = super().get_request()
+        client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client_socket, address
+
+
+class DicomListener:
+    """One listening AE. `start()` returns at once; `stop()` drains running associations."""
+
+    def __init__(self, *, host: str | None = None, port: int | None = None, ae_title: str | None = None) -> None:
+        self.host = host if host is not None else settings.DICOM_HOST
+        self.port = port if port is not None else settings.DICOM_PORT
+        self.ae_title = ae_title or settings.AE_TITLE
+        self.server: ReusePortServer | None = None
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self._allow_list: dict[str, ApplicationEntity] = {}
+        self._allow_list_read_at = 0.0
+        self._lock = threading.Lock()
+
+    def start(self) -> ReusePortServer:
+        # Receive straight to a temporary file under the data dir: bounded memory for huge
+        # instances, and the final rename stays on one filesystem.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(incoming_dir())
+        # Identifiers (patient names and IDs) must never reach our logs.
+        _config.LOG_HANDLER_LEVEL = "none"
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = settings.DICOM_MAX_ASSOCIATIONS
+        ae.acse_timeout = settings.DICOM_ACSE_TIMEOUT
+        ae.dimse_timeout = settings.DICOM_DIMSE_TIMEOUT
+        ae.network_timeout = settings.DICOM_NETWORK_TIMEOUT
+        ae.require_called_aet = True
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        handlers = [
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_RELEASED, self.handle_ended, [True]),
+            (evt.EVT_ABORTED, self.handle_ended, [False]),
+            (evt.EVT_CONN_CLOSE, self.handle_ended, [False]),
+        ]
+        self.server = ae.make_server((self.host, self.port), evt_handlers=handlers, server_class=ReusePortServer)
+        thread = threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True)
+        thread.start()
+        self.port = self.server.server_address[1]
+        logger.info("DICOM listener %s on %s:%s (%s)", self.ae_title, self.host, self.port, self.identity)
+        return self.server
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let running associations finish for up to `grace` seconds, then abort the rest."""
+        if not self.server:
+            return
+        grace = settings.DICOM_SHUTDOWN_GRACE if grace is None else grace
+        server, self.server = self.server, None
+        server.shutdown()  # stops accepting new connections and closes the listening socket
+        deadline = time.monotonic() + grace
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for assoc in server.active_associations:
+            assoc.abort()
+
+    # --- handlers: thin, the work lives in routing.ingest -------------------------------------
+
+    def handle_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        reject = None
+        if disk_space_low():
+            reject = REJECT_CONGESTION
+            reason = "free disk space below the floor"
+        else:
+            sender = self._allowed_sender(calling, assoc.requestor.address)
+            if sender is None and not settings.DICOM_ACCEPT_ANY_CALLING_AE:
+                reject = REJECT_CALLING_AE
+                reason = "calling AE title not recognised"
+        if reject:
+            logger.warning("rejecting association from %s (%s): %s", calling, assoc.requestor.address, reason)
+            assoc.acse.send_reject(*reject)
+            assoc.kill()
+
+    def handle_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def handle_store(self, event: evt.Event) -> int | tuple:
+        request = event.request
+        assoc = event.assoc
+        association_id = self._association_row(assoc)
+        calling = assoc.requestor.ae_title.strip()
+        sender = self._allowed_sender(calling, assoc.requestor.address)
+        result = instance_store(
+            temp_path=Path(event.dataset_path),
+            request_sop_class_uid=str(request.AffectedSOPClassUID),
+            request_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            calling_ae_title=calling,
+            called_ae_title=assoc.acceptor.ae_title.strip(),
+            association_id=association_id,
+            sender_id=sender.pk if sender else None,
+        )
+        if result.ok:
+            assoc._pacslens_count = getattr(assoc, "_pacslens_count", 0) + 1
+            return 0x0000
+        return result.status
+
+    def handle_ended(self, event: evt.Event, released: bool) -> None:
+        """Close the association's row and ask the workers to check its studies for completion."""
+        assoc = event.assoc
+        association_id = getattr(assoc, "_pacslens_association_id", None)
+        try:
+            if association_id is None:
+                return
+            assoc._pacslens_association_id = None  # release and connection close both fire
+            with transaction.atomic():
+                StoreAssociation.objects.filter(pk=association_id, ended_at=None).update(
+                    ended_at=timezone.now(),
+                    released_normally=released,
+                    instances_received=getattr(assoc, "_pacslens_count", 0),
+                )
+                enqueue_completion_check(association_id)
+        finally:
+            connection.close()  # each association runs in its own thread with its own connection
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _association_row(self, assoc) -> int:
+        association_id = getattr(assoc, "_pacslens_association_id", None)
+        if association_id is None:
+            close_old_connections()
+            row = StoreAssociation.objects.create(
+                calling_ae_title=assoc.requestor.ae_title.strip(),
+                called_ae_title=assoc.acceptor.ae_title.strip(),
+                peer_address=str(assoc.requestor.address),
+                listener=self.identity,
+            )
+            association_id = assoc._pacslens_association_id = row.pk
+        return association_id
+
+    def _allowed_sender(self, calling: str, address: str) -> ApplicationEntity | None:
+        with self._lock:
+            if time.monotonic() - self._allow_list_read_at > ALLOW_LIST_TTL:
+                close_old_connections()
+                self._allow_list = {
+                    ae.ae_title: ae for ae in ApplicationEntity.objects.filter(enabled=True, may_send=True)
+                }
+                self._allow_list_read_at = time.monotonic()
+            sender = self._allow_list.get(calling)
+        if sender and sender.check_peer_ip and not _same_host(sender.host, address):
+            return None
+        return sender
+
+    def refresh_allow_list(self) -> None:
+        self._allow_list_read_at = 0.0
+
+
+def _same_host(configured: str, address: str) -> bool:
+    try:
+        return address in {info[4][0] for info in socket.getaddrinfo(configured, None)}
+    except OSError:
+        return False
