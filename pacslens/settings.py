@@ -188,6 +188,9 @@ def _database() -> dict:
             "transaction_mode": "IMMEDIATE",
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         },
+        # A file, not shared-cache memory: tests run the listener in threads, and shared-cache
+        # table locks fail at once instead of waiting out the busy timeout.
+        "TEST": {"NAME": str(DATA_DIR / "test_pacslens.sqlite3")},
     }
 
 

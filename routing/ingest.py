@@ -21,7 +21,6 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
 from routing.models import Instance, Series, Study, StudyState
 
@@ -116,9 +115,11 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
 
     try:
         header = _read_header(temp_path)
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, AttributeError) as exc:
+    except Exception as exc:  # pydicom raises many types on malformed input; all mean "cannot understand"
         logger.info("cannot parse instance %s: %s", _safe_uid(request_sop_instance_uid), type(exc).__name__)
         return StoreResult(CANNOT_UNDERSTAND, f"Cannot understand: the dataset could not be parsed ({type(exc).__name__})")
+    if not header["SOPClassUID"] and not header["SOPInstanceUID"]:
+        return StoreResult(CANNOT_UNDERSTAND, "Cannot understand: no SOP Class or Instance UID could be read")
 
     problem = _mismatch(header, request_sop_class_uid, request_sop_instance_uid)
     if problem:

@@ -112,6 +112,7 @@ class DicomListener:
             (evt.EVT_CONN_CLOSE, self.handle_ended, [False]),
         ]
         self.server = ae.make_server((self.host, self.port), evt_handlers=handlers, server_class=ReusePortServer)
+        ae._servers.append(self.server)  # as AE.start_server does; server.shutdown() removes it
         thread = threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True)
         thread.start()
         self.port = self.server.server_address[1]
@@ -135,7 +136,8 @@ class DicomListener:
 
     def handle_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.ae_title.strip()
+        # requestor.ae_title is filled only after negotiation; the A-ASSOCIATE-RQ has it now.
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         reject = None
         if disk_space_low():
             reject = REJECT_CONGESTION
