@@ -115,7 +115,8 @@ class Outcome:
     """The result of sending one object (or one association/request that failed for all).
 
     `code` is what the peer said: DIMSE status int, HL7 ACK code ("AA", "AE", ...), or HTTP
-    status int; None when there was no answer (refused connection, timeout). `message` never
+    status int; for a rejected association the A-ASSOCIATE-RJ triple as text
+    ("A-ASSOCIATE-RJ 1/1/3" = result/source/reason); None when there was no answer (refused connection, timeout). `message` never
     contains patient data: UIDs, AE titles, hosts and codes only.
     """
 
@@ -155,7 +156,9 @@ def _format_code(protocol: Protocol, code: int | str | None) -> str:
         return f"status 0x{code:04X}"
     if isinstance(code, int):
         return f"HTTP {code}"
-    return f"ACK {code}"
+    if protocol is Protocol.HL7:
+        return f"ACK {code}"
+    return code
 
 
 def all_ok(outcomes: Sequence[Outcome]) -> bool:

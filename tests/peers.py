@@ -179,3 +179,56 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
             process.kill()
             process.wait()
         shutil.rmtree(storage, ignore_errors=True)
+
+
+# --- Synthetic objects to send to peers -----------------------------------------------------
+# Deliberately tiny and independent of the demo study generator: these tests are about the
+# protocols, not the images.
+
+def make_ct_slices(count: int = 3, *, patient_name: str = "Test^Patient",
+                   patient_id: str = "PL-TEST-1", accession_number: str = "ACC0001") -> list[Any]:
+    """`count` 16x16 CT slices of one new study/series, as pydicom datasets with file meta."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    slices = []
+    for index in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName, ds.PatientID = patient_name, patient_id
+        ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.StudyDate, ds.StudyTime, ds.StudyID = "20240101", "120000", "1"
+        ds.AccessionNumber, ds.ReferringPhysicianName = accession_number, ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, index + 1
+        ds.Manufacturer = "PacsLens test generator"
+        ds.FrameOfReferenceUID = frame_uid
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * index]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 5.0
+        ds.Rows = ds.Columns = 16
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.full((16, 16), index, dtype=np.int16).tobytes()
+        slices.append(ds)
+    return slices
+
+
+def dataset_bytes(ds: Any) -> bytes:
+    import io
+
+    from pydicom.filewriter import dcmwrite
+
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
