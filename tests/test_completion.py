@@ -1,0 +1,146 @@
+"""Study completeness: quiet period, association release, re-open on a late instance, ceiling."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from routing.completion import studies_complete_due, study_try_complete
+from routing.ingest import instance_store
+from routing.models import ApplicationEntity, StoreAssociation, Study, StudyState
+from routing.tasks import check_completion_after_release
+from tests.test_listener import make_ct
+
+pytestmark = pytest.mark.django_db
+
+
+def receive(data_dir, ds, association=None, calling="MODALITY1"):
+    path = data_dir / "incoming" / f"{ds.SOPInstanceUID}.tmp"
+    path.parent.mkdir(exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    result = instance_store(
+        temp_path=path,
+        request_sop_class_uid=ds.SOPClassUID,
+        request_sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+        calling_ae_title=calling,
+        association_id=association.pk if association else None,
+        sender_id=ApplicationEntity.objects.filter(ae_title=calling).values_list("pk", flat=True).first(),
+    )
+    assert result.ok, result.message
+    return Study.objects.get(pk=result.study_id)
+
+
+def age(study, seconds):
+    """Pretend the study's instances arrived `seconds` ago."""
+    past = timezone.now() - timedelta(seconds=seconds)
+    Study.objects.filter(pk=study.pk).update(first_received_at=past, last_received_at=past)
+    study.refresh_from_db()
+    return study
+
+
+class TestQuietPeriod:
+    def test_quiet_study_completes(self, data_dir, settings):
+        settings.STUDY_QUIET_PERIOD = 30
+        study = age(receive(data_dir, make_ct()), 31)
+        assert study_try_complete(study=study)
+        study.refresh_from_db()
+        assert study.state == StudyState.COMPLETE
+        event = study.events.get(kind="complete")
+        assert "quiet period" in event.detail
+        assert event.from_state == "receiving"
+
+    def test_study_still_receiving_stays_open(self, data_dir, settings):
+        settings.STUDY_QUIET_PERIOD = 30
+        study = age(receive(data_dir, make_ct()), 10)
+        assert not study_try_complete(study=study)
+        assert Study.objects.get(pk=study.pk).state == StudyState.RECEIVING
+
+    def test_quiet_period_per_sender(self, data_dir, settings):
+        settings.STUDY_QUIET_PERIOD = 30
+        ApplicationEntity.objects.create(ae_title="SLOWMOD", quiet_period_seconds=300)
+        study = age(receive(data_dir, make_ct(), calling="SLOWMOD"), 60)
+        assert not study_try_complete(study=study)
+
+    def test_sweep_completes_every_due_study(self, data_dir, settings):
+        settings.STUDY_QUIET_PERIOD = 30
+        due = [age(receive(data_dir, make_ct()), 40) for _ in range(3)]
+        fresh = receive(data_dir, make_ct())
+        assert studies_complete_due() == 3
+        assert {s.state for s in Study.objects.filter(pk__in=[s.pk for s in due])} == {"complete"}
+        assert Study.objects.get(pk=fresh.pk).state == StudyState.RECEIVING
+
+    def test_an_instance_arriving_meanwhile_keeps_it_open(self, data_dir, settings):
+        settings.STUDY_QUIET_PERIOD = 30
+        ds = make_ct()
+        study = age(receive(data_dir, ds), 40)
+        stale = Study.objects.get(pk=study.pk)
+        receive(data_dir, make_ct(study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID))
+        assert not study_try_complete(study=stale)  # compare-and-set on last_received_at
+        assert Study.objects.get(pk=study.pk).state == StudyState.RECEIVING
+
+
+class TestAssociationRelease:
+    def make_association(self, ended_seconds_ago=None, released=True):
+        row = StoreAssociation.objects.create(calling_ae_title="MODALITY1", called_ae_title="PACSLENS")
+        if ended_seconds_ago is not None:
+            row.ended_at = timezone.now() - timedelta(seconds=ended_seconds_ago)
+            row.released_normally = released
+            row.save()
+        return row
+
+    def test_release_completes_after_grace(self, data_dir, settings):
+        settings.STUDY_RELEASE_GRACE = 0.2
+        association = self.make_association()
+        study = receive(data_dir, make_ct(), association)
+        StoreAssociation.objects.filter(pk=association.pk).update(ended_at=timezone.now(), released_normally=True)
+        assert check_completion_after_release(association.pk) == 1
+        study.refresh_from_db()
+        assert study.state == StudyState.COMPLETE
+        assert "association released" in study.events.get(kind="complete").detail
+
+    def test_another_open_association_keeps_it_open(self, data_dir, settings):
+        settings.STUDY_RELEASE_GRACE = 0
+        ds = make_ct()
+        first = self.make_association()
+        second = self.make_association()
+        receive(data_dir, ds, first)
+        receive(data_dir, make_ct(study_uid=ds.StudyInstanceUID), second)
+        StoreAssociation.objects.filter(pk=first.pk).update(ended_at=timezone.now(), released_normally=True)
+        assert check_completion_after_release(first.pk) == 0
+        StoreAssociation.objects.filter(pk=second.pk).update(ended_at=timezone.now(), released_normally=True)
+        assert check_completion_after_release(second.pk) == 1
+
+    def test_aborted_association_waits_for_quiet_period(self, data_dir, settings):
+        settings.STUDY_RELEASE_GRACE = 0
+        association = self.make_association()
+        study = receive(data_dir, make_ct(), association)
+        StoreAssociation.objects.filter(pk=association.pk).update(ended_at=timezone.now(), released_normally=False)
+        assert check_completion_after_release(association.pk) == 0
+        assert Study.objects.get(pk=study.pk).state == StudyState.RECEIVING
+
+
+class TestLateAndForced:
+    def test_late_instance_reopens_as_amended(self, data_dir, settings):
+        settings.STUDY_QUIET_PERIOD = 30
+        ds = make_ct()
+        study = age(receive(data_dir, ds), 40)
+        assert study_try_complete(study=study)
+        receive(data_dir, make_ct(study_uid=ds.StudyInstanceUID))
+        study.refresh_from_db()
+        assert study.state == StudyState.RECEIVING
+        amended = study.events.get(kind="amended")
+        assert (amended.from_state, amended.to_state) == ("complete", "receiving")
+        assert study.instances.count() == 2
+
+    def test_forced_ceiling_catches_a_study_that_never_goes_quiet(self, data_dir, settings):
+        settings.STUDY_QUIET_PERIOD = 30
+        settings.STUDY_FORCE_COMPLETE_AFTER = 600
+        ds = make_ct()
+        study = receive(data_dir, ds)
+        Study.objects.filter(pk=study.pk).update(first_received_at=timezone.now() - timedelta(seconds=601))
+        study.refresh_from_db()
+        assert study_try_complete(study=study)
+        assert "forced" in Study.objects.get(pk=study.pk).events.get(kind="complete").detail

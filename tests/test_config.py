@@ -1,0 +1,83 @@
+"""export_config / import_config: round trip, all-or-nothing validation with named errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from django.core.management import CommandError, call_command
+
+from routing.config_yaml import config_export, config_import
+from routing.models import ApplicationEntity
+
+pytestmark = pytest.mark.django_db
+
+
+def make_aes():
+    ApplicationEntity.objects.create(ae_title="CT01", host="10.0.0.5", port=104, description="Head CT", quiet_period_seconds=20)
+    ApplicationEntity.objects.create(ae_title="PACS", host="pacs.local", port=11112, may_query=True, receives_results=True, tls=True)
+
+
+class TestExportImport:
+    def test_round_trip_is_exact(self, tmp_path):
+        make_aes()
+        first = config_export()
+        path = tmp_path / "site.yaml"
+        call_command("export_config", str(path))
+        assert path.read_text() == first
+        ApplicationEntity.objects.all().delete()
+        call_command("import_config", str(path))
+        assert config_export() == first
+
+    def test_import_updates_and_creates(self):
+        make_aes()
+        document = yaml.safe_load(config_export())
+        document["ae_titles"][0]["port"] = 4242
+        document["ae_titles"].append({"ae_title": "MR01", "host": "10.0.0.9", "port": 104})
+        summary = config_import(yaml.safe_dump(document))
+        assert summary["ae_titles"] == {"created": 1, "updated": 2, "deleted": 0}
+        assert ApplicationEntity.objects.get(ae_title="CT01").port == 4242
+        assert ApplicationEntity.objects.get(ae_title="MR01").may_send  # model default
+
+    def test_prune_removes_what_the_file_lacks(self):
+        make_aes()
+        config_import("pacslens_config: 1\nae_titles:\n- ae_title: CT01\n", prune=True)
+        assert list(ApplicationEntity.objects.values_list("ae_title", flat=True)) == ["CT01"]
+
+
+class TestValidation:
+    def test_any_error_changes_nothing_and_names_entry_and_field(self, tmp_path):
+        make_aes()
+        before = config_export()
+        document = yaml.safe_load(before)
+        document["ae_titles"][0]["port"] = "lots"
+        document["ae_titles"].append({"ae_title": "BAD\\AE", "host": "x"})
+        document["ae_titles"].append({"ae_title": "NEWONE", "colour": "red"})
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(document))
+        with pytest.raises(CommandError) as excinfo:
+            call_command("import_config", str(path))
+        text = str(excinfo.value)
+        assert "nothing was changed" in text
+        assert "ae_titles[0] ('CT01'): field 'port'" in text
+        assert "ae_titles[2] ('BAD\\\\AE'): field 'ae_title': an AE title cannot contain a backslash" in text
+        assert "ae_titles[3] ('NEWONE'): unknown field(s) colour" in text
+        assert config_export() == before
+        assert not ApplicationEntity.objects.filter(ae_title="NEWONE").exists()
+
+    def test_duplicate_key_in_file(self):
+        with pytest.raises(Exception) as excinfo:
+            config_import("pacslens_config: 1\nae_titles:\n- ae_title: A\n- ae_title: A\n")
+        assert "appears twice" in str(excinfo.value)
+
+    def test_wrong_types_and_versions(self):
+        for text, expected in [
+            ("- just a list", "YAML mapping"),
+            ("pacslens_config: 9\n", "format version"),
+            ("pacslens_config: 1\nrouters: []\n", "unknown section"),
+            ("pacslens_config: 1\nae_titles: {}\n", "must be a list"),
+            ("pacslens_config: 1\nae_titles:\n- ae_title: X\n  port: lots\n", "field 'port'"),
+            ("pacslens_config: [\n", "not valid YAML"),
+        ]:
+            with pytest.raises(Exception) as excinfo:
+                config_import(text)
+            assert expected in str(excinfo.value), text
