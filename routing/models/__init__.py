@@ -1,4 +1,4 @@
-"""Routing app models, one module per seam: core (AE titles, studies, timeline)."""
+"""Routing app models, one module per seam: core (AE titles, studies, timeline), rules (routing)."""
 
 from routing.models.core import (
     ApplicationEntity,
@@ -10,11 +10,16 @@ from routing.models.core import (
     StudyEvent,
     StudyState,
 )
+from routing.models.rules import Operator, RoutingDecision, RoutingRule, RuleCondition
 
 __all__ = [
     "ApplicationEntity",
     "Instance",
+    "Operator",
     "Priority",
+    "RoutingDecision",
+    "RoutingRule",
+    "RuleCondition",
     "Series",
     "StoreAssociation",
     "Study",

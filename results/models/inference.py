@@ -1,0 +1,124 @@
+"""The model registry and the inference results it produces.
+
+An InferenceResult is an audit record: it is written once and never edited. A re-run writes a
+new row that points at the one it supersedes, so the history of every score stays visible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class AIModel(models.Model):
+    """An ONNX file plus its validated manifest (results/manifest.py describes the fields)."""
+
+    name = models.CharField(max_length=100)
+    version = models.CharField(max_length=40)
+    # Relative to PACSLENS_DATA_DIR; register_model copies the file under DATA_DIR/models/.
+    file = models.CharField(max_length=255)
+    sha256 = models.CharField(max_length=64)
+    manifest = models.JSONField(help_text="The validated manifest, as registered")
+    intended_use = models.TextField(blank=True)
+    demonstration = models.BooleanField(
+        default=False, help_text="Built by PacsLens for the tour and tests: not for clinical use"
+    )
+    enabled = models.BooleanField(default=True)
+    registered_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name", "version"]
+        verbose_name = "AI model"
+        constraints = [models.UniqueConstraint(fields=["name", "version"], name="aimodel_name_version_unique")]
+
+    def __str__(self) -> str:
+        label = f"{self.name} {self.version}"
+        return f"{label} (demonstration, not for clinical use)" if self.demonstration else label
+
+    @property
+    def file_path(self) -> Path:
+        return Path(settings.DATA_DIR) / self.file
+
+    @property
+    def accepts_modalities(self) -> list[str]:
+        return list(self.manifest.get("accepts", {}).get("modalities", []))
+
+    @property
+    def accepts_body_parts(self) -> list[str]:
+        return list(self.manifest.get("accepts", {}).get("body_parts", []))
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["output"]["threshold"])
+
+
+class ResultStatus(models.TextChoices):
+    SUCCEEDED = "succeeded", "Succeeded"
+    NOT_APPLICABLE = "not_applicable", "Not applicable"
+    FAILED = "failed", "Failed"
+
+
+class FailureReason(models.TextChoices):
+    NO_SUITABLE_SERIES = "no_suitable_series", "No suitable series"
+    UNREADABLE_PIXELS = "unreadable_pixels", "Unreadable pixel data"
+    MODEL_ERROR = "model_error", "Model error"
+    TIMEOUT = "timeout", "Timeout"
+
+
+class ImmutableResultError(Exception):
+    pass
+
+
+class InferenceResult(models.Model):
+    study = models.ForeignKey("routing.Study", on_delete=models.CASCADE, related_name="inference_results")
+    # PROTECT: a model that produced results stays in the registry (disable it instead) for audit.
+    model = models.ForeignKey(AIModel, on_delete=models.PROTECT, related_name="results")
+    # Snapshots, so the row says exactly what ran even if the registry changes later.
+    model_name = models.CharField(max_length=100)
+    model_version = models.CharField(max_length=40)
+    model_sha256 = models.CharField(max_length=64)
+    status = models.CharField(max_length=16, choices=ResultStatus.choices)
+    failure_reason = models.CharField(max_length=32, choices=FailureReason.choices, blank=True)
+    message = models.TextField(blank=True, help_text="Readable explanation; never patient data")
+    score = models.FloatField(null=True, blank=True)
+    flagged = models.BooleanField(null=True, blank=True)
+    label = models.CharField(max_length=100, blank=True)
+    outputs = models.JSONField(default=dict, blank=True, help_text="Other model outputs, by name")
+    series = models.ForeignKey("routing.Series", null=True, blank=True, on_delete=models.SET_NULL)
+    series_instance_uid = models.CharField(max_length=64, blank=True)
+    instance_count = models.PositiveIntegerField(default=0)
+    load_seconds = models.FloatField(null=True, blank=True)
+    preprocess_seconds = models.FloatField(null=True, blank=True)
+    infer_seconds = models.FloatField(null=True, blank=True)
+    supersedes = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="superseded_by"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["study", "model_name", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"Result {self.pk} for study {self.study_id}: {self.status}"
+
+    def save(self, *args, **kwargs) -> None:
+        # Results are audit records: once written they are never edited (supersede instead).
+        if not self._state.adding:
+            raise ImmutableResultError("an InferenceResult is never edited; run again to supersede it")
+        super().save(*args, **kwargs)
+
+    @property
+    def is_current(self) -> bool:
+        return not InferenceResult.objects.filter(supersedes=self).exists()
+
+    def summary(self) -> str:
+        if self.status == ResultStatus.SUCCEEDED:
+            flag = "FLAGGED" if self.flagged else "not flagged"
+            return f"{self.model_name} {self.model_version}: score {self.score:.3f}, {flag}"
+        if self.status == ResultStatus.NOT_APPLICABLE:
+            return f"{self.model_name} {self.model_version}: not applicable ({self.message})"
+        return f"{self.model_name} {self.model_version}: failed, {self.failure_reason} ({self.message})"
