@@ -123,6 +123,16 @@ SWEEP_INTERVAL_MINUTES = 1
 
 HTTP_PORT = envint("PACSLENS_HTTP_PORT", 8000, minimum=1, maximum=65535)
 
+# Inference (onnxruntime). Provider: cpu, cuda (must be present) or auto (CUDA when available).
+INFERENCE_PROVIDER = envstr("PACSLENS_INFERENCE_PROVIDER", "cpu").strip().lower()
+if INFERENCE_PROVIDER not in ("cpu", "cuda", "auto"):
+    raise ImproperlyConfigured(f"PACSLENS_INFERENCE_PROVIDER={INFERENCE_PROVIDER!r} is not one of cpu, cuda, auto")
+# 0 lets onnxruntime use every core; with several workers per host, set it to cores / workers.
+INFERENCE_INTRA_OP_THREADS = envint("PACSLENS_INFERENCE_INTRA_OP_THREADS", 0, minimum=0)
+INFERENCE_INTER_OP_THREADS = envint("PACSLENS_INFERENCE_INTER_OP_THREADS", 1, minimum=0)
+# One model run longer than this is stopped and recorded as a timeout failure.
+INFERENCE_TIMEOUT = envfloat("PACSLENS_INFERENCE_TIMEOUT", 120.0, minimum=1)
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",

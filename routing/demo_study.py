@@ -1,0 +1,283 @@
+"""Synthetic head studies for the tour, the tests and the benchmarks. Not patient data.
+
+A study is a stack of axial slices through a simple head phantom: air, scalp, skull, brain
+(grey and white matter, ventricles), optionally with a planted hyperdense lesion at acute-blood
+density. Every file carries full patient/study/series/equipment/image modules, unique UIDs,
+positions and rescale parameters, and a fake patient whose name starts with ZZDEMO^ so nobody
+can mistake it for a real one. Slices are written straight from numpy with pydicom.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    MRImageStorage,
+    RLELossless,
+    generate_uid,
+)
+
+TRANSFER_SYNTAXES = {
+    "explicit": ExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg2000": JPEG2000Lossless,
+    "jpegls": JPEGLSLossless,
+}
+MODALITIES = ("CT", "MR")
+PIXEL_SPACING_MM = 0.5  # 512 pixels cover a 256 mm field of view
+HEAD_EXTENT_MM = 150.0  # skull base to vertex, whatever the slice count
+RESCALE_INTERCEPT = -1024.0
+# Phantom densities (HU) and MR intensities (arbitrary units) per tissue.
+TISSUES = {  # name: (CT HU, MR value)
+    "air": (-1000, 0),
+    "scalp": (30, 500),
+    "bone": (900, 80),
+    "grey": (38, 700),
+    "white": (28, 850),
+    "csf": (6, 250),
+    "lesion": (68, 760),
+}
+NOISE_SD = 4.0
+FIRST_NAMES = ("ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT", "GOLF", "HOTEL")
+
+
+@dataclass
+class DemoStudy:
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    lesion: bool
+    paths: list[Path] = field(default_factory=list)
+    lesion_center_mm: tuple[float, float, float] | None = None
+    lesion_radius_mm: float | None = None
+
+
+def demo_study_write(
+    *,
+    outdir: Path,
+    lesion: bool = False,
+    slices: int = 64,
+    modality: str = "CT",
+    size: int = 512,
+    transfer_syntax: str = "explicit",
+    body_part: str = "HEAD",
+    corrupt_pixels: bool = False,
+    seed: int | None = None,
+) -> DemoStudy:
+    """Write one synthetic study (one axial series) as `slices` files under `outdir`."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}")
+    if slices < 1:
+        raise ValueError("a study needs at least one slice")
+    if transfer_syntax not in TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer syntax must be one of {', '.join(TRANSFER_SYNTAXES)}")
+    rng = np.random.default_rng(seed)
+    outdir.mkdir(parents=True, exist_ok=True)
+    template = _series_template(modality=modality, body_part=body_part, lesion=lesion, size=size, rng=rng)
+    phantom = _Phantom(size=size, rng=rng, lesion=lesion)
+    study = DemoStudy(
+        study_instance_uid=template.StudyInstanceUID,
+        series_instance_uid=template.SeriesInstanceUID,
+        modality=modality,
+        lesion=lesion,
+        lesion_center_mm=phantom.lesion_center,
+        lesion_radius_mm=phantom.lesion_radius,
+    )
+    spacing = HEAD_EXTENT_MM / slices
+    # A small bank of noise fields, rolled per slice: drawing 78 M normals for a 300-slice study
+    # would dominate the run time and the phantom does not need independent noise per slice.
+    noise_bank = [rng.normal(0, NOISE_SD, (size, size)).astype(np.float32) for _ in range(4)]
+    tissue_values = {name: values[0 if modality == "CT" else 1] for name, values in TISSUES.items()}
+    ts_uid = TRANSFER_SYNTAXES[transfer_syntax]
+    for index in range(slices):
+        z = (index + 0.5) * spacing
+        values = phantom.slice_values(z, tissue_values)
+        noise = np.roll(noise_bank[index % 4], shift=int(rng.integers(0, size)), axis=index % 2)
+        if modality == "CT":
+            values = values + noise
+            stored = np.clip(np.rint(values - RESCALE_INTERCEPT), 0, 4095).astype(np.uint16)
+        else:
+            stored = np.clip(np.rint(values + noise * 5), 0, 4095).astype(np.uint16)
+        ds = _slice_dataset(template, index=index, z=z, spacing=spacing, modality=modality)
+        ds.PixelData = stored.tobytes()
+        if ts_uid != ExplicitVRLittleEndian:
+            ds.compress(ts_uid, encoding_plugin="pylibjpeg" if ts_uid == RLELossless else "")
+        else:
+            ds.file_meta.TransferSyntaxUID = ts_uid
+        if corrupt_pixels:
+            # Half the pixel data: the header parses, the pixels cannot be decoded.
+            ds.PixelData = ds.PixelData[: len(ds.PixelData) // 4 * 2]
+        path = outdir / f"{modality}{index + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        study.paths.append(path)
+    return study
+
+
+class _Phantom:
+    """Nested ellipsoids in patient coordinates (mm): x left-right, y front-back, z up."""
+
+    def __init__(self, *, size: int, rng: np.random.Generator, lesion: bool) -> None:
+        self.size = size
+        coords = (np.arange(size, dtype=np.float32) - (size - 1) / 2) * PIXEL_SPACING_MM * 512 / size
+        self.x2 = (coords**2)[np.newaxis, :]
+        self.y2 = (coords**2)[:, np.newaxis]
+        self.x = coords[np.newaxis, :]
+        self.y = coords[:, np.newaxis]
+        jitter = rng.uniform(0.93, 1.07)
+        # (semi-axes x, y, z; centre z)
+        self.brain = (62 * jitter, 80 * jitter, 78, 70.0)
+        self.white = (44 * jitter, 60 * jitter, 52, 72.0)
+        self.skull = (self.brain[0] + 6, self.brain[1] + 6, self.brain[2] + 6, 70.0)
+        self.head = (self.brain[0] + 11, self.brain[1] + 11, self.brain[2] + 11, 70.0)
+        self.lesion_center: tuple[float, float, float] | None = None
+        self.lesion_radius: float | None = None
+        if lesion:
+            # Somewhere well inside the brain, off the ventricles.
+            angle = rng.uniform(0, 2 * math.pi)
+            r = rng.uniform(0.35, 0.55)
+            self.lesion_center = (
+                float(r * self.brain[0] * math.cos(angle)),
+                float(r * self.brain[1] * math.sin(angle)),
+                float(rng.uniform(50, 95)),
+            )
+            self.lesion_radius = float(rng.uniform(10, 17))
+
+    def _inside(self, axes: tuple[float, float, float, float], z: float, cx: float = 0.0, cy: float = 0.0) -> np.ndarray | None:
+        a, b, c, zc = axes
+        scale2 = 1 - ((z - zc) / c) ** 2
+        if scale2 <= 0:
+            return None
+        if cx or cy:
+            return ((self.x - cx) ** 2) / (a * a * scale2) + ((self.y - cy) ** 2) / (b * b * scale2) <= 1
+        return self.x2 / (a * a * scale2) + self.y2 / (b * b * scale2) <= 1
+
+    def slice_values(self, z: float, tissue: dict[str, float]) -> np.ndarray:
+        values = np.full((self.size, self.size), tissue["air"], np.float32)
+        for axes, name in ((self.head, "scalp"), (self.skull, "bone"), (self.brain, "grey"), (self.white, "white")):
+            mask = self._inside(axes, z)
+            if mask is not None:
+                values[mask] = tissue[name]
+        for cx in (-9.0, 9.0):  # lateral ventricles
+            mask = self._inside((5, 22, 18, 80.0), z, cx=cx, cy=-4.0)
+            if mask is not None:
+                values[mask] = tissue["csf"]
+        if self.lesion_center and self.lesion_radius:
+            cx, cy, cz = self.lesion_center
+            r = self.lesion_radius
+            mask = self._inside((r, r * 0.85, r, cz), z, cx=cx, cy=cy)
+            if mask is not None:
+                values[mask] = tissue["lesion"]
+        return values
+
+
+def _series_template(*, modality: str, body_part: str, lesion: bool, size: int, rng: np.random.Generator) -> Dataset:
+    now = datetime.now()
+    number = int(rng.integers(100000, 999999))
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    # Patient: fake by construction (ZZDEMO^ sorts last in any worklist and is easy to purge).
+    ds.PatientName = f"ZZDEMO^{FIRST_NAMES[number % len(FIRST_NAMES)]}{number % 1000:03d}"
+    ds.PatientID = f"DEMO{number}"
+    ds.PatientBirthDate = "19600101"
+    ds.PatientSex = "O"
+    ds.PatientAge = f"{now.year - 1960:03d}Y"
+    ds.PatientIdentityRemoved = "NO"
+    # General Study
+    ds.StudyInstanceUID = generate_uid()
+    ds.StudyDate = now.strftime("%Y%m%d")
+    ds.StudyTime = now.strftime("%H%M%S")
+    ds.AccessionNumber = f"DEMO{number}"[:16]
+    ds.ReferringPhysicianName = "ZZDEMO^REFERRER"
+    ds.StudyID = str(number % 100000)
+    head = body_part.upper() in ("HEAD", "BRAIN")
+    ds.StudyDescription = f"{modality} {'HEAD' if head else body_part.upper()} WO CONTRAST (DEMO)"
+    # General Series
+    ds.Modality = modality
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 2
+    ds.SeriesDescription = "Axial demo" + (" lesion" if lesion else "")
+    ds.BodyPartExamined = body_part.upper()
+    ds.PatientPosition = "HFS"
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = ""
+    # General Equipment
+    ds.Manufacturer = "PacsLens"
+    ds.ManufacturerModelName = "Synthetic demo study"
+    ds.StationName = "DEMO"
+    ds.SoftwareVersions = "pacslens-demo"
+    ds.InstitutionName = "PacsLens demonstration"
+    # Image Pixel
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = size
+    ds.Columns = size
+    ds.PixelSpacing = [PIXEL_SPACING_MM * 512 / size] * 2
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.BurnedInAnnotation = "NO"
+    ds.ImageComments = "PacsLens synthetic demonstration image: not a patient, not for clinical use"
+    if modality == "CT":
+        ds.SOPClassUID = CTImageStorage
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.RescaleIntercept = RESCALE_INTERCEPT
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        ds.KVP = 120
+        ds.ConvolutionKernel = "H30s"
+        ds.WindowCenter = 40
+        ds.WindowWidth = 80
+    else:
+        ds.SOPClassUID = MRImageStorage
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.ScanningSequence = "SE"
+        ds.SequenceVariant = "NONE"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D"
+        ds.RepetitionTime = 500
+        ds.EchoTime = 15
+        ds.EchoTrainLength = 1
+        ds.MagneticFieldStrength = 1.5
+        ds.WindowCenter = 600
+        ds.WindowWidth = 1000
+    return ds
+
+
+def _slice_dataset(template: Dataset, *, index: int, z: float, spacing: float, modality: str) -> Dataset:
+    ds = Dataset()
+    ds.update(template)
+    ds.SOPInstanceUID = generate_uid()
+    ds.InstanceNumber = index + 1
+    ds.AcquisitionNumber = 1
+    ds.SliceThickness = round(spacing, 4)
+    ds.SpacingBetweenSlices = round(spacing, 4) if modality == "MR" else None
+    if ds.SpacingBetweenSlices is None:
+        del ds.SpacingBetweenSlices
+    half_fov = (template.Columns - 1) / 2 * float(template.PixelSpacing[0])
+    ds.ImagePositionPatient = [-half_fov, -half_fov, round(z, 4)]
+    ds.SliceLocation = round(z, 4)
+    now = datetime.now()
+    ds.ContentDate = template.StudyDate
+    ds.ContentTime = now.strftime("%H%M%S")
+    ds.InstanceCreationDate = template.StudyDate
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = template.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "PACSLENS_DEMO"
+    ds.file_meta = meta
+    return ds

@@ -1,0 +1,278 @@
+"""Inference service and tasks over studies ingested from generated files (no network)."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+
+import numpy as np
+import onnx
+import pydicom
+import pytest
+from django.utils import timezone
+from onnx import TensorProto, helper, numpy_helper
+
+from results.demo_model import ensure_demo_setup
+from results.inference import inference_run_pending, study_claim_next
+from results.models import AIModel, FailureReason, ImmutableResultError, InferenceResult, ResultStatus
+from results.runtime import InferenceTimeout, session_for, session_run, sessions_clear
+from results.tasks import process_study, sweep_inference
+from routing.demo_study import demo_study_write
+from routing.ingest import incoming_dir, instance_store
+from routing.models import Operator, Priority, RoutingRule, Study, StudyState
+
+pytestmark = pytest.mark.django_db
+
+
+def ingest(paths, calling="CT01", complete=True) -> Study:
+    """Store files as the listener would, then mark the study complete."""
+    for path in paths:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        temp = incoming_dir() / f"{header.SOPInstanceUID}.tmp"
+        shutil.copyfile(path, temp)
+        result = instance_store(
+            temp_path=temp,
+            request_sop_class_uid=header.SOPClassUID,
+            request_sop_instance_uid=header.SOPInstanceUID,
+            transfer_syntax_uid=header.file_meta.TransferSyntaxUID,
+            calling_ae_title=calling,
+            called_ae_title="PACSLENS",
+        )
+        assert result.ok, result.message
+    study = Study.objects.get(study_instance_uid=header.StudyInstanceUID)
+    if complete:
+        assert study.transition(StudyState.COMPLETE, from_states=[StudyState.RECEIVING], detail="test")
+    return study
+
+
+def demo(tmp_path, name="s", **kwargs):
+    kwargs.setdefault("slices", 24)
+    kwargs.setdefault("size", 128)
+    return demo_study_write(outdir=tmp_path / name, **kwargs)
+
+
+@pytest.fixture
+def demo_site(data_dir):
+    sessions_clear()
+    line = ensure_demo_setup()
+    assert "routing rule" in line
+    return AIModel.objects.get()
+
+
+class TestPipeline:
+    def test_a_lesion_study_is_flagged_with_timings_and_a_full_timeline(self, demo_site, tmp_path):
+        study = ingest(demo(tmp_path, lesion=True, seed=1).paths)
+        assert process_study(study.pk) == 1
+        study.refresh_from_db()
+        assert study.state == StudyState.INFERRED
+        result = InferenceResult.objects.get(study=study)
+        assert result.status == ResultStatus.SUCCEEDED
+        assert result.flagged and result.score > demo_site.threshold
+        assert result.label == "hyperdense region"
+        assert result.outputs["hyperdense_fraction"] > 0.001
+        assert (result.model_name, result.model_version, result.model_sha256) == (
+            demo_site.name,
+            demo_site.version,
+            demo_site.sha256,
+        )
+        assert result.instance_count == 24 and result.series == study.series.get()
+        assert all(t is not None and t >= 0 for t in (result.load_seconds, result.preprocess_seconds, result.infer_seconds))
+        kinds = list(study.events.values_list("kind", flat=True))
+        assert kinds == ["receiving", "complete", "routed", "inferring", "inferred"]
+
+    def test_a_clean_study_is_not_flagged(self, demo_site, tmp_path):
+        study = ingest(demo(tmp_path, seed=2).paths)
+        process_study(study.pk)
+        result = InferenceResult.objects.get(study=study)
+        assert result.flagged is False and result.score < demo_site.threshold
+        assert result.label == "no hyperdense region"
+
+    @pytest.mark.parametrize("syntax", ["rle", "jpeg2000"])
+    def test_compressed_studies_are_decoded(self, demo_site, tmp_path, syntax):
+        study = ingest(demo(tmp_path, lesion=True, seed=3, slices=12, transfer_syntax=syntax).paths)
+        process_study(study.pk)
+        assert InferenceResult.objects.get(study=study).flagged is True
+
+    def test_a_study_no_rule_matches_is_ignored(self, demo_site, tmp_path):
+        study = ingest(demo(tmp_path, body_part="CHEST", seed=4).paths)
+        assert process_study(study.pk) == 0
+        study.refresh_from_db()
+        assert study.state == StudyState.IGNORED
+        assert "no rule matched" in study.events.last().detail
+        assert not InferenceResult.objects.exists()
+
+    def test_an_mr_study_routed_to_a_ct_model_is_not_applicable(self, demo_site, tmp_path):
+        rule = RoutingRule.objects.create(name="any head", position=1)
+        rule.conditions.create(attribute="BodyPartExamined", operator=Operator.EQUALS, value="HEAD")
+        rule.ai_models.add(demo_site)
+        study = ingest(demo(tmp_path, modality="MR", seed=5).paths)
+        process_study(study.pk)
+        study.refresh_from_db()
+        result = InferenceResult.objects.get(study=study)
+        assert result.status == ResultStatus.NOT_APPLICABLE
+        assert "accepts CT; the study has MR" in result.message
+        assert study.state == StudyState.IGNORED
+
+    def test_corrupt_pixel_data_fails_with_a_reason(self, demo_site, tmp_path):
+        study = ingest(demo(tmp_path, lesion=True, corrupt_pixels=True, seed=6).paths)
+        process_study(study.pk)
+        study.refresh_from_db()
+        result = InferenceResult.objects.get(study=study)
+        assert study.state == StudyState.FAILED
+        assert result.status == ResultStatus.FAILED
+        assert result.failure_reason == FailureReason.UNREADABLE_PIXELS
+        assert "Pixel Data has" in result.message
+        assert result.score is None and result.flagged is None
+        assert study.events.last().kind == "failed" and "unreadable_pixels" in study.events.last().detail
+
+    def test_too_few_slices_is_no_suitable_series(self, demo_site, tmp_path):
+        study = ingest(demo(tmp_path, slices=3, seed=7).paths)
+        process_study(study.pk)
+        result = InferenceResult.objects.get(study=study)
+        assert result.failure_reason == FailureReason.NO_SUITABLE_SERIES
+        assert "has 3 images (needs 8-2000)" in result.message
+
+    def test_a_tampered_model_file_refuses_to_run(self, demo_site, tmp_path):
+        with open(demo_site.file_path, "ab") as fh:
+            fh.write(b"\0")
+        study = ingest(demo(tmp_path, seed=8).paths)
+        process_study(study.pk)
+        result = InferenceResult.objects.get(study=study)
+        assert result.failure_reason == FailureReason.MODEL_ERROR
+        assert "refusing to run" in result.message
+
+    def test_a_model_timeout_is_a_failure_with_its_reason(self, demo_site, tmp_path, monkeypatch):
+        def slow(*args, **kwargs):
+            raise InferenceTimeout("the model ran longer than 1 s and was stopped")
+
+        monkeypatch.setattr("results.inference.session_run", slow)
+        study = ingest(demo(tmp_path, seed=9).paths)
+        process_study(study.pk)
+        assert InferenceResult.objects.get(study=study).failure_reason == FailureReason.TIMEOUT
+
+
+class TestResults:
+    def test_results_are_never_edited(self, demo_site, tmp_path):
+        study = ingest(demo(tmp_path, seed=10).paths)
+        process_study(study.pk)
+        result = InferenceResult.objects.get()
+        result.score = 0.99
+        with pytest.raises(ImmutableResultError):
+            result.save()
+
+    def test_an_amended_study_is_inferred_again_and_supersedes(self, demo_site, tmp_path):
+        first = demo(tmp_path, "first", seed=11, slices=20)
+        study = ingest(first.paths)
+        process_study(study.pk)
+        old = InferenceResult.objects.get()
+        # A late instance of the same series re-opens the study (the lead's ingest rule).
+        late = pydicom.dcmread(first.paths[0])
+        late.SOPInstanceUID = pydicom.uid.generate_uid()
+        late.InstanceNumber = 99
+        late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+        study = ingest([tmp_path / "late.dcm"])
+        assert "amended" in study.events.values_list("kind", flat=True)
+        process_study(study.pk)
+        new = InferenceResult.objects.exclude(pk=old.pk).get()
+        assert new.supersedes == old and new.instance_count == 21
+        assert not old.is_current and new.is_current
+        old.refresh_from_db()
+        assert old.instance_count == 20  # untouched
+
+    def test_a_study_re_opened_during_inference_keeps_no_stale_result(self, demo_site, tmp_path, monkeypatch):
+        import results.inference as inference
+
+        study = ingest(demo(tmp_path, seed=12).paths)
+        real = inference.model_infer
+
+        def reopen_meanwhile(*, study, model):
+            result = real(study=study, model=model)
+            study.transition(StudyState.RECEIVING, kind="amended", detail="test")
+            return result
+
+        monkeypatch.setattr(inference, "model_infer", reopen_meanwhile)
+        process_study(study.pk)
+        assert not InferenceResult.objects.exists()
+        assert Study.objects.get(pk=study.pk).state == StudyState.RECEIVING
+
+
+class TestOrdering:
+    def test_stat_studies_overtake_a_backlog_of_routine_ones(self, demo_site, tmp_path):
+        stat_rule = RoutingRule.objects.create(name="stat", position=1, priority=Priority.STAT)
+        stat_rule.conditions.create(attribute="CallingAETitle", operator=Operator.EQUALS, value="ER_CT")
+        stat_rule.ai_models.add(demo_site)
+        routine = [ingest(demo(tmp_path, f"r{i}", seed=20 + i, slices=10, size=64).paths) for i in range(4)]
+        stat = ingest(demo(tmp_path, "stat", seed=30, slices=10, size=64).paths, calling="ER_CT")
+        from routing.rules import study_route
+
+        for study in routine + [stat]:  # the STAT study arrives last, behind the backlog
+            study_route(study=study)
+        assert Study.objects.get(pk=stat.pk).priority == Priority.STAT
+        assert study_claim_next().pk == stat.pk
+        Study.objects.filter(pk=stat.pk).update(state=StudyState.ROUTED)
+        inference_run_pending()
+        order = list(InferenceResult.objects.order_by("id").values_list("study_id", flat=True))
+        assert order == [stat.pk] + [s.pk for s in routine]  # then oldest routine first
+
+    def test_a_claim_is_taken_once(self, demo_site, tmp_path):
+        study = ingest(demo(tmp_path, seed=40, slices=10, size=64).paths)
+        from routing.rules import study_route
+
+        study_route(study=study)
+        assert study_claim_next().pk == study.pk
+        assert study_claim_next() is None
+
+    def test_a_task_for_a_study_already_done_finds_no_work(self, demo_site, tmp_path):
+        study = ingest(demo(tmp_path, seed=41, slices=10, size=64).paths)
+        assert process_study(study.pk) == 1
+        assert process_study(study.pk) == 0
+        assert InferenceResult.objects.count() == 1
+
+
+class TestSweep:
+    def test_it_routes_and_infers_studies_whose_task_was_lost(self, demo_site, tmp_path):
+        study = ingest(demo(tmp_path, seed=50, slices=10, size=64).paths)
+        Study.objects.filter(pk=study.pk).update(completed_at=timezone.now() - timedelta(minutes=5))
+        assert sweep_inference() == 1
+        assert Study.objects.get(pk=study.pk).state == StudyState.INFERRED
+
+    def test_it_fails_studies_stuck_inferring(self, demo_site, tmp_path, settings):
+        study = ingest(demo(tmp_path, seed=51, slices=10, size=64).paths)
+        from routing.rules import study_route
+
+        study_route(study=study)
+        study_claim_next()
+        Study.objects.filter(pk=study.pk).update(state_changed_at=timezone.now() - timedelta(hours=1))
+        sweep_inference()
+        study.refresh_from_db()
+        assert study.state == StudyState.FAILED
+        result = InferenceResult.objects.get()
+        assert result.failure_reason == FailureReason.TIMEOUT and "worker stopped" in result.message
+
+
+class TestRuntime:
+    def test_sessions_are_created_once_per_process(self, demo_site):
+        assert session_for(demo_site) is session_for(demo_site)
+
+    def test_a_run_over_its_timeout_is_stopped(self, tmp_path):
+        # A chain of large matrix products: seconds of work, stopped after a fraction of one.
+        size = 768
+        weight = numpy_helper.from_array(np.full((size, size), 1e-3, dtype=np.float32), "w")
+        nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", "w"], [f"h{i + 1}"]) for i in range(400)]
+        nodes.append(helper.make_node("Identity", ["h400"], ["y"]))
+        graph = helper.make_graph(
+            nodes,
+            "slow",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, size])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])],
+            [weight],
+        )
+        path = tmp_path / "slow.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with pytest.raises(InferenceTimeout):
+            session_run(session, input_name="x", tensor=np.ones((size, size), np.float32), timeout=0.2)
