@@ -24,3 +24,15 @@ def test_it_schedules_the_sweeps_idempotently(data_dir):
     call_command("setup_site")
     call_command("setup_site")
     assert Schedule.objects.filter(func="routing.tasks.sweep_completion").count() == 1
+
+
+def test_a_fresh_site_allows_the_demo_sender_from_localhost_only(data_dir):
+    from routing.models import ApplicationEntity
+
+    call_command("setup_site")
+    demo = ApplicationEntity.objects.get(ae_title="DEMO_MODALITY")
+    assert demo.may_send and demo.check_peer_ip and demo.host == "127.0.0.1"
+    demo.delete()
+    ApplicationEntity.objects.create(ae_title="REALCT")
+    call_command("setup_site")
+    assert not ApplicationEntity.objects.filter(ae_title="DEMO_MODALITY").exists()

@@ -32,6 +32,8 @@ class Command(BaseCommand):
 
     def handle(self, *args, port: int | None = None, processes: int | None = None, **options) -> None:
         self.shutdown = False
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
         port = port or settings.DICOM_PORT
         processes = processes or settings.DICOM_LISTENER_PROCESSES
         remove_stale_temp_files(incoming_dir())
@@ -47,8 +49,6 @@ class Command(BaseCommand):
         self.shutdown = True
 
     def serve(self, port: int) -> None:
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
         listener = DicomListener(port=port)
         listener.start()
         while not self.shutdown:
@@ -61,8 +61,6 @@ class Command(BaseCommand):
         children: dict[int, int] = {}
         for slot in range(processes):
             children[self.spawn(port)] = slot
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
         while not self.shutdown:
             time.sleep(0.2)
             try:

@@ -12,7 +12,9 @@ from django.core.management.base import BaseCommand
 from django.utils.crypto import get_random_string
 
 from pacslens.schedules import schedules_ensure
+from results.demo_model import ensure_demo_setup
 from routing.ingest import incoming_dir
+from routing.models import ApplicationEntity
 
 
 class Command(BaseCommand):
@@ -22,8 +24,22 @@ class Command(BaseCommand):
         incoming_dir()
         (settings.DATA_DIR / "instances").mkdir(parents=True, exist_ok=True)
         self.ensure_admin()
+        self.ensure_demo_sender()
         names = schedules_ensure()
         self.stdout.write(f"schedules: {', '.join(n.removeprefix('pacslens:') for n in names)}")
+        self.stdout.write(ensure_demo_setup())
+
+    def ensure_demo_sender(self) -> None:
+        """On a fresh site, allow one sender for the README tour: DEMO_MODALITY, from this machine only."""
+        if ApplicationEntity.objects.exists():
+            return
+        ApplicationEntity.objects.create(
+            ae_title="DEMO_MODALITY",
+            host="127.0.0.1",
+            check_peer_ip=True,
+            description="Demonstration sender for the README tour (localhost only); delete on a real site",
+        )
+        self.stdout.write("allowed calling AE DEMO_MODALITY from 127.0.0.1 (README tour)")
 
     def ensure_admin(self) -> None:
         User = get_user_model()
