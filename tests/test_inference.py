@@ -276,3 +276,52 @@ class TestRuntime:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         with pytest.raises(InferenceTimeout):
             session_run(session, input_name="x", tensor=np.ones((size, size), np.float32), timeout=0.2)
+
+
+class TestStatusAndSetup:
+    def test_study_status_shows_the_routing_decision_and_results(self, demo_site, tmp_path, capsys):
+        import json
+
+        from django.core.management import call_command
+
+        study = ingest(demo(tmp_path, lesion=True, seed=60, slices=12, size=64).paths)
+        process_study(study.pk)
+        call_command("study_status", study.study_instance_uid, "--json")
+        data = json.loads(capsys.readouterr().out)
+        assert data["routing"]["matched_rules"] == ["Demo: CT head to the demonstration model"]
+        assert data["routing"]["models"] == ["demo-hyperdense-head-ct 1.0"]
+        assert data["routing"]["priority"] == "routine"
+        [result] = data["results"]
+        assert result["status"] == "succeeded" and result["flagged"] is True and result["current"] is True
+        assert result["demonstration"] is True and result["infer_seconds"] is not None
+        call_command("study_status", study.study_instance_uid)
+        out = capsys.readouterr().out
+        assert "Routing    Demo: CT head to the demonstration model -> demo-hyperdense-head-ct 1.0" in out
+        assert "FLAGGED" in out and "(demonstration)" in out
+        assert "ZZDEMO" not in out  # no patient data in support output
+
+    def test_study_status_explains_why_no_rule_matched(self, demo_site, tmp_path, capsys):
+        from django.core.management import call_command
+
+        study = ingest(demo(tmp_path, body_part="CHEST", seed=61, slices=8, size=64).paths)
+        process_study(study.pk)
+        call_command("study_status", study.study_instance_uid)
+        out = capsys.readouterr().out
+        assert "Routing    no rule -> nothing to run" in out
+        assert "saw 'CHEST'" in out
+        assert "Results    none" in out
+
+    def test_setup_site_builds_the_demo_model_and_rule_once(self, data_dir, capsys):
+        from django.core.management import call_command
+
+        call_command("setup_site")
+        call_command("setup_site")
+        out = capsys.readouterr().out
+        assert "routing rule 'Demo: CT head to the demonstration model' added" in out
+        assert "routing rules exist, demo rule not added" in out
+        assert AIModel.objects.get().demonstration
+        assert RoutingRule.objects.count() == 1
+        assert (data_dir / AIModel.objects.get().file).is_file()
+        from django_q.models import Schedule
+
+        assert Schedule.objects.filter(func="results.tasks.sweep_inference").count() == 1

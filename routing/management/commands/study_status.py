@@ -11,6 +11,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count, Sum
 
+from results.status import render_status_lines, study_results_status, study_routing_status
 from routing.models import Study
 
 
@@ -54,6 +55,8 @@ def study_status_data(study: Study) -> dict:
             }
             for i, e in enumerate(events)
         ],
+        "routing": study_routing_status(study),
+        "results": study_results_status(study),
     }
 
 
@@ -95,6 +98,7 @@ def render_text(data: dict) -> str:
             f"  series {s['series_instance_uid']}  {s['modality']} {s['body_part_examined']}"
             f"  {s['instance_count']} instances  {s['series_description']}"
         )
+    lines.extend(render_status_lines(data))
     lines.append("Timeline")
     for e in data["timeline"]:
         delta = f"+{e['seconds_since_previous']:.3f}s" if e["seconds_since_previous"] is not None else ""

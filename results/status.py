@@ -1,0 +1,80 @@
+"""The routing and results parts of `study_status` (keys documented in the README; only ever added to)."""
+
+from __future__ import annotations
+
+from routing.models import Priority, RoutingDecision, Study
+
+
+def study_routing_status(study: Study) -> dict | None:
+    """The latest routing decision: which rules matched and why, or None before routing."""
+    decision = RoutingDecision.objects.filter(study=study).order_by("-decided_at", "-id").first()
+    if decision is None:
+        return None
+    return {
+        "decided_at": decision.decided_at.isoformat(),
+        "matched_rules": [rule["name"] for rule in decision.matched_rules],
+        "models": [f"{m.name} {m.version}" for m in decision.ai_models.order_by("name", "version")],
+        "priority": Priority(decision.priority).label.lower() if decision.priority in Priority.values else decision.priority,
+        "reason": decision.reason,
+    }
+
+
+def study_results_status(study: Study) -> list[dict]:
+    """Every inference result, newest first; `current` is false once a re-run superseded it."""
+    superseded = set(study.inference_results.exclude(supersedes=None).values_list("supersedes_id", flat=True))
+    return [
+        {
+            "id": r.pk,
+            "created_at": r.created_at.isoformat(),
+            "model": r.model_name,
+            "model_version": r.model_version,
+            "model_sha256": r.model_sha256,
+            "status": r.status,
+            "score": r.score,
+            "flagged": r.flagged,
+            "label": r.label,
+            "failure_reason": r.failure_reason or None,
+            "message": r.message,
+            "series_instance_uid": r.series_instance_uid,
+            "instance_count": r.instance_count,
+            "load_seconds": _rounded(r.load_seconds),
+            "preprocess_seconds": _rounded(r.preprocess_seconds),
+            "infer_seconds": _rounded(r.infer_seconds),
+            "supersedes": r.supersedes_id,
+            "current": r.pk not in superseded,
+            "demonstration": r.model.demonstration,
+        }
+        for r in study.inference_results.select_related("model").order_by("-created_at", "-id")
+    ]
+
+
+def render_status_lines(data: dict) -> list[str]:
+    routing = data.get("routing")
+    if routing is None:
+        lines = ["Routing    not routed yet"]
+    else:
+        rules = ", ".join(routing["matched_rules"]) or "no rule"
+        lines = [f"Routing    {rules} -> {', '.join(routing['models']) or 'nothing to run'} ({routing['priority']})"]
+        if not routing["matched_rules"]:
+            lines.append(f"           {routing['reason']}")
+    results = data.get("results") or []
+    lines.append("Results" + ("" if results else "    none"))
+    for r in results:
+        head = f"  #{r['id']} {r['model']} {r['model_version']}{' (demonstration)' if r['demonstration'] else ''}"
+        if r["status"] == "succeeded":
+            flag = "FLAGGED" if r["flagged"] else "not flagged"
+            body = f"score {r['score']:.3f} {flag} ({r['label']})"
+        elif r["status"] == "failed":
+            body = f"FAILED {r['failure_reason']}: {r['message']}"
+        else:
+            body = f"not applicable: {r['message']}"
+        timing = ""
+        if r["load_seconds"] is not None and r["infer_seconds"] is not None:
+            timing = f"  load {r['load_seconds']:.2f}s prep {r['preprocess_seconds']:.2f}s infer {r['infer_seconds']:.2f}s"
+        superseded = "" if r["current"] else "  [superseded]"
+        lines.append(f"{head}: {body}{timing}{superseded}")
+    return lines
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
