@@ -121,11 +121,11 @@ def build_sr(
             ],
         )
     except (ValueError, TypeError, AttributeError) as exc:
-        # highdicom's messages name attributes, not values; keep the type for support.
+        # Only the exception type: pydicom/highdicom messages may quote attribute values, and
+        # `from None` keeps them out of tracebacks in the logs too.
         raise SRBuildError(
-            f"cannot build SR for study {payload.study_instance_uid}: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+            f"cannot build SR for study {payload.study_instance_uid}: {type(exc).__name__}"
+        ) from None
     validate_sr(sr, payload=payload, sr_codes=sr_codes)
     return sr
 
@@ -227,7 +227,9 @@ def validate_sr(
     try:
         reread = dcmread(io.BytesIO(sr_to_bytes(sr)))
     except Exception as exc:
-        raise SRBuildError(f"SR for study {study} does not re-read: {type(exc).__name__}") from exc
+        raise SRBuildError(
+            f"SR for study {study} does not re-read: {type(exc).__name__}"
+        ) from None
     missing = [keyword for keyword in REQUIRED_ATTRIBUTES if keyword not in reread]
     if missing:
         raise SRBuildError(f"SR for study {study} lacks {', '.join(missing)}")
@@ -252,7 +254,7 @@ def validate_sr(
     except Exception as exc:
         raise SRBuildError(
             f"highdicom cannot parse the SR for study {study}: {type(exc).__name__}"
-        ) from exc
+        ) from None
     if len(groups) != 1:
         raise SRBuildError(f"SR for study {study} has {len(groups)} measurement groups, not 1")
     if not groups[0].get_measurements(name=sr_codes.score_concept):
