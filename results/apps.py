@@ -5,3 +5,12 @@ class ResultsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "results"
     verbose_name = "Results and delivery"
+
+    def ready(self) -> None:
+        # The site YAML gains `models` and `routing_rules`, after the AE titles they may refer to.
+        from results.config_sections import SECTIONS as RESULTS_SECTIONS
+        from routing.config_yaml import SECTIONS
+
+        for section in RESULTS_SECTIONS:
+            if all(existing.name != section.name for existing in SECTIONS):
+                SECTIONS.append(section)

@@ -140,7 +140,10 @@ def config_import(text: str, *, prune: bool = False, dry_run: bool = False) -> d
         if not isinstance(entries, list):
             problems.append(f"{section.name}: must be a list")
             continue
-        problems.extend(section.validate(entries))
+        if getattr(section, "needs_document", False):  # it checks references into other sections
+            problems.extend(section.validate(entries, document=document))
+        else:
+            problems.extend(section.validate(entries))
     if problems:
         raise ConfigError(problems)
     summary: dict[str, dict[str, int]] = {}

@@ -248,3 +248,100 @@ class TestRoute:
         study_route(study=study)
         study.refresh_from_db()
         assert study.priority == Priority.STAT
+
+
+class TestYamlConfig:
+    @pytest.fixture
+    def site(self, data_dir):
+        from results.demo_model import ensure_demo_setup
+
+        ensure_demo_setup()
+        model = AIModel.objects.get()
+        rule = make_rule(
+            "stat trauma",
+            ("CallingAETitle", Operator.REGEX, r"^ER_"),
+            ("BodyPartExamined", Operator.ONE_OF, "HEAD\\BRAIN"),
+            ("ContrastBolusAgent", Operator.ABSENT, ""),
+            position=5,
+            priority=Priority.STAT,
+            stop=False,
+            model=model,
+        )
+        rule.description = "ER head CTs jump the queue"
+        rule.save()
+        return model
+
+    def test_round_trip_is_exact(self, site):
+        import yaml
+
+        from routing.config_yaml import config_export, config_import
+
+        first = config_export()
+        document = yaml.safe_load(first)
+        assert [r["name"] for r in document["routing_rules"]] == ["stat trauma", "Demo: CT head to the demonstration model"]
+        stat = document["routing_rules"][0]
+        assert stat["priority"] == "stat" and stat["stop_at_first_match"] is False
+        assert stat["models"] == [{"name": "demo-hyperdense-head-ct", "version": "1.0"}]
+        assert stat["conditions"] == [
+            {"attribute": "CallingAETitle", "operator": "regex", "value": "^ER_"},
+            {"attribute": "BodyPartExamined", "operator": "one_of", "value": ["HEAD", "BRAIN"]},
+            {"attribute": "ContrastBolusAgent", "operator": "absent"},
+        ]
+        assert document["models"][0]["demonstration"] is True
+        RoutingRule.objects.all().delete()
+        AIModel.objects.all().delete()
+        summary = config_import(first)
+        assert summary["models"]["created"] == 1 and summary["routing_rules"]["created"] == 2
+        assert config_export() == first
+        assert config_import(first)["routing_rules"] == {"created": 0, "updated": 2, "deleted": 0}
+        assert config_export() == first
+
+    def test_import_updates_rules_and_prunes(self, site):
+        import yaml
+
+        from routing.config_yaml import config_export, config_import
+
+        document = yaml.safe_load(config_export())
+        document["routing_rules"] = [document["routing_rules"][0]]
+        document["routing_rules"][0]["conditions"] = [{"attribute": "Modality", "operator": "equals", "value": "CT"}]
+        document["models"][0]["enabled"] = False
+        config_import(yaml.safe_dump(document, sort_keys=False), prune=True)
+        rule = RoutingRule.objects.get()
+        assert [str(c) for c in rule.conditions.all()] == ["Modality equals 'CT'"]
+        assert AIModel.objects.get().enabled is False
+
+    def test_every_bad_entry_is_named_and_nothing_changes(self, site):
+        import yaml
+
+        from routing.config_yaml import ConfigError, config_export, config_import
+
+        before = config_export()
+        document = yaml.safe_load(before)
+        rule = document["routing_rules"][0]
+        rule["priority"] = "urgent"
+        rule["conditions"][0]["value"] = "^ER_("
+        rule["models"] = [{"name": "nope", "version": "9"}]
+        document["routing_rules"].append({"name": "new", "colour": "red"})
+        document["models"][0]["output"]["threshold"] = 0.9  # same version, changed manifest
+        document["models"].append({**document["models"][0], "version": "2.0", "file": "../../etc/passwd"})
+        with pytest.raises(ConfigError) as excinfo:
+            config_import(yaml.safe_dump(document, sort_keys=False))
+        text = str(excinfo.value)
+        assert "routing_rules[0] ('stat trauma'): field 'priority': must be stat or routine" in text
+        assert "routing_rules[0] ('stat trauma'): field 'conditions[0].value': invalid regular expression" in text
+        assert "routing_rules[0] ('stat trauma'): field 'models[0]': no model nope 9" in text
+        assert "routing_rules[2] ('new'): unknown field(s) colour" in text
+        assert "models[0] ('demo-hyperdense-head-ct' '1.0'): field 'version': this version is registered" in text
+        assert "models[1] ('demo-hyperdense-head-ct' '2.0'): field 'file': must be a path under" in text
+        assert config_export() == before
+
+    def test_a_rule_may_name_a_model_added_by_the_same_file(self, site, data_dir):
+        import yaml
+
+        from routing.config_yaml import config_export, config_import
+
+        document = yaml.safe_load(config_export())
+        RoutingRule.objects.all().delete()
+        AIModel.objects.all().delete()
+        assert config_import(yaml.safe_dump(document, sort_keys=False))["models"]["created"] == 1
+        assert RoutingRule.objects.get(name="stat trauma").ai_models.get().name == "demo-hyperdense-head-ct"
