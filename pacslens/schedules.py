@@ -10,6 +10,7 @@ from __future__ import annotations
 SCHEDULES: list[tuple[str, int]] = [
     ("routing.tasks.sweep_completion", 1),
     ("results.tasks.sweep_inference", 1),
+    ("results.delivery_tasks.sweep_deliveries", 1),
 ]
 
 

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from results.delivery import deliveries_create
 from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
 from results.runtime import InferenceTimeout, ModelFileError, session_for, session_run
 from results.volume import (
@@ -90,8 +91,10 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
         for result in outcomes:
             result.supersedes = result_current(study=study, model_name=result.model_name)
             result.save()
-        # The delivery issue creates one Delivery row per destination here, in this transaction
-        # (the transactional outbox), for the succeeded results.
+        # The transactional outbox: one Delivery row per destination, in this transaction.
+        deliveries_create(
+            study=study, results=outcomes, rule_ids=[rule["id"] for rule in decision.matched_rules] if decision else []
+        )
     logger.info("study %s %s: %s", study.pk, to_state, detail)
     return outcomes
 

@@ -1,5 +1,15 @@
-"""Results app models, one module per seam: inference (model registry, results)."""
+"""Results app models, one module per seam: inference (model registry, results), delivery (ledger)."""
 
+from results.models.delivery import (
+    AckAction,
+    AuthKind,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryState,
+    Destination,
+    DestinationKind,
+    ErrorClass,
+)
 from results.models.inference import (
     AIModel,
     FailureReason,
@@ -9,6 +19,14 @@ from results.models.inference import (
 )
 
 __all__ = [
+    "AckAction",
+    "AuthKind",
+    "Delivery",
+    "DeliveryAttempt",
+    "DeliveryState",
+    "Destination",
+    "DestinationKind",
+    "ErrorClass",
     "AIModel",
     "FailureReason",
     "ImmutableResultError",

@@ -1,0 +1,211 @@
+"""Result destinations and the delivery ledger (the transactional outbox of DESIGN.md).
+
+A Delivery row is created in the same transaction as its InferenceResult; the queue only wakes
+workers. Workers claim rows with a compare-and-set UPDATE and a lease, so a killed worker
+delays a delivery (until the lease expires) but never loses or double-applies it, and every
+re-send reuses the row's idempotency key.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class DestinationKind(models.TextChoices):
+    DICOM = "dicom", "DICOM C-STORE (SR)"
+    DICOMWEB = "dicomweb", "DICOMweb STOW-RS (SR)"
+    HL7 = "hl7", "HL7 v2 over MLLP"
+    FHIR = "fhir", "FHIR R4"
+
+
+class AuthKind(models.TextChoices):
+    NONE = "none", "None"
+    BASIC = "basic", "Basic"
+    BEARER = "bearer", "Bearer token"
+
+
+class AckAction(models.TextChoices):
+    RETRY = "retry", "Retry (transient)"
+    FAIL = "fail", "Fail (permanent)"
+
+
+class Destination(models.Model):
+    """Where results go. One row per PACS, DICOMweb server, HL7 receiver or FHIR server."""
+
+    name = models.SlugField(max_length=50, unique=True, help_text="Short name used in the UI, CLI and YAML")
+    kind = models.CharField(max_length=10, choices=DestinationKind.choices)
+    enabled = models.BooleanField(default=True)
+    description = models.CharField(max_length=200, blank=True)
+    # Routing rules choose destinations; a rule without destinations delivers nowhere.
+    rules = models.ManyToManyField("routing.RoutingRule", blank=True, related_name="destinations")
+
+    # DICOM: the PACS's AE (host, port, TLS live there).
+    application_entity = models.ForeignKey(
+        "routing.ApplicationEntity", null=True, blank=True, on_delete=models.PROTECT, related_name="destinations"
+    )
+    # DICOMweb / FHIR
+    base_url = models.CharField(max_length=300, blank=True, help_text="e.g. https://pacs.example/dicom-web")
+    auth = models.CharField(max_length=10, choices=AuthKind.choices, default=AuthKind.NONE)
+    username = models.CharField(max_length=100, blank=True)
+    # Password or bearer token. Never exported to YAML; shown masked in the UI.
+    secret = models.CharField(max_length=2000, blank=True)
+    # HL7 v2 over MLLP
+    host = models.CharField(max_length=255, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True, validators=[MaxValueValidator(65535)])
+    hl7_message_type = models.CharField(
+        max_length=7, blank=True, choices=[("ORU^R01", "ORU^R01 result"), ("ORM^O01", "ORM^O01 priority change")]
+    )
+    hl7_version = models.CharField(
+        max_length=5, blank=True, default="2.5.1", choices=[(v, v) for v in ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")]
+    )
+    sending_application = models.CharField(max_length=50, blank=True, default="PACSLENS")
+    sending_facility = models.CharField(max_length=50, blank=True)
+    receiving_application = models.CharField(max_length=50, blank=True)
+    receiving_facility = models.CharField(max_length=50, blank=True)
+    accession_field = models.CharField(
+        max_length=6, blank=True, default="OBR-18", help_text="Where the RIS keeps the accession number"
+    )
+    on_ack_error = models.CharField(
+        max_length=5, choices=AckAction.choices, default=AckAction.FAIL, help_text="What an AE/CE acknowledgement means"
+    )
+    on_ack_reject = models.CharField(
+        max_length=5, choices=AckAction.choices, default=AckAction.RETRY, help_text="What an AR/CR acknowledgement means"
+    )
+    # Retry policy
+    timeout_seconds = models.FloatField(default=10.0, validators=[MinValueValidator(0.5)])
+    max_attempts = models.PositiveIntegerField(default=8, validators=[MinValueValidator(1), MaxValueValidator(100)])
+    backoff_base_seconds = models.FloatField(default=10.0, validators=[MinValueValidator(0.1)])
+    backoff_cap_seconds = models.FloatField(default=1800.0, validators=[MinValueValidator(1)])
+    # Circuit breaker: after this many consecutive failures, pause the destination.
+    breaker_threshold = models.PositiveIntegerField(default=5, validators=[MinValueValidator(1)])
+    breaker_cooldown_seconds = models.FloatField(default=60.0, validators=[MinValueValidator(1)])
+    # Health (written by workers)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    circuit_open_until = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_kind_display()})"
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        if self.kind == DestinationKind.DICOM:
+            if not self.application_entity_id:
+                errors["application_entity"] = "A DICOM destination needs the PACS's AE title."
+            elif not (self.application_entity.host and self.application_entity.port):
+                errors["application_entity"] = "That AE title has no host and port to send to."
+        if self.kind in (DestinationKind.DICOMWEB, DestinationKind.FHIR):
+            try:
+                URLValidator(schemes=["http", "https"])(self.base_url)
+            except ValidationError:
+                errors["base_url"] = "Enter the server's base URL, starting with http:// or https://."
+            if self.auth == AuthKind.BASIC and not self.username:
+                errors["username"] = "Basic authentication needs a user name."
+        if self.kind == DestinationKind.HL7:
+            if not self.host:
+                errors["host"] = "An HL7 destination needs the RIS host."
+            if not self.port:
+                errors["port"] = "An HL7 destination needs the RIS MLLP port."
+            if not self.hl7_message_type:
+                errors["hl7_message_type"] = "Choose ORU^R01 or ORM^O01."
+            from results.hl7 import ACCESSION_FIELDS
+
+            if self.accession_field not in ACCESSION_FIELDS:
+                errors["accession_field"] = f"Use one of {', '.join(ACCESSION_FIELDS)}."
+        if self.backoff_cap_seconds < self.backoff_base_seconds:
+            errors["backoff_cap_seconds"] = "The cap must be at least the base delay."
+        if errors:
+            raise ValidationError(errors)
+
+    @property
+    def circuit_open(self) -> bool:
+        return bool(self.circuit_open_until and self.circuit_open_until > timezone.now())
+
+    def backoff(self, attempts: int, jitter: float) -> timedelta:
+        """Delay before attempt `attempts + 1`: exponential, capped, with `jitter` in [0, 1)."""
+        delay = min(self.backoff_cap_seconds, self.backoff_base_seconds * (2 ** max(attempts - 1, 0)))
+        return timedelta(seconds=delay * (0.5 + jitter / 2))
+
+
+class DeliveryState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    IN_FLIGHT = "in_flight", "In flight"
+    DELIVERED = "delivered", "Delivered"
+    FAILED = "failed", "Failed"
+    DISCARDED = "discarded", "Discarded"
+
+
+class ErrorClass(models.TextChoices):
+    TRANSIENT = "transient", "Transient"
+    PERMANENT = "permanent", "Permanent"
+    CONFIG_ERROR = "config_error", "Configuration error"
+
+
+class Delivery(models.Model):
+    result = models.ForeignKey("results.InferenceResult", on_delete=models.PROTECT, related_name="deliveries")
+    destination = models.ForeignKey(Destination, on_delete=models.PROTECT, related_name="deliveries")
+    study = models.ForeignKey("routing.Study", on_delete=models.CASCADE, related_name="deliveries")
+    kind = models.CharField(max_length=10, choices=DestinationKind.choices)
+    # SR SOP Instance UID / HL7 MSH-10 / FHIR identifier value: the same on every re-send.
+    idempotency_key = models.CharField(max_length=80)
+    state = models.CharField(max_length=10, choices=DeliveryState.choices, default=DeliveryState.PENDING)
+    priority = models.SmallIntegerField(default=5, help_text="Copied from the study: lower goes first")
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    lease_owner = models.CharField(max_length=100, blank=True)
+    last_error = models.TextField(blank=True)
+    last_error_class = models.CharField(max_length=12, choices=ErrorClass.choices, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    discarded_by = models.CharField(max_length=150, blank=True)
+    discard_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        constraints = [
+            models.UniqueConstraint(fields=["result", "destination"], name="delivery_result_destination_unique"),
+        ]
+        indexes = [
+            # Keeps the claim query cheap however long the delivered history grows.
+            models.Index(
+                fields=["priority", "next_attempt_at"],
+                name="delivery_due_idx",
+                condition=Q(state__in=["pending", "in_flight"]),
+            ),
+            models.Index(fields=["state", "destination"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"Delivery {self.pk} of result {self.result_id} to {self.destination_id}: {self.state}"
+
+
+class DeliveryAttempt(models.Model):
+    """Append-only: one row per try, whatever came of it."""
+
+    delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="attempt_log")
+    number = models.PositiveIntegerField()
+    worker = models.CharField(max_length=100, blank=True)
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField()
+    outcome = models.CharField(max_length=12, help_text="success, transient, permanent or config_error")
+    code = models.CharField(max_length=40, blank=True, help_text="DICOM status, HL7 ACK code or HTTP status")
+    message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["started_at", "id"]
+
+    def __str__(self) -> str:
+        return f"Attempt {self.number} of delivery {self.delivery_id}: {self.outcome}"

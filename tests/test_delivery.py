@@ -1,0 +1,306 @@
+"""The delivery ledger against real peers: an MLLP listener, pynetdicom SCPs, Orthanc."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from results.delivery import (
+    DiscardReasonRequired,
+    deliveries_create,
+    deliveries_run_pending,
+    delivery_claim_next,
+    delivery_discard,
+    delivery_retry,
+)
+from results.models import AIModel, Delivery, DeliveryState, Destination, InferenceResult
+from routing.models import ApplicationEntity, RoutingRule, Study, StudyState
+from tests.test_completion import receive
+from tests.test_dicom_send import StubSCP
+from tests.test_hl7 import MLLPListener
+from tests.test_listener import make_ct
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def mllp():
+    server = MLLPListener()
+    yield server
+    server.release.set()
+    server.server.shutdown()
+    server.server.server_close()
+
+
+@pytest.fixture
+def scps():
+    started = []
+
+    def start(**kwargs):
+        scp = StubSCP(**kwargs)
+        started.append(scp)
+        return scp
+
+    yield start
+    for scp in started:
+        scp.shutdown()
+
+
+@pytest.fixture
+def rule():
+    return RoutingRule.objects.create(name="CT head")
+
+
+def inferred_study(data_dir, *, slices=3, flagged=True) -> tuple[Study, InferenceResult]:
+    import tempfile
+    from pathlib import Path
+
+    from pydicom import dcmread
+
+    from routing.demo_study import demo_study_write
+
+    with tempfile.TemporaryDirectory() as folder:
+        demo_study_write(outdir=Path(folder), slices=slices, size=16, lesion=flagged)
+        for path in sorted(Path(folder).rglob("*.dcm")):
+            ds = dcmread(path)
+            study = receive(data_dir, ds)
+    model, _ = AIModel.objects.get_or_create(
+        name="demo", version="1", defaults={"file": "x.onnx", "sha256": "0" * 64, "manifest": {"output": {"threshold": 0.5}}}
+    )
+    Study.objects.filter(pk=study.pk).update(state=StudyState.INFERRED)
+    study.refresh_from_db()
+    result = InferenceResult.objects.create(
+        study=study, model=model, model_name="demo", model_version="1", model_sha256="0" * 64,
+        status="succeeded", score=0.83 if flagged else 0.1, flagged=flagged,
+        series=study.series.get(), series_instance_uid=ds.SeriesInstanceUID, instance_count=slices,
+    )
+    return study, result
+
+
+def hl7_destination(rule, port, **overrides) -> Destination:
+    values = dict(
+        name="ris", kind="hl7", host="127.0.0.1", port=port, hl7_message_type="ORU^R01",
+        timeout_seconds=2, backoff_base_seconds=1, backoff_cap_seconds=5,
+    )
+    values.update(overrides)
+    destination = Destination.objects.create(**values)
+    destination.full_clean()
+    destination.rules.add(rule)
+    return destination
+
+
+def dicom_destination(rule, port, name="pacs", ae_title="STORESCP", **overrides) -> Destination:
+    ae = ApplicationEntity.objects.create(ae_title=ae_title, host="127.0.0.1", port=port, receives_results=True)
+    destination = Destination.objects.create(name=name, kind="dicom", application_entity=ae, timeout_seconds=3, **overrides)
+    destination.full_clean()
+    destination.rules.add(rule)
+    return destination
+
+
+def make_due(*deliveries):
+    Delivery.objects.filter(pk__in=[d.pk for d in deliveries]).update(next_attempt_at=timezone.now())
+
+
+class TestOutbox:
+    def test_one_delivery_per_destination_with_fixed_keys(self, data_dir, rule, mllp):
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port)
+        dicom_destination(rule, 104)
+        Destination.objects.create(name="unrouted", kind="hl7", host="x", port=1, hl7_message_type="ORU^R01")
+        created = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        assert sorted(d.destination.name for d in created) == ["pacs", "ris"]
+        study.refresh_from_db()
+        assert study.state == StudyState.DELIVERING
+        keys = {d.kind: d.idempotency_key for d in created}
+        assert keys["hl7"] == f"PL{result.pk}D{created[0].destination.pk if created[0].kind == 'hl7' else created[1].destination.pk}"
+        assert keys["dicom"].startswith("1.2.826.0.1.3680043.8.498.")
+
+    def test_failed_results_are_not_delivered(self, data_dir, rule, mllp):
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port)
+        InferenceResult.objects.filter(pk=result.pk).update(status="failed")
+        result.refresh_from_db()
+        assert deliveries_create(study=study, results=[result], rule_ids=[rule.pk]) == []
+
+
+class TestHL7Delivery:
+    def test_it_delivers_and_settles_the_study(self, data_dir, rule, mllp):
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        assert deliveries_run_pending() == 1
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.DELIVERED
+        assert mllp.received == [delivery.idempotency_key]
+        attempt = delivery.attempt_log.get()
+        assert (attempt.outcome, attempt.code) == ("success", "AA")
+        study.refresh_from_db()
+        assert study.state == StudyState.DELIVERED
+        assert {"delivering", "delivered"} <= set(study.events.values_list("kind", flat=True))
+
+    def test_down_then_up_is_delivered_exactly_once(self, data_dir, rule, mllp):
+        study, result = inferred_study(data_dir)
+        port = mllp.port
+        mllp.server.shutdown()
+        mllp.server.server_close()  # the RIS is down
+        hl7_destination(rule, port)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        deliveries_run_pending()
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.PENDING
+        assert delivery.last_error_class == "transient"
+        assert delivery.next_attempt_at > timezone.now()
+        assert deliveries_run_pending() == 0  # backing off: not due yet
+        back = MLLPListener.__new__(MLLPListener)
+        _restart_on(back, port)
+        try:
+            make_due(delivery)
+            deliveries_run_pending()
+            delivery.refresh_from_db()
+            assert delivery.state == DeliveryState.DELIVERED
+            assert back.received == [delivery.idempotency_key]
+            assert delivery.attempt_log.count() == 2
+        finally:
+            back.server.shutdown()
+            back.server.server_close()
+
+    def test_error_ack_fails_at_once_by_policy_then_staff_retry_reuses_the_key(self, data_dir, rule, mllp):
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port, on_ack_error="fail")
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        mllp.mode = "AE"
+        deliveries_run_pending()
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.FAILED
+        assert delivery.last_error_class == "permanent"
+        assert delivery.attempts == 1
+        assert Study.objects.get(pk=study.pk).state == StudyState.FAILED
+        mllp.mode = "AA"
+        assert delivery_retry(deliveries=Delivery.objects.filter(pk=delivery.pk), actor="informaticist") == 1
+        assert Study.objects.get(pk=study.pk).state == StudyState.DELIVERING
+        deliveries_run_pending()
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.DELIVERED
+        assert mllp.received == [delivery.idempotency_key] * 2  # same MSH-10 on the re-send
+        assert Study.objects.get(pk=study.pk).state == StudyState.DELIVERED
+
+    def test_transient_failures_stop_at_the_attempt_limit(self, data_dir, rule, mllp):
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port, max_attempts=3, on_ack_reject="retry", breaker_threshold=100)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        mllp.mode = "AR"
+        for _ in range(3):
+            make_due(delivery)
+            deliveries_run_pending()
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.FAILED
+        assert delivery.attempts == 3
+        assert list(delivery.attempt_log.values_list("outcome", flat=True)) == ["transient"] * 3
+
+
+class TestDicomDelivery:
+    def test_sr_is_stored_and_associations_are_reused(self, data_dir, rule, scps):
+        scp = scps()
+        dicom_destination(rule, scp.port)
+        created = []
+        for _ in range(3):
+            study, result = inferred_study(data_dir)
+            created += deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        assert deliveries_run_pending() == 3
+        assert set(Delivery.objects.values_list("last_error", flat=True)) == {""}
+        assert sorted(scp.received) == sorted(d.idempotency_key for d in created)
+        assert set(Delivery.objects.values_list("state", flat=True)) == {"delivered"}
+
+    def test_rejected_association_goes_straight_to_the_failure_queue(self, data_dir, rule, scps):
+        scp = scps(require_calling_aet=["SOMEONE"])
+        dicom_destination(rule, scp.port)
+        study, result = inferred_study(data_dir)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        deliveries_run_pending()
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.FAILED
+        assert delivery.attempts == 1
+        assert delivery.last_error_class == "config_error"
+        assert "A-ASSOCIATE-RJ" in delivery.attempt_log.get().code
+
+    def test_refused_sr_is_permanent(self, data_dir, rule, scps):
+        scp = scps(status=0xA900)
+        dicom_destination(rule, scp.port)
+        study, result = inferred_study(data_dir)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        deliveries_run_pending()
+        delivery.refresh_from_db()
+        assert (delivery.state, delivery.last_error_class) == ("failed", "permanent")
+        assert delivery.attempt_log.get().code == "0xA900"
+
+
+class TestResilience:
+    def test_a_dead_destination_trips_its_breaker_and_does_not_block_another(self, data_dir, rule, scps, mllp):
+        dead = dicom_destination(rule, 1, breaker_threshold=2, max_attempts=10)  # nothing listens on port 1
+        hl7_destination(rule, mllp.port)
+        for _ in range(2):
+            study, result = inferred_study(data_dir)
+            deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        Delivery.objects.update(next_attempt_at=timezone.now())
+        deliveries_run_pending()
+        dead.refresh_from_db()
+        assert dead.consecutive_failures == 2
+        assert dead.circuit_open
+        assert Delivery.objects.filter(destination__kind="hl7", state="delivered").count() == 2
+        Delivery.objects.update(next_attempt_at=timezone.now())
+        assert delivery_claim_next(worker="test") is None  # the open circuit hides the dead PACS's rows
+
+    def test_a_killed_worker_s_claim_expires_and_is_sent_once_more_with_the_same_key(self, data_dir, rule, mllp):
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        claimed = delivery_claim_next(worker="host:999")  # ... and then the worker was SIGKILLed
+        assert claimed.state == DeliveryState.IN_FLIGHT
+        assert delivery_claim_next(worker="other") is None  # the lease protects it meanwhile
+        Delivery.objects.filter(pk=delivery.pk).update(lease_until=timezone.now() - timedelta(seconds=1))
+        deliveries_run_pending()
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.DELIVERED
+        assert delivery.attempts == 2
+        lost, sent = delivery.attempt_log.all()
+        assert "lease expired" in lost.message and sent.outcome == "success"
+        assert mllp.received == [delivery.idempotency_key]
+
+    def test_stat_goes_before_routine(self, data_dir, rule, mllp):
+        hl7_destination(rule, mllp.port)
+        routine_study, routine = inferred_study(data_dir)
+        stat_study, stat = inferred_study(data_dir)
+        Study.objects.filter(pk=stat_study.pk).update(priority=0)
+        stat_study.refresh_from_db()
+        deliveries_create(study=routine_study, results=[routine], rule_ids=[rule.pk])
+        [first] = deliveries_create(study=stat_study, results=[stat], rule_ids=[rule.pk])
+        assert delivery_claim_next(worker="w").pk == first.pk
+
+
+class TestDiscard:
+    def test_discard_needs_a_reason_and_settles_the_study(self, data_dir, rule, mllp):
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port, on_ack_error="fail")
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        mllp.mode = "AE"
+        deliveries_run_pending()
+        with pytest.raises(DiscardReasonRequired):
+            delivery_discard(delivery=delivery, actor="informaticist", reason="  ")
+        assert delivery_discard(delivery=delivery, actor="informaticist", reason="RIS order cancelled")
+        delivery.refresh_from_db()
+        assert (delivery.state, delivery.discarded_by) == ("discarded", "informaticist")
+        assert Study.objects.get(pk=study.pk).state == StudyState.DELIVERED
+
+
+def _restart_on(server: MLLPListener, port: int) -> None:
+    """An MLLPListener bound to a given port (the RIS coming back where it was)."""
+    import tests.test_hl7 as hl7_tests
+
+    original = hl7_tests.free_port
+    hl7_tests.free_port = lambda: port
+    try:
+        MLLPListener.__init__(server)
+    finally:
+        hl7_tests.free_port = original
