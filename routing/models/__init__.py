@@ -1,4 +1,5 @@
-"""Routing app models, one module per seam: core (AE titles, studies, timeline), rules (routing)."""
+"""Routing app models, one module per seam: core (AE titles, studies, timeline), rules (routing),
+pull (poll sources, polls, retrieves, STOW-RS senders)."""
 
 from routing.models.core import (
     ApplicationEntity,
@@ -10,19 +11,25 @@ from routing.models.core import (
     StudyEvent,
     StudyState,
 )
+from routing.models.pull import Backfill, Poll, PollSource, StowSender, StudyRetrieve
 from routing.models.rules import Operator, RoutingDecision, RoutingRule, RuleCondition
 
 __all__ = [
     "ApplicationEntity",
+    "Backfill",
     "Instance",
     "Operator",
+    "Poll",
+    "PollSource",
     "Priority",
     "RoutingDecision",
     "RoutingRule",
     "RuleCondition",
     "Series",
     "StoreAssociation",
+    "StowSender",
     "Study",
     "StudyEvent",
+    "StudyRetrieve",
     "StudyState",
 ]
