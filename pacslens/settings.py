@@ -7,6 +7,7 @@ file stops the process at start instead of misbehaving at 3 a.m.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -200,7 +201,8 @@ def _database() -> dict:
         },
         # A file, not shared-cache memory: tests run the listener in threads, and shared-cache
         # table locks fail at once instead of waiting out the busy timeout.
-        "TEST": {"NAME": str(DATA_DIR / "test_pacslens.sqlite3")},
+        # One per test process, so concurrent test runs never share (and corrupt) a database.
+        "TEST": {"NAME": str(Path(tempfile.gettempdir()) / f"pacslens-test-{os.getpid()}.sqlite3")},
     }
 
 

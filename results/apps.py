@@ -8,9 +8,11 @@ class ResultsConfig(AppConfig):
 
     def ready(self) -> None:
         # The site YAML gains `models` and `routing_rules`, after the AE titles they may refer to.
+        from results.config_destinations import DestinationsSection
         from results.config_sections import SECTIONS as RESULTS_SECTIONS
         from routing.config_yaml import SECTIONS
 
-        for section in RESULTS_SECTIONS:
+        # destinations last: they refer to AE titles and routing rules.
+        for section in [*RESULTS_SECTIONS, DestinationsSection()]:
             if all(existing.name != section.name for existing in SECTIONS):
                 SECTIONS.append(section)

@@ -81,3 +81,45 @@ class TestValidation:
             with pytest.raises(Exception) as excinfo:
                 config_import(text)
             assert expected in str(excinfo.value), text
+
+
+class TestDestinations:
+    def document(self):
+        return {
+            "pacslens_config": 1,
+            "ae_titles": [{"ae_title": "PACS", "host": "pacs.local", "port": 104, "receives_results": True}],
+            "routing_rules": [{"name": "CT head", "conditions": [{"attribute": "Modality", "operator": "equals", "value": "CT"}]}],
+            "destinations": [
+                {"name": "main-pacs", "kind": "dicom", "application_entity": "PACS", "rules": ["CT head"]},
+                {"name": "ris", "kind": "hl7", "host": "ris.local", "port": 2575, "hl7_message_type": "ORM^O01", "rules": ["CT head"]},
+                {"name": "fhir", "kind": "fhir", "base_url": "https://fhir.local/r4", "auth": "bearer", "secret": "s3cret-token"},
+            ],
+        }
+
+    def test_destinations_round_trip_without_secrets(self):
+        from results.models import Destination
+
+        config_import(yaml.safe_dump(self.document()))
+        exported = config_export()
+        assert "s3cret-token" not in exported
+        assert Destination.objects.get(name="fhir").secret == "s3cret-token"
+        assert sorted(Destination.objects.get(name="ris").rules.values_list("name", flat=True)) == ["CT head"]
+        config_import(exported)  # the exported file keeps the stored secret
+        assert Destination.objects.get(name="fhir").secret == "s3cret-token"
+        assert config_export() == exported
+
+    def test_bad_destinations_are_named_and_change_nothing(self):
+        from results.models import Destination
+
+        document = self.document()
+        document["destinations"][0]["application_entity"] = "NOSUCH"
+        document["destinations"][1]["port"] = None
+        document["destinations"][2]["base_url"] = "ftp://x"
+        with pytest.raises(Exception) as excinfo:
+            config_import(yaml.safe_dump(document))
+        text = str(excinfo.value)
+        assert "destinations[0] ('main-pacs'): field 'application_entity': no AE title 'NOSUCH'" in text
+        assert "destinations[1] ('ris'): field 'port'" in text
+        assert "destinations[2] ('fhir'): field 'base_url'" in text
+        assert not Destination.objects.exists()
+        assert not ApplicationEntity.objects.exists()
