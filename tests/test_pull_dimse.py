@@ -1,0 +1,209 @@
+"""Pull ingestion over DIMSE from a real Orthanc: C-FIND + C-MOVE into our listener, C-FIND + C-GET."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from django_q.models import OrmQ
+
+from routing.listener import DicomListener
+from routing.models import ApplicationEntity, Instance, Poll, PollSource, StoreAssociation, Study, StudyRetrieve
+from routing.pull import poll_due_once, poll_source, source_claim
+from tests.conftest import free_port
+from tests.peers import dataset_bytes, make_ct_slices
+
+pytestmark = [pytest.mark.interop]
+
+OUR_AE = "PACSLENS"
+# Patient data that must never show up in a Poll row, an error or a log line.
+PATIENT_NAME, PATIENT_ID = "Sentinel^Leak", "PIDSENTINEL9"
+
+
+def orthanc_study(orthanc, count: int = 3, *, when=None) -> str:
+    """Store a new study in Orthanc (REST upload, not DIMSE), dated `when` (default now)."""
+    when = timezone.localtime(when or timezone.now())
+    slices = make_ct_slices(count, patient_name=PATIENT_NAME, patient_id=PATIENT_ID)
+    for ds in slices:
+        ds.StudyDate, ds.StudyTime = f"{when:%Y%m%d}", f"{when:%H%M%S}"
+        orthanc.upload(dataset_bytes(ds))
+    return str(slices[0].StudyInstanceUID)
+
+
+def process_study_tasks() -> list[tuple]:
+    return [q.task["args"] for q in OrmQ.objects.all() if q.task.get("func") == "results.tasks.process_study"]
+
+
+def poll_now(source: PollSource) -> Poll:
+    """Poll regardless of spacing (tests only): clear the last query time, claim, poll."""
+    PollSource.objects.filter(pk=source.pk).update(last_query_at=None, lease_until=None)
+    claimed = source_claim(source_id=source.pk)
+    assert claimed is not None
+    return poll_source(source=claimed)
+
+
+def assert_no_patient_data(*texts: str) -> None:
+    for text in texts:
+        assert PATIENT_NAME not in text and "Sentinel" not in text and PATIENT_ID not in text
+
+
+@pytest.fixture
+def pacs(transactional_db, data_dir, orthanc, settings):
+    """Orthanc emptied, known to us as a PACS we may query (and that may store to us)."""
+    settings.AE_TITLE = OUR_AE
+    orthanc.clear()
+    return ApplicationEntity.objects.create(
+        ae_title=orthanc.aet, host=orthanc.host, port=orthanc.dicom_port, may_query=True, may_send=True
+    )
+
+
+@pytest.fixture
+def listener(pacs, orthanc):
+    """Our real listener in-thread, registered in Orthanc as the C-MOVE destination."""
+    dicom = DicomListener(host="127.0.0.1", port=0, ae_title=OUR_AE)
+    dicom.start()
+    orthanc.add_modality("pacslens", OUR_AE, "127.0.0.1", dicom.port)
+    yield dicom
+    dicom.stop(grace=2)
+
+
+def make_source(pacs, **fields) -> PollSource:
+    values = {"name": "orthanc", "pacs": pacs, "interval_seconds": 60, "min_query_spacing_seconds": 0}
+    values.update(fields)
+    source = PollSource(**values)
+    source.full_clean()
+    source.save()
+    return source
+
+
+class TestCMove:
+    def test_studies_appear_once_complete_and_are_enqueued(self, listener, pacs, orthanc, caplog):
+        caplog.set_level(logging.DEBUG)
+        first, second = orthanc_study(orthanc, 3), orthanc_study(orthanc, 2)
+        source = make_source(pacs, retrieve_mode="c-move")
+
+        poll = poll_now(source)
+
+        assert (poll.status, poll.matches, poll.new, poll.retrieved, poll.retrieve_failures) == ("ok", 2, 2, 2, 0)
+        for uid, count in ((first, 3), (second, 2)):
+            study = Study.objects.get(study_instance_uid=uid)
+            assert study.state == "complete"
+            assert study.instances.count() == count
+            event = study.events.get(kind="complete")
+            assert event.detail.startswith("retrieve finished: C-MOVE from orthanc")
+            assert study.calling_ae_title == orthanc.aet  # delivered by the PACS through the listener
+            record = StudyRetrieve.objects.get(study_instance_uid=uid)
+            assert (record.state, record.attempts, record.completed, record.study_id) == ("done", 1, count, study.pk)
+        ids = sorted(Study.objects.values_list("pk", flat=True))
+        assert sorted(args[0] for args in process_study_tasks()) == ids
+
+        again = poll_now(source)
+
+        assert (again.status, again.matches, again.new, again.retrieved) == ("ok", 2, 0, 0)
+        assert Instance.objects.count() == 5
+        assert set(StudyRetrieve.objects.values_list("attempts", flat=True)) == {1}
+        assert len(process_study_tasks()) == 2
+        assert_no_patient_data(caplog.text, *Poll.objects.values_list("error", flat=True))
+
+    def test_refused_move_is_visible_and_retried_with_backoff(self, listener, pacs, orthanc):
+        uid = orthanc_study(orthanc, 1)
+        source = make_source(pacs, move_destination="NOSUCHAE")
+
+        poll = poll_now(source)
+
+        assert (poll.status, poll.retrieved, poll.retrieve_failures) == ("partial", 0, 1)
+        record = StudyRetrieve.objects.get(study_instance_uid=uid)
+        # Orthanc answers 0xC000 (0xA801 from other PACSs is permanent at once).
+        assert (record.state, record.attempts, record.last_status) == ("pending", 1, 0xC000)
+        assert record.next_attempt_at > timezone.now()
+        assert "C-MOVE from ORTHANC: status 0xC000" in record.last_error
+        assert "NOSUCHAE" in record.last_error
+        assert not Study.objects.exists()
+
+        assert poll_now(source).retrieved == 0  # not due yet: no retry inside the backoff
+        assert StudyRetrieve.objects.get(pk=record.pk).attempts == 1
+
+
+class TestCGet:
+    def test_c_get_ingests_completes_and_records_the_association(self, pacs, orthanc):
+        uid = orthanc_study(orthanc, 3)
+        source = make_source(pacs, retrieve_mode="c-get")
+
+        poll = poll_now(source)
+
+        assert (poll.status, poll.matches, poll.new, poll.retrieved) == ("ok", 1, 1, 1)
+        study = Study.objects.get(study_instance_uid=uid)
+        assert study.state == "complete"
+        assert study.events.get(kind="complete").detail.startswith("retrieve finished: C-GET from orthanc")
+        association = StoreAssociation.objects.get(listener__startswith="pull:retrieve:")
+        assert (association.instances_received, association.released_normally) == (3, True)
+        assert set(study.instances.values_list("association_id", flat=True)) == {association.pk}
+        assert process_study_tasks() == [(study.pk,)]
+
+        assert poll_now(source).retrieved == 0
+        assert Instance.objects.count() == 3
+
+    def test_study_already_held_is_not_retrieved(self, pacs, orthanc):
+        uid = orthanc_study(orthanc, 2)
+        source = make_source(pacs, retrieve_mode="c-get", name="first")
+        poll_now(source)
+        other = make_source(pacs, retrieve_mode="c-get", name="second")
+
+        poll = poll_now(other)
+
+        assert (poll.matches, poll.new, poll.retrieved) == (1, 1, 0)
+        record = other.retrieves.get(study_instance_uid=uid)
+        assert (record.state, record.attempts) == ("done", 0)
+
+
+class TestFailuresAndLimits:
+    def test_pacs_down_fails_visibly_then_recovers(self, pacs, orthanc):
+        orthanc_study(orthanc, 1)
+        real_port = pacs.port
+        ApplicationEntity.objects.filter(pk=pacs.pk).update(port=free_port())  # nothing listens there
+        source = make_source(pacs, retrieve_mode="c-get", interval_seconds=2)
+
+        failed = poll_now(source)
+
+        assert failed.status == "failed"
+        assert "cannot reach ORTHANC" in failed.error
+        assert_no_patient_data(failed.error)
+        source.refresh_from_db()
+        assert source.consecutive_failures == 1 and source.lease_until is None
+        assert source.next_poll_at > timezone.now()
+
+        ApplicationEntity.objects.filter(pk=pacs.pk).update(port=real_port)
+        recovered = poll_now(source)
+
+        assert (recovered.status, recovered.retrieved) == ("ok", 1)
+        source.refresh_from_db()
+        assert source.consecutive_failures == 0
+
+    def test_studies_per_poll_and_query_spacing_hold(self, pacs, orthanc):
+        for _ in range(3):
+            orthanc_study(orthanc, 1)
+        source = make_source(pacs, retrieve_mode="c-get", max_studies_per_poll=2, min_query_spacing_seconds=60,
+                             interval_seconds=1)
+
+        first = poll_now(source)
+        assert (first.matches, first.new, first.retrieved) == (3, 3, 2)
+        assert StudyRetrieve.objects.filter(state="pending").count() == 1
+
+        # Due again (1 s interval) but within the minimum spacing: no query is sent.
+        PollSource.objects.filter(pk=source.pk).update(next_poll_at=timezone.now())
+        assert poll_due_once() == 0
+        assert source_claim(source_id=source.pk) is None
+        assert Poll.objects.count() == 1
+
+        PollSource.objects.filter(pk=source.pk).update(last_query_at=timezone.now() - timedelta(seconds=61))
+        assert poll_due_once() == 1
+        second = Poll.objects.first()
+        assert (second.matches, second.new, second.retrieved) == (3, 0, 1)
+        assert Instance.objects.count() == 3
+
+    def test_two_workers_never_hold_one_source(self, pacs):
+        source = make_source(pacs)
+        assert source_claim(source_id=source.pk) is not None
+        assert source_claim(source_id=source.pk) is None  # leased
