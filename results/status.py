@@ -48,6 +48,40 @@ def study_results_status(study: Study) -> list[dict]:
     ]
 
 
+def study_deliveries_status(study: Study) -> list[dict]:
+    """Every delivery of the study with all its attempts (oldest first)."""
+    from results.models import Delivery
+
+    rows = Delivery.objects.filter(study=study).select_related("destination").prefetch_related("attempt_log")
+    return [
+        {
+            "id": d.pk,
+            "result": d.result_id,
+            "destination": d.destination.name,
+            "kind": d.kind,
+            "idempotency_key": d.idempotency_key,
+            "state": d.state,
+            "attempts": d.attempts,
+            "next_attempt_at": d.next_attempt_at.isoformat() if d.state == "pending" else None,
+            "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None,
+            "last_error": d.last_error or None,
+            "last_error_class": d.last_error_class or None,
+            "attempt_log": [
+                {
+                    "number": a.number,
+                    "started_at": a.started_at.isoformat(),
+                    "ended_at": a.ended_at.isoformat(),
+                    "outcome": a.outcome,
+                    "code": a.code or None,
+                    "message": a.message,
+                }
+                for a in d.attempt_log.all()
+            ],
+        }
+        for d in rows.order_by("pk")
+    ]
+
+
 def render_status_lines(data: dict) -> list[str]:
     routing = data.get("routing")
     if routing is None:
@@ -73,6 +107,12 @@ def render_status_lines(data: dict) -> list[str]:
             timing = f"  load {r['load_seconds']:.2f}s prep {r['preprocess_seconds']:.2f}s infer {r['infer_seconds']:.2f}s"
         superseded = "" if r["current"] else "  [superseded]"
         lines.append(f"{head}: {body}{timing}{superseded}")
+    deliveries = data.get("deliveries") or []
+    lines.append("Deliveries" + ("" if deliveries else " none"))
+    for d in deliveries:
+        lines.append(f"  #{d['id']} result #{d['result']} -> {d['destination']} ({d['kind']}): {d['state']}, {d['attempts']} attempt(s), key {d['idempotency_key']}")
+        for a in d["attempt_log"]:
+            lines.append(f"      {a['started_at']}  {a['outcome']:<12} {a['code'] or '':<8} {a['message']}")
     return lines
 
 

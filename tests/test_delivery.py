@@ -304,3 +304,109 @@ def _restart_on(server: MLLPListener, port: int) -> None:
         MLLPListener.__init__(server)
     finally:
         hl7_tests.free_port = original
+
+
+class TestFhirDelivery:
+    def test_fhir_resend_never_duplicates(self, data_dir, rule):
+        from tests.test_fhir import TOKEN, FHIRServer
+
+        server = FHIRServer()
+        try:
+            study, result = inferred_study(data_dir)
+            destination = Destination.objects.create(
+                name="fhir", kind="fhir", base_url=f"http://127.0.0.1:{server.port}/fhir", auth="bearer", secret=TOKEN
+            )
+            destination.rules.add(rule)
+            [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+            deliveries_run_pending()
+            delivery.refresh_from_db()
+            assert delivery.state == DeliveryState.DELIVERED, delivery.last_error
+            delivery_retry(deliveries=Delivery.objects.filter(pk=delivery.pk), actor="test")
+            deliveries_run_pending()
+            assert len(server.resources["Observation"]) == 1
+            assert server.resources["Observation"][0]["identifier"][0]["value"] == delivery.idempotency_key
+            assert len(server.resources["ImagingStudy"]) == 1
+        finally:
+            server.release.set()
+            server.httpd.shutdown()
+            server.httpd.server_close()
+
+
+class TestOrthanc:
+    """Orthanc as the hospital PACS: the SR lands in the source study by C-STORE and by STOW-RS."""
+
+    @pytest.mark.parametrize("kind", ["dicom", "dicomweb"])
+    def test_sr_arrives_in_the_source_study_once(self, data_dir, rule, orthanc, kind):
+        orthanc.clear()
+        study, result = inferred_study(data_dir)
+        if kind == "dicom":
+            destination = dicom_destination(rule, orthanc.dicom_port, ae_title=orthanc.aet)
+        else:
+            destination = Destination.objects.create(name="pacs-web", kind="dicomweb", base_url=orthanc.dicomweb_url)
+            destination.rules.add(rule)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        deliveries_run_pending()
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.DELIVERED, delivery.last_error
+        delivery_retry(deliveries=Delivery.objects.filter(pk=delivery.pk), actor="test")
+        deliveries_run_pending()
+        found = orthanc.find_instances({"SOPInstanceUID": delivery.idempotency_key})
+        assert len(found) == 1
+        tags = orthanc.instance_tags(found[0]["ID"])
+        assert tags["StudyInstanceUID"] == study.study_instance_uid
+        assert tags["Modality"] == "SR"
+        assert tags["SeriesDescription"] == "PacsLens AI result"
+        assert orthanc.instance_count() == 1
+
+
+class TestCommands:
+    @pytest.mark.django_db(transaction=True)
+    def test_deliver_requeues_and_reports(self, data_dir, rule, mllp, capsys):
+        from django.core.management import call_command
+
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        deliveries_run_pending()
+        import threading
+
+        def worker_run():
+            from django.db import connection
+
+            deliveries_run_pending()
+            connection.close()
+
+        worker = threading.Timer(0.5, worker_run)  # a worker picks it up meanwhile
+        worker.start()
+        call_command("deliver", study.study_instance_uid, "--destination", "ris", "--wait", "10")
+        worker.join()
+        out = capsys.readouterr().out
+        assert "1 delivery(ies) re-queued" in out
+        assert "ris" in out and "delivered" in out
+        assert mllp.received == [delivery.idempotency_key] * 2
+
+    def test_deliver_explains_bad_arguments(self, data_dir, rule):
+        from django.core.management import CommandError, call_command
+
+        study, _ = inferred_study(data_dir)
+        with pytest.raises(CommandError, match="no destination named 'nope'"):
+            call_command("deliver", study.study_instance_uid, "--destination", "nope")
+        with pytest.raises(CommandError, match="no study"):
+            call_command("deliver", "1.2.3")
+
+    def test_study_status_lists_deliveries_and_attempts(self, data_dir, rule, mllp, capsys):
+        import json
+
+        from django.core.management import call_command
+
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port)
+        deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        deliveries_run_pending()
+        call_command("study_status", study.study_instance_uid, "--json")
+        data = json.loads(capsys.readouterr().out)
+        [delivery] = data["deliveries"]
+        assert delivery["state"] == "delivered"
+        assert delivery["attempt_log"][0]["code"] == "AA"
+        call_command("study_status", study.study_instance_uid)
+        assert "-> ris (hl7): delivered" in capsys.readouterr().out

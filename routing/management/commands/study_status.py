@@ -11,7 +11,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count, Sum
 
-from results.status import render_status_lines, study_results_status, study_routing_status
+from results.status import render_status_lines, study_deliveries_status, study_results_status, study_routing_status
 from routing.models import Study
 
 
@@ -57,6 +57,7 @@ def study_status_data(study: Study) -> dict:
         ],
         "routing": study_routing_status(study),
         "results": study_results_status(study),
+        "deliveries": study_deliveries_status(study),
     }
 
 
