@@ -1,9 +1,10 @@
 """From a study's files to a model's input tensor: choose the series, load pixels, preprocess.
 
 Loading reads every header of the chosen series (to sort slices by position) but decodes pixel
-data only for the slices the model's input needs. Uncompressed pixel data is taken straight
-from the file's bytes with numpy; compressed transfer syntaxes go through pydicom's pixel-data
-plugins (pylibjpeg, pyjpegls).
+data only for the slices the model's input needs. Headers of uncompressed files come from a
+small element-stream reader (results/dicom_header.py) that also notes where Pixel Data starts,
+so those pixels are one numpy read; compressed transfer syntaxes go through pydicom's
+pixel-data plugins (pylibjpeg, pyjpegls).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from django.conf import settings
 from django.db.models import Count, Q
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from results.dicom_header import SliceHeader, header_read
 from routing.models import Instance, Series, Study
 
 UNCOMPRESSED_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
@@ -41,7 +43,7 @@ class Slice:
     instance_id: int
     path: Path
     position: float
-    header: pydicom.Dataset
+    header: SliceHeader
 
 
 @dataclass
@@ -95,7 +97,7 @@ def series_choose(*, study: Study, manifest: dict[str, Any]) -> ChosenSeries:
 def volume_load(*, chosen: ChosenSeries, indices: list[int]) -> LoadedVolume:
     """Pixel data of the slices at `indices` (positions in chosen.slices). Raises UnreadablePixels."""
     first = chosen.slices[0].header
-    rows, cols = int(first.Rows), int(first.Columns)
+    rows, cols = int(first.rows), int(first.columns)
     dtype = _stored_dtype(first)
     stored = np.empty((len(indices), rows, cols), dtype=dtype)
     slopes = np.ones(len(indices), dtype=np.float32)
@@ -103,13 +105,13 @@ def volume_load(*, chosen: ChosenSeries, indices: list[int]) -> LoadedVolume:
     for out, index in enumerate(indices):
         item = chosen.slices[index]
         try:
-            stored[out] = _read_pixels(item.path, rows=rows, cols=cols, dtype=dtype)
-            slopes[out] = float(item.header.get("RescaleSlope", 1) or 1)
-            intercepts[out] = float(item.header.get("RescaleIntercept", 0) or 0)
+            stored[out] = _read_pixels(item, rows=rows, cols=cols, dtype=dtype)
         except UnreadablePixels:
             raise
         except Exception as exc:  # pydicom and the decoders raise many types for bad data
             raise UnreadablePixels(f"instance {item.instance_id}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        slopes[out] = item.header.rescale_slope
+        intercepts[out] = item.header.rescale_intercept
     return LoadedVolume(stored=stored, slopes=slopes, intercepts=intercepts, source_slices=len(chosen.slices))
 
 
@@ -155,58 +157,71 @@ def _series_slices(series: Series, *, orientation: str) -> tuple[str, list[Slice
     for instance in instances:
         path = data_dir / instance.path
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            header = header_read(path)
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             return f"instance {instance.pk} cannot be read ({type(exc).__name__})", []
         if normal is None:
-            normal = _slice_normal(header)
+            normal = _slice_normal(header.orientation)
             if normal is None:
                 return "no usable Image Orientation (Patient)", []
             if orientation == "axial" and abs(normal[2]) < AXIAL_MIN_COSINE:
                 return "not axial", []
-        if "Rows" not in header or "Columns" not in header:
+        if not header.rows or not header.columns:
             return f"instance {instance.pk} has no image (Rows/Columns missing)", []
-        position = header.get("ImagePositionPatient")
-        along = float(np.dot(normal, [float(v) for v in position])) if position else float(instance.instance_number or 0)
+        if header.position and len(header.position) == 3:
+            along = float(np.dot(normal, header.position))
+        else:
+            along = float(header.instance_number or instance.instance_number or 0)
         slices.append(Slice(instance_id=instance.pk, path=path, position=along, header=header))
-    shapes = {(int(s.header.Rows), int(s.header.Columns)) for s in slices}
+    shapes = {(s.header.rows, s.header.columns) for s in slices}
     if len(shapes) > 1:
         return f"images of different sizes {sorted(shapes)}", []
     slices.sort(key=lambda s: s.position)
     return "", slices
 
 
-def _slice_normal(header: pydicom.Dataset) -> np.ndarray | None:
-    iop = header.get("ImageOrientationPatient")
-    if not iop or len(iop) != 6:
+def _slice_normal(orientation: list[float] | None) -> np.ndarray | None:
+    if not orientation or len(orientation) != 6:
         return None
-    row, col = np.array([float(v) for v in iop[:3]]), np.array([float(v) for v in iop[3:]])
+    row, col = np.array(orientation[:3]), np.array(orientation[3:])
     normal = np.cross(row, col)
     length = np.linalg.norm(normal)
     return normal / length if length > 1e-6 else None
 
 
-def _stored_dtype(header: pydicom.Dataset) -> np.dtype:
-    bits = int(header.get("BitsAllocated", 16))
-    if int(header.get("SamplesPerPixel", 1)) != 1:
+def _stored_dtype(header: SliceHeader) -> np.dtype:
+    if header.samples_per_pixel != 1:
         raise UnreadablePixels("only single-sample (greyscale) images are supported")
-    if bits not in (8, 16):
-        raise UnreadablePixels(f"Bits Allocated {bits} is not supported (8 or 16)")
-    signed = int(header.get("PixelRepresentation", 0)) == 1
-    return np.dtype(f"{'i' if signed else 'u'}{bits // 8}").newbyteorder("<")
+    if header.bits_allocated not in (8, 16):
+        raise UnreadablePixels(f"Bits Allocated {header.bits_allocated} is not supported (8 or 16)")
+    signed = header.pixel_representation == 1
+    return np.dtype(f"{'i' if signed else 'u'}{header.bits_allocated // 8}").newbyteorder("<")
 
 
-def _read_pixels(path: Path, *, rows: int, cols: int, dtype: np.dtype) -> np.ndarray:
-    ds = pydicom.dcmread(path)
+def _read_pixels(item: Slice, *, rows: int, cols: int, dtype: np.dtype) -> np.ndarray:
+    header = item.header
+    expected = rows * cols * dtype.itemsize
+    if header.pixel_offset is not None:
+        # Uncompressed, located by the fast header reader: one read straight into numpy.
+        if (header.rows, header.columns) != (rows, cols):
+            raise UnreadablePixels(f"instance {item.instance_id} is {header.rows}x{header.columns}, the series is {rows}x{cols}")
+        if (header.pixel_length or 0) < expected:
+            raise UnreadablePixels(
+                f"instance {item.instance_id}: Pixel Data has {header.pixel_length} bytes, {expected} expected"
+            )
+        pixels = np.fromfile(item.path, dtype=dtype, count=rows * cols, offset=header.pixel_offset)
+        if pixels.size != rows * cols:
+            raise UnreadablePixels(f"instance {item.instance_id}: the file ends inside its Pixel Data")
+        return pixels.reshape(rows, cols)
+    ds = pydicom.dcmread(item.path)
     if "PixelData" not in ds:
-        raise UnreadablePixels(f"{path.name} has no Pixel Data")
+        raise UnreadablePixels(f"instance {item.instance_id} has no Pixel Data")
     if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-        raise UnreadablePixels(f"{path.name} is {ds.Rows}x{ds.Columns}, the series is {rows}x{cols}")
+        raise UnreadablePixels(f"instance {item.instance_id} is {ds.Rows}x{ds.Columns}, the series is {rows}x{cols}")
     if ds.file_meta.TransferSyntaxUID in UNCOMPRESSED_LE:
         raw = ds.PixelData
-        expected = rows * cols * dtype.itemsize
         if len(raw) < expected:
-            raise UnreadablePixels(f"{path.name}: Pixel Data has {len(raw)} bytes, {expected} expected")
+            raise UnreadablePixels(f"instance {item.instance_id}: Pixel Data has {len(raw)} bytes, {expected} expected")
         return np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols)
     return ds.pixel_array
 
