@@ -50,6 +50,28 @@ def inference_run_pending(*, budget_seconds: float | None = None) -> int:
     return done
 
 
+# States a study may be re-run from: nothing is in flight for it.
+RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.FAILED, StudyState.IGNORED]
+
+
+def study_request_rerun(*, study: Study, actor: str) -> bool:
+    """Route and infer a finished study again (after a rule or model change, or on request).
+
+    The new results supersede the current ones. Returns False when the study is not in a
+    finished state (still receiving, or work in flight): nothing is changed then.
+    """
+    with transaction.atomic():
+        moved = study.transition(
+            StudyState.COMPLETE, from_states=RERUNNABLE, kind="rerun", detail=f"re-run requested by {actor}"
+        )
+        if moved:
+            from django_q.tasks import async_task
+
+            study_id = study.pk
+            transaction.on_commit(lambda: async_task("results.tasks.process_study", study_id))
+    return moved
+
+
 def study_claim_next() -> Study | None:
     """Move the most urgent ROUTED study to INFERRING and return it; None when there is none."""
     while True:

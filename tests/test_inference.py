@@ -436,3 +436,23 @@ class TestPreprocessing:
         # Linear 4→2 with aligned centres averages pixel pairs; mean slabs average slice pairs.
         pooled = hu.reshape(2, 2, 2, 2, 2, 2).mean(axis=(1, 3, 5))
         assert np.allclose(tensor[0, 0], np.clip(pooled, 0, 1000) / 1000, atol=1e-6)
+
+
+class TestRerun:
+    def test_a_manual_rerun_supersedes_and_is_refused_while_work_is_in_flight(self, demo_site, tmp_path, capsys):
+        from django.core.management import CommandError, call_command
+
+        study = ingest(demo(tmp_path, seed=80, slices=10, size=64).paths)
+        with pytest.raises(CommandError, match="is complete; a re-run starts from"):
+            call_command("rerun_inference", study.study_instance_uid)
+        process_study(study.pk)
+        first = InferenceResult.objects.get()
+        call_command("rerun_inference", study.study_instance_uid)
+        assert "queued" in capsys.readouterr().out
+        study.refresh_from_db()
+        assert study.state == StudyState.COMPLETE and study.events.last().kind == "rerun"
+        process_study(study.pk)  # what the enqueued task does
+        second = InferenceResult.objects.exclude(pk=first.pk).get()
+        assert second.supersedes == first
+        kinds = list(study.events.values_list("kind", flat=True))
+        assert kinds[-5:] == ["inferred", "rerun", "routed", "inferring", "inferred"]
