@@ -142,6 +142,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_htmx",
+    "template_partials",
+    "axes",
     "django_q",
     "routing",
     "results",
@@ -157,6 +159,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as django-axes requires: it turns a locked-out login into its lockout response.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "pacslens.urls"
@@ -227,7 +231,23 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
 }
-LOGIN_URL = "/admin/login/"
+# The staff UI's own login page (the admin's accepts only is_staff accounts; informaticists are not).
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+
+# Login throttling (django-axes): after AXES_FAILURE_LIMIT failed logins for one user name from one
+# address, that pair is locked out for AXES_COOLOFF_TIME hours. The axes backend goes first.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = envint("PACSLENS_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = envfloat("PACSLENS_LOGIN_LOCKOUT_HOURS", 0.25, minimum=0.01)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "ui/locked_out.html"
+# Axes reads REMOTE_ADDR: behind a reverse proxy that is the proxy, so the lockout is per user name.
 
 # Production hardening, switched on by PACSLENS_HTTPS=true behind a TLS-terminating proxy.
 if envbool("PACSLENS_HTTPS", False):
@@ -267,5 +287,6 @@ LOGGING = {
         # pynetdicom logs identifiers (patient name/ID) of C-FIND/C-STORE requests at INFO/DEBUG.
         "pynetdicom": {"level": "WARNING"},
         "django_q": {"level": envstr("PACSLENS_QUEUE_LOG_LEVEL", "WARNING").upper()},
+        "axes": {"level": "WARNING"},  # it announces itself at INFO in every manage.py command
     },
 }
