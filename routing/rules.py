@@ -15,9 +15,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import pydicom
 from django.conf import settings
+from pydicom.datadict import tag_for_keyword
 from django.db import transaction
 
 from routing.models import (
@@ -43,7 +45,11 @@ class ConditionVerdict:
     holds: bool
 
     def describe(self) -> str:
-        seen = ", ".join(repr(v) for v in self.seen) if self.seen else "nothing"
+        """For the timeline and support output: patient attributes are never spelled out there."""
+        if self.seen and _is_patient_attribute(self.condition.attribute):
+            seen = "a value (patient data, not shown)"
+        else:
+            seen = ", ".join(repr(v) for v in self.seen) if self.seen else "nothing"
         return f"{self.condition}: {'yes' if self.holds else 'no'} (saw {seen})"
 
 
@@ -238,10 +244,15 @@ def _first_header(series: Series) -> pydicom.Dataset | None:
     if instance is None:
         return None
     try:
-        return pydicom.dcmread(settings.DATA_DIR / instance.path, stop_before_pixels=True)
+        return pydicom.dcmread(Path(settings.DATA_DIR) / instance.path, stop_before_pixels=True)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         logger.warning("routing: cannot read header of instance %s: %s", instance.pk, type(exc).__name__)
         return None
+
+
+def _is_patient_attribute(keyword: str) -> bool:
+    tag = tag_for_keyword(keyword)
+    return tag is not None and (tag >> 16) == 0x0010  # the Patient group: names, IDs, birth date...
 
 
 def _clean(values: list[str]) -> list[str]:

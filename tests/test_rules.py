@@ -345,3 +345,19 @@ class TestYamlConfig:
         AIModel.objects.all().delete()
         assert config_import(yaml.safe_dump(document, sort_keys=False))["models"]["created"] == 1
         assert RoutingRule.objects.get(name="stat trauma").ai_models.get().name == "demo-hyperdense-head-ct"
+
+
+class TestPatientData:
+    def test_the_reason_never_spells_out_patient_attributes(self, data_dir):
+        from pathlib import Path
+
+        from routing.demo_study import demo_study_write
+
+        demo = demo_study_write(outdir=data_dir / "demo", slices=1, size=32, seed=2)
+        study = make_study()
+        Instance.objects.filter(study=study).update(path=str(Path(demo.paths[0]).relative_to(data_dir)))
+        make_rule("vip", ("PatientName", Operator.REGEX, "^SMITH"))
+        explanation = study_explain_routing(study=study)
+        assert explanation.verdicts[0].conditions[0].seen[0].startswith("ZZDEMO^")  # the dry run, staff only
+        assert "ZZDEMO" not in explanation.reason
+        assert "patient data, not shown" in explanation.reason
