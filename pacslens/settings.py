@@ -123,6 +123,8 @@ STUDY_FORCE_COMPLETE_AFTER = envint("PACSLENS_STUDY_FORCE_COMPLETE_AFTER", 3600,
 SWEEP_INTERVAL_MINUTES = 1
 
 HTTP_PORT = envint("PACSLENS_HTTP_PORT", 8000, minimum=1, maximum=65535)
+# STOW-RS receive endpoint: the largest request body accepted (bytes); bigger ones get 413.
+STOW_MAX_BYTES = envint("PACSLENS_STOW_MAX_BYTES", 2 * 1024**3, minimum=1024)
 
 # Inference (onnxruntime). Provider: cpu, cuda (must be present) or auto (CUDA when available).
 INFERENCE_PROVIDER = envstr("PACSLENS_INFERENCE_PROVIDER", "cpu").strip().lower()

@@ -1,0 +1,185 @@
+"""The STOW-RS receive endpoint: dicomweb-client and Orthanc as senders over real HTTP, and the
+per-instance answers, authentication and limits through Django's test client."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from django.contrib.auth.models import User
+from django.core.management import call_command
+from django.test import Client
+from django_q.models import OrmQ
+
+from routing.models import Instance, StoreAssociation, StowSender, Study
+from tests.peers import dataset_bytes, make_ct_slices
+
+URL = "/dicomweb/studies"
+BOUNDARY = "pacslens-test-boundary-7f3a"
+CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+def multipart(parts: list[bytes]) -> bytes:
+    body = b"".join(
+        b"--" + BOUNDARY.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n" for part in parts
+    )
+    return body + b"--" + BOUNDARY.encode() + b"--\r\n"
+
+
+def post(client: Client, parts: list[bytes], *, token: str | None, url: str = URL, **extra):
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token else {}
+    return client.post(url, data=multipart(parts), content_type=CONTENT_TYPE, **headers, **extra)
+
+
+def sequence(body: dict, tag: str) -> list[dict]:
+    return body.get(tag, {}).get("Value", [])
+
+
+@pytest.fixture
+def token(db, data_dir) -> str:
+    return StowSender.create_with_token(name="ORTHANC_WEB")[1]
+
+
+class TestAuthentication:
+    def test_missing_token_is_401(self, client, token):
+        response = post(client, [dataset_bytes(make_ct_slices(1)[0])], token=None)
+        assert response.status_code == 401
+        assert response["WWW-Authenticate"].startswith("Bearer")
+        assert not Instance.objects.exists()
+
+    def test_wrong_and_revoked_tokens_are_401(self, client, token):
+        part = dataset_bytes(make_ct_slices(1)[0])
+        assert post(client, [part], token=token + "x").status_code == 401
+        StowSender.objects.get().revoke()
+        assert post(client, [part], token=token).status_code == 401
+        assert not Instance.objects.exists()
+
+    def test_a_staff_session_is_not_accepted(self, token):
+        staff = User.objects.create_superuser("staff", password="correct horse battery")
+        browser = Client(enforce_csrf_checks=True)
+        browser.force_login(staff)
+        response = post(browser, [dataset_bytes(make_ct_slices(1)[0])], token=None)
+        assert response.status_code == 401
+
+    def test_only_post(self, client, token):
+        assert client.get(URL, HTTP_AUTHORIZATION=f"Bearer {token}").status_code == 405
+
+
+class TestPerInstanceOutcome:
+    def test_mismatched_and_corrupt_parts_fail_while_good_ones_are_stored(self, client, token, data_dir):
+        good = make_ct_slices(2)
+        other_study = make_ct_slices(1)[0]
+        corrupt = b"\x00" * 128 + b"DICM" + b"\xff" * 300
+        parts = [dataset_bytes(good[0]), dataset_bytes(other_study), corrupt, dataset_bytes(good[1])]
+
+        response = post(client, parts, token=token, url=f"{URL}/{good[0].StudyInstanceUID}")
+
+        assert response.status_code == 202
+        assert response["Content-Type"] == "application/dicom+json"
+        body = json.loads(response.content)
+        stored = [item["00081155"]["Value"][0] for item in sequence(body, "00081199")]
+        assert stored == [good[0].SOPInstanceUID, good[1].SOPInstanceUID]
+        failures = {item.get("00081155", {}).get("Value", ["?"])[0]: item["00081197"]["Value"][0]
+                    for item in sequence(body, "00081198")}
+        assert failures == {other_study.SOPInstanceUID: 0xA900, "?": 0xC000}
+        assert set(Instance.objects.values_list("sop_instance_uid", flat=True)) == set(stored)
+        assert list((data_dir / "incoming").iterdir()) == []
+        association = StoreAssociation.objects.get(listener="stow-rs")
+        assert (association.calling_ae_title, association.instances_received) == ("ORTHANC_WEB", 2)
+        assert association.released_normally and association.ended_at
+
+    def test_nothing_stored_is_409_and_xml_on_request(self, client, token):
+        response = post(client, [b"not dicom at all"], token=token, HTTP_ACCEPT="application/dicom+xml")
+        assert response.status_code == 409
+        assert response["Content-Type"] == "application/dicom+xml"
+        text = response.content.decode()
+        assert 'tag="00081198"' in text and 'tag="00081197"' in text and "<Value number=\"1\">49152</Value>" in text
+
+    def test_duplicate_is_acknowledged_and_recorded_once(self, client, token):
+        part = dataset_bytes(make_ct_slices(1)[0])
+        assert post(client, [part], token=token).status_code == 200
+        assert post(client, [part], token=token).status_code == 200
+        assert Instance.objects.count() == 1
+
+
+class TestLimits:
+    def test_request_over_the_size_limit_is_413(self, client, token, settings):
+        settings.STOW_MAX_BYTES = 2048
+        response = post(client, [dataset_bytes(make_ct_slices(1)[0])] * 3, token=token)
+        assert response.status_code == 413
+        assert not Instance.objects.exists()
+
+    def test_other_media_types_are_415(self, client, token):
+        response = client.post(URL, data=b"{}", content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}")
+        assert response.status_code == 415
+        response = client.post(URL, data=multipart([b"{}"]), HTTP_AUTHORIZATION=f"Bearer {token}",
+                               content_type=f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}')
+        assert response.status_code == 415
+
+    def test_truncated_body_is_400(self, client, token):
+        body = multipart([dataset_bytes(make_ct_slices(1)[0])])[:-40]
+        response = client.post(URL, data=body, content_type=CONTENT_TYPE, HTTP_AUTHORIZATION=f"Bearer {token}")
+        assert response.status_code == 400
+        assert not Instance.objects.exists()
+
+
+class TestRealSenders:
+    def test_dicomweb_client_stores_a_study(self, live_server, transactional_db, data_dir):
+        from dicomweb_client.api import DICOMwebClient
+
+        _, secret = StowSender.create_with_token(name="DWCLIENT")
+        slices = make_ct_slices(3)
+        # Above chunk_size the client switches to chunked transfer encoding, which Django's
+        # development server (behind live_server) cannot read; gunicorn can.
+        sender = DICOMwebClient(url=f"{live_server.url}/dicomweb", headers={"Authorization": f"Bearer {secret}"},
+                                chunk_size=64 * 1024**2)
+        answer = sender.store_instances(slices, study_instance_uid=slices[0].StudyInstanceUID)
+
+        assert [item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence] == [
+            ds.SOPInstanceUID for ds in slices]
+        study = Study.objects.get(study_instance_uid=slices[0].StudyInstanceUID)
+        assert study.instances.count() == 3 and study.calling_ae_title == "DWCLIENT"
+        funcs = [q.task.get("func") for q in OrmQ.objects.all()]
+        assert "routing.tasks.check_completion_after_release" in funcs
+
+    def test_orthanc_pushes_a_study_to_us(self, live_server, transactional_db, data_dir, orthanc):
+        _, secret = StowSender.create_with_token(name="ORTHANC")
+        orthanc.clear()
+        slices = make_ct_slices(2)
+        for ds in slices:
+            orthanc.upload(dataset_bytes(ds))
+        study_id = orthanc.rest("POST", "/tools/lookup", raw=str(slices[0].StudyInstanceUID).encode(),
+                                content_type="text/plain")[0]["ID"]
+        orthanc.rest("PUT", "/dicom-web/servers/pacslens", {
+            "Url": f"{live_server.url}/dicomweb/", "HttpHeaders": {"Authorization": f"Bearer {secret}"},
+            # Orthanc sends chunked by default: gunicorn de-chunks, Django's development server
+            # (behind live_server) does not.
+            "ChunkedTransfers": False,
+        })
+
+        orthanc.rest("POST", "/dicom-web/servers/pacslens/stow", {"Resources": [study_id], "Synchronous": True})
+
+        study = Study.objects.get(study_instance_uid=slices[0].StudyInstanceUID)
+        assert sorted(study.instances.values_list("sop_instance_uid", flat=True)) == sorted(
+            str(ds.SOPInstanceUID) for ds in slices)
+        assert study.calling_ae_title == "ORTHANC"
+
+
+class TestTokenCommand:
+    def test_create_list_revoke(self, db):
+        out, err = io.StringIO(), io.StringIO()
+        call_command("stow_token", "create", "RIS_GATEWAY", stdout=out, stderr=err)
+        secret = out.getvalue().strip()
+        sender = StowSender.objects.get(name="RIS_GATEWAY")
+        assert secret.startswith(StowSender.TOKEN_PREFIX)
+        assert StowSender.authenticate(secret) == sender
+        assert sender.token_hash != secret and secret not in sender.token_hash
+
+        listing = io.StringIO()
+        call_command("stow_token", "list", stdout=listing)
+        assert "RIS_GATEWAY" in listing.getvalue() and secret not in listing.getvalue()
+
+        call_command("stow_token", "revoke", "RIS_GATEWAY", stdout=io.StringIO())
+        assert StowSender.authenticate(secret) is None
+
