@@ -13,14 +13,18 @@ import logging
 import os
 import re
 import shutil
+import threading
 import uuid
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
-from pydicom import dcmread
+from pydicom.filereader import read_partial
+from pydicom.tag import Tag
 
 from routing.models import Instance, Series, Study, StudyState
 
@@ -53,6 +57,8 @@ HEADER_TAGS = [
     "InstanceNumber",
     "SpecificCharacterSet",
 ]
+_HEADER_TAG_NUMBERS = [Tag(keyword) for keyword in HEADER_TAGS]
+_LAST_HEADER_TAG = max(_HEADER_TAG_NUMBERS)
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,9 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
         logger.info("refusing instance %s: %s", _safe_uid(request_sop_instance_uid), problem)
         return StoreResult(DATASET_MISMATCH, f"Dataset does not match the request: {problem}")
 
+    # Flush the data to disk in another thread while this one checks for a duplicate; the
+    # rename (and so Success) still waits for the flush.
+    synced = _fsync_start(temp_path)
     existing = Instance.objects.filter(sop_instance_uid=header["SOPInstanceUID"]).first()
     if existing:
         return _duplicate(existing, temp_path)
@@ -133,6 +142,7 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
     relative = _final_relative_path()
     final_path = Path(settings.DATA_DIR) / relative
     try:
+        synced.result()
         _durable_rename(temp_path, final_path)
     except OSError as exc:
         logger.error("cannot write instance %s: %s", header["SOPInstanceUID"], exc.strerror)
@@ -155,13 +165,19 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
 
 
 def _read_header(path: Path) -> dict[str, str]:
-    ds = dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    # Elements are in ascending tag order: stop reading after the last one we need.
+    with open(path, "rb") as fp:
+        ds = read_partial(fp, stop_when=_past_header, specific_tags=_HEADER_TAG_NUMBERS)
     header: dict[str, str] = {}
     for keyword in HEADER_TAGS:
         # Accessing the value forces pydicom to convert it, so corrupt values fail here.
         value = ds.get(keyword)
         header[keyword] = "" if value is None else str(value).strip()
     return header
+
+
+def _past_header(tag, vr, length) -> bool:
+    return tag > _LAST_HEADER_TAG
 
 
 def _mismatch(header: dict[str, str], request_class: str, request_instance: str) -> str | None:
@@ -191,6 +207,8 @@ def _duplicate(existing: Instance, temp_path: Path) -> StoreResult:
 
 
 _made_dirs: set[Path] = set()
+_fsync_pool: tuple[int, ThreadPoolExecutor] | None = None
+_fsync_pool_lock = threading.Lock()
 
 
 def _final_relative_path() -> str:
@@ -198,22 +216,38 @@ def _final_relative_path() -> str:
     return f"instances/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}.dcm"
 
 
-def _durable_rename(temp_path: Path, final_path: Path) -> None:
-    folder = final_path.parent
-    if folder not in _made_dirs:
-        folder.mkdir(parents=True, exist_ok=True)
-        _made_dirs.add(folder)
-    fd = os.open(temp_path, os.O_RDONLY)
+def _fsync_start(path: Path) -> Future:
+    """fsync `path` in a worker thread (the GIL is released while the disk works)."""
+    global _fsync_pool
+    with _fsync_pool_lock:
+        if _fsync_pool is None or _fsync_pool[0] != os.getpid():  # a pool does not survive fork
+            _fsync_pool = (os.getpid(), ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync"))
+        pool = _fsync_pool[1]
+    return pool.submit(_fsync, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _durable_rename(temp_path: Path, final_path: Path) -> None:
+    """Rename the already fsynced `temp_path` into place and make the rename durable."""
+    folder = final_path.parent
+    if folder not in _made_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+        # A new date folder is itself a directory entry that must survive a power cut.
+        data_dir = Path(settings.DATA_DIR)
+        parent = folder.parent
+        while parent != data_dir.parent and data_dir in (parent, *parent.parents):
+            _fsync(parent)
+            parent = parent.parent
+        _made_dirs.add(folder)
     os.rename(temp_path, final_path)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a power cut
-    finally:
-        os.close(dir_fd)
+    _fsync(folder)  # the rename itself must survive a power cut
 
 
 def _record(
@@ -228,6 +262,68 @@ def _record(
     sender_id: int | None,
 ) -> Instance:
     now = timezone.now()
+    fields = {
+        "association_id": association_id,
+        "sop_instance_uid": header["SOPInstanceUID"],
+        "sop_class_uid": header["SOPClassUID"],
+        "transfer_syntax_uid": transfer_syntax_uid,
+        "instance_number": _int_or_none(header["InstanceNumber"]),
+        "path": relative,
+        "size": size,
+        "calling_ae_title": calling_ae_title,
+        "received_at": now,
+    }
+    key = (association_id, header["SeriesInstanceUID"])
+    known = _series_seen.get(key) if association_id is not None else None
+    if known and known.study_instance_uid == header["StudyInstanceUID"] and header["Modality"] in known.modalities:
+        # The next instance of a series this association is delivering: one UPDATE that also
+        # proves the study still exists and is still receiving, then the INSERT.
+        with transaction.atomic():
+            touched = Study.objects.filter(
+                pk=known.study_id, study_instance_uid=known.study_instance_uid, state=StudyState.RECEIVING
+            ).update(last_received_at=now)
+            if touched:
+                return Instance.objects.create(study_id=known.study_id, series_id=known.series_id, **fields)
+    instance = _record_first(header=header, fields=fields, calling_ae_title=calling_ae_title,
+                             called_ae_title=called_ae_title, sender_id=sender_id, now=now)
+    if association_id is not None:
+        _series_seen_add(key, instance)
+    return instance
+
+
+@dataclass(frozen=True)
+class _SeenSeries:
+    study_id: int
+    series_id: int
+    study_instance_uid: str
+    modalities: frozenset[str]
+
+
+# (association id, Series Instance UID) -> where its instances go; a small per-process LRU.
+_series_seen: OrderedDict[tuple[int | None, str], _SeenSeries] = OrderedDict()
+_series_seen_lock = threading.Lock()
+SERIES_SEEN_MAX = 256
+
+
+def _series_seen_add(key: tuple[int | None, str], instance: Instance) -> None:
+    study = instance.study
+    seen = _SeenSeries(
+        study_id=study.pk,
+        series_id=instance.series_id,
+        study_instance_uid=study.study_instance_uid,
+        modalities=frozenset({"", *study.modalities.split("\\")}),
+    )
+    with _series_seen_lock:
+        _series_seen[key] = seen
+        _series_seen.move_to_end(key)
+        while len(_series_seen) > SERIES_SEEN_MAX:
+            _series_seen.popitem(last=False)
+
+
+def _record_first(
+    *, header: dict[str, str], fields: dict, calling_ae_title: str, called_ae_title: str, sender_id: int | None, now
+) -> Instance:
+    """The general case: find or create the study (re-opening it if needed) and the series."""
     with transaction.atomic():
         study = Study.objects.select_for_update().filter(study_instance_uid=header["StudyInstanceUID"]).first()
         if study is None:
@@ -248,11 +344,11 @@ def _record(
             )
             study.log_event("receiving", f"first instance from {calling_ae_title or 'unknown sender'}")
         else:
-            fields: dict = {"last_received_at": now}
+            changes: dict = {"last_received_at": now}
             modality = header["Modality"]
             if modality and modality not in study.modalities.split("\\"):
-                fields["modalities"] = "\\".join(filter(None, [study.modalities, modality]))[:64]
-            Study.objects.filter(pk=study.pk).update(**fields)
+                changes["modalities"] = study.modalities = "\\".join(filter(None, [study.modalities, modality]))[:64]
+            Study.objects.filter(pk=study.pk).update(**changes)
             if study.state != StudyState.RECEIVING:
                 # A late instance re-opens the study; inference re-runs once it is complete again.
                 study.transition(
@@ -270,19 +366,7 @@ def _record(
                 "series_number": _int_or_none(header["SeriesNumber"]),
             },
         )
-        return Instance.objects.create(
-            study=study,
-            series=series,
-            association_id=association_id,
-            sop_instance_uid=header["SOPInstanceUID"],
-            sop_class_uid=header["SOPClassUID"],
-            transfer_syntax_uid=transfer_syntax_uid,
-            instance_number=_int_or_none(header["InstanceNumber"]),
-            path=relative,
-            size=size,
-            calling_ae_title=calling_ae_title,
-            received_at=now,
-        )
+        return Instance.objects.create(study=study, series=series, **fields)
 
 
 def _int_or_none(value: str) -> int | None:
