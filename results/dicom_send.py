@@ -14,7 +14,6 @@ transient, 0xA9xx / 0xCxxx / 0x0122 permanent, 0x0124 a configuration error, war
 
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 from collections.abc import Sequence
@@ -30,8 +29,6 @@ from pynetdicom import AE, Association, evt
 from pynetdicom.status import code_to_category
 
 from results.payload import Outcome, OutcomeKind, Protocol
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -68,8 +65,8 @@ class StoreSession:
 
     `open()` returns None when the association is up, or the Outcome explaining why not;
     entering the context manager raises `AssociationFailed` carrying that Outcome instead.
-    After a transient store failure (peer aborted, timeout) `is_open` turns False and the
-    caller should open a new session for the next object.
+    `store()` re-opens the association when the peer has dropped it since the last store,
+    so a session can be kept in a pool while work is queued for the destination.
     """
 
     def __init__(
@@ -125,10 +122,32 @@ class StoreSession:
         return self._association_failure(assoc, connected=bool(connected))
 
     def store(self, dataset: Dataset) -> Outcome:
-        """C-STORE one dataset on the open association."""
+        """C-STORE one dataset, re-opening the association if the peer dropped it meanwhile.
+
+        Pooled associations go stale (the peer's idle timeout, a PACS restart); that should
+        cost a reconnect, not a transient failure and a backoff cycle in the ledger.
+        """
         key = str(dataset.SOPInstanceUID)
         if not self.is_open:
-            return _outcome(OutcomeKind.TRANSIENT, None, f"no open association to {self.peer}", key)
+            self.close()
+            failure = self.open()
+            if failure is not None:
+                return _for_dataset(failure, dataset)
+        outcome = self._store_once(dataset, key)
+        if outcome is None:
+            # The socket failed before a response: reconnect once. Harmless even if the
+            # peer did store it, because the SOP Instance UID is deterministic.
+            self.close()
+            failure = self.open()
+            if failure is not None:
+                return _for_dataset(failure, dataset)
+            outcome = self._store_once(dataset, key)
+        return outcome or _outcome(
+            OutcomeKind.TRANSIENT, None, f"C-STORE to {self.peer} failed twice", key
+        )
+
+    def _store_once(self, dataset: Dataset, key: str) -> Outcome | None:
+        """The Outcome of one C-STORE, or None if the connection broke while sending."""
         assert self._assoc is not None
         if not any(cx.abstract_syntax == dataset.SOPClassUID
                    for cx in self._assoc.accepted_contexts):
@@ -139,14 +158,11 @@ class StoreSession:
         self._message_id = self._message_id % 65535 + 1
         try:
             status = self._assoc.send_c_store(dataset, msg_id=self._message_id)
-        except (OSError, RuntimeError) as exc:
-            return _outcome(
-                OutcomeKind.TRANSIENT, None, f"C-STORE to {self.peer} failed: {exc}", key
-            )
+        except (OSError, RuntimeError):
+            return None
         if "Status" not in status:
-            # An empty status means no response: DIMSE timeout, abort or a dropped
-            # connection. The peer may or may not hold the object; a re-send is harmless
-            # because the SOP Instance UID is deterministic.
+            # No response: DIMSE timeout, abort or a dropped connection after sending. Not
+            # retried here, since a slow peer would make us wait twice; the ledger retries.
             return _outcome(
                 OutcomeKind.TRANSIENT, None, f"no C-STORE response from {self.peer}", key
             )

@@ -13,7 +13,6 @@ installs from.
 from __future__ import annotations
 
 import io
-import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
 from results.payload import Outcome, OutcomeKind, Protocol
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
 REFERENCED_SOP_SEQUENCE = "00081199"

@@ -31,8 +31,10 @@ class StubSCP:
     def __init__(self, *, status: int = 0x0000, require_calling_aet: list[str] | None = None,
                  require_called_aet: bool = False, sop_classes: tuple[str, ...] = (
                      Comprehensive3DSRStorage,), max_associations: int = 10,
-                 reply_delay: threading.Event | None = None) -> None:
+                 reply_delay: threading.Event | None = None, drop_after_store: bool = False,
+                 ) -> None:
         self.status = status
+        self.drop_after_store = drop_after_store
         self.received: list[str] = []
         self.port = free_port()
         self._hold = reply_delay
@@ -50,6 +52,9 @@ class StubSCP:
             # Never answers within the SCU's DIMSE timeout: the test releases it at teardown.
             self._hold.wait(30)
         self.received.append(str(event.request.AffectedSOPInstanceUID))
+        if self.drop_after_store:
+            # Like a PACS that restarts or closes idle associations between two results.
+            threading.Timer(0.1, event.assoc.abort).start()
         return self.status
 
     def shutdown(self) -> None:
@@ -131,6 +136,23 @@ def test_a_session_reuses_one_association_with_tcp_nodelay(orthanc):
     assert [outcome.kind for outcome in outcomes] == [OutcomeKind.SUCCESS] * 3
     for sr in srs:
         assert len(orthanc.find_instances({"SOPInstanceUID": str(sr.SOPInstanceUID)})) == 1
+
+
+def test_a_session_reconnects_when_the_peer_dropped_the_association(scp_factory):
+    sources = make_ct_slices(1)
+    srs = [build_sr(make_payload(sources, result_uid_seed=f"pacslens-result-d{n}"))
+           for n in range(3)]
+    scp = scp_factory(drop_after_store=True)
+    with StoreSession(calling_ae_title=CALLING_AE, host="127.0.0.1", port=scp.port,
+                      called_ae_title=SCP_AE) as session:
+        outcomes = []
+        for sr in srs:
+            outcomes.append(session.store(sr))
+            # Wait until the SCP's abort has arrived, so the next store finds a dead association.
+            if session._assoc is not None:
+                session._assoc.join(timeout=10)
+    assert [outcome.kind for outcome in outcomes] == [OutcomeKind.SUCCESS] * 3
+    assert scp.received == [str(sr.SOPInstanceUID) for sr in srs]
 
 
 def assert_orthanc_holds_the_sr(orthanc, sources, payload) -> None:
