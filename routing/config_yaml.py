@@ -16,6 +16,7 @@ import yaml
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
 
+from routing.config_pull import PollSourcesSection
 from routing.models import ApplicationEntity
 
 FORMAT_VERSION = 1
@@ -113,6 +114,7 @@ SECTIONS: list[Any] = [
             "quiet_period_seconds",
         ],
     ),
+    PollSourcesSection(),  # after the AE titles it refers to
 ]
 
 

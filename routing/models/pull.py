@@ -111,10 +111,11 @@ class PollSource(models.Model):
 
     def clean(self) -> None:
         if self.kind == self.Kind.DIMSE:
-            if self.pacs_id is None:
+            pacs = self.pacs  # may be an unsaved AE while a YAML file is validated
+            if pacs is None:
                 raise ValidationError({"pacs": "a DIMSE poll source needs the PACS's AE title"})
-            if not self.pacs.may_query:
-                raise ValidationError({"pacs": f"{self.pacs.ae_title} is not marked 'may query'"})
+            if not pacs.may_query:
+                raise ValidationError({"pacs": f"{pacs.ae_title} is not marked 'may query'"})
         elif not self.dicomweb_url:
             raise ValidationError({"dicomweb_url": "a DICOMweb poll source needs the base URL"})
         if self.max_concurrent_retrieves < 1 or self.max_studies_per_poll < 1:
