@@ -126,8 +126,9 @@ HTTP_PORT = envint("PACSLENS_HTTP_PORT", 8000, minimum=1, maximum=65535)
 # STOW-RS receive endpoint: the largest request body accepted (bytes); bigger ones get 413.
 STOW_MAX_BYTES = envint("PACSLENS_STOW_MAX_BYTES", 2 * 1024**3, minimum=1024)
 
-# Inference (onnxruntime). Provider: cpu, cuda (must be present) or auto (CUDA when available).
-INFERENCE_PROVIDER = envstr("PACSLENS_INFERENCE_PROVIDER", "cpu").strip().lower()
+# Inference (onnxruntime). Provider: auto (default: CUDA when this onnxruntime build has it,
+# else CPU), cpu, or cuda (required: refuse to run without it).
+INFERENCE_PROVIDER = envstr("PACSLENS_INFERENCE_PROVIDER", "auto").strip().lower()
 if INFERENCE_PROVIDER not in ("cpu", "cuda", "auto"):
     raise ImproperlyConfigured(f"PACSLENS_INFERENCE_PROVIDER={INFERENCE_PROVIDER!r} is not one of cpu, cuda, auto")
 # 0 lets onnxruntime use every core; with several workers per host, set it to cores / workers.

@@ -105,7 +105,7 @@ def _create_session(path: Path):
 
 
 def execution_providers() -> list[str]:
-    """From PACSLENS_INFERENCE_PROVIDER: cpu (default), cuda (required), or auto (CUDA when present)."""
+    """From PACSLENS_INFERENCE_PROVIDER: auto (default: CUDA when present, else CPU), cpu, or cuda (required)."""
     import onnxruntime
 
     available = onnxruntime.get_available_providers()
