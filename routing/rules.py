@@ -142,7 +142,8 @@ def study_route(*, study: Study) -> RoutingDecision | None:
             reason=reason,
         )
         decision.ai_models.set(models.values())
-    study.priority = priority
+    if models:
+        study.priority = priority
     logger.info("study %s %s: %s", study.pk, to_state, ", ".join(r.name for r in rules) or "no rule")
     return decision
 
