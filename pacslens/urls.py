@@ -7,4 +7,8 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("admin/", admin.site.urls),
     path("dicomweb/", include("routing.urls")),
+    # The staff UI (docs/ui.md): routing pages (dashboard, studies, endpoints, rules, audit log)
+    # and results pages (failure queue, destinations, models, triage audit).
+    path("", include("routing.views.urls")),
+    path("", include("results.views.urls")),
 ]

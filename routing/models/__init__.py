@@ -1,6 +1,7 @@
 """Routing app models, one module per seam: core (AE titles, studies, timeline), rules (routing),
 pull (poll sources, polls, retrieves, STOW-RS senders)."""
 
+from routing.models.audit import AuditAction, AuditEntry
 from routing.models.core import (
     ApplicationEntity,
     Instance,
@@ -16,6 +17,8 @@ from routing.models.rules import Operator, RoutingDecision, RoutingRule, RuleCon
 
 __all__ = [
     "ApplicationEntity",
+    "AuditAction",
+    "AuditEntry",
     "Backfill",
     "Instance",
     "Operator",

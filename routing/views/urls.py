@@ -1,0 +1,34 @@
+"""Staff UI URLs of the routing app (included at the site root by pacslens/urls.py)."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from routing.views import audit, auth, dashboard, endpoints, rules, studies
+
+urlpatterns = [
+    path("", dashboard.dashboard, name="dashboard"),
+    path("login/", auth.login, name="login"),
+    path("logout/", auth.logout, name="logout"),
+    path("audit/log/", audit.audit_log, name="audit_log"),
+    path("studies/", studies.study_list, name="study_list"),
+    path("studies/<int:pk>/", studies.study_detail, name="study_detail"),
+    path("endpoints/", endpoints.endpoint_list, name="endpoint_list"),
+    path("endpoints/ae/new/", endpoints.ae_edit, name="ae_create"),
+    path("endpoints/ae/<int:pk>/", endpoints.ae_edit, name="ae_edit"),
+    path("endpoints/ae/<int:pk>/toggle/", endpoints.ae_toggle, name="ae_toggle"),
+    path("endpoints/ae/<int:pk>/test/", endpoints.ae_test, name="ae_test"),
+    path("rules/", rules.rule_list, name="rule_list"),
+    path("rules/new/", rules.rule_edit, name="rule_create"),
+    path("rules/<int:pk>/", rules.rule_edit, name="rule_edit"),
+    path("rules/<int:pk>/toggle/", rules.rule_toggle, name="rule_toggle"),
+    path("rules/<int:pk>/move/", rules.rule_move, name="rule_move"),
+    path("rules/dry-run/", rules.rule_dry_run, name="rule_dry_run"),
+]
+
+urlpatterns += [
+    path("endpoints/poll-sources/new/", endpoints.poll_source_edit, name="poll_source_create"),
+    path("endpoints/poll-sources/<int:pk>/", endpoints.poll_source_edit, name="poll_source_edit"),
+    path("endpoints/poll-sources/<int:pk>/toggle/", endpoints.poll_source_toggle, name="poll_source_toggle"),
+    path("endpoints/poll-sources/<int:pk>/test/", endpoints.poll_source_test, name="poll_source_test"),
+]

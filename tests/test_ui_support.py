@@ -1,0 +1,110 @@
+"""Shared pieces of the staff-UI tests (view tests and browser tests): users per role, and small
+pipeline rows built straight in the database. Importing this module brings its fixtures along."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.utils import timezone
+
+from results.models import AIModel, Delivery, DeliveryAttempt, Destination, InferenceResult
+from routing.models import ApplicationEntity, RoutingRule, Series, Study, StudyEvent, StudyState
+
+PASSWORD = "correct horse battery staple"
+ROLES = ("admin", "informaticist", "superuser", "nobody")
+GROUP_OF_ROLE = {"admin": "PACS administrators", "informaticist": "Informaticists"}
+
+
+@pytest.fixture(autouse=True)
+def plain_static_storage(settings):
+    # The manifest storage needs collectstatic; tests serve static files from the finders.
+    settings.STORAGES = {**settings.STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+
+
+def make_user(role: str) -> User:
+    if role == "superuser":
+        return User.objects.create_superuser("root", "root@example.org", PASSWORD)
+    user = User.objects.create_user(role, f"{role}@example.org", PASSWORD)
+    if role in GROUP_OF_ROLE:
+        user.groups.add(Group.objects.get(name=GROUP_OF_ROLE[role]))
+    return user
+
+
+@pytest.fixture
+def users(db) -> dict[str, User]:
+    return {role: make_user(role) for role in ROLES}
+
+
+def make_study(*, accession: str = "ACC100", state: str = StudyState.DELIVERED, patient_name: str = "ZZTEST^UI",
+               modality: str = "CT", calling: str = "MODALITY1", minutes_ago: int = 10) -> Study:
+    start = timezone.now() - timedelta(minutes=minutes_ago)
+    study = Study.objects.create(
+        study_instance_uid=f"1.2.826.0.1.3680043.8.498.{Study.objects.count() + 1}{int(start.timestamp())}",
+        state=state, patient_id="ZZ0001", patient_name=patient_name, accession_number=accession,
+        study_description="CT HEAD", modalities=modality, calling_ae_title=calling, called_ae_title="PACSLENS",
+        first_received_at=start, last_received_at=start, state_changed_at=start + timedelta(seconds=40),
+    )
+    Series.objects.create(study=study, series_instance_uid=study.study_instance_uid + ".1", modality=modality,
+                          body_part_examined="HEAD", series_number=1)
+    steps = [("receiving", 0), ("complete", 20), ("routed", 21), ("inferring", 22), ("inferred", 30), ("delivering", 31)]
+    if state in (StudyState.DELIVERED, StudyState.FAILED):
+        steps.append((state, 40))
+    for to_state, seconds in steps:
+        StudyEvent.objects.create(study=study, at=start + timedelta(seconds=seconds), kind=to_state, to_state=to_state,
+                                  detail=f"step {to_state}")
+    return study
+
+
+def make_model(*, demonstration: bool = True) -> AIModel:
+    model, _ = AIModel.objects.get_or_create(
+        name="demo-bleed", version="1.0",
+        defaults={"file": "models/demo.onnx", "sha256": "ab" * 32, "demonstration": demonstration,
+                  "intended_use": "Demonstration only", "manifest": {"output": {"threshold": 0.5}, "accepts": {"modalities": ["CT"]}}},
+    )
+    return model
+
+
+def make_result(study: Study, *, score: float = 0.83, supersedes: InferenceResult | None = None) -> InferenceResult:
+    model = make_model()
+    return InferenceResult.objects.create(
+        study=study, model=model, model_name=model.name, model_version=model.version, model_sha256=model.sha256,
+        status="succeeded", score=score, flagged=score >= 0.5, label="bleed" if score >= 0.5 else "", supersedes=supersedes,
+        series=study.series.first(), instance_count=3,
+    )
+
+
+def make_destination(name: str = "ris", port: int = 2575, **overrides) -> Destination:
+    values = dict(name=name, kind="hl7", host="127.0.0.1", port=port, hl7_message_type="ORU^R01", timeout_seconds=2,
+                  backoff_base_seconds=1, backoff_cap_seconds=5)
+    values.update(overrides)
+    return Destination.objects.create(**values)
+
+
+def make_failed_delivery(study: Study, result: InferenceResult, destination: Destination,
+                         error_class: str = "permanent") -> Delivery:
+    delivery = Delivery.objects.create(
+        result=result, destination=destination, study=study, kind=destination.kind, idempotency_key=f"PL{result.pk}D{destination.pk}",
+        state="failed", attempts=1, last_error="RIS answered AE: application error", last_error_class=error_class,
+    )
+    now = timezone.now()
+    DeliveryAttempt.objects.create(delivery=delivery, number=1, worker="test:1", started_at=now - timedelta(seconds=1),
+                                   ended_at=now, outcome=error_class, code="AE", message="RIS answered AE")
+    return delivery
+
+
+@pytest.fixture
+def pipeline(db) -> dict:
+    """One delivered study with a superseded and a current result, one failed study with a failed delivery."""
+    ApplicationEntity.objects.create(ae_title="MODALITY1", host="127.0.0.1", port=104)
+    rule = RoutingRule.objects.create(name="CT head")
+    destination = make_destination()
+    destination.rules.add(rule)
+    done = make_study(accession="ACC100")
+    old = make_result(done, score=0.2)
+    make_result(done, score=0.9, supersedes=old)
+    failed = make_study(accession="ACC200", state=StudyState.FAILED, patient_name="ZZTEST^<b>ESCAPE</b>")
+    failed_result = make_result(failed)
+    delivery = make_failed_delivery(failed, failed_result, destination)
+    return {"done": done, "failed": failed, "delivery": delivery, "destination": destination, "rule": rule}
