@@ -171,7 +171,7 @@ def retrieves_record(*, source: PollSource, found: list[FoundStudy], origin: str
 
 
 def retrieves_run(
-    *, source: PollSource, limit: int, deadline: float | None = None, origin: str | None = None,
+    *, source: PollSource, limit: int, deadline: float | None = None, study_instance_uids: list[str] | None = None,
     on_done: Callable[[StudyRetrieve, RetrieveOutcome], None] | None = None,
 ) -> tuple[int, int]:
     """Claim and run up to `limit` due retrieves of `source`. Returns (succeeded, failed)."""
@@ -181,8 +181,8 @@ def retrieves_run(
         .filter(Q(state=StudyRetrieve.State.PENDING) | Q(state=StudyRetrieve.State.RETRIEVING, lease_until__lt=now))
         .order_by("next_attempt_at", "found_at", "pk")
     )
-    if origin:
-        due = due.filter(origin=origin)
+    if study_instance_uids is not None:
+        due = due.filter(study_instance_uid__in=study_instance_uids)
     claimed: list[StudyRetrieve] = []
     for record in due[: limit * 2]:
         if len(claimed) < limit and _retrieve_claim(record, now=now):

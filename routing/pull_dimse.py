@@ -69,7 +69,8 @@ def query_studies(
         for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
             code = _status_code(status)
             if code is None:
-                raise PullError(f"C-FIND to {source.pacs.ae_title}: no response (association aborted or timed out)")
+                raise PullError(f"C-FIND to {source.pacs.ae_title}: no response (aborted or timed out); check that "
+                                f"the PACS lists our AE title {settings.AE_TITLE} as allowed to query")
             if code in (0xFF00, 0xFF01) and answer is not None:
                 found.append(_found(answer))
                 if len(found) > MAX_MATCHES:

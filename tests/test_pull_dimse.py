@@ -11,7 +11,7 @@ from django_q.models import OrmQ
 
 from routing.listener import DicomListener
 from routing.models import ApplicationEntity, Instance, Poll, PollSource, StoreAssociation, Study, StudyRetrieve
-from routing.pull import poll_due_once, poll_source, source_claim
+from routing.pull import poll_due_once, poll_due_sources, poll_source, source_claim
 from tests.conftest import free_port
 from tests.peers import dataset_bytes, make_ct_slices
 
@@ -54,6 +54,8 @@ def pacs(transactional_db, data_dir, orthanc, settings):
     """Orthanc emptied, known to us as a PACS we may query (and that may store to us)."""
     settings.AE_TITLE = OUR_AE
     orthanc.clear()
+    # Orthanc answers queries only from AEs it knows (the listener fixture sets the real port).
+    orthanc.add_modality("pacslens", OUR_AE, "127.0.0.1", free_port())
     return ApplicationEntity.objects.create(
         ae_title=orthanc.aet, host=orthanc.host, port=orthanc.dicom_port, may_query=True, may_send=True
     )
@@ -207,3 +209,17 @@ class TestFailuresAndLimits:
         source = make_source(pacs)
         assert source_claim(source_id=source.pk) is not None
         assert source_claim(source_id=source.pk) is None  # leased
+
+
+class TestScheduledSweep:
+    def test_sweep_polls_a_fast_source_and_retrieves(self, pacs, orthanc):
+        uid = orthanc_study(orthanc, 2)
+        make_source(pacs, retrieve_mode="c-get", interval_seconds=1, min_query_spacing_seconds=1)
+
+        polled = poll_due_sources(sweep_seconds=2.5)
+
+        assert polled >= 1
+        assert Study.objects.get(study_instance_uid=uid).state == "complete"
+        assert StudyRetrieve.objects.get().attempts == 1
+        source = PollSource.objects.get()
+        assert source.lease_until is None and source.next_poll_at > source.last_query_at
