@@ -327,66 +327,7 @@ class TestStatusAndSetup:
         assert Schedule.objects.filter(func="results.tasks.sweep_inference").count() == 1
 
 
-class TestHeaderReader:
-    """The fast header reader must agree with pydicom, and give way to it on anything unusual."""
-
-    def fields(self, header):
-        return (
-            header.rows,
-            header.columns,
-            header.bits_allocated,
-            header.pixel_representation,
-            header.rescale_slope,
-            header.rescale_intercept,
-            header.instance_number,
-            header.position,
-            header.orientation,
-        )
-
-    def test_it_agrees_with_pydicom_and_locates_the_pixels(self, tmp_path):
-        from results.dicom_header import header_read_fast, header_read_pydicom
-
-        study = demo(tmp_path, slices=3, size=64, seed=70)
-        for path in study.paths:
-            fast = header_read_fast(path)
-            assert fast is not None and fast.pixel_offset is not None
-            assert self.fields(fast) == self.fields(header_read_pydicom(path))
-            pixels = np.fromfile(path, dtype="<u2", count=64 * 64, offset=fast.pixel_offset).reshape(64, 64)
-            assert (pixels == pydicom.dcmread(path).pixel_array).all()
-
-    def test_implicit_vr_and_undefined_length_sequences(self, tmp_path):
-        from pydicom.dataset import Dataset
-
-        from results.dicom_header import header_read_fast, header_read_pydicom
-
-        path = demo(tmp_path, slices=1, size=64, seed=71).paths[0]
-        ds = pydicom.dcmread(path)
-        inner = Dataset()
-        inner.ReferencedSOPClassUID = ds.SOPClassUID
-        inner.ReferencedSOPInstanceUID = pydicom.uid.generate_uid()
-        nested = Dataset()
-        nested.CodeValue = "X"
-        inner.PurposeOfReferenceCodeSequence = [nested]
-        ds.ReferencedImageSequence = [inner]
-        ds["ReferencedImageSequence"].is_undefined_length = True
-        ds.ReferencedImageSequence[0].is_undefined_length_sequence_item = True
-        ds.RescaleIntercept = -1000  # after the sequence: proves the reader skipped it correctly
-        for syntax in (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian):
-            ds.file_meta.TransferSyntaxUID = syntax
-            out = tmp_path / f"{syntax}.dcm"
-            ds.save_as(out, enforce_file_format=True)
-            fast = header_read_fast(out)
-            assert fast is not None, syntax
-            assert fast.rescale_intercept == -1000
-            assert self.fields(fast) == self.fields(header_read_pydicom(out))
-
-    def test_compressed_files_fall_back_to_pydicom(self, tmp_path):
-        from results.dicom_header import header_read, header_read_fast
-
-        path = demo(tmp_path, slices=1, size=64, seed=72, transfer_syntax="rle").paths[0]
-        assert header_read_fast(path) is None
-        assert header_read(path).rows == 64
-
+class TestUnreadableFiles:
     def test_a_truncated_file_is_unreadable_not_a_crash(self, demo_site, tmp_path):
         study = demo(tmp_path, slices=12, size=64, seed=73)
         last = study.paths[5]
@@ -395,47 +336,6 @@ class TestHeaderReader:
         process_study(study.pk)
         result = InferenceResult.objects.get(study=study)
         assert result.failure_reason == FailureReason.UNREADABLE_PIXELS
-
-
-class TestPreprocessing:
-    def manifest(self, **input_changes):
-        from results.demo_model import demo_manifest
-        from results.manifest import manifest_normalize
-
-        manifest = demo_manifest(file="x.onnx", sha256="0" * 64)
-        manifest["input"].update(input_changes)
-        manifest["input"]["shape"] = [1, 1, 2, 2, 2]
-        return manifest_normalize(manifest)
-
-    def volume(self):
-        from results.volume import LoadedVolume
-
-        stored = np.arange(4 * 4 * 4, dtype=np.uint16).reshape(4, 4, 4) * 10
-        return LoadedVolume(
-            stored=stored, slopes=np.full(4, 2, np.float32), intercepts=np.full(4, -100, np.float32), source_slices=4
-        )
-
-    def test_nearest_and_rescale(self):
-        from results.volume import volume_preprocess
-
-        volume = self.volume()
-        volume.stored = volume.stored[[0, 2]]
-        volume.slopes, volume.intercepts = volume.slopes[:2], volume.intercepts[:2]
-        tensor = volume_preprocess(volume=volume, manifest=self.manifest(resize="nearest"))
-        assert tensor.shape == (1, 1, 2, 2, 2) and tensor.dtype == np.float32
-        expected = volume.stored[:, 1::2, 1::2].astype(np.float32) * 2 - 100
-        assert np.array_equal(tensor[0, 0], expected)
-
-    def test_linear_resize_mean_slabs_and_window(self):
-        from results.volume import volume_preprocess
-
-        tensor = volume_preprocess(
-            volume=self.volume(), manifest=self.manifest(resize="linear", slices="mean", window={"center": 500, "width": 1000})
-        )
-        hu = self.volume().stored.astype(np.float32) * 2 - 100
-        # Linear 4→2 with aligned centres averages pixel pairs; mean slabs average slice pairs.
-        pooled = hu.reshape(2, 2, 2, 2, 2, 2).mean(axis=(1, 3, 5))
-        assert np.allclose(tensor[0, 0], np.clip(pooled, 0, 1000) / 1000, atol=1e-6)
 
 
 class TestRerun:
