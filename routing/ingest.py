@@ -119,6 +119,9 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
         logger.warning("refusing instance: free space under %s below the floor", settings.DATA_DIR)
         return StoreResult(OUT_OF_RESOURCES, "Out of resources: free disk space is below the configured floor")
 
+    # Flush the data to disk in another thread while this one parses and checks it; the rename
+    # (and so Success) still waits for the flush.
+    synced = _fsync_start(temp_path)
     try:
         header = _read_header(temp_path)
     except Exception as exc:  # pydicom raises many types on malformed input; all mean "cannot understand"
@@ -132,13 +135,6 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
         logger.info("refusing instance %s: %s", _safe_uid(request_sop_instance_uid), problem)
         return StoreResult(DATASET_MISMATCH, f"Dataset does not match the request: {problem}")
 
-    # Flush the data to disk in another thread while this one checks for a duplicate; the
-    # rename (and so Success) still waits for the flush.
-    synced = _fsync_start(temp_path)
-    existing = Instance.objects.filter(sop_instance_uid=header["SOPInstanceUID"]).first()
-    if existing:
-        return _duplicate(existing, temp_path)
-
     relative = _final_relative_path()
     final_path = Path(settings.DATA_DIR) / relative
     try:
@@ -151,12 +147,16 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
     try:
         instance = _record(header=header, relative=relative, size=final_path.stat().st_size, **kwargs)
     except IntegrityError:
-        # Another association stored the same SOP Instance UID between our check and our insert.
-        final_path.unlink(missing_ok=True)
-        existing = Instance.objects.filter(sop_instance_uid=header["SOPInstanceUID"]).first()
-        if existing is None:
-            return StoreResult(PROCESSING_FAILURE, "Processing failure: the instance could not be recorded")
-        return StoreResult(SUCCESS, "duplicate", existing.pk, existing.study_id, duplicate=True)
+        # The SOP Instance UID is already stored (a resend, or another association just now): the
+        # unique constraint tells us, which saves a query on every instance that is not a duplicate.
+        try:
+            existing = Instance.objects.filter(sop_instance_uid=header["SOPInstanceUID"]).first()
+            if existing is None:
+                logger.exception("cannot record instance %s", header["SOPInstanceUID"])
+                return StoreResult(PROCESSING_FAILURE, "Processing failure: the instance could not be recorded")
+            return _duplicate(existing, final_path)
+        finally:
+            final_path.unlink(missing_ok=True)
     except Exception:
         final_path.unlink(missing_ok=True)
         logger.exception("cannot record instance %s", header["SOPInstanceUID"])

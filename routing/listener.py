@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pynetdicom
+from pydicom import config as pydicom_config
 
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
@@ -103,6 +104,10 @@ class DicomListener:
         _config.LOG_HANDLER_LEVEL = "none"
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
+        # pydicom re-validates every value pynetdicom sets on its command datasets; we check the
+        # UIDs that matter ourselves (routing.ingest), so skip the cost and the warnings.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
 
         pynetdicom_speedups()
         ae = AE(ae_title=self.ae_title)
@@ -192,6 +197,7 @@ class DicomListener:
         """Close the association's row and ask the workers to check its studies for completion."""
         assoc = event.assoc
         association_id = getattr(assoc, "_pacslens_association_id", None)
+        released = released or getattr(assoc, "_pacslens_releasing", False)
         try:
             if association_id is None:
                 return
@@ -396,6 +402,9 @@ def _association_run_reactor(self: Association) -> None:
             self._serve_request(msg, context_id)
 
         if self.is_established and self.acse.is_release_requested():
+            # The peer may close the connection as soon as it has our answer, and EVT_CONN_CLOSE
+            # can then fire (on the DUL thread) before EVT_RELEASED below: it was still a release.
+            self._pacslens_releasing = True
             self.acse.send_release(is_response=True)
             logger.debug("association released")
             self.is_released = True
