@@ -5,6 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
@@ -13,6 +21,7 @@ from django.test import Client
 from django_q.models import OrmQ
 
 from routing.models import Instance, StoreAssociation, StowSender, Study
+from tests.conftest import free_port
 from tests.peers import dataset_bytes, make_ct_slices
 
 URL = "/dicomweb/studies"
@@ -164,6 +173,56 @@ class TestRealSenders:
         assert sorted(study.instances.values_list("sop_instance_uid", flat=True)) == sorted(
             str(ds.SOPInstanceUID) for ds in slices)
         assert study.calling_ae_title == "ORTHANC"
+
+
+@pytest.fixture
+def gunicorn(transactional_db, data_dir, settings):
+    """The production web server on the test database: it de-chunks chunked request bodies."""
+    port = free_port()
+    env = {**os.environ, "PACSLENS_DATA_DIR": str(data_dir), "PACSLENS_ALLOWED_HOSTS": "127.0.0.1,localhost",
+           "DATABASE_URL": f"sqlite:///{settings.DATABASES['default']['NAME']}", "DJANGO_SETTINGS_MODULE": "pacslens.settings"}
+    repo = Path(__file__).resolve().parent.parent
+    log_path = data_dir / "gunicorn.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "pacslens.wsgi:application", "--bind", f"127.0.0.1:{port}",
+             "--workers", "1"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=2).read()
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (healthz may report other processes missing): the server is up
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"gunicorn did not start: {log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.1)
+    yield url
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+class TestChunkedUnderGunicorn:
+    def test_orthanc_pushes_chunked_to_gunicorn(self, gunicorn, orthanc):
+        _, secret = StowSender.create_with_token(name="ORTHANC")
+        orthanc.clear()
+        slices = make_ct_slices(3)
+        for ds in slices:
+            orthanc.upload(dataset_bytes(ds))
+        study_id = orthanc.rest("POST", "/tools/lookup", raw=str(slices[0].StudyInstanceUID).encode(),
+                                content_type="text/plain")[0]["ID"]
+        # Orthanc's default: chunked transfer encoding, no Content-Length.
+        orthanc.rest("PUT", "/dicom-web/servers/pacslens-gunicorn", {
+            "Url": f"{gunicorn}/dicomweb/", "HttpHeaders": {"Authorization": f"Bearer {secret}"},
+        })
+
+        orthanc.rest("POST", "/dicom-web/servers/pacslens-gunicorn/stow", {"Resources": [study_id], "Synchronous": True})
+
+        study = Study.objects.get(study_instance_uid=slices[0].StudyInstanceUID)
+        assert study.instances.count() == 3
 
 
 class TestTokenCommand:
