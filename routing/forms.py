@@ -120,6 +120,9 @@ class DryRunForm(forms.Form):
 
 
 class PollSourceForm(forms.ModelForm):
+    dicomweb_url = forms.URLField(required=False, assume_scheme="https", label="DICOMweb URL",
+                                  help_text="DICOMweb base URL, e.g. https://pacs/dicom-web")
+
     class Meta:
         from routing.models import PollSource
 

@@ -18,9 +18,13 @@ GROUP_OF_ROLE = {"admin": "PACS administrators", "informaticist": "Informaticist
 
 
 @pytest.fixture(autouse=True)
-def plain_static_storage(settings):
+def plain_static_storage(settings, tmp_path):
     # The manifest storage needs collectstatic; tests serve static files from the finders.
+    settings.STATIC_ROOT = tmp_path / "static"
+    settings.STATIC_ROOT.mkdir()
     settings.STORAGES = {**settings.STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+    # Real password hashing costs ~0.3 s per user; the tests create several per test.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def make_user(role: str) -> User:
