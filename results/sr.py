@@ -80,8 +80,14 @@ def build_sr(
     *,
     sr_codes: SRCodes = DEFAULT_CODES,
     software_version: str = SOFTWARE_VERSION,
-) -> hd.sr.Comprehensive3DSR:
-    """Build and validate the result SR. Raises SRBuildError (message without patient data)."""
+) -> Dataset:
+    """Build and validate the result SR. Raises SRBuildError (message without patient data).
+
+    Returns the SR as read back from its validated Part 10 encoding, so what leaves is
+    exactly what was checked, and its elements are still raw: C-STORE and STOW-RS pass them
+    through (~0.3 ms) instead of pydicom encoding the content tree again (20 ms for 40
+    slices, 120-250 ms for 300), which would dominate an SR C-STORE on an open association.
+    """
     sources = load_source_instances(payload.source_instances)
     if not sources:
         raise SRBuildError(f"no source instances for study {payload.study_instance_uid}")
@@ -126,8 +132,9 @@ def build_sr(
         raise SRBuildError(
             f"cannot build SR for study {payload.study_instance_uid}: {type(exc).__name__}"
         ) from None
-    validate_sr(sr, payload=payload, sr_codes=sr_codes)
-    return sr
+    encoded = sr_to_bytes(sr)
+    validate_sr(encoded, payload=payload, sr_codes=sr_codes)
+    return dcmread(io.BytesIO(encoded))
 
 
 def sr_to_bytes(sr: Dataset) -> bytes:
@@ -191,12 +198,48 @@ def _measurement_report(
         qualitative_evaluations=[flag],
         source_images=evaluated,
     )
-    return hd.sr.MeasurementReport(
+    report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=sr_codes.procedure_reported,
         imaging_measurements=[group],
-        referenced_images=list(sources),
     )
+    # The image library goes right before Imaging Measurements (the last item), as
+    # highdicom would place it.
+    root = report[0]
+    root.ContentSequence.insert(len(root.ContentSequence) - 1, _image_library(sources))
+    return report
+
+
+def _image_library(sources: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library with one group per series and bare entries.
+
+    highdicom's ImageLibrary adds the optional TID 1602 descriptors (position, orientation,
+    spacing...) to every entry: ~4 kB per CT slice, a 1.3 MB SR for a 300-slice study that
+    took seconds to build and hundreds of ms to store. Viewers read those from the images.
+    """
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence()
+    by_series: dict[str, list[Dataset]] = {}
+    for ds in sources:
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+    for series in by_series.values():
+        group = hd.sr.ContainerContentItem(
+            name=codes.DCM.ImageLibraryGroup,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        group.ContentSequence = hd.sr.ContentSequence([
+            hd.sr.ImageContentItem(
+                name=CodedConcept("260753009", "SCT", "Source"),
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for ds in series
+        ])
+        library.ContentSequence.append(group)
+    return library
 
 
 # Attributes of the SR IOD modules (PS3.3 A.35.13) that must be present after encoding:
@@ -216,16 +259,16 @@ REQUIRED_ATTRIBUTES = (
 
 
 def validate_sr(
-    sr: Dataset, *, payload: ResultPayload, sr_codes: SRCodes = DEFAULT_CODES
+    encoded: bytes, *, payload: ResultPayload, sr_codes: SRCodes = DEFAULT_CODES
 ) -> None:
     """Check the encoded SR the way a receiver will see it; raise SRBuildError if not sound.
 
-    The object is encoded, re-read with pydicom, checked for the IOD's required attributes
+    The Part 10 bytes are re-read with pydicom, checked for the IOD's required attributes
     and parsed back by highdicom, and the parsed content tree must carry the score and flag.
     """
     study = payload.study_instance_uid
     try:
-        reread = dcmread(io.BytesIO(sr_to_bytes(sr)))
+        reread = dcmread(io.BytesIO(encoded))
     except Exception as exc:
         raise SRBuildError(
             f"SR for study {study} does not re-read: {type(exc).__name__}"

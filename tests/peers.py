@@ -8,6 +8,7 @@ Orthanc to know a remote AE (for C-MOVE destinations, say) call `orthanc.add_mod
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -21,7 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from tests.conftest import free_port, require_program
 
@@ -163,6 +168,10 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
         process = subprocess.Popen(
             [program, "--no-jobs", str(config_path)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # DCMTK (Orthanc's DICOM stack) disables Nagle only when TCP_NODELAY is set in
+            # its environment; without it every DIMSE round trip, even a C-ECHO, took ~44 ms
+            # here instead of ~2.5 ms (and a CT C-STORE ~48 ms instead of ~4 ms).
+            env={**os.environ, "TCP_NODELAY": "1"},
         )
     peer = OrthancPeer(
         aet=ORTHANC_AET, host="127.0.0.1", dicom_port=dicom_port, http_port=http_port,
@@ -186,12 +195,9 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
 # protocols, not the images.
 
 def make_ct_slices(count: int = 3, *, patient_name: str = "Test^Patient",
-                   patient_id: str = "PL-TEST-1", accession_number: str = "ACC0001") -> list[Any]:
+                   patient_id: str = "PL-TEST-1", accession_number: str = "ACC0001",
+                   ) -> list[Dataset]:
     """`count` 16x16 CT slices of one new study/series, as pydicom datasets with file meta."""
-    import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     slices = []
     for index in range(count):
@@ -224,11 +230,7 @@ def make_ct_slices(count: int = 3, *, patient_name: str = "Test^Patient",
     return slices
 
 
-def dataset_bytes(ds: Any) -> bytes:
-    import io
-
-    from pydicom.filewriter import dcmwrite
-
+def dataset_bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
