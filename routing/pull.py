@@ -8,10 +8,11 @@ timer) and enqueues processing, as the completion sweep does for pushed studies.
 
 Scheduling: django-q2's scheduler wakes every ~30 s, too coarse for a 2 s poll interval. So
 one scheduled task, `poll_due_sources`, runs every minute and loops for about a minute,
-claiming sources as they fall due. Trade-off: while any source polls more often than the
-scheduler wakes, that loop keeps one worker busy (mostly sleeping); with only slower sources
-it returns at once. Overlapping loops (a slow run, a second worker) are harmless: the lease
-lets only one of them poll a given source.
+claiming sources as they fall due. Trade-off: while a source falls due again within the
+sweep (intervals under ~55 s), that loop keeps one worker busy, mostly sleeping; with only
+slower sources it returns at once, and a poll may then start up to ~30 s late (the
+scheduler's granularity). Overlapping loops (a slow run, a second worker) are harmless: the
+lease lets only one of them poll a given source.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from routing.pull_types import FoundStudy, PullError, RetrieveOutcome
 logger = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 55.0  # one scheduled run covers the gap to the next (1-minute schedule)
-SCHEDULER_PERIOD = 30.0  # django-q2 wakes its scheduler about this often
+DUE_SLACK = 2.0  # seconds: a source this close to due counts as due (at most 10 % of its interval)
 MAX_CATCH_UP = timedelta(days=7)  # after a long outage; older studies are backfill's job
 RETRIEVE_BACKOFF_BASE = 30.0
 RETRIEVE_BACKOFF_CAP = 3600.0
@@ -53,12 +54,13 @@ def poll_due_sources(*, sweep_seconds: float = SWEEP_SECONDS) -> int:
         close_old_connections()
         polled += poll_due_once(deadline=deadline)
         remaining = deadline - time.monotonic()
-        fast = PollSource.objects.filter(enabled=True, interval_seconds__lt=SCHEDULER_PERIOD).exists()
-        if remaining <= 0 or not fast:
-            return polled
         next_due = PollSource.objects.filter(enabled=True).order_by("next_poll_at").values_list(
             "next_poll_at", flat=True).first()
-        wait = (next_due - timezone.now()).total_seconds() if next_due else remaining
+        if next_due is None or remaining <= 0:
+            return polled
+        wait = (next_due - timezone.now()).total_seconds() - DUE_SLACK
+        if wait >= remaining:
+            return polled  # the next scheduled run will find it due
         time.sleep(min(max(wait, 0.2), remaining))
 
 
@@ -66,8 +68,13 @@ def poll_due_once(*, now: datetime | None = None, deadline: float | None = None)
     """Claim and poll each source that is due now. Returns how many were polled."""
     now = now or timezone.now()
     polled = 0
-    due = PollSource.objects.filter(enabled=True, next_poll_at__lte=now).order_by("next_poll_at")
-    for source_id in list(due.values_list("pk", flat=True)):
+    # A little early is fine: otherwise a run of the 1-minute schedule landing just before a
+    # 60 s source falls due would skip it and double its interval.
+    due = PollSource.objects.filter(enabled=True, next_poll_at__lte=now + timedelta(seconds=DUE_SLACK))
+    for source_id, next_poll_at, interval in list(due.order_by("next_poll_at").values_list(
+            "pk", "next_poll_at", "interval_seconds")):
+        if next_poll_at > now + timedelta(seconds=min(DUE_SLACK, interval / 10)):
+            continue
         source = source_claim(source_id=source_id)
         if source is not None:
             poll_source(source=source, deadline=deadline)
