@@ -11,6 +11,9 @@ SCHEDULES: list[tuple[str, int]] = [
     ("routing.tasks.sweep_completion", 1),
     ("results.tasks.sweep_inference", 1),
     ("results.delivery_tasks.sweep_deliveries", 1),
+    # Proves a worker runs scheduled tasks (/healthz "workers"); retention deletes old pixel data.
+    ("routing.heartbeat.tasks_heartbeat", 1),
+    ("results.retention.retention_sweep", 60),
     # Loops ~55 s claiming due poll sources, so intervals below the scheduler's 30 s work.
     ("routing.pull.poll_due_sources", 1),
 ]

@@ -115,6 +115,12 @@ DICOM_ACCEPT_ANY_CALLING_AE = envbool("PACSLENS_ACCEPT_ANY_CALLING_AE", False)
 DICOM_SHUTDOWN_GRACE = envfloat("PACSLENS_DICOM_SHUTDOWN_GRACE", 30.0, minimum=0)
 # Refuse new data while free space under the data dir is below this many MiB.
 DISK_FREE_FLOOR_MB = envint("PACSLENS_DISK_FREE_FLOOR_MB", 1024, minimum=0)
+# /healthz and /metrics warn below this many MiB, before the floor refuses data.
+DISK_FREE_WARNING_MB = envint(
+    "PACSLENS_DISK_FREE_WARNING_MB", max(DISK_FREE_FLOOR_MB * 4, DISK_FREE_FLOOR_MB + 1024), minimum=DISK_FREE_FLOOR_MB
+)
+# Received pixel data is deleted this many days after every delivery of its study succeeded.
+RETENTION_DAYS = envfloat("PACSLENS_RETENTION_DAYS", 7.0, minimum=0)
 
 # Study completeness (seconds)
 STUDY_QUIET_PERIOD = envint("PACSLENS_STUDY_QUIET_PERIOD", 60, minimum=1)
@@ -153,6 +159,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so every log line of the request carries its id (pacslens/logs.py).
+    "pacslens.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -280,16 +288,29 @@ Q_CLUSTER = {
 }
 
 LOG_LEVEL = envstr("PACSLENS_LOG_LEVEL", "INFO").upper()
+# plain: one line for humans; json: JSON lines for log shippers (pacslens/logs.py).
+LOG_FORMAT = envstr("PACSLENS_LOG_FORMAT", "plain").strip().lower()
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"PACSLENS_LOG_FORMAT={LOG_FORMAT!r} is not one of plain, json")
+# Chatty libraries (pynetdicom, axes); tests raise it to DEBUG to prove no patient data leaks.
+LOG_LIBRARY_LEVEL = envstr("PACSLENS_LOG_LIBRARY_LEVEL", "WARNING").upper()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "pacslens.logs.ContextFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(processName)s %(name)s%(context)s: %(message)s"},
+        "json": {"()": "pacslens.logs.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         # pynetdicom logs identifiers (patient name/ID) of C-FIND/C-STORE requests at INFO/DEBUG.
-        "pynetdicom": {"level": "WARNING"},
+        "pynetdicom": {"level": LOG_LIBRARY_LEVEL},
         "django_q": {"level": envstr("PACSLENS_QUEUE_LOG_LEVEL", "WARNING").upper()},
-        "axes": {"level": "WARNING"},  # it announces itself at INFO in every manage.py command
+        "axes": {"level": LOG_LIBRARY_LEVEL},  # it announces itself at INFO in every manage.py command
     },
 }
+
+# /metrics answers requests from this host, or with `Authorization: Bearer <token>` when set.
+METRICS_TOKEN = envsecret("PACSLENS_METRICS_TOKEN", None) or ""

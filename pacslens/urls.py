@@ -5,6 +5,8 @@ from pacslens import views
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
+    path("metrics", views.metrics, name="metrics"),
+    path("conformance", views.conformance, name="conformance"),
     path("admin/", admin.site.urls),
     path("dicomweb/", include("routing.urls")),
     # The staff UI (docs/ui.md): routing pages (dashboard, studies, endpoints, rules, audit log)

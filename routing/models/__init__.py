@@ -12,6 +12,7 @@ from routing.models.core import (
     StudyEvent,
     StudyState,
 )
+from routing.models.ops import Heartbeat, HeartbeatRole, OpsCounter
 from routing.models.pull import Backfill, Poll, PollSource, StowSender, StudyRetrieve
 from routing.models.rules import Operator, RoutingDecision, RoutingRule, RuleCondition
 
@@ -20,8 +21,11 @@ __all__ = [
     "AuditAction",
     "AuditEntry",
     "Backfill",
+    "Heartbeat",
+    "HeartbeatRole",
     "Instance",
     "Operator",
+    "OpsCounter",
     "Poll",
     "PollSource",
     "Priority",

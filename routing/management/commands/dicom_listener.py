@@ -17,8 +17,10 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import connections
 
+from routing.heartbeat import AssociationCounter, HeartbeatThread
 from routing.ingest import incoming_dir
 from routing.listener import DicomListener
+from routing.models import HeartbeatRole
 
 STALE_TEMP_SECONDS = 24 * 3600
 
@@ -50,10 +52,24 @@ class Command(BaseCommand):
 
     def serve(self, port: int) -> None:
         listener = DicomListener(port=port)
-        listener.start()
+        server = listener.start()
+        # Heartbeat and association counts for /healthz and /metrics (web process, maybe another host).
+        counter = AssociationCounter()
+        counter.bind(server)
+        heartbeat = HeartbeatThread(
+            role=HeartbeatRole.LISTENER,
+            counter=counter,
+            detail=lambda: {
+                "ae_title": listener.ae_title,
+                "port": listener.port,
+                "active_associations": len(server.active_associations),
+            },
+        )
+        heartbeat.start()
         while not self.shutdown:
             time.sleep(0.2)
         listener.stop()
+        heartbeat.stop()
 
     def supervise(self, port: int, processes: int) -> None:
         """Fork `processes` listeners and restart any that dies; forward SIGTERM to all."""

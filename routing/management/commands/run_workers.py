@@ -16,6 +16,8 @@ from django.core.management.base import BaseCommand
 from django_q.cluster import Cluster
 
 from pacslens.schedules import schedules_ensure
+from routing.heartbeat import HeartbeatThread
+from routing.models import HeartbeatRole
 
 
 class Command(BaseCommand):
@@ -28,6 +30,13 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         cluster.start()
+        # Beats only while the sentinel lives, so /healthz sees a dead cluster within ~30 s.
+        heartbeat = HeartbeatThread(
+            role=HeartbeatRole.WORKERS,
+            alive=lambda: cluster.sentinel.is_alive(),
+            detail={"workers": cluster_workers()},
+        )
+        heartbeat.start()
         while not self.shutdown:
             time.sleep(0.5)
             if self.shutdown:
@@ -35,8 +44,15 @@ class Command(BaseCommand):
             if not cluster.sentinel.is_alive():
                 self.stderr.write("worker cluster died; exiting so the supervisor restarts it")
                 sys.exit(1)
+        heartbeat.stop()
         if cluster.sentinel.is_alive():
             cluster.stop()
 
     def on_signal(self, signum, frame) -> None:
         self.shutdown = True
+
+
+def cluster_workers() -> int:
+    from django.conf import settings
+
+    return int(settings.Q_CLUSTER.get("workers", 1))

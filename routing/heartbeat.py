@@ -1,0 +1,150 @@
+"""Heartbeats and association counters for long-running processes.
+
+A `HeartbeatThread` stamps a `Heartbeat` row every HEARTBEAT_INTERVAL seconds so `/healthz`
+(another process, maybe another host) can tell a live listener or worker cluster from a dead
+one, and adds the in-memory counters of this process to `OpsCounter` rows on the same beat.
+
+`AssociationCounter` is bound to the listener's association server: it counts A-ASSOCIATE-AC
+and -RJ as they are sent (our own allow-list rejections and pynetdicom's called-AE and
+association-limit ones alike) with no database work on the association's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+from django.db import close_old_connections, connection
+
+from routing.models import Heartbeat, OpsCounter
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 10.0  # seconds between beats; /healthz calls a process down after 3 missed beats
+ASSOCIATIONS_COUNTER = "dicom_associations"
+
+# (result, source, diagnostic) of A-ASSOCIATE-RJ, PS3.8 9.3.4, as metric label values.
+REJECT_REASONS = {
+    (1, 1): "no-reason-given",
+    (1, 2): "application-context-not-supported",
+    (1, 3): "calling-ae-not-recognised",
+    (1, 7): "called-ae-not-recognised",
+    (2, 1): "no-reason-given",
+    (2, 2): "protocol-version-not-supported",
+    (3, 1): "temporary-congestion",
+    (3, 2): "local-limit-exceeded",
+}
+
+
+def process_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class AssociationCounter:
+    """Counts associations accepted and rejected (by reason) in this process; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: Counter[tuple[str, str]] = Counter()
+
+    def bind(self, server) -> None:
+        """Bind to a pynetdicom AssociationServer: every later association reports to us."""
+        from pynetdicom import evt
+
+        server.bind(evt.EVT_ACSE_SENT, self.on_acse_sent)
+
+    def on_acse_sent(self, event) -> None:
+        from pynetdicom.pdu_primitives import A_ASSOCIATE
+
+        primitive = event.primitive
+        if not isinstance(primitive, A_ASSOCIATE) or not event.assoc.is_acceptor or primitive.result is None:
+            return
+        if primitive.result == 0:
+            label = "accepted"
+        else:
+            reason = REJECT_REASONS.get((primitive.result_source, primitive.diagnostic), "other")
+            label = f"rejected:{reason}"
+        with self._lock:
+            self._pending[(ASSOCIATIONS_COUNTER, label)] += 1
+
+    def take(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            pending, self._pending = dict(self._pending), Counter()
+        return pending
+
+    def put_back(self, deltas: dict[tuple[str, str], int]) -> None:
+        with self._lock:
+            self._pending.update(deltas)
+
+
+class HeartbeatThread(threading.Thread):
+    """Beats until `stop()`; then forgets its row so a clean shutdown is not reported as a crash."""
+
+    def __init__(
+        self,
+        *,
+        role: str,
+        detail: Callable[[], dict] | dict | None = None,
+        counter: AssociationCounter | None = None,
+        alive: Callable[[], bool] | None = None,
+        interval: float = HEARTBEAT_INTERVAL,
+    ) -> None:
+        super().__init__(name=f"heartbeat-{role}", daemon=True)
+        self.role = role
+        self.identity = process_identity()
+        self._detail = detail
+        self.counter = counter
+        self._alive = alive or (lambda: True)
+        self.interval = interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while True:
+                self.beat_once()
+                if self._stop_event.wait(self.interval):
+                    break
+            self.flush()
+            Heartbeat.forget(role=self.role, identity=self.identity)
+        except Exception:  # the database went away at shutdown: nothing left to report to
+            logger.debug("heartbeat %s: final write failed", self.role, exc_info=True)
+        finally:
+            connection.close()
+
+    def beat_once(self) -> None:
+        """One beat (only while `alive()`: a supervisor whose cluster died must look dead)."""
+        try:
+            close_old_connections()
+            if self._alive():
+                detail = self._detail() if callable(self._detail) else (self._detail or {})
+                Heartbeat.beat(role=self.role, identity=self.identity, detail=detail)
+            self.flush()
+        except Exception as exc:  # a locked or unreachable database: try again next beat
+            logger.warning("heartbeat %s: cannot write (%s); retrying", self.role, type(exc).__name__)
+            connection.close()
+
+    def flush(self) -> None:
+        if self.counter is None:
+            return
+        deltas = self.counter.take()
+        if not deltas:
+            return
+        try:
+            OpsCounter.add(deltas)
+        except Exception:
+            self.counter.put_back(deltas)  # counted next time instead of lost
+            raise
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout)
+
+
+def tasks_heartbeat() -> None:
+    """Scheduled task: proves the cluster's scheduler and a worker actually run tasks."""
+    Heartbeat.beat(role="tasks", identity=process_identity())
