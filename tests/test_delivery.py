@@ -370,15 +370,19 @@ class TestCommands:
         deliveries_run_pending()
         import threading
 
-        def worker_run():
+        stop = threading.Event()
+
+        def worker_run():  # a worker polling meanwhile, as run_workers would
             from django.db import connection
 
-            deliveries_run_pending()
+            while not stop.wait(0.2):
+                deliveries_run_pending()
             connection.close()
 
-        worker = threading.Timer(0.5, worker_run)  # a worker picks it up meanwhile
+        worker = threading.Thread(target=worker_run)
         worker.start()
-        call_command("deliver", study.study_instance_uid, "--destination", "ris", "--wait", "10")
+        call_command("deliver", study.study_instance_uid, "--destination", "ris", "--wait", "20")
+        stop.set()
         worker.join()
         out = capsys.readouterr().out
         assert "1 delivery(ies) re-queued" in out
