@@ -33,11 +33,13 @@ GROUPS = {
 def create_staff_groups(apps, schema_editor):
     from django.contrib.auth.management import create_permissions
 
-    # Default permissions are normally created after migrate; the groups need them now.
+    # Default permissions are normally created after migrate; the groups need them now. (The
+    # tests call this with the real app registry too, after a flush: hence the restore.)
     for app_config in apps.get_app_configs():
-        app_config.models_module = True
+        models_module = getattr(app_config, "models_module", None)
+        app_config.models_module = models_module or True
         create_permissions(app_config, apps=apps, verbosity=0)
-        app_config.models_module = None
+        app_config.models_module = models_module
     ContentType = apps.get_model("contenttypes", "ContentType")
     Permission = apps.get_model("auth", "Permission")
     Group = apps.get_model("auth", "Group")

@@ -1,0 +1,236 @@
+"""The staff UI in a real browser: Playwright driving Debian's Chromium against a live test server.
+
+One browser for the whole session (each test gets a fresh context, so no cookies leak between
+roles). A screenshot of every main page lands in tests/artifacts/ (ignored by git). Waits are
+conditions (an element's state), never timings.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_program
+from tests.test_ui_support import PASSWORD, make_result, make_study, make_user, plain_static_storage  # noqa: F401
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync"]
+WAIT_MS = 15_000  # upper bound for a condition to come true; the tests never sleep
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        require_program("chromium")  # skips on a laptop without it, fails under CI=true
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop in this thread; the test code itself stays synchronous.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    playwright = sync_playwright().start()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    yield browser
+    browser.close()
+    playwright.stop()
+    if previous is None:
+        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+    else:
+        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+@pytest.fixture
+def page(browser, transactional_db, live_server):
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True, base_url=live_server.url)
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def login(page, role: str) -> None:
+    user = make_user(role)
+    page.goto("/login/")
+    page.fill("input[name=username]", user.get_username())
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"/$"))
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+class TestPacsAdministrator:
+    def test_adds_an_ae_title_and_tests_it_against_a_running_listener(self, page, settings, data_dir):
+        from routing.listener import DicomListener
+        from routing.models import ApplicationEntity, AuditEntry
+
+        settings.DICOM_ACCEPT_ANY_CALLING_AE = True
+        listener = DicomListener(host="127.0.0.1", port=0, ae_title="PACSLENS")
+        listener.start()
+        try:
+            login(page, "admin")
+            page.click("text=Endpoints")
+            page.click("text=Add AE title")
+            page.fill("#id_ae_title", "BAD\\TITLE")
+            page.click("button:has-text('Save')")
+            # Inline validation: the error appears next to the field, the page is not reloaded.
+            page.wait_for_selector("#id_ae_title-errors:has-text('backslash')")
+            page.fill("#id_ae_title", "PACSLENS")
+            page.fill("#id_host", "127.0.0.1")
+            page.fill("#id_port", str(listener.port))
+            page.fill("#id_description", "Our own listener, for the Test button")
+            page.click("button:has-text('Save')")
+            page.wait_for_url(re.compile(r"/endpoints/$"))
+            entity = ApplicationEntity.objects.get(ae_title="PACSLENS")
+            row = page.locator(f"#ae-{entity.pk}")
+            row.locator("button:has-text('Test')").click()
+            result = row.locator(".probe")
+            result.wait_for()
+            text = result.inner_text()
+            assert "success" in text and "C-ECHO accepted by PACSLENS" in text and "0x0000" in text and " ms" in text
+            # A wrong called AE title: the rejection and its reason show inline too.
+            entity.ae_title = "NOTLISTENER"
+            entity.save()
+            page.reload()
+            row.locator("button:has-text('Test')").click()
+            result.wait_for()
+            assert "called AE title not recognised" in result.inner_text()
+            screenshot(page, "endpoints")
+            assert AuditEntry.objects.filter(action="create", object_repr="PACSLENS").exists()
+            assert AuditEntry.objects.filter(action="test").count() == 2
+        finally:
+            listener.stop(grace=2)
+
+
+class TestInformaticist:
+    def test_retries_a_failed_delivery_and_watches_it_turn_delivered(self, page, data_dir):
+        from results.delivery import deliveries_create, deliveries_run_pending
+        from results.models import Delivery
+        from routing.models import RoutingRule
+        from tests.test_delivery import _restart_on, hl7_destination, inferred_study
+        from tests.test_hl7 import MLLPListener
+
+        ris = MLLPListener()
+        port = ris.port
+        ris.server.shutdown()
+        ris.server.server_close()  # the RIS is down
+        rule = RoutingRule.objects.create(name="CT head")
+        hl7_destination(rule, port, max_attempts=1)
+        study, result = inferred_study(data_dir)
+        Delivery.objects.filter(pk__in=[d.pk for d in deliveries_create(study=study, results=[result], rule_ids=[rule.pk])])
+        deliveries_run_pending()
+        delivery = Delivery.objects.get()
+        assert delivery.state == "failed"
+
+        login(page, "informaticist")
+        page.click("text=Failure queue")
+        row = page.locator(f"#delivery-{delivery.pk}")
+        assert row.get_attribute("data-state") == "failed"
+        assert "cannot connect" in row.inner_text().lower() or "refused" in row.inner_text().lower()
+        page.evaluate("window.notReloaded = true")
+
+        back = MLLPListener.__new__(MLLPListener)
+        _restart_on(back, port)  # the RIS comes back
+        try:
+            row.locator("button:has-text('Retry')").click()
+            page.wait_for_selector(f"#delivery-{delivery.pk}[data-state=pending]")
+            screenshot(page, "failure_queue_pending")
+            worker = threading.Thread(target=deliveries_run_pending)
+            worker.start()
+            worker.join()
+            # The table polls itself: the same row turns delivered without a reload.
+            page.wait_for_selector(f"#delivery-{delivery.pk}[data-state=delivered]")
+            assert page.evaluate("window.notReloaded") is True
+            assert "watch=" in page.url  # the state of the page is in its URL
+            assert back.received == [delivery.idempotency_key]
+            screenshot(page, "failure_queue")
+            page.click(f"#delivery-{delivery.pk} a")
+            page.wait_for_selector("#study-live")
+            assert "Delivered" in page.locator("#study-live").inner_text()
+            screenshot(page, "study_detail")
+        finally:
+            back.server.shutdown()
+            back.server.server_close()
+
+    def test_gets_403_on_the_audit_page(self, page):
+        login(page, "informaticist")
+        assert page.locator("text=Triage audit").count() == 0
+        response = page.goto("/audit/triage/")
+        assert response.status == 403
+        assert "403 Forbidden" in page.inner_text("h1")
+        screenshot(page, "forbidden")
+
+
+class TestSuperuser:
+    def test_filters_the_triage_audit_and_downloads_the_csv(self, page, tmp_path):
+        from routing.models import AuditEntry
+
+        for n, score in enumerate([0.1, 0.45, 0.7, 0.95]):
+            make_result(make_study(accession=f"AUD{n}"), score=score)
+        login(page, "superuser")
+        page.click("text=Triage audit")
+        page.wait_for_selector("#triage-table")
+        assert page.locator("#triage-table tr").count() == 5
+        page.select_option("#id_flag", "yes")
+        page.fill("#id_score_min", "0.9")
+        page.click("#triage-filters button:has-text('Filter')")
+        page.wait_for_function("document.querySelectorAll('#triage-table tr').length === 2")
+        assert "flag=yes" in page.url and "score_min=0.9" in page.url
+        screenshot(page, "triage_audit")
+        with page.expect_download() as download_info:
+            page.click("#csv-export")
+        path = tmp_path / "export.csv"
+        download_info.value.save_as(path)
+        rows = list(csv.DictReader(path.open()))
+        assert [(r["accession_number"], r["score"], r["flagged"]) for r in rows] == [("AUD3", "0.950000", "yes")]
+        assert AuditEntry.objects.filter(action="view_audit", actor="root").exists()
+        export = AuditEntry.objects.get(action="export_audit")
+        assert "flag=yes" in export.detail and "AUD3" not in export.detail
+        page.click("text=Audit log")
+        page.wait_for_selector("#audit-table")
+        assert "Exported the triage audit" in page.inner_text("#audit-table")
+        screenshot(page, "audit_log")
+
+
+class TestTour:
+    def test_every_main_page_renders_for_the_screenshots(self, page, data_dir):
+        from tests.test_ui_support import make_destination, make_failed_delivery
+        from routing.models import ApplicationEntity, RoutingRule
+
+        ApplicationEntity.objects.create(ae_title="CT_SCANNER_1", host="10.1.2.3", port=104, description="Emergency CT")
+        rule = RoutingRule.objects.create(name="CT head bleed", description="Non-contrast head CT")
+        rule.conditions.create(attribute="Modality", operator="equals", value="CT")
+        rule.conditions.create(attribute="BodyPartExamined", operator="one_of", value="HEAD\\BRAIN")
+        ris = make_destination()
+        ris.rules.add(rule)
+        for n, state in enumerate(["delivered", "delivered", "failed", "inferring", "receiving", "ignored"]):
+            study = make_study(accession=f"ACC{n + 1:04d}", state=state, minutes_ago=60 - n * 7)
+            if state in ("delivered", "failed"):
+                result = make_result(study, score=0.3 + n * 0.2)
+                if state == "failed":
+                    make_failed_delivery(study, result, ris)
+        login(page, "superuser")
+        for name, url, ready in [
+            ("dashboard", "/", "#dashboard-panel"),
+            ("studies", "/studies/", "#study-table"),
+            ("rules", "/rules/", "#rule-table"),
+            ("dry_run", "/rules/dry-run/", "#dry-run"),
+            ("models", "/models/", "#model-table"),
+            ("endpoints_list", "/endpoints/", "#endpoint-tables"),
+        ]:
+            page.goto(url)
+            page.wait_for_selector(ready)
+            screenshot(page, name)
+        # Sorting through htmx pushes a bookmarkable URL.
+        page.goto("/studies/")
+        page.click("#study-table th a:has-text('Accession')")
+        page.wait_for_url(re.compile(r"sort=accession"))
