@@ -37,7 +37,7 @@ from routing.pull_types import FoundStudy, PullError, RetrieveOutcome
 
 logger = logging.getLogger(__name__)
 
-SWEEP_SECONDS = 55.0  # one scheduled run covers the gap to the next (1-minute schedule)
+SWEEP_SECONDS = 85.0  # a run of the 1-minute schedule starts up to ~30 s late: cover the gap to the next
 DUE_SLACK = 2.0  # seconds: a source this close to due counts as due (at most 10 % of its interval)
 MAX_CATCH_UP = timedelta(days=7)  # after a long outage; older studies are backfill's job
 RETRIEVE_BACKOFF_BASE = 30.0

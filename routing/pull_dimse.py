@@ -196,7 +196,8 @@ def _outcome(service: str, source: PollSource, code: int | None, status: Dataset
     if failed and code in (0xB000, 0xA702, 0xC000):
         error += "; if every sub-operation failed, check that the PACS may store to us (AE allow-list)"
     elif service == "C-MOVE" and not completed and not failed:
-        error += f"; check that the PACS knows the move destination {source.move_destination or settings.AE_TITLE}"
+        error += (f"; check that the PACS knows the move destination {source.move_destination or settings.AE_TITLE} "
+                  "and that our listener accepted its stores (listener log)")
     return RetrieveOutcome(ok=False, status=code, completed=completed, failed=failed, warning=warning, error=error,
                            permanent=code in PERMANENT_MOVE_STATUSES)
 
