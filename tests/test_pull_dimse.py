@@ -205,6 +205,17 @@ class TestFailuresAndLimits:
         assert (second.matches, second.new, second.retrieved) == (3, 0, 1)
         assert Instance.objects.count() == 3
 
+    def test_concurrent_retrieves_each_study_once(self, pacs, orthanc):
+        uids = [orthanc_study(orthanc, 2) for _ in range(3)]
+        source = make_source(pacs, retrieve_mode="c-get", max_studies_per_poll=3, max_concurrent_retrieves=2)
+
+        poll = poll_now(source)
+
+        assert (poll.retrieved, poll.retrieve_failures) == (3, 0)
+        assert set(Study.objects.values_list("study_instance_uid", "state")) == {(u, "complete") for u in uids}
+        assert Instance.objects.count() == 6
+        assert StoreAssociation.objects.filter(listener__startswith="pull:retrieve:").count() == 3
+
     def test_two_workers_never_hold_one_source(self, pacs):
         source = make_source(pacs)
         assert source_claim(source_id=source.pk) is not None
