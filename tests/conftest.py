@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-pytest_plugins = ["tests.peers", "tests.listener_proc"]
+pytest_plugins = ["tests.peers", "tests.listener_proc", "tests.postgres"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
