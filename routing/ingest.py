@@ -326,22 +326,32 @@ def _record_first(
     """The general case: find or create the study (re-opening it if needed) and the series."""
     with transaction.atomic():
         study = Study.objects.select_for_update().filter(study_instance_uid=header["StudyInstanceUID"]).first()
+        created = False
         if study is None:
-            study = Study.objects.create(
-                study_instance_uid=header["StudyInstanceUID"],
-                patient_id=header["PatientID"][:64],
-                patient_name=header["PatientName"][:324],
-                accession_number=header["AccessionNumber"][:16],
-                study_date=header["StudyDate"][:8],
-                study_description=header["StudyDescription"][:64],
-                modalities=header["Modality"][:64],
-                calling_ae_title=calling_ae_title,
-                called_ae_title=called_ae_title,
-                sender_id=sender_id,
-                first_received_at=now,
-                last_received_at=now,
-                state_changed_at=now,
-            )
+            try:
+                # A savepoint: on PostgreSQL another association (maybe on another listener) can be
+                # inserting this study right now; FOR UPDATE cannot lock a row that does not exist
+                # yet. The unique constraint waits for theirs to commit; then we lock and use it.
+                with transaction.atomic():
+                    study = Study.objects.create(
+                        study_instance_uid=header["StudyInstanceUID"],
+                        patient_id=header["PatientID"][:64],
+                        patient_name=header["PatientName"][:324],
+                        accession_number=header["AccessionNumber"][:16],
+                        study_date=header["StudyDate"][:8],
+                        study_description=header["StudyDescription"][:64],
+                        modalities=header["Modality"][:64],
+                        calling_ae_title=calling_ae_title,
+                        called_ae_title=called_ae_title,
+                        sender_id=sender_id,
+                        first_received_at=now,
+                        last_received_at=now,
+                        state_changed_at=now,
+                    )
+                created = True
+            except IntegrityError:
+                study = Study.objects.select_for_update().get(study_instance_uid=header["StudyInstanceUID"])
+        if created:
             study.log_event("receiving", f"first instance from {calling_ae_title or 'unknown sender'}")
         else:
             changes: dict = {"last_received_at": now}
