@@ -203,10 +203,14 @@ class TestSuperuser:
 
 class TestTour:
     def test_every_main_page_renders_for_the_screenshots(self, page, data_dir):
+        from django.utils import timezone
+
+        from routing.models import ApplicationEntity, RoutingRule, StoreAssociation
         from tests.test_ui_support import make_destination, make_failed_delivery
-        from routing.models import ApplicationEntity, RoutingRule
 
         ApplicationEntity.objects.create(ae_title="CT_SCANNER_1", host="10.1.2.3", port=104, description="Emergency CT")
+        StoreAssociation.objects.create(calling_ae_title="CT_SCANNER_1", called_ae_title="PACSLENS", ended_at=timezone.now(),
+                                        released_normally=True, instances_received=3)
         rule = RoutingRule.objects.create(name="CT head bleed", description="Non-contrast head CT")
         rule.conditions.create(attribute="Modality", operator="equals", value="CT")
         rule.conditions.create(attribute="BodyPartExamined", operator="one_of", value="HEAD\\BRAIN")
@@ -230,6 +234,13 @@ class TestTour:
             page.goto(url)
             page.wait_for_selector(ready)
             screenshot(page, name)
+        # The dashboard refreshes itself: a study completing now shows up without a reload.
+        page.goto("/")
+        page.evaluate("window.notReloaded = true")
+        assert page.inner_text("#count-now-complete") == "0"
+        make_study(accession="NEW1", state="complete")
+        page.wait_for_function("document.querySelector('#count-now-complete').innerText === '1'")
+        assert page.evaluate("window.notReloaded") is True
         # Sorting through htmx pushes a bookmarkable URL.
         page.goto("/studies/")
         page.click("#study-table th a:has-text('Accession')")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from django.http import HttpResponse
-from django_htmx.middleware import HtmxDetails
 
 from pacslens.ui import dashboard_data
 from routing.views.access import render_page, staff_view
@@ -13,6 +12,5 @@ POLL_SECONDS = 5
 
 @staff_view("routing.view_study")
 def dashboard(request) -> HttpResponse:
-    request.htmx: HtmxDetails
     context = {"nav": "dashboard", "poll_seconds": POLL_SECONDS, **dashboard_data()}
     return render_page(request, "ui/dashboard.html", context, fragment="panel")

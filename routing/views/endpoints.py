@@ -3,6 +3,7 @@ STOW-RS senders; create / edit / enable-disable each; a Test button whose result
 
 from __future__ import annotations
 
+from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
@@ -14,14 +15,12 @@ from routing.views.access import actor, render_page, staff_view
 from routing.views.config import config_edit, config_toggle
 
 
-@staff_view()
+@staff_view()  # either of two view permissions: checked below
 def endpoint_list(request) -> HttpResponse:
     from results.models import Destination
 
     user = request.user
     if not (user.has_perm("routing.view_applicationentity") or user.has_perm("results.view_destination")):
-        from django.core.exceptions import PermissionDenied
-
         raise PermissionDenied("Your role does not allow this.")
     context = {
         "nav": "endpoints",
