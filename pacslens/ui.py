@@ -1,7 +1,8 @@
 """Dashboard queries: what the pipeline is doing now, how fast, what is stuck, what is healthy.
 
-Everything is read from rows (studies, their events, deliveries, associations, the queue's task
-table), so the dashboard tells the truth for every process on every host, not for the web one.
+Everything is read from rows (studies, their events, deliveries, associations, heartbeats), so the
+dashboard tells the truth for every process on every host, not for the web one. Health uses the
+same checks as /healthz (pacslens/views.py), so the page and the load balancer never disagree.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from routing.models import StoreAssociation, Study, StudyEvent, StudyState
 STAGES = [StudyState.RECEIVING, StudyState.COMPLETE, StudyState.INFERRED, StudyState.DELIVERED]
 LATENCY_WINDOW = timedelta(hours=24)
 LATENCY_MAX_STUDIES = 2000
-# A listener that took no association for this long may just have had no traffic: "idle", not down.
-LISTENER_IDLE_AFTER = timedelta(minutes=15)
-# The sweeps run every minute (pacslens/schedules.py): no finished task for this long means no worker.
-WORKERS_SILENT_AFTER = timedelta(minutes=3)
+# /healthz's check statuses as the status pill's values.
+HEALTH_STATUS = {"ok": "ok", "warn": "warning", "down": "down"}
 
 
 def stuck_thresholds() -> dict[str, timedelta]:
@@ -127,31 +126,38 @@ def studies_stuck(*, now: datetime | None = None, limit: int = 20) -> list[dict]
 
 
 def health_listener(*, now: datetime | None = None) -> Health:
+    """The listeners' heartbeats (as /healthz reads them), with the last association they took."""
+    from pacslens.views import _check_heartbeat
+
     now = now or timezone.now()
+    check = _check_heartbeat("listener")
+    parts = [_heartbeat_text(check)]
     latest = StoreAssociation.objects.aggregate(last=Max("started_at"))["last"]
-    if latest is None:
-        return Health("DICOM listener", "unknown", "no association received yet")
-    age = now - latest
-    status = "ok" if age < LISTENER_IDLE_AFTER else "idle"
-    return Health("DICOM listener", status, f"last association {_ago(age)} ago")
+    parts.append(f"last association {_ago(now - latest)} ago" if latest else "no association received yet")
+    return Health("DICOM listener", HEALTH_STATUS[check["status"]], "; ".join(parts))
 
 
-def health_workers(*, now: datetime | None = None) -> Health:
-    """The django-q2 cluster, from its cluster stats when visible, else from its finished tasks."""
-    from django_q.models import OrmQ, Task
+def health_workers() -> Health:
+    """The worker cluster's heartbeat and its scheduled tasks (as /healthz), and the queue length."""
+    from django_q.models import OrmQ
 
-    now = now or timezone.now()
-    queued = OrmQ.objects.count()
-    clusters = _cluster_stats()
-    if clusters:
-        workers = sum(len(c.workers) for c in clusters)
-        return Health("Workers", "ok", f"{len(clusters)} cluster(s), {workers} worker(s), {queued} queued")
-    last = Task.objects.aggregate(last=Max("stopped"))["last"]
-    if last is None:
-        return Health("Workers", "unknown", f"no task has finished yet; {queued} queued")
-    age = now - last
-    status = "ok" if age < WORKERS_SILENT_AFTER else "down"
-    return Health("Workers", status, f"last task finished {_ago(age)} ago; {queued} queued")
+    from pacslens.views import _check_workers
+
+    check = _check_workers()
+    detail = _heartbeat_text(check)
+    if "last_task_seconds_ago" in check:
+        detail += f"; last scheduled task {duration_text(check['last_task_seconds_ago'])} ago"
+    if check.get("message") and check["status"] == "warn":
+        detail += f" ({check['message']})"
+    return Health("Workers", HEALTH_STATUS[check["status"]], f"{detail}; {OrmQ.objects.count()} queued")
+
+
+def health_disk() -> Health:
+    from pacslens.views import _check_disk
+
+    check = _check_disk()
+    detail = f"{check['free_mb']} MiB free (floor {check['floor_mb']} MiB)"
+    return Health("Disk", HEALTH_STATUS[check["status"]], detail + (f": {check['message']}" if check.get("message") else ""))
 
 
 def health_destinations() -> list[dict]:
@@ -176,20 +182,10 @@ def dashboard_data() -> dict:
         "deliveries": deliveries_by_destination(),
         "latencies": stage_latencies(now=now),
         "stuck": studies_stuck(now=now),
-        "health": [health_listener(now=now), health_workers(now=now)],
+        "health": [health_listener(now=now), health_workers(), health_disk()],
         "destinations": health_destinations(),
         "generated_at": now,
     }
-
-
-def _cluster_stats() -> list:
-    # Stat lives in Django's cache: visible here only when the cache is shared (e.g. a database cache).
-    try:
-        from django_q.status import Stat
-
-        return list(Stat.get_all())
-    except Exception:  # no shared cache or broker: fall back to the task table
-        return []
 
 
 def _percentile(samples: list[float], q: float) -> float | None:
@@ -198,6 +194,14 @@ def _percentile(samples: list[float], q: float) -> float | None:
     # Nearest rank: simple, and honest about small samples.
     index = min(len(samples) - 1, max(0, round(q * len(samples) + 0.5) - 1))
     return samples[index]
+
+
+def _heartbeat_text(check: dict) -> str:
+    if check.get("processes"):
+        return f"{check['processes']} process(es), last beat {duration_text(check['last_beat_seconds_ago'])} ago"
+    if "last_beat_seconds_ago" in check:
+        return f"no process: last beat {duration_text(check['last_beat_seconds_ago'])} ago"
+    return "no process has ever reported"
 
 
 def _ago(age: timedelta) -> str:

@@ -205,12 +205,14 @@ class TestTour:
     def test_every_main_page_renders_for_the_screenshots(self, page, data_dir):
         from django.utils import timezone
 
-        from routing.models import ApplicationEntity, RoutingRule, StoreAssociation
+        from routing.models import ApplicationEntity, Heartbeat, RoutingRule, StoreAssociation
         from tests.test_ui_support import make_destination, make_failed_delivery
 
         ApplicationEntity.objects.create(ae_title="CT_SCANNER_1", host="10.1.2.3", port=104, description="Emergency CT")
         StoreAssociation.objects.create(calling_ae_title="CT_SCANNER_1", called_ae_title="PACSLENS", ended_at=timezone.now(),
                                         released_normally=True, instances_received=3)
+        for role in ("listener", "workers", "tasks"):
+            Heartbeat.beat(role=role, identity="pacslens-1:4242", detail={})
         rule = RoutingRule.objects.create(name="CT head bleed", description="Non-contrast head CT")
         rule.conditions.create(attribute="Modality", operator="equals", value="CT")
         rule.conditions.create(attribute="BodyPartExamined", operator="one_of", value="HEAD\\BRAIN")

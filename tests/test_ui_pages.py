@@ -64,6 +64,15 @@ class TestDashboard:
         assert "receiving → complete" in page and "20.0 s" in page  # the pipeline fixture's event spacing
         assert "DICOM listener" in page and "Workers" in page
 
+    def test_health_comes_from_the_heartbeats_like_healthz(self, root, pipeline):
+        from routing.models import Heartbeat
+
+        page = root.get("/", HTTP_HX_REQUEST="true").content.decode()
+        assert "no process has ever reported" in page and "down" in page
+        Heartbeat.beat(role="listener", identity="host:1", detail={})
+        page = root.get("/", HTTP_HX_REQUEST="true").content.decode()
+        assert "1 process(es), last beat" in page
+
     def test_stuck_studies_are_listed(self, root, pipeline):
         study = make_study(accession="STUCK1", state="routed")
         Study.objects.filter(pk=study.pk).update(state_changed_at=timezone.now() - timezone.timedelta(hours=2))
