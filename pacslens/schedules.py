@@ -20,14 +20,29 @@ SCHEDULES: list[tuple[str, int]] = [
 
 
 def schedules_ensure() -> list[str]:
+    from django.db import connection, transaction
     from django_q.models import Schedule
 
     names = []
-    for func, minutes in SCHEDULES:
-        Schedule.objects.update_or_create(
-            name=f"pacslens:{func}",
-            defaults={"func": func, "schedule_type": Schedule.MINUTES, "minutes": minutes, "repeats": -1},
-        )
-        names.append(f"pacslens:{func}")
-    Schedule.objects.filter(name__startswith="pacslens:").exclude(name__in=names).delete()
+    with transaction.atomic():
+        # Several run_workers start at once on a scaled-out site, and Schedule.name is not unique:
+        # on PostgreSQL two update_or_create calls would both insert. One lock serialises them
+        # (SQLite's IMMEDIATE transaction already does).
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEDULES_LOCK_ID])
+        for func, minutes in SCHEDULES:
+            name = f"pacslens:{func}"
+            rows = list(Schedule.objects.filter(name=name).order_by("id"))
+            for duplicate in rows[1:]:  # left by an earlier version's race
+                duplicate.delete()
+            Schedule.objects.update_or_create(
+                name=name,
+                defaults={"func": func, "schedule_type": Schedule.MINUTES, "minutes": minutes, "repeats": -1},
+            )
+            names.append(name)
+        Schedule.objects.filter(name__startswith="pacslens:").exclude(name__in=names).delete()
     return names
+
+
+SCHEDULES_LOCK_ID = 0x5041_4353  # "PACS": any constant shared by every PacsLens process

@@ -133,7 +133,19 @@ def delivery_claim_next(*, worker: str, only_ids: list[int] | None = None) -> De
     ).exclude(destination__circuit_open_until__gt=now)
     if only_ids is not None:
         due = due.filter(pk__in=only_ids)
-    for candidate in due.select_related("destination").order_by("priority", "next_attempt_at", "pk")[:20]:
+    with transaction.atomic():
+        # SKIP LOCKED (PostgreSQL) on the delivery rows only (`of`): concurrent workers take
+        # different rows, and never lock the Destination row everyone joins. No-op on SQLite.
+        candidates = list(
+            due.select_related("destination")
+            .select_for_update(skip_locked=True, of=("self",))
+            .order_by("priority", "next_attempt_at", "pk")[:20]
+        )
+        return _claim_first(candidates, worker=worker, now=now)
+
+
+def _claim_first(candidates: list[Delivery], *, worker: str, now) -> Delivery | None:
+    for candidate in candidates:
         lease = timedelta(seconds=candidate.destination.timeout_seconds * 2 + LEASE_EXTRA_SECONDS)
         claimed = Delivery.objects.filter(
             pk=candidate.pk, state=candidate.state, attempts=candidate.attempts, lease_until=candidate.lease_until
@@ -228,6 +240,9 @@ def _destination_health(destination: Destination, outcome: Outcome, now) -> None
 
 def study_delivery_settle(*, study: Study) -> None:
     """DELIVERED when every delivery of the study's current results is done; FAILED if any failed."""
+    # Lock the study first: two workers settling its last two deliveries at once would each see
+    # the other's row still in flight (PostgreSQL, READ COMMITTED) and neither would settle it.
+    Study.objects.select_for_update().filter(pk=study.pk).first()
     rows = Delivery.objects.filter(study=study, result__superseded_by__isnull=True)
     states = list(rows.values_list("state", flat=True))
     if not states or any(s in (DeliveryState.PENDING, DeliveryState.IN_FLIGHT) for s in states):

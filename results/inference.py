@@ -75,13 +75,19 @@ def study_request_rerun(*, study: Study, actor: str) -> bool:
 def study_claim_next() -> Study | None:
     """Move the most urgent ROUTED study to INFERRING and return it; None when there is none."""
     while True:
-        candidate = (
-            Study.objects.filter(state=StudyState.ROUTED).order_by("priority", "state_changed_at", "id").first()
-        )
-        if candidate is None:
-            return None
-        if candidate.transition(StudyState.INFERRING, from_states=[StudyState.ROUTED]):
-            return candidate
+        with transaction.atomic():
+            # SKIP LOCKED (PostgreSQL): workers claiming at the same moment take different studies
+            # instead of all queueing on the first one. SQLite ignores it; its writers are serialised.
+            candidate = (
+                Study.objects.select_for_update(skip_locked=True)
+                .filter(state=StudyState.ROUTED)
+                .order_by("priority", "state_changed_at", "id")
+                .first()
+            )
+            if candidate is None:
+                return None
+            if candidate.transition(StudyState.INFERRING, from_states=[StudyState.ROUTED]):
+                return candidate
         # Another worker claimed it between our read and our update: try the next one.
 
 
@@ -193,9 +199,12 @@ def _model_infer_guarded(*, study: Study, model: AIModel) -> InferenceResult:
 
 
 def studies_inferring_stale(*, older_than: timedelta) -> int:
-    """Fail studies stuck in INFERRING (their worker died or was killed by the queue's timeout).
+    """Studies stuck in INFERRING (their worker died or was killed by the queue's timeout).
 
-    Not retried: a study that killed one worker would likely kill the next one too.
+    The first time, the study goes back to ROUTED and is inferred again: a killed worker (OOM,
+    a host restart, kill -9) delays work but never loses it. The second time since it was routed
+    it fails: a study that killed two workers would likely kill the next one too. Returns how
+    many failed.
     """
     cutoff = timezone.now() - older_than
     count = 0
@@ -203,6 +212,11 @@ def studies_inferring_stale(*, older_than: timedelta) -> int:
         decision = RoutingDecision.objects.filter(study=study).order_by("-decided_at", "-id").first()
         models = list(decision.ai_models.all()) if decision else []
         message = f"inference did not finish within {int(older_than.total_seconds())} s (worker stopped or killed)"
+        if not _inference_retried(study):
+            study.transition(
+                StudyState.ROUTED, from_states=[StudyState.INFERRING], kind=INFERENCE_RETRY, detail=f"{message}; inferring again"
+            )
+            continue
         with transaction.atomic():
             if not study.transition(StudyState.FAILED, from_states=[StudyState.INFERRING], detail=f"timeout: {message}"):
                 continue
@@ -215,6 +229,15 @@ def studies_inferring_stale(*, older_than: timedelta) -> int:
                 result.save()
         count += 1
     return count
+
+
+INFERENCE_RETRY = "inference_retry"
+
+
+def _inference_retried(study: Study) -> bool:
+    """Whether the study already went back for a stuck inference since it was last routed."""
+    routed = study.events.filter(kind=StudyState.ROUTED).order_by("-at", "-id").values_list("id", flat=True).first()
+    return study.events.filter(kind=INFERENCE_RETRY, id__gt=routed or 0).exists()
 
 
 def _read_outputs(result: InferenceResult, *, outputs: dict, manifest: dict) -> InferenceResult:

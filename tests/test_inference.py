@@ -236,14 +236,29 @@ class TestSweep:
         assert sweep_inference() == 1
         assert Study.objects.get(pk=study.pk).state == StudyState.INFERRED
 
-    def test_it_fails_studies_stuck_inferring(self, demo_site, tmp_path, settings):
-        study = ingest(demo(tmp_path, seed=51, slices=10, size=64).paths)
+    def test_it_infers_a_study_stuck_inferring_again(self, demo_site, tmp_path):
+        study = ingest(demo(tmp_path, seed=52, slices=10, size=64).paths)
         from routing.rules import study_route
 
         study_route(study=study)
-        study_claim_next()
+        study_claim_next()  # ... and the worker is killed
         Study.objects.filter(pk=study.pk).update(state_changed_at=timezone.now() - timedelta(hours=1))
         sweep_inference()
+        study.refresh_from_db()
+        assert study.state == StudyState.INFERRED
+        assert InferenceResult.objects.get().status == ResultStatus.SUCCEEDED
+        assert "inference_retry" in list(study.events.values_list("kind", flat=True))
+
+    def test_it_fails_studies_stuck_inferring_twice(self, demo_site, tmp_path, settings):
+        study = ingest(demo(tmp_path, seed=51, slices=10, size=64).paths)
+        from results.inference import studies_inferring_stale
+        from routing.rules import study_route
+
+        study_route(study=study)
+        for _ in range(2):  # claimed, its worker killed, swept; again
+            study_claim_next()
+            Study.objects.filter(pk=study.pk).update(state_changed_at=timezone.now() - timedelta(hours=1))
+            studies_inferring_stale(older_than=timedelta(minutes=5))
         study.refresh_from_db()
         assert study.state == StudyState.FAILED
         result = InferenceResult.objects.get()
