@@ -164,3 +164,25 @@ def test_unknown_calling_ae_is_rejected(listener, tmp_path):
         assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
     assert listener.instance_count() == 0
     assert listener.stored_files() == []
+
+
+def test_fast_header_reader_agrees_with_pydicom():
+    """The listener reads the header of common files without pydicom; where it does, it must
+    read exactly what pydicom reads (and leave everything else to pydicom)."""
+    import pydicom.data
+    from pydicom.filereader import read_partial
+
+    from routing import ingest
+
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    compared = 0
+    for path in sorted(folder.rglob("*.dcm")):
+        fast = ingest._read_header_fast(path)
+        if fast is None:
+            continue
+        with open(path, "rb") as fp:
+            ds = read_partial(fp, stop_when=ingest._past_header, specific_tags=ingest._HEADER_TAG_NUMBERS)
+        slow = {k: "" if ds.get(k) is None else str(ds.get(k)).strip() for k in ingest.HEADER_TAGS}
+        assert fast == slow, path.name
+        compared += 1
+    assert compared > 40
