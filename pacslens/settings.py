@@ -309,6 +309,8 @@ LOGGING = {
         "pynetdicom": {"level": LOG_LIBRARY_LEVEL},
         "django_q": {"level": envstr("PACSLENS_QUEUE_LOG_LEVEL", "WARNING").upper()},
         "axes": {"level": LOG_LIBRARY_LEVEL},  # it announces itself at INFO in every manage.py command
+        # dicomweb-client logs request headers (our bearer tokens) at DEBUG: never below WARNING.
+        "dicomweb_client": {"level": "WARNING"},
     },
 }
 

@@ -20,7 +20,9 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from routing.models import Instance, StoreAssociation, Study, StudyState
+from routing.models import Instance, StoreAssociation, Study, StudyRetrieve, StudyState
+
+ACTIVE_RETRIEVE_STATES = [StudyRetrieve.State.PENDING, StudyRetrieve.State.RETRIEVING]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ def study_completion_reason(*, study: Study, now: datetime) -> str | None:
     ceiling = timedelta(seconds=settings.STUDY_FORCE_COMPLETE_AFTER)
     if now - study.first_received_at >= ceiling:
         return f"forced: still receiving {int(ceiling.total_seconds())} s after the first instance"
+    if StudyRetrieve.objects.filter(study=study, state__in=ACTIVE_RETRIEVE_STATES).exists():
+        return None  # a pull is under way (or will retry): its final response completes the study
     quiet = study.quiet_period(settings.STUDY_QUIET_PERIOD)
     if now - study.last_received_at >= quiet:
         return f"quiet period: no instance for {int(quiet.total_seconds())} s"
@@ -56,21 +60,25 @@ def study_try_complete(*, study: Study, now: datetime | None = None) -> bool:
     reason = study_completion_reason(study=study, now=now)
     if reason is None:
         return False
+    # Compare-and-set on last_received_at: an instance that arrived meanwhile keeps it open.
+    return study_complete(study=study, detail=reason, where=Q(last_received_at=study.last_received_at))
+
+
+def study_complete(*, study: Study, detail: str, where: Q | None = None) -> bool:
+    """RECEIVING → COMPLETE and enqueue processing once the transaction commits.
+
+    The one way a study becomes complete, whatever decided it: quiet period, association
+    release or ceiling here, a retrieve's final response in routing.pull.
+    """
     with transaction.atomic():
-        # Compare-and-set on last_received_at: an instance that arrived meanwhile keeps it open.
-        moved = study.transition(
-            StudyState.COMPLETE,
-            from_states=[StudyState.RECEIVING],
-            detail=reason,
-            where=Q(last_received_at=study.last_received_at),
-        )
+        moved = study.transition(StudyState.COMPLETE, from_states=[StudyState.RECEIVING], detail=detail, where=where)
         if moved:
             from django_q.tasks import async_task
 
             study_id = study.pk
             transaction.on_commit(lambda: async_task("results.tasks.process_study", study_id))
     if moved:
-        logger.info("study %s complete: %s", study.pk, reason)
+        logger.info("study %s complete: %s", study.pk, detail)
     return moved
 
 

@@ -28,11 +28,19 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta
 
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import close_old_connections, connection
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
-from routing.models import Instance, Poll, PollSource, StoreAssociation, Study, StudyRetrieve, StudyState
+from routing.completion import study_complete
+from routing.models import (
+    Instance,
+    Poll,
+    PollSource,
+    StoreAssociation,
+    Study,
+    StudyRetrieve,
+)
 from routing.pull_types import FoundStudy, PullError, RetrieveOutcome
 
 logger = logging.getLogger(__name__)
@@ -271,25 +279,6 @@ def retrieve(*, record: StudyRetrieve, source: PollSource) -> RetrieveOutcome:
         logger.warning("retrieve %s from source %s failed (attempt %s): %s", record.pk, source.pk,
                        record.attempts, outcome.error)
     return outcome
-
-
-def study_complete(*, study: Study, detail: str, where: Q | None = None) -> bool:
-    """RECEIVING → COMPLETE and enqueue processing once the transaction commits.
-
-    The one way a study becomes complete, whatever decided it (a retrieve's final response
-    here; quiet period or association release in routing.completion, which can call this).
-    """
-    study = Study.objects.get(pk=study.pk)
-    with transaction.atomic():
-        moved = study.transition(StudyState.COMPLETE, from_states=[StudyState.RECEIVING], detail=detail, where=where)
-        if moved:
-            from django_q.tasks import async_task
-
-            study_id = study.pk
-            transaction.on_commit(lambda: async_task("results.tasks.process_study", study_id))
-    if moved:
-        logger.info("study %s complete: %s", study.pk, detail)
-    return moved
 
 
 # --- helpers ---------------------------------------------------------------------------------

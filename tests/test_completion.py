@@ -144,3 +144,19 @@ class TestLateAndForced:
         study.refresh_from_db()
         assert study_try_complete(study=study)
         assert "forced" in Study.objects.get(pk=study.pk).events.get(kind="complete").detail
+
+
+class TestPull:
+    def test_a_study_being_retrieved_waits_for_the_retrieve_not_the_quiet_period(self, data_dir, settings):
+        from routing.models import PollSource, StudyRetrieve
+
+        settings.STUDY_QUIET_PERIOD = 30
+        ds = make_ct()
+        study = age(receive(data_dir, ds), 40)
+        pacs = ApplicationEntity.objects.create(ae_title="PACS", host="127.0.0.1", port=104, may_query=True)
+        source = PollSource.objects.create(name="pacs", pacs=pacs)
+        retrieve = StudyRetrieve.objects.create(source=source, study_instance_uid=ds.StudyInstanceUID, study=study, state="retrieving")
+        assert not study_try_complete(study=study)
+        retrieve.state = "done"
+        retrieve.save()
+        assert study_try_complete(study=study)
