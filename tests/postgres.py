@@ -232,6 +232,21 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
+def database_url_of(database: dict[str, Any]) -> str:
+    """A DATABASE_URL for a Django DATABASES entry (e.g. pytest-django's test database), so a
+    subprocess (gunicorn, a listener) works on the same database as the test, on either backend."""
+    from urllib.parse import quote
+
+    if "postgresql" in database["ENGINE"]:
+        user = quote(database.get("USER") or "", safe="")
+        password = quote(database.get("PASSWORD") or "", safe="")
+        credentials = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+        host = database.get("HOST") or "localhost"
+        port = f":{database['PORT']}" if database.get("PORT") else ""
+        return f"postgres://{credentials}{host}{port}/{database['NAME']}"
+    return f"sqlite:///{database['NAME']}"
+
+
 if __name__ == "__main__":
     cluster = postgres_cluster_start()
     url = cluster.database_create("pacslens")

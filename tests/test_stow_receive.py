@@ -23,6 +23,7 @@ from django_q.models import OrmQ
 from routing.models import Instance, StoreAssociation, StowSender, Study
 from tests.conftest import free_port
 from tests.peers import dataset_bytes, make_ct_slices
+from tests.postgres import database_url_of
 
 URL = "/dicomweb/studies"
 BOUNDARY = "pacslens-test-boundary-7f3a"
@@ -180,7 +181,7 @@ def gunicorn(transactional_db, data_dir, settings):
     """The production web server on the test database: it de-chunks chunked request bodies."""
     port = free_port()
     env = {**os.environ, "PACSLENS_DATA_DIR": str(data_dir), "PACSLENS_ALLOWED_HOSTS": "127.0.0.1,localhost",
-           "DATABASE_URL": f"sqlite:///{settings.DATABASES['default']['NAME']}", "DJANGO_SETTINGS_MODULE": "pacslens.settings"}
+           "DATABASE_URL": database_url_of(settings.DATABASES["default"]), "DJANGO_SETTINGS_MODULE": "pacslens.settings"}
     repo = Path(__file__).resolve().parent.parent
     log_path = data_dir / "gunicorn.log"
     with log_path.open("wb") as log:
