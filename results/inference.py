@@ -28,6 +28,7 @@ from results.volume import (
     volume_load,
     volume_preprocess,
 )
+from routing.completion import study_complete
 from routing.models import RoutingDecision, Study, StudyState
 
 logger = logging.getLogger(__name__)
@@ -60,16 +61,7 @@ def study_request_rerun(*, study: Study, actor: str) -> bool:
     The new results supersede the current ones. Returns False when the study is not in a
     finished state (still receiving, or work in flight): nothing is changed then.
     """
-    with transaction.atomic():
-        moved = study.transition(
-            StudyState.COMPLETE, from_states=RERUNNABLE, kind="rerun", detail=f"re-run requested by {actor}"
-        )
-        if moved:
-            from django_q.tasks import async_task
-
-            study_id = study.pk
-            transaction.on_commit(lambda: async_task("results.tasks.process_study", study_id))
-    return moved
+    return study_complete(study=study, detail=f"re-run requested by {actor}", from_states=RERUNNABLE, kind="rerun")
 
 
 def study_claim_next() -> Study | None:

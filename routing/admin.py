@@ -2,7 +2,7 @@
 
 from django.contrib import admin
 
-from routing.models import ApplicationEntity, Instance, Series, StoreAssociation, Study, StudyEvent
+from routing.models import ApplicationEntity, AuditEntry, Instance, Series, StoreAssociation, Study, StudyEvent
 
 
 @admin.register(ApplicationEntity)
@@ -30,3 +30,20 @@ class StudyAdmin(admin.ModelAdmin):
 admin.site.register(Series)
 admin.site.register(Instance)
 admin.site.register(StoreAssociation)
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    """Read-only: the audit log is evidence."""
+
+    list_display = ["at", "actor", "action", "object_type", "object_id"]
+    list_filter = ["action"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

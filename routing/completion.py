@@ -64,14 +64,19 @@ def study_try_complete(*, study: Study, now: datetime | None = None) -> bool:
     return study_complete(study=study, detail=reason, where=Q(last_received_at=study.last_received_at))
 
 
-def study_complete(*, study: Study, detail: str, where: Q | None = None) -> bool:
-    """RECEIVING → COMPLETE and enqueue processing once the transaction commits.
+def study_complete(
+    *, study: Study, detail: str, where: Q | None = None, from_states: list[str] | None = None, kind: str = ""
+) -> bool:
+    """→ COMPLETE and enqueue routing + inference once the transaction commits.
 
     The one way a study becomes complete, whatever decided it: quiet period, association
-    release or ceiling here, a retrieve's final response in routing.pull.
+    release or ceiling here, a retrieve's final response in routing.pull, or a staff re-run
+    (results.inference.study_request_rerun, from a finished state).
     """
     with transaction.atomic():
-        moved = study.transition(StudyState.COMPLETE, from_states=[StudyState.RECEIVING], detail=detail, where=where)
+        moved = study.transition(
+            StudyState.COMPLETE, from_states=from_states or [StudyState.RECEIVING], detail=detail, where=where, kind=kind
+        )
         if moved:
             from django_q.tasks import async_task
 

@@ -179,7 +179,7 @@ class TestStudyActions:
         assert len(callbacks) == 1
         study.refresh_from_db()
         assert study.state == "complete"
-        assert study.events.last().kind == "rerun_requested" and "informaticist" in study.events.last().detail
+        assert study.events.last().kind == "rerun" and "informaticist" in study.events.last().detail
         assert AuditEntry.objects.get(action="rerun").object_id == str(study.pk)
 
     def test_rerun_waits_for_a_study_in_flight(self, informaticist, pipeline):

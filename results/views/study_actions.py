@@ -9,7 +9,7 @@ from django_htmx.http import trigger_client_event
 
 from results.delivery import delivery_retry
 from results.models import Delivery
-from results.rerun import study_rerun
+from results.inference import study_request_rerun
 from routing.models import AuditAction, AuditEntry, Study
 from routing.views.access import actor, staff_view
 
@@ -19,7 +19,7 @@ def study_rerun_view(request, pk: int) -> HttpResponse:
     if request.method != "POST":
         return HttpResponse(status=405)
     study = get_object_or_404(Study, pk=pk)
-    if study_rerun(study=study, actor=actor(request)):
+    if study_request_rerun(study=study, actor=actor(request)):
         AuditEntry.record(actor=actor(request), action=AuditAction.RERUN, obj=study, request=request)
         text, level = "Inference will run again; the new result will supersede the current one.", messages.SUCCESS
     else:
