@@ -22,8 +22,8 @@ from routing.assess_probes import (
     probe_mllp,
     probe_move,
     probe_qido,
-    probe_stow,
     probe_storage,
+    probe_stow,
     probe_wado,
 )
 

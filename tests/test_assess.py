@@ -53,7 +53,7 @@ class MetadataServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 server.methods.append("GET")
                 ok = self.path.endswith("/metadata")
                 body = json.dumps(server.capability if ok else {}).encode()

@@ -10,7 +10,11 @@ from django.utils import timezone
 
 from results.delivery import deliveries_create, deliveries_run_pending
 from results.models import Delivery, DeliveryAttempt, InferenceResult
-from results.retention import retention_sweep, studies_retention_run, study_pixels_delete
+from results.retention import (
+    retention_sweep,
+    studies_retention_run,
+    study_pixels_delete,
+)
 from routing.models import RoutingRule, Study, StudyEvent, StudyState
 from tests.conftest import free_port
 from tests.test_delivery import hl7_destination, inferred_study
