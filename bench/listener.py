@@ -38,10 +38,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pacslens.settings")
 WORK = Path(tempfile.mkdtemp(prefix="pacslens-bench-"))
 os.environ["PACSLENS_DATA_DIR"] = str(WORK / "unused-data")  # never the user's var/
 
-import psutil  # noqa: E402
+import psutil
 
-from tests.conftest import free_port  # noqa: E402
-from tests.listener_proc import (  # noqa: E402
+from tests.conftest import free_port
+from tests.listener_proc import (
     ListenerProcess,
     base_env,
     ct_series_write,
@@ -104,6 +104,16 @@ class TreeSampler:
                 pass
         return total
 
+    def pss(self) -> int:
+        """Proportional set size of the tree: forked workers share their parent's pages, RSS counts them twice."""
+        total = 0
+        for proc in self.tree():
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+                pass
+        return total
+
     def cpu(self) -> float:
         """User+system seconds of the live tree plus the children it has reaped (storescp --fork)."""
         total = 0.0
@@ -120,7 +130,7 @@ class TreeSampler:
             self.peak = max(self.peak, self.rss())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> TreeSampler:
+    def __enter__(self) -> TreeSampler:  # noqa: PYI034
         self._thread.start()
         return self
 
@@ -193,7 +203,7 @@ def wait_echo(host: str, port: int, ae_title: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = subprocess.run(
-            ["echoscu", "-aec", ae_title, host, str(port)], env=dcmtk_env(), capture_output=True
+            ["echoscu", "-aec", ae_title, host, str(port)], env=dcmtk_env(), capture_output=True, check=False
         )
         if result.returncode == 0:
             return
@@ -315,7 +325,10 @@ def memory(args, template_db: Path, big_file: Path) -> dict:
     server = Pacslens(WORK / "stores" / "memory-idle-deployed", template_db, args.processes)
     try:
         time.sleep(1.0)
-        results[f"idle_rss_{args.processes}_processes_mib"] = TreeSampler(server.pid).rss() / MiB
+        sampler = TreeSampler(server.pid)
+        results[f"idle_rss_{args.processes}_processes_mib"] = sampler.rss() / MiB
+        results[f"idle_pss_{args.processes}_processes_mib"] = sampler.pss() / MiB
+        results["idle_rss_per_process_mib"] = [round(p.memory_info().rss / MiB, 1) for p in sampler.tree()]
     finally:
         server.stop()
 
@@ -372,7 +385,7 @@ def print_summary(rows: list[dict], memory_results: dict, args) -> None:
     if memory_results:
         print("\nListener memory")
         for key, value in memory_results.items():
-            print(f"  {key:45} {value:10.2f}" if isinstance(value, float) else f"  {key:45} {value:>10}")
+            print(f"  {key:45} {value:10.2f}" if isinstance(value, float) else f"  {key:45} {value!s:>10}")
 
 
 def main() -> None:

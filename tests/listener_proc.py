@@ -18,9 +18,9 @@ helpers (`dataset_bytes`) shared by the interop tests and `bench/`.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import logging
 import signal
 import sqlite3
 import subprocess
@@ -120,7 +120,7 @@ class ListenerProcess:
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> ListenerProcess:
         assert self.process is None or self.process.poll() is not None, "already running"
         self.log_path = self.data_dir / "listener.log"
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
         cmd = [PYTHON, "manage.py", "dicom_listener", "--port", str(self.port), "--processes", str(self.processes)]
         # Own process group: a SIGKILL "crash" takes the forked workers down with the supervisor.
         self.process = subprocess.Popen(
@@ -332,7 +332,11 @@ def ct_series_write(
     """
     import numpy as np
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import (
+        PYDICOM_IMPLEMENTATION_UID,
+        ExplicitVRLittleEndian,
+        generate_uid,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

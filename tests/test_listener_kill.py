@@ -15,7 +15,12 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import free_port, require_program
-from tests.listener_proc import ListenerProcess, ct_series_write, dataset_bytes, dcmtk_env
+from tests.listener_proc import (
+    ListenerProcess,
+    ct_series_write,
+    dataset_bytes,
+    dcmtk_env,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -29,7 +34,7 @@ class StorescuRun:
 
     def __init__(self, listener: ListenerProcess, files: list[Path], log_path: Path) -> None:
         self.log_path = log_path
-        self.log_file = open(log_path, "wb")
+        self.log_file = open(log_path, "wb")  # noqa: SIM115 - lives as long as storescu; closed in wait()
         self.process = subprocess.Popen(
             [require_program("storescu"), "-v", "-aet", "STORESCU", "-aec", listener.ae_title]
             + [listener.host, str(listener.port)]
