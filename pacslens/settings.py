@@ -268,7 +268,12 @@ if envbool("PACSLENS_HTTPS", False):
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = envint("PACSLENS_HSTS_SECONDS", 31536000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
-    SECURE_HSTS_PRELOAD = False
+    SECURE_HSTS_PRELOAD = envbool("PACSLENS_HSTS_PRELOAD", False)
+    if not SECURE_HSTS_PRELOAD:
+        # Preloading commits the whole domain to HTTPS in every browser: the hospital network
+        # team's decision, not an application default. Off on purpose, so `check --deploy`
+        # need not warn about it.
+        SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 # django-q2 workers. Tasks carry ids only; the database decides order (DESIGN.md).
 # retry must exceed timeout plus time spent waiting in the cluster's internal queue.
