@@ -49,6 +49,7 @@ def post_urls(p: dict) -> list[tuple[str, dict, set[str]]]:
         (f"/rules/{p['rule'].pk}/move/", {"direction": "up"}, ADMIN),
         (f"/endpoints/destinations/{p['destination'].pk}/toggle/", {}, ADMIN),
         ("/endpoints/ae/new/", {"ae_title": ""}, ADMIN),
+        (f"/endpoints/ae/{p['entity'].pk}/assess/", {}, ADMIN),
     ]
 
 

@@ -63,6 +63,25 @@ class TestApplicationEntityForm:
         assert "failed" in page and "cannot connect" in page and " ms" in page
         assert AuditEntry.objects.get(action="test").detail.startswith("failed")
 
+    def test_assess_reports_what_a_live_node_supports_inline(self, admin, transactional_db, data_dir):
+        from routing.listener import DicomListener
+
+        listener = DicomListener(host="127.0.0.1", port=0, ae_title="OTHERNODE")
+        listener.start()
+        try:
+            entity = ApplicationEntity.objects.create(ae_title="OTHERNODE", host="127.0.0.1", port=listener.port)
+            page = admin.post(f"/endpoints/ae/{entity.pk}/assess/", **HX).content.decode()
+        finally:
+            listener.stop(grace=1)
+        assert "Integration assessment of OTHERNODE" in page
+        assert "C-ECHO" in page and "<html" not in page
+        assert AuditEntry.objects.get(action="test").detail == "integration assessment"
+
+    def test_the_endpoints_page_offers_assess_and_the_conformance_statement(self, admin):
+        ApplicationEntity.objects.create(ae_title="PACS", host="127.0.0.1", port=104)
+        page = admin.get("/endpoints/").content.decode()
+        assert "Assess" in page and 'href="/conformance"' in page
+
     def test_the_test_button_needs_an_address(self, admin):
         entity = ApplicationEntity.objects.create(ae_title="SENDER")
         page = admin.post(f"/endpoints/ae/{entity.pk}/test/", **HX).content.decode()

@@ -114,7 +114,7 @@ def make_failed_delivery(study: Study, result: InferenceResult, destination: Des
 @pytest.fixture
 def pipeline(db) -> dict:
     """One delivered study with a superseded and a current result, one failed study with a failed delivery."""
-    ApplicationEntity.objects.create(ae_title="MODALITY1", host="127.0.0.1", port=104)
+    entity = ApplicationEntity.objects.create(ae_title="MODALITY1", host="127.0.0.1", port=104)
     rule = RoutingRule.objects.create(name="CT head")
     destination = make_destination()
     destination.rules.add(rule)
@@ -124,4 +124,4 @@ def pipeline(db) -> dict:
     failed = make_study(accession="ACC200", state=StudyState.FAILED, patient_name="ZZTEST^<b>ESCAPE</b>")
     failed_result = make_result(failed)
     delivery = make_failed_delivery(failed, failed_result, destination)
-    return {"done": done, "failed": failed, "delivery": delivery, "destination": destination, "rule": rule}
+    return {"done": done, "failed": failed, "delivery": delivery, "destination": destination, "rule": rule, "entity": entity}

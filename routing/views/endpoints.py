@@ -64,6 +64,25 @@ def ae_test(request, pk: int) -> HttpResponse:
     return render(request, "endpoints/probe.html", {"result": result, "problem": problem, "what": "C-ECHO"})
 
 
+# Per probe: an assessment runs about ten probes in the request, so keep each short enough that
+# a node that drops packets still answers within the web server's timeout.
+ASSESS_PROBE_TIMEOUT = 2.0
+
+
+@staff_view("routing.change_applicationentity")
+def ae_assess(request, pk: int) -> HttpResponse:
+    """The integration assessment of `manage.py assess`, inline: what this node supports, nothing stored in it."""
+    from routing.assess import node_assess
+
+    if request.method != "POST":
+        return HttpResponse(status=405)
+    entity = get_object_or_404(ApplicationEntity, pk=pk)
+    report = node_assess(node=entity.ae_title, timeout=ASSESS_PROBE_TIMEOUT)
+    AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=entity, object_repr=str(entity),
+                      detail="integration assessment", request=request)
+    return render(request, "endpoints/assessment.html", {"report": report.as_text()})
+
+
 @staff_view("routing.view_pollsource", "routing.change_pollsource", "routing.add_pollsource")
 def poll_source_edit(request, pk: int | None = None) -> HttpResponse:
     instance = get_object_or_404(PollSource, pk=pk) if pk else None

@@ -18,6 +18,7 @@ urlpatterns = [
     path("endpoints/ae/<int:pk>/", endpoints.ae_edit, name="ae_edit"),
     path("endpoints/ae/<int:pk>/toggle/", endpoints.ae_toggle, name="ae_toggle"),
     path("endpoints/ae/<int:pk>/test/", endpoints.ae_test, name="ae_test"),
+    path("endpoints/ae/<int:pk>/assess/", endpoints.ae_assess, name="ae_assess"),
     path("rules/", rules.rule_list, name="rule_list"),
     path("rules/new/", rules.rule_edit, name="rule_create"),
     path("rules/<int:pk>/", rules.rule_edit, name="rule_edit"),
