@@ -1,0 +1,70 @@
+"""`manage.py check --deploy` passes with the production settings docs/deployment.md documents.
+
+The env file is read from the document itself (the ```ini block that starts with
+`# /etc/pacslens/pacslens.env`), so the documentation and the check cannot drift apart. Only
+paths are redirected into the test's temp dir; the database is never connected to.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import subprocess
+
+from tests.listener_proc import PYTHON, REPO, base_env
+
+DEPLOYMENT_DOC = REPO / "docs" / "deployment.md"
+ENV_FILE_MARKER = "# /etc/pacslens/pacslens.env"
+
+
+def documented_env() -> dict[str, str]:
+    text = DEPLOYMENT_DOC.read_text()
+    blocks = re.findall(r"```ini\n(.*?)```", text, flags=re.S)
+    [block] = [b for b in blocks if b.startswith(ENV_FILE_MARKER)]
+    env = {}
+    for line in block.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            env[name.strip()] = value.strip()
+    return env
+
+
+def check_deploy(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def production_env(tmp_path) -> dict[str, str]:
+    documented = documented_env()
+    assert {"PACSLENS_SECRET_KEY_FILE", "PACSLENS_HTTPS", "PACSLENS_ALLOWED_HOSTS", "DATABASE_URL"} <= set(documented)
+    secret_key = tmp_path / "secret_key"
+    secret_key.write_text(secrets.token_urlsafe(48) + "\n")
+    metrics_token = tmp_path / "metrics_token"
+    metrics_token.write_text(secrets.token_urlsafe(24) + "\n")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    documented.update(
+        PACSLENS_DATA_DIR=str(data_dir),
+        PACSLENS_SECRET_KEY_FILE=str(secret_key),
+        PACSLENS_METRICS_TOKEN_FILE=str(metrics_token),
+    )
+    env = base_env(data_dir)
+    for name in [n for n in env if n.startswith("PACSLENS_")]:  # only what the document sets
+        del env[name]
+    env.update(documented)
+    return env
+
+
+def test_the_documented_production_settings_pass_check_deploy(tmp_path):
+    done = check_deploy(production_env(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no issues" in done.stdout
+
+
+def test_without_https_check_deploy_fails(tmp_path):
+    env = production_env(tmp_path)
+    del env["PACSLENS_HTTPS"]
+    done = check_deploy(env)
+    assert done.returncode != 0
+    assert "security.W008" in done.stderr and "SESSION_COOKIE_SECURE" in done.stderr
