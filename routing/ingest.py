@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models import signals
 from django.utils import timezone
 from pydicom.filereader import read_partial
 from pydicom.tag import Tag
@@ -362,16 +363,70 @@ def _record(
         # The next instance of a series this association is delivering: one UPDATE that also
         # proves the study still exists and is still receiving, then the INSERT.
         with transaction.atomic():
-            touched = Study.objects.filter(
-                pk=known.study_id, study_instance_uid=known.study_instance_uid, state=StudyState.RECEIVING
-            ).update(last_received_at=now)
-            if touched:
-                return Instance.objects.create(study_id=known.study_id, series_id=known.series_id, **fields)
+            if _study_touch(known, now):
+                return _instance_insert(Instance(study_id=known.study_id, series_id=known.series_id, **fields))
     instance = _record_first(header=header, fields=fields, calling_ae_title=calling_ae_title,
                              called_ae_title=called_ae_title, sender_id=sender_id, now=now)
     if association_id is not None:
         _series_seen_add(key, instance)
     return instance
+
+
+# The two statements of the fast path, compiled once: Django's query compiler costs three times
+# what SQLite does for them (0.65 ms of ~0.85 ms per instance, measured). Same SQL and parameter
+# conversion as the ORM (field.get_db_prep_save), so SQLite and PostgreSQL both work.
+def _study_touch(known: _SeenSeries, now) -> bool:
+    field = Study._meta.get_field("last_received_at")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _sql_statements()["study_touch"],
+            [field.get_db_prep_save(now, connection), known.study_id, known.study_instance_uid, StudyState.RECEIVING.value],
+        )
+        return cursor.rowcount == 1
+
+
+def _instance_insert(instance: Instance) -> Instance:
+    if signals.pre_save.has_listeners(Instance) or signals.post_save.has_listeners(Instance):
+        instance.save(force_insert=True)  # someone listens: take the ORM's road
+        return instance
+    statements = _sql_statements()
+    params = [field.get_db_prep_save(field.pre_save(instance, True), connection) for field in statements["fields"]]
+    with connection.cursor() as cursor:
+        if connection.features.can_return_columns_from_insert:
+            cursor.execute(statements["instance_insert_returning"], params)
+            instance.pk = cursor.fetchone()[0]
+        else:
+            cursor.execute(statements["instance_insert"], params)
+            instance.pk = cursor.lastrowid
+    instance._state.adding = False
+    instance._state.db = connection.alias
+    return instance
+
+
+_statements: dict[str, dict] = {}
+
+
+def _sql_statements() -> dict:
+    vendor = connection.vendor
+    if vendor not in _statements:
+        qn = connection.ops.quote_name
+        study = Study._meta
+        fields = [f for f in Instance._meta.concrete_fields if not f.primary_key]
+        insert = (
+            f"INSERT INTO {qn(Instance._meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "
+            f"VALUES ({', '.join(['%s'] * len(fields))})"
+        )
+        _statements[vendor] = {
+            "fields": fields,
+            "instance_insert": insert,
+            "instance_insert_returning": f"{insert} RETURNING {qn(Instance._meta.pk.column)}",
+            "study_touch": (
+                f"UPDATE {qn(study.db_table)} SET {qn(study.get_field('last_received_at').column)} = %s "
+                f"WHERE {qn(study.pk.column)} = %s AND {qn(study.get_field('study_instance_uid').column)} = %s "
+                f"AND {qn(study.get_field('state').column)} = %s"
+            ),
+        }
+    return _statements[vendor]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ and everything after run in the workers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
+import pynetdicom.dimse_messages
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -94,7 +96,11 @@ class DicomListener:
         # Receive straight to a temporary file under the data dir: bounded memory for huge
         # instances, and the final rename stays on one filesystem.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(incoming_dir())
+        # Only pynetdicom's receive files go there: setting tempfile.tempdir instead redirected
+        # every temporary file of the process (in tests, into another test's deleted data dir).
+        pynetdicom.dimse_messages.NamedTemporaryFile = functools.partial(
+            tempfile.NamedTemporaryFile, dir=str(incoming_dir())
+        )
         # Identifiers (patient names and IDs) must never reach our logs.
         _config.LOG_HANDLER_LEVEL = "none"
         _config.LOG_REQUEST_IDENTIFIERS = False
