@@ -16,10 +16,10 @@ import threading
 import time
 from pathlib import Path
 
+import pynetdicom.dimse_messages
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
-import pynetdicom.dimse_messages
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
