@@ -72,7 +72,10 @@ class PostgresCluster:
     run_as: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="pacslens-pg-"))
+        # /tmp itself, not tempfile's default: a test may have pointed that into its own 0700 dir,
+        # where the postgres user cannot go.
+        base = "/tmp" if os.path.isdir("/tmp") else None
+        self.root = Path(tempfile.mkdtemp(prefix="pacslens-pg-", dir=base))
         if os.geteuid() == 0:
             self.run_as = "postgres"
             owner = pwd.getpwnam(self.run_as)

@@ -7,11 +7,12 @@ paths are redirected into the test's temp dir; the database is never connected t
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import subprocess
 
-from tests.listener_proc import PYTHON, REPO, base_env
+from tests.listener_proc import PYTHON, REPO
 
 DEPLOYMENT_DOC = REPO / "docs" / "deployment.md"
 ENV_FILE_MARKER = "# /etc/pacslens/pacslens.env"
@@ -49,10 +50,10 @@ def production_env(tmp_path) -> dict[str, str]:
         PACSLENS_SECRET_KEY_FILE=str(secret_key),
         PACSLENS_METRICS_TOKEN_FILE=str(metrics_token),
     )
-    env = base_env(data_dir)
-    for name in [n for n in env if n.startswith("PACSLENS_")]:  # only what the document sets
-        del env[name]
-    env.update(documented)
+    # A clean environment, as systemd gives a unit: nothing from the test process leaks in
+    # (e.g. DJANGO_ALLOW_ASYNC_UNSAFE, set by the browser tests, is itself a deploy error).
+    env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
+    env.update(DJANGO_SETTINGS_MODULE="pacslens.settings", **documented)
     return env
 
 
