@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,11 +45,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pacslens.settings")
 WORK = Path(tempfile.mkdtemp(prefix="pacslens-bench-sustained-"))
 os.environ["PACSLENS_DATA_DIR"] = str(WORK / "unused-data")  # never the user's var/
 
-import psutil  # noqa: E402
+import psutil
 
-from tests.conftest import free_port  # noqa: E402
-from tests.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create  # noqa: E402
-from tests.postgres import Database, postgres_cluster_start, sqlite_url  # noqa: E402
+from tests.conftest import free_port
+from tests.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create
+from tests.postgres import Database, postgres_cluster_start, sqlite_url
 
 OUT = REPO / "bench" / "out"
 MiB = 1024 * 1024
@@ -238,10 +238,9 @@ def run_backend(backend: str, *, studies: list[GeneratedStudy], storescu: str, a
         subprocess.run([PYTHON, "manage.py", "import_config", str(config)], cwd=REPO, env=env, check=True,
                        capture_output=True)
         for role, command in (("listener", ["dicom_listener", "--port", str(port)]), ("workers", ["run_workers"])):
-            log = open(data_dir / f"{role}.log", "ab")
-            popen = subprocess.Popen([PYTHON, "manage.py", *command], cwd=REPO, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-            log.close()
+            with open(data_dir / f"{role}.log", "ab") as log:
+                popen = subprocess.Popen([PYTHON, "manage.py", *command], cwd=REPO, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
             processes.append(Process(role, popen))
             wait_heartbeat(db, role, popen.pid)
         return drive(backend, db=db, ris=ris, processes=processes, studies=studies, storescu=storescu, port=port,
@@ -290,7 +289,7 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
             except queue.Empty:
                 return
             done = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port),
-                                   "+sd", str(study.folder)], env=dcmtk_env(), capture_output=True, text=True)
+                                   "+sd", str(study.folder)], env=dcmtk_env(), capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 failures.append(f"{study.folder.name}: {done.stderr[-300:]}")
 
@@ -307,7 +306,7 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
                 last_depth = now
                 try:
                     depth.append({"t": round(now - started, 1), **queue_depth(db)})
-                except Exception as exc:  # a busy database: skip this sample
+                except Exception as exc:  # noqa: BLE001 (a busy database: skip this sample)
                     depth.append({"t": round(now - started, 1), "error": type(exc).__name__})
             stop.wait(SAMPLE_S)
 
@@ -348,7 +347,7 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
         if isinstance(last_received, str):  # SQLite returns text, in UTC
             last_received = datetime.fromisoformat(last_received)
         if last_received.tzinfo is None:
-            last_received = last_received.replace(tzinfo=timezone.utc)
+            last_received = last_received.replace(tzinfo=UTC)
         latencies.append(arrived - last_received.timestamp())
         last_update = max(last_update, arrived)
     elapsed = last_update - started_wall

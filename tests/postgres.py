@@ -140,7 +140,7 @@ class PostgresCluster:
         command = [str(self.bindir / program), *args]
         if self.run_as:
             command = ["runuser", "-u", self.run_as, "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.root)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.root, check=False)
         if done.returncode != 0:
             raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr + self.log())
 
@@ -179,7 +179,13 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 @pytest.fixture(scope="session")
 def postgres_template_url(postgres_cluster: PostgresCluster) -> str:
     """A migrated database with the default calling AE titles allow-listed, made once per session."""
-    from tests.listener_proc import DEFAULT_CALLING_AE_TITLES, PYTHON, REPO, _TEMPLATE_SCRIPT, base_env
+    from tests.listener_proc import (
+        _TEMPLATE_SCRIPT,
+        DEFAULT_CALLING_AE_TITLES,
+        PYTHON,
+        REPO,
+        base_env,
+    )
 
     url = postgres_cluster.database_create("pacslens_template")
     folder = Path(tempfile.mkdtemp(prefix="pacslens-pg-template-"))

@@ -120,7 +120,7 @@ class Site:
 
     def manage(self, *args: str) -> None:
         done = subprocess.run([PYTHON, "manage.py", *args], cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=180)
+                              timeout=180, check=False)
         assert done.returncode == 0, f"manage.py {' '.join(args)}: {done.stderr[-3000:]}"
 
     def start(self, name: str, *args: str, role: str) -> Proc:
@@ -362,7 +362,7 @@ def storescu_start(program: str, port: int, paths: list[Path]) -> subprocess.Pop
 
 def storescu_run(program: str, port: int, paths: list[Path]) -> None:
     done = subprocess.run([program, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port), *map(str, paths)],
-                          env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+                          env=dcmtk_env(), capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
