@@ -80,6 +80,19 @@ def envaetitle(name: str, default: str) -> str:
     return value.strip()
 
 
+def envfile(name: str, *, required: bool) -> Path | None:
+    """A path to a file that must exist (certificates, keys); None when unset and not required."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        if required:
+            raise ImproperlyConfigured(f"{name} must be set")
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise ImproperlyConfigured(f"{name}={value!r} is not a readable file")
+    return path
+
+
 DEBUG = envbool("PACSLENS_DEBUG", False)
 DATA_DIR = Path(envstr("PACSLENS_DATA_DIR", str(BASE_DIR / "var"))).resolve()
 
@@ -113,6 +126,20 @@ DICOM_DIMSE_TIMEOUT = envfloat("PACSLENS_DICOM_DIMSE_TIMEOUT", 60.0, minimum=1)
 DICOM_NETWORK_TIMEOUT = envfloat("PACSLENS_DICOM_NETWORK_TIMEOUT", 60.0, minimum=1)
 DICOM_ACCEPT_ANY_CALLING_AE = envbool("PACSLENS_ACCEPT_ANY_CALLING_AE", False)
 DICOM_SHUTDOWN_GRACE = envfloat("PACSLENS_DICOM_SHUTDOWN_GRACE", 30.0, minimum=0)
+# DICOM TLS (docs/tls.md): off, tls (the main port speaks TLS only) or both (plain on
+# DICOM_PORT, TLS on DICOM_TLS_PORT). The CA file holds the CAs trusted for client certificates
+# and for the peers our SCUs connect to with TLS.
+DICOM_TLS_MODE = envstr("PACSLENS_DICOM_TLS_MODE", "off").strip().lower() or "off"
+if DICOM_TLS_MODE not in ("off", "tls", "both"):
+    raise ImproperlyConfigured(f"PACSLENS_DICOM_TLS_MODE={DICOM_TLS_MODE!r} is not one of off, tls, both")
+DICOM_TLS_PORT = envint("PACSLENS_DICOM_TLS_PORT", 2762, minimum=1, maximum=65535)
+DICOM_TLS_REQUIRE_CLIENT_CERT = envbool("PACSLENS_DICOM_TLS_REQUIRE_CLIENT_CERT", True)
+# Off by default: DICOM peers are usually addressed by IP, and their certificates name hosts.
+DICOM_TLS_CHECK_HOSTNAME = envbool("PACSLENS_DICOM_TLS_CHECK_HOSTNAME", False)
+_tls_listener = DICOM_TLS_MODE != "off"
+DICOM_TLS_CERT = envfile("PACSLENS_DICOM_TLS_CERT", required=_tls_listener)
+DICOM_TLS_KEY = envfile("PACSLENS_DICOM_TLS_KEY", required=_tls_listener)
+DICOM_TLS_CA = envfile("PACSLENS_DICOM_TLS_CA", required=_tls_listener and DICOM_TLS_REQUIRE_CLIENT_CERT)
 # Refuse new data while free space under the data dir is below this many MiB.
 DISK_FREE_FLOOR_MB = envint("PACSLENS_DISK_FREE_FLOOR_MB", 1024, minimum=0)
 # /healthz and /metrics warn below this many MiB, before the floor refuses data.
@@ -316,6 +343,7 @@ LOGGING = {
         "pynetdicom": {"level": LOG_LIBRARY_LEVEL},
         "django_q": {"level": envstr("PACSLENS_QUEUE_LOG_LEVEL", "WARNING").upper()},
         "axes": {"level": LOG_LIBRARY_LEVEL},  # it announces itself at INFO in every manage.py command
+        "highdicom": {"level": LOG_LIBRARY_LEVEL},  # narrates every module it copies into an SR
         # dicomweb-client logs request headers (our bearer tokens) at DEBUG: never below WARNING.
         "dicomweb_client": {"level": "WARNING"},
     },

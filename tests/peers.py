@@ -132,7 +132,16 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
-    root = tmp_path_factory.mktemp("orthanc")
+    peer = orthanc_start(tmp_path_factory.mktemp("orthanc"), program=program, plugin=plugin)
+    try:
+        yield peer
+    finally:
+        orthanc_stop(peer)
+
+
+def orthanc_start(root: Path, *, program: str, plugin: Path) -> OrthancPeer:
+    """Start Orthanc with DICOMweb on free ports under `root` and wait until it answers
+    (the session fixture and the benchmarks both use it)."""
     storage = root / "storage"
     storage.mkdir()
     dicom_port, http_port = free_port(), free_port()
@@ -179,15 +188,20 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
     )
     try:
         _wait_until_up(peer)
-        yield peer
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        shutil.rmtree(storage, ignore_errors=True)
+    except Exception:
+        orthanc_stop(peer)
+        raise
+    return peer
+
+
+def orthanc_stop(peer: OrthancPeer) -> None:
+    peer.process.send_signal(signal.SIGTERM)
+    try:
+        peer.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        peer.process.kill()
+        peer.process.wait()
+    shutil.rmtree(peer.storage_dir, ignore_errors=True)
 
 
 # --- Synthetic objects to send to peers -----------------------------------------------------
