@@ -23,7 +23,7 @@ run: setup
 test: $(STAMP)
 	$(PY) -m pytest
 
-bench: setup
+bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean:
