@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from results.models import Destination
+from routing.config_checks import clean_problems, entries_labelled
 from routing.models import ApplicationEntity, RoutingRule
 
 FIELDS = [
@@ -56,20 +56,11 @@ class DestinationsSection:
         known_aes = set(ApplicationEntity.objects.values_list("ae_title", flat=True)) | _names(document, "ae_titles", "ae_title")
         known_rules = set(RoutingRule.objects.values_list("name", flat=True)) | _names(document, "routing_rules", "name")
         problems: list[str] = []
-        seen: set[Any] = set()
-        for index, entry in enumerate(entries):
-            where = f"{self.name}[{index}]"
-            if not isinstance(entry, dict):
-                problems.append(f"{where}: must be a mapping of field: value")
-                continue
-            label = f"{where} ({entry.get('name')!r})"
+        for label, entry in entries_labelled(self.name, entries, problems, key=lambda e: e.get("name")):
             unknown = sorted(set(entry) - set(FIELDS) - IMPORT_ONLY)
             if unknown:
                 problems.append(f"{label}: unknown field(s) {', '.join(unknown)}")
                 continue
-            if entry.get("name") in seen:
-                problems.append(f"{label}: name appears twice in the file")
-            seen.add(entry.get("name"))
             ae_title = entry.get("application_entity")
             if ae_title and ae_title not in known_aes:
                 problems.append(f"{label}: field 'application_entity': no AE title {ae_title!r} here or in ae_titles")
@@ -80,15 +71,8 @@ class DestinationsSection:
             for rule in rules:
                 if rule not in known_rules:
                     problems.append(f"{label}: field 'rules': no routing rule named {rule!r}")
-            row = _row(entry, resolve_ae=False)
-            try:
-                # The AE reference is checked above; it may only exist once the import is applied.
-                row.full_clean(exclude=["application_entity"], validate_unique=False, validate_constraints=False)
-            except ValidationError as exc:
-                for field_name, messages in exc.message_dict.items():
-                    if field_name == "application_entity":
-                        continue
-                    problems.extend(f"{label}: field {field_name!r}: {m}" for m in messages)
+            # The AE reference is checked above; it may only exist once the import is applied.
+            problems.extend(clean_problems(_row(entry, resolve_ae=False), label, exclude=["application_entity"]))
         return problems
 
     def apply(self, entries: list[dict[str, Any]], *, prune: bool) -> dict[str, int]:

@@ -34,8 +34,14 @@ from django.conf import settings
 from results.manifest import manifest_normalize, manifest_problems
 from results.models import AIModel
 from results.registry import model_file_problems, model_record
+from routing.config_checks import entries_labelled
 from routing.models import Priority, RoutingRule
-from routing.models.rules import ONE_OF_SEPARATOR, VALUELESS_OPERATORS, Operator, condition_problems
+from routing.models.rules import (
+    ONE_OF_SEPARATOR,
+    VALUELESS_OPERATORS,
+    Operator,
+    condition_problems,
+)
 
 PRIORITIES = {"stat": Priority.STAT, "routine": Priority.ROUTINE}
 RULE_FIELDS = ["name", "description", "enabled", "position", "priority", "stop_at_first_match", "models", "conditions"]
@@ -55,13 +61,10 @@ class ModelsSection:
 
     def validate(self, entries: list[Any]) -> list[str]:
         problems: list[str] = []
-        seen: set[tuple[str, str]] = set()
-        for index, entry in enumerate(entries):
-            where = f"{self.name}[{index}]"
-            if not isinstance(entry, dict):
-                problems.append(f"{where}: must be a mapping of field: value")
-                continue
-            label = f"{where} ({entry.get('name')!r} {entry.get('version')!r})"
+        versions = entries_labelled(
+            self.name, entries, problems, key=lambda e: (e.get("name"), e.get("version")), what="name and version"
+        )
+        for label, entry in versions:
             manifest_data = {k: v for k, v in entry.items() if k != "enabled"}
             found = manifest_problems(manifest_data)
             if "enabled" in entry and not isinstance(entry["enabled"], bool):
@@ -70,9 +73,6 @@ class ModelsSection:
                 problems.extend(f"{label}: field {f!r}: {p}" for f, p in found.items())
                 continue
             key = (entry["name"], entry["version"])
-            if key in seen:
-                problems.append(f"{label}: name and version appear twice in the file")
-            seen.add(key)
             manifest = manifest_normalize(manifest_data)
             existing = AIModel.objects.filter(name=key[0], version=key[1]).first()
             if existing is not None:
@@ -145,17 +145,8 @@ class RoutingRulesSection:
             if isinstance(entry, dict):
                 known_models.add((entry.get("name"), entry.get("version")))
         problems: list[str] = []
-        seen: set[str] = set()
-        for index, entry in enumerate(entries):
-            where = f"{self.name}[{index}]"
-            if not isinstance(entry, dict):
-                problems.append(f"{where}: must be a mapping of field: value")
-                continue
-            label = f"{where} ({entry.get('name')!r})"
+        for label, entry in entries_labelled(self.name, entries, problems, key=lambda e: e.get("name")):
             problems.extend(f"{label}: {p}" for p in _rule_problems(entry, known_models))
-            if entry.get("name") in seen:
-                problems.append(f"{label}: name appears twice in the file")
-            seen.add(entry.get("name"))
         return problems
 
     def apply(self, entries: list[dict[str, Any]], *, prune: bool) -> dict[str, int]:

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
-
+from routing.config_checks import clean_problems, entries_labelled
 from routing.models import ApplicationEntity, PollSource
 
 FIELDS = [
@@ -52,34 +51,19 @@ class PollSourcesSection:
     def validate(self, entries: list[Any], *, document: dict[str, Any] | None = None) -> list[str]:
         in_file = {e.get("ae_title"): e for e in (document or {}).get("ae_titles") or [] if isinstance(e, dict)}
         problems: list[str] = []
-        seen: set[Any] = set()
-        for index, entry in enumerate(entries):
-            where = f"{self.name}[{index}]"
-            if not isinstance(entry, dict):
-                problems.append(f"{where}: must be a mapping of field: value")
-                continue
-            label = f"{where} ({entry.get('name')!r})"
+        for label, entry in entries_labelled(self.name, entries, problems, key=lambda e: e.get("name")):
             unknown = sorted(set(entry) - set(FIELDS))
             if unknown:
                 problems.append(f"{label}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
                 continue
             if "name" not in entry:
-                problems.append(f"{where}: field 'name' is required")
+                problems.append(f"{label}: field 'name' is required")
                 continue
-            if entry["name"] in seen:
-                problems.append(f"{label}: name appears twice in the file")
-            seen.add(entry["name"])
             pacs = entry.get("pacs")
             if pacs and pacs not in in_file and not ApplicationEntity.objects.filter(ae_title=pacs).exists():
                 problems.append(f"{label}: field 'pacs': no AE title {pacs!r} here or in ae_titles")
                 continue
-            row = self._row(entry, pacs_from_file=in_file.get(pacs))
-            try:
-                row.full_clean(validate_unique=False, validate_constraints=False)
-            except ValidationError as exc:
-                for field_name, messages in exc.message_dict.items():
-                    for message in messages:
-                        problems.append(f"{label}: field {field_name!r}: {message}")
+            problems.extend(clean_problems(self._row(entry, pacs_from_file=in_file.get(pacs)), label))
         return problems
 
     def apply(self, entries: list[dict[str, Any]], *, prune: bool) -> dict[str, int]:

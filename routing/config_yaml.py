@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from django.core.exceptions import ValidationError
 from django.db import models, transaction
 
+from routing.config_checks import clean_problems, entries_labelled
 from routing.config_pull import PollSourcesSection
 from routing.models import ApplicationEntity
 
@@ -45,30 +45,15 @@ class ModelSection:
 
     def validate(self, entries: list[Any]) -> list[str]:
         problems: list[str] = []
-        seen: set[Any] = set()
-        for index, entry in enumerate(entries):
-            where = f"{self.name}[{index}]"
-            if not isinstance(entry, dict):
-                problems.append(f"{where}: must be a mapping of field: value")
-                continue
-            label = f"{where} ({entry.get(self.key)!r})" if self.key in entry else where
+        for label, entry in entries_labelled(self.name, entries, problems, key=lambda e: e.get(self.key), what=self.key):
             unknown = sorted(set(entry) - set(self.fields))
             if unknown:
                 problems.append(f"{label}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(self.fields)}")
                 continue
             if self.key not in entry:
-                problems.append(f"{where}: field {self.key!r} is required")
+                problems.append(f"{label}: field {self.key!r} is required")
                 continue
-            if entry[self.key] in seen:
-                problems.append(f"{label}: {self.key} appears twice in the file")
-            seen.add(entry[self.key])
-            row = self._row(entry)
-            try:
-                row.full_clean(validate_unique=False, validate_constraints=False)
-            except ValidationError as exc:
-                for field_name, messages in exc.message_dict.items():
-                    for message in messages:
-                        problems.append(f"{label}: field {field_name!r}: {message}")
+            problems.extend(clean_problems(self._row(entry), label))
         return problems
 
     def apply(self, entries: list[dict[str, Any]], *, prune: bool) -> dict[str, int]:
