@@ -17,6 +17,7 @@ from results.models import Delivery, Destination
 from results.payload import Outcome, OutcomeKind
 from results.sr import SRBuildError, build_sr
 from results.stow_client import HttpAuth, stow_datasets
+from routing import dicom_tls
 
 BuildError = (SRBuildError, HL7BuildError, FHIRBuildError)
 
@@ -50,7 +51,7 @@ def _send_dicom(destination: Destination, sr, context) -> Outcome:
         ae = destination.application_entity
         session = StoreSession(
             calling_ae_title=settings.AE_TITLE, host=ae.host, port=ae.port, called_ae_title=ae.ae_title,
-            timeout=destination.timeout_seconds,
+            timeout=destination.timeout_seconds, tls=dicom_tls.client_tls_args(tls=ae.tls, host=ae.host),
         )
         failure = session.open()
         if failure is not None:

@@ -9,7 +9,6 @@ are GET/OPTIONS only; MLLP only opens and closes a TCP connection.
 from __future__ import annotations
 
 import socket
-import ssl
 from dataclasses import dataclass, field
 
 import requests
@@ -23,6 +22,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+
+from routing import dicom_tls
 
 # What we would send or retrieve: our SR first, then common image classes.
 STORAGE_SOP_CLASSES = [
@@ -84,7 +85,7 @@ def associate(target: DimseTarget, contexts: list[tuple[str, list[str]]], *, tim
         setattr(ae, name, timeout)
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
-    tls_args = (ssl.create_default_context(), target.host) if target.tls else None
+    tls_args = dicom_tls.client_tls_args(tls=target.tls, host=target.host)
     try:
         assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, ext_neg=roles, tls_args=tls_args)
     except (OSError, ValueError) as exc:

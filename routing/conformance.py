@@ -143,7 +143,7 @@ def _application_entity() -> Section:
     rows = [
         ["AE title", settings.AE_TITLE],
         ["Listening address", f"{settings.DICOM_HOST}:{settings.DICOM_PORT} (TCP)"],
-        ["Listener processes", f"{processes} (sharing the port; SO_REUSEPORT)"],
+        ["Listener processes", f"{processes} (sharing one listening socket)"],
         ["Maximum concurrent associations",
          f"{settings.DICOM_MAX_ASSOCIATIONS} per process, {settings.DICOM_MAX_ASSOCIATIONS * processes} in all"],
         ["Maximum PDU size received", f"{MAXIMUM_PDU_SIZE} bytes"],
@@ -312,11 +312,14 @@ def _dicomweb() -> Section:
 def _security() -> Section:
     from routing.models import ApplicationEntity
 
-    tls_settings = {name: getattr(settings, name) for name in dir(settings) if name.startswith("DICOM_TLS")}
     tls_peers = list(ApplicationEntity.objects.filter(enabled=True, tls=True).values_list("ae_title", flat=True))
-    if tls_settings and any(tls_settings.values()):
-        listener = "The listener accepts DICOM TLS (BCP 195 profile: TLS 1.2 or later) as configured: " + ", ".join(
-            f"{k}={v}" for k, v in sorted(tls_settings.items()) if "KEY" not in k and "PASSWORD" not in k)
+    mode = settings.DICOM_TLS_MODE
+    if mode != "off":
+        ports = f"port {settings.DICOM_PORT}" if mode == "tls" else (
+            f"port {settings.DICOM_TLS_PORT}, plain TCP on port {settings.DICOM_PORT}")
+        client_certs = ("client certificates signed by a trusted CA are required"
+                        if settings.DICOM_TLS_REQUIRE_CLIENT_CERT else "client certificates are optional")
+        listener = f"The listener accepts DICOM TLS (BCP 195 profile: TLS 1.2 or later) on {ports}; {client_certs}."
     else:
         listener = ("The listener accepts plain TCP only in this configuration (no DICOM TLS configured); "
                     "protect the link by network segmentation or a VPN.")

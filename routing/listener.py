@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pynetdicom.dimse_messages
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 from pydicom import config as pydicom_config
@@ -26,6 +28,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from routing import dicom_tls
 from routing.ingest import disk_space_low, incoming_dir, instance_store
 from routing.models import ApplicationEntity, StoreAssociation
 from routing.pynetdicom_speedups import pynetdicom_speedups
@@ -64,33 +67,107 @@ MAXIMUM_PDU_SIZE = 1024 * 1024
 
 
 class ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's server plus SO_REUSEPORT (several listener processes share one port)
-    and TCP_NODELAY on accepted sockets (without it, a Nagle-enabled sender waits ~40 ms
-    for a delayed ACK on every response)."""
+    """pynetdicom's server plus SO_REUSEPORT (several in-thread listeners can share one port),
+    TCP_NODELAY on accepted sockets (without it, a Nagle-enabled sender waits ~40 ms for a
+    delayed ACK on every response) and the TLS handshake in the association's thread.
+
+    With `listening_socket` it accepts on a socket bound elsewhere (the supervisor of
+    `manage.py dicom_listener`, before forking) instead of binding its own: every process then
+    takes the next connection when it is free, where SO_REUSEPORT hashes connections to
+    processes whatever their load (measured: 4 associations spread 3:1 over 2 processes).
+    """
+
+    def __init__(self, *args, listening_socket: socket.socket | None = None, **kwargs) -> None:
+        self._listening_socket = listening_socket
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
+        if self._listening_socket is not None:
+            self.socket.close()  # the one TCPServer made for us
+            self.socket = self._listening_socket
+            self.server_address = self.socket.getsockname()
+            return
         if hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def server_activate(self) -> None:
+        if self._listening_socket is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self._listening_socket is not None:
+            # No shutdown(): on a socket shared with other processes it stops them accepting too.
+            self.socket.close()
+            return
+        super().server_close()
+
     def get_request(self):
-        client_socket, address = super().get_request()
+        # A shared listening socket is non-blocking (another process may take the connection
+        # first: accept() then raises BlockingIOError, which socketserver ignores).
+        client_socket, address = self.socket.accept()
+        client_socket.setblocking(True)
         client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            # pynetdicom handshakes here, in the accepting thread: one peer that connects and
+            # sends nothing would stop every other connection. process_request_thread does it.
+            client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
         return client_socket, address
+
+    def process_request_thread(self, request, client_address) -> None:
+        if isinstance(request, ssl.SSLSocket) and not _tls_handshake(request, client_address, self.ae.acse_timeout):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+def _tls_handshake(request: ssl.SSLSocket, client_address, timeout: float | None) -> bool:
+    """The server side of the TLS handshake, bounded by the ACSE timeout; False (logged) when it fails."""
+    try:
+        request.settimeout(timeout)
+        request.do_handshake()
+        request.settimeout(None)
+        return True
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        logger.warning("refusing TLS connection from %s: %s", client_address[0], reason)
+        return False
 
 
 class DicomListener:
-    """One listening AE. `start()` returns at once; `stop()` drains running associations."""
+    """One listening AE on one or two ports. `start()` returns at once; `stop()` drains running associations.
 
-    def __init__(self, *, host: str | None = None, port: int | None = None, ae_title: str | None = None) -> None:
+    `tls_mode` (default PACSLENS_DICOM_TLS_MODE): "off", plain DICOM on `port`; "tls", TLS only
+    on `port`; "both", plain on `port` and TLS on `tls_port`. `listening_sockets`, when given,
+    are already bound and listening, one per port in that order (see ReusePortServer).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        ae_title: str | None = None,
+        tls_mode: str | None = None,
+        tls_port: int | None = None,
+        listening_sockets: list[socket.socket] | None = None,
+    ) -> None:
         self.host = host if host is not None else settings.DICOM_HOST
         self.port = port if port is not None else settings.DICOM_PORT
         self.ae_title = ae_title or settings.AE_TITLE
-        self.server: ReusePortServer | None = None
+        self.tls_mode = tls_mode or settings.DICOM_TLS_MODE
+        self.tls_port: int | None = tls_port if tls_port is not None else settings.DICOM_TLS_PORT
+        self.listening_sockets = listening_sockets
+        self.server: ReusePortServer | None = None  # the server on `port`
+        self.servers: list[ReusePortServer] = []
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self._allow_list: dict[str, ApplicationEntity] = {}
         self._allow_list_read_at = 0.0
         self._lock = threading.Lock()
+
+    def endpoints(self) -> list[tuple[int, bool]]:
+        """(port, uses TLS) for each port this listener serves."""
+        return listener_endpoints(self.tls_mode, self.port, self.tls_port)
 
     def start(self) -> ReusePortServer:
         # Receive straight to a temporary file under the data dir: bounded memory for huge
@@ -129,26 +206,43 @@ class DicomListener:
             (evt.EVT_ABORTED, self.handle_ended, [False]),
             (evt.EVT_CONN_CLOSE, self.handle_ended, [False]),
         ]
-        self.server = ae.make_server((self.host, self.port), evt_handlers=handlers, server_class=ReusePortServer)
-        ae._servers.append(self.server)  # as AE.start_server does; server.shutdown() removes it
-        thread = threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True)
-        thread.start()
+        tls_context = dicom_tls.server_context() if self.tls_mode != "off" else None
+        for index, (port, uses_tls) in enumerate(self.endpoints()):
+            extra = {"listening_socket": self.listening_sockets[index]} if self.listening_sockets else {}
+            server = ae.make_server(
+                (self.host, port), evt_handlers=handlers, server_class=ReusePortServer,
+                ssl_context=tls_context if uses_tls else None, **extra,
+            )
+            ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
+            self.servers.append(server)
+            name = "dicom-listener-tls" if uses_tls else "dicom-listener"
+            threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+            logger.info(
+                "DICOM listener %s on %s:%s%s (%s)",
+                self.ae_title, self.host, server.server_address[1], " (TLS)" if uses_tls else "", self.identity,
+            )
+        self.server = self.servers[0]
         self.port = self.server.server_address[1]
-        logger.info("DICOM listener %s on %s:%s (%s)", self.ae_title, self.host, self.port, self.identity)
+        if self.tls_mode == "tls":
+            self.tls_port = self.port
+        elif self.tls_mode == "both":
+            self.tls_port = self.servers[1].server_address[1]
         return self.server
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let running associations finish for up to `grace` seconds, then abort the rest."""
-        if not self.server:
+        if not self.servers:
             return
         grace = settings.DICOM_SHUTDOWN_GRACE if grace is None else grace
-        server, self.server = self.server, None
-        server.shutdown()  # stops accepting new connections and closes the listening socket
+        servers, self.servers, self.server = self.servers, [], None
+        for server in servers:
+            server.shutdown()  # stops accepting new connections and closes the listening socket
         deadline = time.monotonic() + grace
-        while server.active_associations and time.monotonic() < deadline:
+        while any(server.active_associations for server in servers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for assoc in server.active_associations:
-            assoc.abort()
+        for server in servers:
+            for assoc in server.active_associations:
+                assoc.abort()
 
     # --- handlers: thin, the work lives in routing.ingest -------------------------------------
 
@@ -251,3 +345,15 @@ def _same_host(configured: str, address: str) -> bool:
     except OSError:
         return False
 
+
+def listener_endpoints(tls_mode: str, port: int, tls_port: int | None) -> list[tuple[int, bool]]:
+    """(port, uses TLS) per listening port for a PACSLENS_DICOM_TLS_MODE."""
+    if tls_mode == "off":
+        return [(port, False)]
+    if tls_mode == "tls":
+        return [(port, True)]
+    if tls_mode == "both":
+        if tls_port is None:
+            raise ImproperlyConfigured("PACSLENS_DICOM_TLS_MODE=both needs PACSLENS_DICOM_TLS_PORT")
+        return [(port, False), (tls_port, True)]
+    raise ImproperlyConfigured(f"DICOM TLS mode {tls_mode!r} is not one of off, tls, both")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import ssl
 import uuid
 from datetime import date
 from pathlib import Path
@@ -25,6 +24,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from routing import dicom_tls
 from routing.ingest import incoming_dir, instance_store
 from routing.listener import TRANSFER_SYNTAXES
 from routing.models import PollSource
@@ -220,7 +220,7 @@ def _associate(source: PollSource, models: list, *, storage: list[str] | None = 
     for sop_class in storage or []:
         ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
         roles.append(build_role(sop_class, scp_role=True))
-    tls_args = (ssl.create_default_context(), pacs.host) if pacs.tls else None
+    tls_args = dicom_tls.client_tls_args(tls=pacs.tls, host=pacs.host)
     assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title, ext_neg=roles or None,
                          evt_handlers=handlers or [], tls_args=tls_args)
     if assoc.is_established:

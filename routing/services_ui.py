@@ -15,6 +15,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from results.dicom_send import classify_rejection
+from routing import dicom_tls
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -36,14 +37,14 @@ class ProbeResult:
 
 
 def probe_dicom_echo(*, host: str, port: int, called_ae_title: str, calling_ae_title: str | None = None,
-                     timeout: float = DEFAULT_TIMEOUT) -> ProbeResult:
+                     timeout: float = DEFAULT_TIMEOUT, tls: bool = False) -> ProbeResult:
     """One association with a C-ECHO: what a PACS administrator means by "can we reach it"."""
     ae = AE(ae_title=calling_ae_title or settings.AE_TITLE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     connected: list[bool] = []
     started = time.perf_counter()
-    assoc = ae.associate(host, port, ae_title=called_ae_title,
+    assoc = ae.associate(host, port, ae_title=called_ae_title, tls_args=dicom_tls.client_tls_args(tls=tls, host=host),
                          evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay, [connected])])
     try:
         if assoc.is_established:
@@ -114,7 +115,7 @@ def probe_destination(destination) -> ProbeResult:
     timeout = min(destination.timeout_seconds, 15.0)
     if destination.kind == "dicom":
         ae = destination.application_entity
-        return probe_dicom_echo(host=ae.host, port=ae.port, called_ae_title=ae.ae_title, timeout=timeout)
+        return probe_dicom_echo(host=ae.host, port=ae.port, called_ae_title=ae.ae_title, timeout=timeout, tls=ae.tls)
     if destination.kind in ("dicomweb", "fhir"):
         headers: dict[str, str] = {}
         basic = http_auth(destination).apply(headers)

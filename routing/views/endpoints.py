@@ -57,7 +57,7 @@ def ae_test(request, pk: int) -> HttpResponse:
         result = None
         problem = "This AE title has no host and port: PacsLens cannot connect to it."
     else:
-        result = probe_dicom_echo(host=entity.host, port=entity.port, called_ae_title=entity.ae_title)
+        result = probe_dicom_echo(host=entity.host, port=entity.port, called_ae_title=entity.ae_title, tls=entity.tls)
         problem = ""
     AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=entity, object_repr=str(entity),
                       detail=result.audit_text() if result else problem, request=request)
@@ -112,7 +112,7 @@ def poll_source_test(request, pk: int) -> HttpResponse:
         if pacs is None or not (pacs.host and pacs.port):
             problem = "The source's PACS has no host and port."
         else:
-            result = probe_dicom_echo(host=pacs.host, port=pacs.port, called_ae_title=pacs.ae_title)
+            result = probe_dicom_echo(host=pacs.host, port=pacs.port, called_ae_title=pacs.ae_title, tls=pacs.tls)
     else:
         token = os.environ.get(source.dicomweb_token_env, "") if source.dicomweb_token_env else ""
         headers = {"Authorization": f"Bearer {token}"} if token else {}

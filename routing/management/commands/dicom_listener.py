@@ -1,8 +1,10 @@
 """`manage.py dicom_listener`: the C-ECHO / C-STORE SCP, run forever under a supervisor.
 
 pynetdicom runs every association of a process under one GIL, so for throughput we start
-PACSLENS_DICOM_LISTENER_PROCESSES processes that share the port with SO_REUSEPORT and let
-the kernel spread connections between them. SIGTERM/SIGINT: stop accepting, let running
+PACSLENS_DICOM_LISTENER_PROCESSES processes. The supervisor binds the listening socket(s) (plain,
+TLS, or both: PACSLENS_DICOM_TLS_MODE) before forking and every process accepts on them, so a
+connection goes to whichever process is free to accept it; with SO_REUSEPORT the kernel hashed
+connections to processes whatever their load. SIGTERM/SIGINT: stop accepting, let running
 associations finish (bounded by PACSLENS_DICOM_SHUTDOWN_GRACE), exit 0.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -17,12 +20,14 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import connections
 
+from routing import dicom_tls
 from routing.heartbeat import AssociationCounter, HeartbeatThread
 from routing.ingest import incoming_dir
-from routing.listener import DicomListener
+from routing.listener import DicomListener, listener_endpoints
 from routing.models import HeartbeatRole
 
 STALE_TEMP_SECONDS = 24 * 3600
+LISTEN_BACKLOG = 128  # connections the kernel queues while every process is busy
 
 
 class Command(BaseCommand):
@@ -39,30 +44,39 @@ class Command(BaseCommand):
         port = port or settings.DICOM_PORT
         processes = processes or settings.DICOM_LISTENER_PROCESSES
         remove_stale_temp_files(incoming_dir())
-        self.stdout.write(
-            f"DICOM listener {settings.AE_TITLE} on {settings.DICOM_HOST}:{port}, {processes} process(es)"
-        )
+        endpoints = listener_endpoints(settings.DICOM_TLS_MODE, port, settings.DICOM_TLS_PORT)
+        if settings.DICOM_TLS_MODE != "off":
+            dicom_tls.server_context()  # a bad certificate or key fails here, not in every child
+        ports = ", ".join(f"{number}{' (TLS)' if uses_tls else ''}" for number, uses_tls in endpoints)
+        self.stdout.write(f"DICOM listener {settings.AE_TITLE} on {settings.DICOM_HOST}:{ports}, {processes} process(es)")
         if processes == 1:
             self.serve(port)
-        else:
-            self.supervise(port, processes)
+            return
+        sockets = [listening_socket_bind(settings.DICOM_HOST, number) for number, _ in endpoints]
+        try:
+            self.supervise(port, processes, sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
 
     def on_signal(self, signum, frame) -> None:
         self.shutdown = True
 
-    def serve(self, port: int) -> None:
-        listener = DicomListener(port=port)
-        server = listener.start()
+    def serve(self, port: int, sockets: list[socket.socket] | None = None) -> None:
+        listener = DicomListener(port=port, listening_sockets=sockets)
+        listener.start()
         # Heartbeat and association counts for /healthz and /metrics (web process, maybe another host).
         counter = AssociationCounter()
-        counter.bind(server)
+        for each in listener.servers:
+            counter.bind(each)
         heartbeat = HeartbeatThread(
             role=HeartbeatRole.LISTENER,
             counter=counter,
             detail=lambda: {
                 "ae_title": listener.ae_title,
                 "port": listener.port,
-                "active_associations": len(server.active_associations),
+                "tls_port": listener.tls_port if listener.tls_mode != "off" else None,
+                "active_associations": sum(len(each.active_associations) for each in listener.servers),
             },
         )
         heartbeat.start()
@@ -71,12 +85,12 @@ class Command(BaseCommand):
         listener.stop()
         heartbeat.stop()
 
-    def supervise(self, port: int, processes: int) -> None:
-        """Fork `processes` listeners and restart any that dies; forward SIGTERM to all."""
+    def supervise(self, port: int, processes: int, sockets: list[socket.socket]) -> None:
+        """Fork `processes` listeners on the bound `sockets` and restart any that dies; forward SIGTERM to all."""
         connections.close_all()  # never share a database connection across fork
         children: dict[int, int] = {}
         for slot in range(processes):
-            children[self.spawn(port)] = slot
+            children[self.spawn(port, sockets)] = slot
         while not self.shutdown:
             time.sleep(0.2)
             try:
@@ -86,7 +100,7 @@ class Command(BaseCommand):
             if pid and not self.shutdown:
                 self.stderr.write(f"listener process {pid} exited ({status}); restarting it")
                 children.pop(pid, None)
-                children[self.spawn(port)] = 0
+                children[self.spawn(port, sockets)] = 0
         for pid in children:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -98,19 +112,38 @@ class Command(BaseCommand):
             except ChildProcessError:
                 pass
 
-    def spawn(self, port: int) -> int:
+    def spawn(self, port: int, sockets: list[socket.socket]) -> int:
         pid = os.fork()
         if pid == 0:  # child
             code = 0
             try:
                 self.shutdown = False
-                self.serve(port)
+                self.serve(port, sockets)
             except BaseException:
                 code = 1
                 raise
             finally:
                 os._exit(code)
         return pid
+
+
+def listening_socket_bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for the listener processes to share.
+
+    Non-blocking: when several processes wake for one connection, those that lose the race
+    get BlockingIOError from accept() (socketserver ignores it) instead of blocking in it.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def remove_stale_temp_files(folder: Path) -> None:

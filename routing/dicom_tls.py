@@ -1,0 +1,94 @@
+"""DICOM TLS contexts (PS3.15 Annex B.9, BCP 195 profile): one for the listener, one for our SCUs.
+
+Both require TLS 1.2 or later and forward-secret AEAD ciphers. The listener asks for a client
+certificate and, unless PACSLENS_DICOM_TLS_REQUIRE_CLIENT_CERT=false, refuses a connection
+without one signed by a CA in PACSLENS_DICOM_TLS_CA. Our SCUs verify the peer's certificate
+against the same CA file (the system's CAs when none is set) and present our certificate, since
+many PACS require one. The host name in the peer's certificate is not checked by default: DICOM
+peers are configured by IP address more often than not, and their certificates name hosts;
+PACSLENS_DICOM_TLS_CHECK_HOSTNAME=true turns the check on. See docs/tls.md.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+# TLS 1.2 suites of BCP 195 (RFC 9325 4.2): ECDHE/DHE key exchange, AES-GCM or ChaCha20-Poly1305.
+# TLS 1.3 suites are all acceptable and are left at OpenSSL's defaults.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
+
+_cache: dict[tuple, ssl.SSLContext] = {}
+
+
+def server_context() -> ssl.SSLContext:
+    """The listener's context: our certificate, client certificates checked against the CA file."""
+    cert = _required("PACSLENS_DICOM_TLS_CERT", settings.DICOM_TLS_CERT)
+    key = _required("PACSLENS_DICOM_TLS_KEY", settings.DICOM_TLS_KEY)
+    ca = settings.DICOM_TLS_CA
+    require = settings.DICOM_TLS_REQUIRE_CLIENT_CERT
+    if require:
+        ca = _required("PACSLENS_DICOM_TLS_CA", ca)
+    key_ = ("server", _stamp(cert), _stamp(key), _stamp(ca), require)
+    if key_ not in _cache:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        _harden(context)
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+        if ca:
+            context.load_verify_locations(cafile=str(ca))
+            context.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
+        _cache[key_] = context
+    return _cache[key_]
+
+
+def client_context() -> ssl.SSLContext:
+    """Our SCUs' context: the peer verified against the CA file; our certificate offered if configured."""
+    cert, key, ca = settings.DICOM_TLS_CERT, settings.DICOM_TLS_KEY, settings.DICOM_TLS_CA
+    check_hostname = settings.DICOM_TLS_CHECK_HOSTNAME
+    key_ = ("client", _stamp(cert), _stamp(key), _stamp(ca), check_hostname)
+    if key_ not in _cache:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        _harden(context)
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.check_hostname = check_hostname
+        if ca:
+            context.load_verify_locations(cafile=str(ca))
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        if cert and key:
+            context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+        _cache[key_] = context
+    return _cache[key_]
+
+
+def client_tls_args(*, tls: bool, host: str) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's `tls_args` for an association to `host`: None for a plain connection."""
+    return (client_context(), host) if tls else None
+
+
+def _harden(context: ssl.SSLContext) -> None:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+
+
+def _required(name: str, path: Path | None) -> Path:
+    if path is None:
+        raise ImproperlyConfigured(f"DICOM TLS needs {name}")
+    if not Path(path).is_file():
+        raise ImproperlyConfigured(f"{name}={str(path)!r} is not a readable file")
+    return Path(path)
+
+
+def _stamp(path: Path | None) -> tuple | None:
+    """Path and modification time: our SCUs pick up a renewed certificate without a restart."""
+    if path is None:
+        return None
+    try:
+        return (str(path), Path(path).stat().st_mtime_ns)
+    except OSError:
+        return (str(path), None)
