@@ -29,6 +29,7 @@ from pynetdicom import AE, Association, evt
 from pynetdicom.status import code_to_category
 
 from results.payload import Outcome, OutcomeKind, Protocol
+from routing.dicom_tls import handshake_problem
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -199,6 +200,14 @@ class StoreSession:
                     description=f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}",
                 )
             return _outcome(OutcomeKind.PERMANENT, None, f"{self.peer} rejected the association")
+        if not connected and self.tls:
+            problem = handshake_problem(self.tls, self.host, self.port, self.timeout)
+            if problem:
+                return _outcome(
+                    OutcomeKind.CONFIG_ERROR, None,
+                    f"TLS handshake with {self.peer} failed ({problem}): check that PACSLENS_DICOM_TLS_CA holds the CA "
+                    "that signed its certificate, and that it trusts ours",
+                )
         if not connected:
             return _outcome(OutcomeKind.TRANSIENT, None, f"cannot connect to {self.peer}")
         if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:

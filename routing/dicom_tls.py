@@ -11,6 +11,7 @@ PACSLENS_DICOM_TLS_CHECK_HOSTNAME=true turns the check on. See docs/tls.md.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 
@@ -68,6 +69,25 @@ def client_context() -> ssl.SSLContext:
 def client_tls_args(*, tls: bool, host: str) -> tuple[ssl.SSLContext, str] | None:
     """pynetdicom's `tls_args` for an association to `host`: None for a plain connection."""
     return (client_context(), host) if tls else None
+
+
+def handshake_problem(tls_args: tuple[ssl.SSLContext, str], host: str, port: int, timeout: float) -> str | None:
+    """Why a TLS handshake with host:port fails (OpenSSL's reason), None if it succeeds or TCP fails.
+
+    pynetdicom logs a failed handshake and reports only "cannot connect"; this second attempt,
+    made only after a failure, tells the user it is a certificate matter and which one.
+    """
+    context, server_hostname = tls_args
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=server_hostname):
+            return None
+    except ssl.SSLError as exc:
+        return exc.reason or type(exc).__name__
+    except ssl.CertificateError as exc:  # host name mismatch (PACSLENS_DICOM_TLS_CHECK_HOSTNAME)
+        return str(exc)
+    except OSError:
+        return None
 
 
 def _harden(context: ssl.SSLContext) -> None:

@@ -63,6 +63,11 @@ def probe_dicom_echo(*, host: str, port: int, called_ae_title: str, calling_ae_t
                                          peer=f"{called_ae_title}@{host}:{port}",
                                          description=f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}")
             return ProbeResult(False, "association rejected", str(outcome.code), outcome.message, seconds)
+        tls_args = dicom_tls.client_tls_args(tls=tls, host=host)
+        problem = dicom_tls.handshake_problem(tls_args, host, port, timeout) if tls_args and not connected else None
+        if problem:
+            return ProbeResult(False, "TLS handshake failed", "", f"{problem}: check the CA file and the certificates "
+                               "on both sides (PACSLENS_DICOM_TLS_CA, PACSLENS_DICOM_TLS_CERT)", seconds)
         if not connected:
             return ProbeResult(False, "cannot connect", "", f"nothing answers on {host}:{port} (refused or timed out)", seconds)
         return ProbeResult(False, "association aborted", "", "the peer aborted or did not answer the association request", seconds)

@@ -211,6 +211,14 @@ def test_our_echo_probe_uses_tls(listener_in_thread):
                                 calling_ae_title=CALLING, tls=False).ok
 
 
+def test_the_echo_probe_says_when_the_tls_handshake_fails(tls_settings, storescp, certs):
+    peer = storescp(certs.untrusted_server, certs.ca)
+    result = probe_dicom_echo(host="127.0.0.1", port=peer.port, called_ae_title=STORESCP_AE, tls=True)
+    assert not result.ok
+    assert result.summary == "TLS handshake failed"
+    assert "CERTIFICATE_VERIFY_FAILED" in result.reason
+
+
 def test_the_deployed_listener_serves_both_ports_from_every_process(listener_factory, certs):
     tls_port = free_port()
     proc = listener_factory(processes=2, calling_ae_titles=[CALLING], env={
@@ -285,7 +293,8 @@ def test_our_store_scu_refuses_a_peer_certificate_from_another_ca(tls_settings, 
                            called_ae_title=STORESCP_AE, tls=dicom_tls.client_tls_args(tls=True, host="127.0.0.1"))
     failure = session.open()
     session.close()
-    assert failure is not None and failure.kind != OutcomeKind.SUCCESS
+    assert failure is not None and failure.kind == OutcomeKind.CONFIG_ERROR
+    assert "CERTIFICATE_VERIFY_FAILED" in failure.describe()
     assert list(peer.folder.iterdir()) == []
 
 
