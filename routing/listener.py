@@ -7,6 +7,7 @@ and everything after run in the workers.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -65,6 +66,13 @@ ALLOW_LIST_TTL = 5.0  # seconds an allow-list read from the database is reused
 # dcmtk sends up to 128 KiB when allowed. Bounded, so one PDU never costs much memory.
 MAXIMUM_PDU_SIZE = 1024 * 1024
 
+# Processes sharing one listening socket: a process already serving associations waits this long
+# per association (at most ACCEPT_DEFER_MAX) before accepting, so that an idle process gets there
+# first. Milliseconds, against the tens it takes to set up an association.
+ACCEPT_DEFER = 0.002
+ACCEPT_DEFER_MAX = 0.010
+ACCEPT_RECENT = 0.020
+
 
 class ReusePortServer(ThreadedAssociationServer):
     """pynetdicom's server plus SO_REUSEPORT (several in-thread listeners can share one port),
@@ -79,6 +87,7 @@ class ReusePortServer(ThreadedAssociationServer):
 
     def __init__(self, *args, listening_socket: socket.socket | None = None, **kwargs) -> None:
         self._listening_socket = listening_socket
+        self._recent_accepts: collections.deque[float] = collections.deque()
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -105,7 +114,11 @@ class ReusePortServer(ThreadedAssociationServer):
     def get_request(self):
         # A shared listening socket is non-blocking (another process may take the connection
         # first: accept() then raises BlockingIOError, which socketserver ignores).
+        if self._listening_socket is not None:
+            self._accept_defer()
         client_socket, address = self.socket.accept()
+        if self._listening_socket is not None:
+            self._recent_accepts.append(time.monotonic())
         client_socket.setblocking(True)
         client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
@@ -113,6 +126,20 @@ class ReusePortServer(ThreadedAssociationServer):
             # sends nothing would stop every other connection. process_request_thread does it.
             client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
         return client_socket, address
+
+    def _accept_defer(self) -> None:
+        """Every process wakes for a new connection; a busy one waits a little so an idle one takes it.
+
+        Busy: associations running, plus connections accepted in the last ACCEPT_RECENT seconds
+        (an association's thread starts a moment after its accept).
+        """
+        now = time.monotonic()
+        recent = self._recent_accepts
+        while recent and now - recent[0] > ACCEPT_RECENT:
+            recent.popleft()
+        busy = len(self.active_associations) + len(recent)
+        if busy:
+            time.sleep(min(ACCEPT_DEFER * busy, ACCEPT_DEFER_MAX))
 
     def process_request_thread(self, request, client_address) -> None:
         if isinstance(request, ssl.SSLSocket) and not _tls_handshake(request, client_address, self.ae.acse_timeout):
