@@ -15,26 +15,11 @@ from results.retention import (
     studies_retention_run,
     study_pixels_delete,
 )
-from routing.models import RoutingRule, Study, StudyEvent, StudyState
+from routing.models import Study, StudyEvent, StudyState
 from tests.conftest import free_port
-from tests.test_delivery import hl7_destination, inferred_study
-from tests.test_hl7 import MLLPListener
+from tests.test_delivery import hl7_destination, inferred_study, mllp, rule  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def mllp():
-    server = MLLPListener()
-    yield server
-    server.release.set()
-    server.server.shutdown()
-    server.server.server_close()
-
-
-@pytest.fixture
-def rule():
-    return RoutingRule.objects.create(name="CT head")
 
 
 def files_of(study: Study, data_dir: Path) -> list[Path]:
