@@ -302,9 +302,12 @@ def result_payload(*, result: InferenceResult) -> ResultPayload:
     study = result.study
     sources = []
     if result.series_id:
+        # The SR cites the images the model evaluated (older results: the whole input series).
+        instances = result.series.instances.filter(deleted_at=None)
+        if result.evaluated_instances:
+            instances = instances.filter(pk__in=result.evaluated_instances)
         sources = [
-            Path(settings.DATA_DIR) / path
-            for path in result.series.instances.filter(deleted_at=None).order_by("instance_number", "pk").values_list("path", flat=True)
+            Path(settings.DATA_DIR) / path for path in instances.order_by("instance_number", "pk").values_list("path", flat=True)
         ]
     return ResultPayload(
         study_instance_uid=study.study_instance_uid,

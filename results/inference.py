@@ -158,6 +158,7 @@ def model_infer(*, study: Study, model: AIModel) -> InferenceResult:
     spec = manifest["input"]
     started = time.perf_counter() - headers_read
     indices = slice_indices(count=len(chosen.slices), depth=spec["shape"][-3], sampling=spec["slices"])
+    result.evaluated_instances = sorted({chosen.slices[i].instance_id for i in indices})
     try:
         volume = volume_load(chosen=chosen, indices=indices)
         loaded = time.perf_counter()

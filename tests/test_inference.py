@@ -76,6 +76,12 @@ class TestPipeline:
             demo_site.sha256,
         )
         assert result.instance_count == 24 and result.series == study.series.get()
+        # The slices the model read, as internal ids of this series: the SR cites exactly these.
+        series_ids = set(study.series.get().instances.values_list("pk", flat=True))
+        assert result.evaluated_instances and set(result.evaluated_instances) <= series_ids
+        from results.delivery import result_payload
+
+        assert len(result_payload(result=result).source_instances) == len(result.evaluated_instances)
         assert all(t is not None and t >= 0 for t in (result.load_seconds, result.preprocess_seconds, result.infer_seconds))
         kinds = list(study.events.values_list("kind", flat=True))
         assert kinds == ["receiving", "complete", "routed", "inferring", "inferred"]

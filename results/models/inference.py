@@ -90,6 +90,9 @@ class InferenceResult(models.Model):
     series = models.ForeignKey("routing.Series", null=True, blank=True, on_delete=models.SET_NULL)
     series_instance_uid = models.CharField(max_length=64, blank=True)
     instance_count = models.PositiveIntegerField(default=0)
+    # Internal Instance ids of the slices the model actually read (it samples a series): the SR
+    # cites these as the evaluated images. Empty for results made before this field existed.
+    evaluated_instances = models.JSONField(default=list, blank=True)
     load_seconds = models.FloatField(null=True, blank=True)
     preprocess_seconds = models.FloatField(null=True, blank=True)
     infer_seconds = models.FloatField(null=True, blank=True)
