@@ -151,8 +151,11 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
     except IntegrityError:
         # The SOP Instance UID is already stored (a resend, or another association just now): the
         # unique constraint tells us, which saves a query on every instance that is not a duplicate.
+        existing = Instance.objects.filter(sop_instance_uid=header["SOPInstanceUID"]).first()
+        if existing is not None and existing.deleted_at is not None:
+            # Sent again after retention removed its pixel data: keep this copy (not a duplicate).
+            return _restore(existing, relative=relative, size=final_path.stat().st_size, kwargs=kwargs)
         try:
-            existing = Instance.objects.filter(sop_instance_uid=header["SOPInstanceUID"]).first()
             if existing is None:
                 logger.exception("cannot record instance %s", header["SOPInstanceUID"])
                 return StoreResult(PROCESSING_FAILURE, "Processing failure: the instance could not be recorded")
@@ -288,6 +291,24 @@ def _duplicate(existing: Instance, temp_path: Path) -> StoreResult:
             f"instance {existing.sop_instance_uid} received again with different content; first copy kept",
         )
     return StoreResult(SUCCESS, "duplicate", existing.pk, existing.study_id, duplicate=True)
+
+
+def _restore(existing: Instance, *, relative: str, size: int, kwargs: dict) -> StoreResult:
+    """The instance's row points at the new file again and its study re-opens (amended)."""
+    now = timezone.now()
+    with transaction.atomic():
+        study = Study.objects.select_for_update().get(pk=existing.study_id)
+        Instance.objects.filter(pk=existing.pk).update(
+            path=relative, size=size, deleted_at=None, received_at=now, association_id=kwargs.get("association_id")
+        )
+        Study.objects.filter(pk=study.pk).update(last_received_at=now)
+        if study.state != StudyState.RECEIVING:
+            study.transition(
+                StudyState.RECEIVING,
+                kind="amended",
+                detail=f"instance {existing.sop_instance_uid} received again after retention deleted its pixel data",
+            )
+    return StoreResult(SUCCESS, "", existing.pk, existing.study_id)
 
 
 _made_dirs: set[Path] = set()

@@ -62,6 +62,25 @@ class TestWhatIsDeleted:
         assert study.events.filter(kind="delivered").exists()
         assert retention_sweep() == 0  # nothing left to do
 
+    def test_an_instance_sent_again_after_retention_is_stored_and_reopens_the_study(self, data_dir, rule, mllp, settings):
+        from pydicom import dcmread
+
+        from tests.test_completion import receive
+
+        hl7_destination(rule, mllp.port)
+        study = delivered_study(data_dir, rule, mllp.port)
+        first = study.instances.order_by("pk").first()
+        ds = dcmread(data_dir / first.path)
+        age(study, 8)
+        assert retention_sweep() == 1
+        receive(data_dir, ds)  # the PACS forwards the study again
+        first.refresh_from_db()
+        assert first.deleted_at is None and (data_dir / first.path).exists()
+        assert dcmread(data_dir / first.path).SOPInstanceUID == ds.SOPInstanceUID
+        study.refresh_from_db()
+        assert study.state == StudyState.RECEIVING
+        assert "after retention" in study.events.filter(kind="amended").get().detail
+
     def test_an_ignored_study_and_an_inferred_study_without_destinations(self, data_dir, settings):
         settings.RETENTION_DAYS = 1
         ignored, _ = inferred_study(data_dir, slices=1)
