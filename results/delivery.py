@@ -24,7 +24,16 @@ from django.utils import timezone
 
 from results.models import Delivery, DeliveryAttempt, DeliveryState, Destination, ErrorClass, InferenceResult
 from results.models.inference import ResultStatus
-from results.payload import Outcome, OutcomeKind, Priority, Protocol, ResultPayload, derive_uid
+from results.payload import (
+    SR_SOP_INSTANCE,
+    Outcome,
+    OutcomeKind,
+    Priority,
+    Protocol,
+    ResultPayload,
+    derive_uid,
+    fhir_observation_value,
+)
 from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
@@ -74,7 +83,7 @@ def idempotency_key(*, result: InferenceResult, destination: Destination) -> str
         return str(_payload_uid(seed))
     if destination.kind == "hl7":
         return f"PL{result.pk}D{destination.pk}"[:20]  # MSH-10 is at most 20 characters
-    return f"urn:oid:{derive_uid(seed, 'fhir-observation')}"  # as results.fhir.observation_identifier
+    return fhir_observation_value(seed)
 
 
 def result_uid_seed(result: InferenceResult) -> str:
@@ -82,7 +91,7 @@ def result_uid_seed(result: InferenceResult) -> str:
 
 
 def _payload_uid(seed: str) -> str:
-    return derive_uid(seed, "sr-sop-instance")  # as ResultPayload.sr_sop_instance_uid
+    return derive_uid(seed, SR_SOP_INSTANCE)
 
 
 def enqueue_delivery() -> None:

@@ -51,7 +51,7 @@ class FHIRSettings:
 
 def observation_identifier(payload: ResultPayload) -> tuple[str, str]:
     """(system, value) of the Observation: a URI derived from the result seed."""
-    return URI_SYSTEM, f"urn:oid:{payload.derived_uid('fhir-observation')}"
+    return URI_SYSTEM, payload.fhir_observation_value
 
 
 def study_identifier(payload: ResultPayload) -> tuple[str, str]:

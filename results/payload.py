@@ -77,11 +77,24 @@ class ResultPayload:
 
     @property
     def sr_sop_instance_uid(self) -> UID:
-        return self.derived_uid("sr-sop-instance")
+        return self.derived_uid(SR_SOP_INSTANCE)
+
+    @property
+    def fhir_observation_value(self) -> str:
+        return fhir_observation_value(self.result_uid_seed, prefix=self.uid_prefix)
 
     @property
     def sr_series_instance_uid(self) -> UID:
         return self.derived_uid("sr-series")
+
+
+# Purposes of derived identifiers. The delivery ledger stores the same values as idempotency keys.
+SR_SOP_INSTANCE = "sr-sop-instance"
+FHIR_OBSERVATION = "fhir-observation"
+
+
+def fhir_observation_value(seed: str, *, prefix: str = PYDICOM_ROOT_UID) -> str:
+    return f"urn:oid:{derive_uid(seed, FHIR_OBSERVATION, prefix=prefix)}"
 
 
 def derive_uid(seed: str, purpose: str, *, prefix: str = PYDICOM_ROOT_UID) -> UID:
