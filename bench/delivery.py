@@ -38,6 +38,7 @@ WORK = Path(tempfile.mkdtemp(prefix="pacslens-bench-delivery-"))
 os.environ["PACSLENS_DATA_DIR"] = str(WORK / "unused-data")  # never the user's var/
 
 from bench.sustained import RIS, percentile, studies_generate, wait_heartbeat  # noqa: E402
+from tests.identities import identity  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create  # noqa: E402
 from tests.peers import _dicomweb_plugin, orthanc_start, orthanc_stop  # noqa: E402
@@ -195,7 +196,7 @@ def sr_round_trip(orthanc, source_folder: Path, count: int = 50) -> None:
     first = dcmread(sources[0], stop_before_pixels=True)
     payload = ResultPayload(
         study_instance_uid=first.StudyInstanceUID, accession_number="BENCH", patient_id="BENCH", patient_name="ZZDEMO^BENCH",
-        triage_score=0.9, finding_flag=True, model_name="demo", model_version="1", result_uid_seed="bench-sr",
+        triage_score=0.9, finding_flag=True, model_name="demo", model_version="1", identity=identity("bench-sr"),
         created_at=timezone.now(), source_instances=sources,
     )
     sr = build_sr(payload)

@@ -7,6 +7,7 @@ file stops the process at start instead of misbehaving at 3 a.m.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -80,6 +81,14 @@ def envaetitle(name: str, default: str) -> str:
     return value.strip()
 
 
+def envuidroot(name: str) -> str:
+    """An org root for the UIDs we mint: digits and dots, short enough to leave 32+ digits."""
+    value = os.environ.get(name, "").strip().rstrip(".")
+    if value and (len(value) > 32 or not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", value)):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a DICOM UID root of at most 32 characters (e.g. 1.2.826.0.1.3680043.10.1234)")
+    return value
+
+
 def envfile(name: str, *, required: bool) -> Path | None:
     """A path to a file that must exist (certificates, keys); None when unset and not required."""
     value = os.environ.get(name, "").strip()
@@ -126,6 +135,11 @@ DICOM_DIMSE_TIMEOUT = envfloat("PACSLENS_DICOM_DIMSE_TIMEOUT", 60.0, minimum=1)
 DICOM_NETWORK_TIMEOUT = envfloat("PACSLENS_DICOM_NETWORK_TIMEOUT", 60.0, minimum=1)
 DICOM_ACCEPT_ANY_CALLING_AE = envbool("PACSLENS_ACCEPT_ANY_CALLING_AE", False)
 DICOM_SHUTDOWN_GRACE = envfloat("PACSLENS_DICOM_SHUTDOWN_GRACE", 30.0, minimum=0)
+# Identifiers we mint (results/identity.py): DICOM UIDs under the site's own org root, or "" for
+# UUID-derived 2.25 UIDs; the FHIR Observation identifier under the site's own system URI, or
+# "" for urn:ietf:rfc:3986 with a urn:uuid value. Both apply to results made after a change.
+DICOM_UID_ROOT = envuidroot("PACSLENS_UID_ROOT")
+FHIR_IDENTIFIER_SYSTEM = envstr("PACSLENS_FHIR_IDENTIFIER_SYSTEM", "").strip()
 # DICOM TLS (docs/tls.md): off, tls (the main port speaks TLS only) or both (plain on
 # DICOM_PORT, TLS on DICOM_TLS_PORT). The CA file holds the CAs trusted for client certificates
 # and for the peers our SCUs connect to with TLS.

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.db.models import Count, Max, Q
 from django.utils import timezone
 
+from results.identity import installation_current
 from results.models import Delivery, DeliveryState, Destination
 from routing.models import StoreAssociation, Study, StudyEvent, StudyState
 
@@ -184,6 +185,7 @@ def dashboard_data() -> dict:
         "stuck": studies_stuck(now=now),
         "health": [health_listener(now=now), health_workers(), health_disk()],
         "destinations": health_destinations(),
+        "installation": installation_current(),
         "generated_at": now,
     }
 

@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from results.models import Delivery, DeliveryAttempt, DeliveryState, Destination, ErrorClass, InferenceResult
 from results.models.inference import ResultStatus
+from results.identity import hl7_control_id, installation_current, result_identity
 from results.payload import (
     SR_SOP_INSTANCE,
     Outcome,
@@ -31,8 +32,7 @@ from results.payload import (
     Priority,
     Protocol,
     ResultPayload,
-    derive_uid,
-    fhir_observation_value,
+    fhir_observation_identifier,
 )
 from routing.models import Study, StudyState
 
@@ -56,13 +56,15 @@ def deliveries_create(*, study: Study, results: Iterable[InferenceResult], rule_
         if result.status != ResultStatus.SUCCEEDED:
             continue
         for destination in destinations:
+            system, key = delivery_identifier(result=result, destination=destination)
             created.append(
                 Delivery.objects.create(
                     result=result,
                     destination=destination,
                     study=study,
                     kind=destination.kind,
-                    idempotency_key=idempotency_key(result=result, destination=destination),
+                    idempotency_key=key,
+                    identifier_system=system,
                     priority=study.priority,
                 )
             )
@@ -76,22 +78,15 @@ def deliveries_create(*, study: Study, results: Iterable[InferenceResult], rule_
     return created
 
 
-def idempotency_key(*, result: InferenceResult, destination: Destination) -> str:
-    """Fixed when the row is created and reused on every re-send."""
-    seed = result_uid_seed(result)
+def delivery_identifier(*, result: InferenceResult, destination: Destination) -> tuple[str, str]:
+    """(system, idempotency key) of a new delivery: fixed when the row is created and read from
+    the row on every re-send. SR: the SOP Instance UID (one per result, whichever PACS gets it);
+    HL7: a new MSH-10 per delivery; FHIR: the Observation identifier (one per result)."""
     if destination.kind in ("dicom", "dicomweb"):
-        return str(_payload_uid(seed))
+        return "", str(result_identity(result).uid(SR_SOP_INSTANCE))
     if destination.kind == "hl7":
-        return f"PL{result.pk}D{destination.pk}"[:20]  # MSH-10 is at most 20 characters
-    return fhir_observation_value(seed)
-
-
-def result_uid_seed(result: InferenceResult) -> str:
-    return f"pacslens-result-{result.pk}"
-
-
-def _payload_uid(seed: str) -> str:
-    return derive_uid(seed, SR_SOP_INSTANCE)
+        return "", hl7_control_id(installation_current())
+    return fhir_observation_identifier(result_identity(result), system=settings.FHIR_IDENTIFIER_SYSTEM)
 
 
 def enqueue_delivery() -> None:
@@ -327,7 +322,7 @@ def result_payload(*, result: InferenceResult) -> ResultPayload:
         finding_flag=bool(result.flagged),
         model_name=result.model_name,
         model_version=result.model_version,
-        result_uid_seed=result_uid_seed(result),
+        identity=result_identity(result),
         created_at=result.created_at,
         # The worklist priority the AI asks for: a flagged finding goes to the top.
         priority=Priority.STAT if result.flagged else Priority.ROUTINE,

@@ -7,23 +7,25 @@ Observation or ImagingStudy relative to R4, so these bodies are valid R4. The ma
 example bodies, is in docs/fhir-mapping.md.
 
 Re-sends never duplicate: the Observation is created with `If-None-Exist` on an identifier
-derived from the result seed, and the ImagingStudy is written with a conditional update.
+unique to the result (results/identity.py), and the ImagingStudy is written with a conditional
+update. The RIS's ImagingStudy is merged as JSON, not through a model round trip: every element
+we do not own goes back exactly as the RIS sent it (decimals like `1.50` and datetimes like
+`...00.120+01:00` keep their text), which is why bodies go through simplejson with decimals.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import requests
+import simplejson
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
 
-from results.payload import Outcome, OutcomeKind, Protocol, ResultPayload
+from results.payload import URI_SYSTEM, Outcome, OutcomeKind, Protocol, ResultPayload
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
-URI_SYSTEM = "urn:ietf:rfc:3986"  # FHIR's system for identifiers that are URIs (urn:oid:...)
 UCUM = "http://unitsofmeasure.org"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
@@ -49,17 +51,22 @@ class FHIRSettings:
     result_extension_url: str = "http://pacslens.local/fhir/StructureDefinition/ai-triage-result"
 
 
-def observation_identifier(payload: ResultPayload) -> tuple[str, str]:
-    """(system, value) of the Observation: a URI derived from the result seed."""
-    return URI_SYSTEM, payload.fhir_observation_value
+Identifier = tuple[str, str]  # (system, value)
 
 
-def study_identifier(payload: ResultPayload) -> tuple[str, str]:
+def observation_identifier(payload: ResultPayload, identifier: Identifier | None = None) -> Identifier:
+    """(system, value) of the Observation: the one the delivery row recorded, else the result's."""
+    return identifier or payload.fhir_observation_identifier
+
+
+def study_identifier(payload: ResultPayload) -> Identifier:
     return DICOM_UID_SYSTEM, f"urn:oid:{payload.study_instance_uid}"
 
 
-def build_observation(payload: ResultPayload, settings: FHIRSettings = FHIRSettings()) -> dict[str, Any]:
-    system, value = observation_identifier(payload)
+def build_observation(
+    payload: ResultPayload, settings: FHIRSettings = FHIRSettings(), *, identifier: Identifier | None = None
+) -> dict[str, Any]:
+    system, value = observation_identifier(payload, identifier)
     study_system, study_value = study_identifier(payload)
     model = f"{payload.model_name} {payload.model_version}"
     body = {
@@ -82,8 +89,8 @@ def build_observation(payload: ResultPayload, settings: FHIRSettings = FHIRSetti
                          "identifier": {"system": study_system, "value": study_value}}],
         # A Device resource per model would need managing at the RIS; the display names it.
         "device": {"display": f"{model} (PacsLens)",
-                   "identifier": {"system": URI_SYSTEM,
-                                  "value": f"urn:oid:{payload.derived_uid('fhir-device')}"}},
+                   "identifier": {"system": URI_SYSTEM, "value": "urn:oid:" + payload.identity.device_uid(
+                       payload.model_name, payload.model_version)}},
         "note": [{"text": f"PacsLens AI triage result from model {model}; "
                           "not a diagnosis, for worklist prioritisation."}],
     }
@@ -96,17 +103,25 @@ def build_imaging_study(
     *,
     observation_id: str | None = None,
     existing: dict[str, Any] | None = None,
+    identifier: Identifier | None = None,
 ) -> dict[str, Any]:
-    """The ImagingStudy to PUT: `existing` (the RIS's copy) with our identifiers and result
-    extension merged in, or a minimal one when the RIS has none. Merging matters because PUT
-    replaces the whole resource and the RIS's series and instance details must survive."""
+    """The ImagingStudy to PUT: `existing` (the RIS's copy, as parsed JSON) with our identifiers
+    and result extension merged in, or a minimal one when the RIS has none. Merging matters
+    because PUT replaces the whole resource and the RIS's series and instance details must
+    survive; we add only what we own and leave every other element as the RIS sent it."""
     study_system, study_value = study_identifier(payload)
-    obs_system, obs_value = observation_identifier(payload)
+    obs_system, obs_value = observation_identifier(payload, identifier)
     body = dict(existing) if existing else {
         "resourceType": "ImagingStudy", "status": "available",
         "subject": _patient_reference(payload, settings),
     }
-    body.pop("meta", None)  # server-managed; a stale versionId would only confuse it
+    # Server-managed version and time would only confuse the update; tags, profiles and
+    # security labels are the RIS's and stay.
+    meta = {k: v for k, v in body.get("meta", {}).items() if k not in ("versionId", "lastUpdated")}
+    if meta:
+        body["meta"] = meta
+    else:
+        body.pop("meta", None)
     identifiers = list(body.get("identifier", []))
     wanted = [{"system": study_system, "value": study_value}]
     if payload.accession_number:
@@ -114,10 +129,12 @@ def build_imaging_study(
                                      "value": payload.accession_number}
         if settings.accession_identifier_system:
             accession["system"] = settings.accession_identifier_system
-        wanted.append(accession)
-    for identifier in wanted:
-        if not any(_same_identifier(identifier, other) for other in identifiers):
-            identifiers.append(identifier)
+        # The RIS's own accession identifier, under whatever system it uses, is the same one.
+        if not any(_is_accession(other, payload.accession_number) for other in identifiers):
+            wanted.append(accession)
+    for wanted_identifier in wanted:
+        if not any(_same_identifier(wanted_identifier, other) for other in identifiers):
+            identifiers.append(wanted_identifier)
     body["identifier"] = identifiers
     reference: dict[str, Any] = {"type": "Observation",
                                  "identifier": {"system": obs_system, "value": obs_value}}
@@ -140,25 +157,32 @@ def send_fhir_result(
     bearer_token: str | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
     session: requests.Session | None = None,
+    identifier: Identifier | None = None,
 ) -> Outcome:
     """Conditionally create the Observation, then conditionally update the ImagingStudy.
 
-    Returns one Outcome keyed by the Observation identifier value: the first failure, or
+    `identifier` is the Observation's (system, value) as the delivery row recorded it (default:
+    the result's own). Returns one Outcome keyed by the identifier value: the first failure, or
     success when both writes succeeded. Safe to repeat: neither step duplicates.
     """
     base = base_url.rstrip("/")
-    key = observation_identifier(payload)[1]
+    system, value = key_identifier = observation_identifier(payload, identifier)
+    key = value
     http = session or requests.Session()
     headers = {"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}
     if bearer_token:
         headers["Authorization"] = f"Bearer {bearer_token}"
     try:
-        observation = build_observation(payload, settings)
-        system, value = observation_identifier(payload)
+        observation = build_observation(payload, settings, identifier=key_identifier)
         response = _request(http, "POST", f"{base}/Observation", observation, timeout,
                             {**headers, "If-None-Exist": f"identifier={system}|{value}"})
         if isinstance(response, Outcome) or response.status_code not in (200, 201):
             return _failure(response, f"Observation create at {base}", key)
+        if response.status_code == 200 and _derived_from_other_study(response, observation):
+            # Never link this study to an Observation about another one (possibly another patient).
+            return _outcome(OutcomeKind.PERMANENT, 200, key,
+                            f"{base} already holds an Observation with identifier {value} for another "
+                            f"study than {payload.study_instance_uid}")
         observation_id = _resource_id(response, "Observation")
 
         study_system, study_value = study_identifier(payload)
@@ -176,7 +200,7 @@ def send_fhir_result(
                             f"{base} holds {len(entries)} ImagingStudy resources for study "
                             f"{payload.study_instance_uid}")
         study = build_imaging_study(payload, settings, observation_id=observation_id,
-                                    existing=entries[0] if entries else None)
+                                    existing=entries[0] if entries else None, identifier=key_identifier)
         updated = _request(http, "PUT", f"{base}/ImagingStudy", study, timeout, headers, search)
         if isinstance(updated, Outcome) or updated.status_code not in (200, 201):
             return _failure(updated, f"ImagingStudy update at {base}", key)
@@ -204,7 +228,7 @@ def _request(http: requests.Session, method: str, url: str, body: dict[str, Any]
              timeout: float, headers: dict[str, str], params: dict[str, str] | None = None,
              ) -> requests.Response | Outcome:
     try:
-        return http.request(method, url, data=json.dumps(body) if body is not None else None,
+        return http.request(method, url, data=dumps(body) if body is not None else None,
                             headers=headers, params=params, timeout=timeout)
     except requests.exceptions.SSLError:
         return _outcome(OutcomeKind.CONFIG_ERROR, None, "", f"TLS error talking to {url}")
@@ -219,7 +243,7 @@ def _failure(response: requests.Response | Outcome, what: str, key: str) -> Outc
     # OperationOutcome issue codes only: diagnostics text may quote the resource.
     codes = ""
     try:
-        issues = response.json().get("issue", [])
+        issues = loads(response).get("issue", [])
         codes = ", ".join(sorted({str(issue.get("code")) for issue in issues if issue.get("code")}))
     except (ValueError, AttributeError):
         pass
@@ -232,7 +256,7 @@ def _failure(response: requests.Response | Outcome, what: str, key: str) -> Outc
 
 def _bundle_resources(response: requests.Response, resource_type: str) -> list[dict[str, Any]] | None:
     try:
-        bundle = response.json()
+        bundle = loads(response)
         return [entry["resource"] for entry in (bundle.get("entry") or [])
                 if entry.get("resource", {}).get("resourceType") == resource_type]
     except (ValueError, AttributeError, KeyError, TypeError):
@@ -241,10 +265,10 @@ def _bundle_resources(response: requests.Response, resource_type: str) -> list[d
 
 def _resource_id(response: requests.Response, resource_type: str) -> str | None:
     try:
-        body = response.json()
+        body = loads(response)
         if body.get("resourceType") == resource_type and body.get("id"):
             return str(body["id"])
-    except ValueError:
+    except (ValueError, AttributeError):
         pass
     # Location: [base]/Observation/123/_history/1
     parts = response.headers.get("Location", "").split("/")
@@ -253,9 +277,29 @@ def _resource_id(response: requests.Response, resource_type: str) -> str | None:
     return None
 
 
-def _validated(model: Any, body: dict[str, Any], payload: ResultPayload) -> dict[str, Any]:
+def loads(response: requests.Response) -> Any:
+    """A FHIR JSON body with decimals kept as written (`1.50` stays `1.50` when sent back)."""
+    return simplejson.loads(response.content, use_decimal=True)
+
+
+def dumps(body: dict[str, Any]) -> str:
+    return simplejson.dumps(body, use_decimal=True)
+
+
+def _derived_from_other_study(response: requests.Response, ours: dict[str, Any]) -> bool:
+    """Whether the Observation a conditional create found names another study than ours."""
     try:
-        resource = model.model_validate(body)
+        found = loads(response)
+        theirs = [ref.get("identifier") for ref in found.get("derivedFrom", [])]
+    except (ValueError, AttributeError):
+        return False  # no body to check (a server may answer 200 without one)
+    return bool(theirs) and ours["derivedFrom"][0]["identifier"] not in theirs
+
+
+def _validated(model: Any, body: dict[str, Any], payload: ResultPayload) -> dict[str, Any]:
+    """`body` itself once the model accepts it: validated, never re-serialised."""
+    try:
+        model.model_validate(body)
     except Exception as exc:
         # pydantic's message quotes input values; keep only the failing locations.
         locations = sorted({".".join(str(part) for part in error["loc"])
@@ -264,7 +308,7 @@ def _validated(model: Any, body: dict[str, Any], payload: ResultPayload) -> dict
             f"{body['resourceType']} for study {payload.study_instance_uid} does not validate "
             f"({', '.join(locations) or type(exc).__name__})"
         ) from None
-    return json.loads(resource.model_dump_json(exclude_none=True))
+    return body
 
 
 def _patient_reference(payload: ResultPayload, settings: FHIRSettings) -> dict[str, Any]:
@@ -280,6 +324,11 @@ def _concept(system: str, code: str, display: str) -> dict[str, Any]:
 
 def _same_identifier(one: dict[str, Any], other: dict[str, Any]) -> bool:
     return one.get("system") == other.get("system") and one.get("value") == other.get("value")
+
+
+def _is_accession(identifier: dict[str, Any], accession_number: str) -> bool:
+    codes = [coding.get("code") for coding in identifier.get("type", {}).get("coding", [])]
+    return "ACSN" in codes and identifier.get("value") == accession_number
 
 
 def _outcome(kind: OutcomeKind, code: int | None, key: str, message: str) -> Outcome:

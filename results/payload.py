@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,55 @@ class Priority(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class ResultIdentity:
+    """Where every identifier of one result's outgoing objects comes from.
+
+    `installation` is this gateway's identity (made once per database, kept in its backups);
+    `result` is a random UUID drawn when the result row was written. Every UID and identifier
+    derives from both, so it is the same on every re-send of this result and different from
+    anything another installation, a reinstalled one, or a copy of this database mints: the
+    random result UUID alone is 122 bits, whatever the row ids are.
+
+    `uid_root` is a site's own org root for DICOM UIDs ("" = the UUID-derived root 2.25, which
+    needs no registration). `legacy_seed` is set only for results delivered before identities
+    existed: they keep deriving exactly the identifiers they were first delivered with.
+    """
+
+    installation: uuid.UUID
+    result: uuid.UUID
+    uid_root: str = ""
+    legacy_seed: str = ""
+
+    def uid(self, purpose: str) -> UID:
+        """A DICOM UID for this result and purpose (SR SOP instance, series, tracking...)."""
+        if self.legacy_seed:
+            return derive_uid(self.legacy_seed, purpose)
+        return self._uid_for(self._uuid(f"result/{self.result}/{purpose}"))
+
+    def device_uid(self, model_name: str, model_version: str) -> UID:
+        """The model as a device of this installation: one UID per installation and model version."""
+        if self.legacy_seed:
+            return derive_uid(f"model\x00{model_name}", model_version)
+        return self._uid_for(self._uuid(f"model/{model_name}\x00{model_version}"))
+
+    def urn(self, purpose: str) -> str:
+        """A `urn:uuid:` URI for this result and purpose (FHIR identifiers)."""
+        if self.legacy_seed:
+            # As delivered before identities existed: a URN of the legacy OID.
+            return f"urn:oid:{derive_uid(self.legacy_seed, purpose)}"
+        return self._uuid(f"result/{self.result}/{purpose}").urn
+
+    def _uuid(self, name: str) -> uuid.UUID:
+        # RFC 9562 name-based UUID in the installation's namespace.
+        return uuid.uuid5(self.installation, name)
+
+    def _uid_for(self, derived: uuid.UUID) -> UID:
+        if self.uid_root:
+            return derive_uid(derived.hex, "", prefix=f"{self.uid_root}.")
+        return UID(f"2.25.{derived.int}")  # PS3.5 B.2: a UUID as a UID
+
+
+@dataclass(frozen=True)
 class ResultPayload:
     """Everything the SR, HL7 and FHIR builders need about one inference result."""
 
@@ -50,9 +100,9 @@ class ResultPayload:
     finding_flag: bool
     model_name: str
     model_version: str
-    # Stable per result, e.g. "pacslens-result-42": every UID and identifier of the outgoing
-    # objects derives from it, so a re-send is the same object and receivers keep one copy.
-    result_uid_seed: str
+    # Every UID and identifier of the outgoing objects derives from it, so a re-send is the
+    # same object and receivers keep one copy.
+    identity: ResultIdentity
     created_at: dt.datetime
     priority: Priority = Priority.ROUTINE
     # Source instances for the SR's evidence and image library: datasets (pixel data not
@@ -60,41 +110,44 @@ class ResultPayload:
     source_instances: tuple[Dataset | Path, ...] = field(default=(), repr=False)
     # The result is preliminary until a radiologist confirms it; sites may send final.
     is_final: bool = False
-    # Org root for derived UIDs; pydicom's documented root unless the site has its own.
-    uid_prefix: str = PYDICOM_ROOT_UID
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.triage_score <= 1.0:
             raise ValueError(f"triage_score must be within 0..1, got {self.triage_score!r}")
-        if not self.result_uid_seed:
-            raise ValueError("result_uid_seed must not be empty")
         if self.created_at.tzinfo is None:
             raise ValueError("created_at must be timezone-aware")
 
     def derived_uid(self, purpose: str) -> UID:
         """A UID that is the same for this result and purpose on every call and every host."""
-        return derive_uid(self.result_uid_seed, purpose, prefix=self.uid_prefix)
+        return self.identity.uid(purpose)
 
     @property
     def sr_sop_instance_uid(self) -> UID:
         return self.derived_uid(SR_SOP_INSTANCE)
 
     @property
-    def fhir_observation_value(self) -> str:
-        return fhir_observation_value(self.result_uid_seed, prefix=self.uid_prefix)
-
-    @property
     def sr_series_instance_uid(self) -> UID:
         return self.derived_uid("sr-series")
+
+    @property
+    def fhir_observation_identifier(self) -> tuple[str, str]:
+        """(system, value) of the FHIR Observation under the URI system; the ledger may choose a
+        site's own system instead (see fhir_observation_identifier)."""
+        return fhir_observation_identifier(self.identity)
 
 
 # Purposes of derived identifiers. The delivery ledger stores the same values as idempotency keys.
 SR_SOP_INSTANCE = "sr-sop-instance"
 FHIR_OBSERVATION = "fhir-observation"
+URI_SYSTEM = "urn:ietf:rfc:3986"  # FHIR's system for identifiers that are URIs (urn:uuid:...)
 
 
-def fhir_observation_value(seed: str, *, prefix: str = PYDICOM_ROOT_UID) -> str:
-    return f"urn:oid:{derive_uid(seed, FHIR_OBSERVATION, prefix=prefix)}"
+def fhir_observation_identifier(identity: ResultIdentity, *, system: str = "") -> tuple[str, str]:
+    """Under a site's own `system` the value is the bare UUID; otherwise the urn:uuid URI."""
+    urn = identity.urn(FHIR_OBSERVATION)
+    if system and not identity.legacy_seed:
+        return system, urn.removeprefix("urn:uuid:")
+    return URI_SYSTEM, urn
 
 
 def derive_uid(seed: str, purpose: str, *, prefix: str = PYDICOM_ROOT_UID) -> UID:

@@ -14,7 +14,7 @@ from results.dicom_send import StoreSession
 from results.fhir import FHIRBuildError, send_fhir_result
 from results.hl7 import AckPolicy, HL7BuildError, HL7Settings, build_hl7_message, send_mllp
 from results.models import Delivery, Destination
-from results.payload import Outcome, OutcomeKind
+from results.payload import URI_SYSTEM, Outcome, OutcomeKind, Protocol
 from results.sr import SRBuildError, build_sr
 from results.stow_client import HttpAuth, stow_datasets
 from routing import dicom_tls
@@ -27,10 +27,16 @@ def send(*, delivery: Delivery, context) -> Outcome:
 
     destination = delivery.destination
     payload = result_payload(result=delivery.result)
-    if destination.kind == "dicom":
-        return _send_dicom(destination, build_sr(payload), context)
-    if destination.kind == "dicomweb":
-        return stow_datasets(destination.base_url, [build_sr(payload)], auth=http_auth(destination), timeout=destination.timeout_seconds)[0]
+    if destination.kind in ("dicom", "dicomweb"):
+        sr = build_sr(payload)
+        if sr.SOPInstanceUID != delivery.idempotency_key:
+            # Keys are minted once; an SR under another UID would be a second copy at the PACS.
+            return Outcome(OutcomeKind.PERMANENT, Protocol(delivery.kind), None,
+                           f"the SR for result {delivery.result_id} has SOP Instance UID {sr.SOPInstanceUID}, "
+                           f"not the delivery's {delivery.idempotency_key}", delivery.idempotency_key)
+        if destination.kind == "dicom":
+            return _send_dicom(destination, sr, context)
+        return stow_datasets(destination.base_url, [sr], auth=http_auth(destination), timeout=destination.timeout_seconds)[0]
     if destination.kind == "hl7":
         message = build_hl7_message(
             payload, message_type=destination.hl7_message_type, control_id=delivery.idempotency_key, settings=hl7_settings(destination)
@@ -41,7 +47,10 @@ def send(*, delivery: Delivery, context) -> Outcome:
         )
     if destination.kind == "fhir":
         token = destination.secret if destination.auth == "bearer" else None
-        return send_fhir_result(destination.base_url, payload, bearer_token=token, timeout=destination.timeout_seconds)
+        return send_fhir_result(
+            destination.base_url, payload, bearer_token=token, timeout=destination.timeout_seconds,
+            identifier=(delivery.identifier_system or URI_SYSTEM, delivery.idempotency_key),
+        )
     raise ValueError(f"unknown destination kind {destination.kind!r}")
 
 

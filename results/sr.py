@@ -2,7 +2,8 @@
 
 `build_sr(payload)` returns a validated Comprehensive 3D SR dataset; `sr_to_bytes` gives its
 Part 10 encoding for STOW-RS. The SOP Instance and Series UIDs derive from the payload's
-result seed, so a re-send is the same object and the PACS keeps one copy.
+result identity (results/identity.py), so a re-send is the same object and the PACS keeps one
+copy, and no other result of any installation has them.
 
 highdicom is imported at module import on purpose: its import costs ~0.3 s, paid once per
 worker rather than once per delivery.
@@ -23,7 +24,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
-from results.payload import ResultPayload, derive_uid
+from results.payload import ResultPayload
 
 MANUFACTURER = "PacsLens"
 SERIES_DESCRIPTION = "PacsLens AI result"
@@ -157,10 +158,9 @@ def _measurement_report(
     payload: ResultPayload, sources: Sequence[Dataset], sr_codes: SRCodes
 ) -> hd.sr.MeasurementReport:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        # One observer UID per model version, so a PACS can group results per model.
-        uid=derive_uid(
-            f"model\x00{payload.model_name}", payload.model_version, prefix=payload.uid_prefix
-        ),
+        # One observer UID per installation and model version: a PACS can group results per
+        # model, and tell two gateways running the same model apart.
+        uid=payload.identity.device_uid(payload.model_name, payload.model_version),
         name=payload.model_name[:64],
         manufacturer_name=MANUFACTURER,
         model_name=f"{payload.model_name} {payload.model_version}"[:64],

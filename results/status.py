@@ -43,6 +43,7 @@ def study_results_status(study: Study) -> list[dict]:
             "supersedes": r.supersedes_id,
             "current": r.pk not in superseded,
             "demonstration": r.model.demonstration,
+            "uid": str(r.uid),
         }
         for r in study.inference_results.select_related("model").order_by("-created_at", "-id")
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -15,6 +17,7 @@ from results.delivery import (
     delivery_discard,
     delivery_retry,
 )
+from results.identity import installation_current
 from results.models import AIModel, Delivery, DeliveryState, Destination, InferenceResult
 from routing.models import ApplicationEntity, RoutingRule, Study, StudyState
 from tests.test_completion import receive
@@ -114,8 +117,11 @@ class TestOutbox:
         study.refresh_from_db()
         assert study.state == StudyState.DELIVERING
         keys = {d.kind: d.idempotency_key for d in created}
-        assert keys["hl7"] == f"PL{result.pk}D{created[0].destination.pk if created[0].kind == 'hl7' else created[1].destination.pk}"
-        assert keys["dicom"].startswith("1.2.826.0.1.3680043.8.498.")
+        installation = installation_current()
+        # MSH-10: 20 base32 characters, the first five naming this installation.
+        assert re.fullmatch(f"{installation.tag}[A-Z2-7]{{15}}", keys["hl7"])
+        # The SR SOP Instance UID: a UUID UID derived from this installation and the result's UUID.
+        assert keys["dicom"] == f"2.25.{uuid.uuid5(installation.uuid, f'result/{result.uid}/sr-sop-instance').int}"
 
     def test_failed_results_are_not_delivered(self, data_dir, rule, mllp):
         study, result = inferred_study(data_dir)

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from tests.identities import identity
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
 from pynetdicom import AE, evt
@@ -123,7 +124,7 @@ def test_a_re_send_leaves_one_copy_at_orthanc(orthanc, study_and_sr):
 
 def test_a_session_reuses_one_association_with_tcp_nodelay(orthanc):
     sources = make_ct_slices(2)
-    srs = [build_sr(make_payload(sources, result_uid_seed=f"pacslens-result-r{n}"))
+    srs = [build_sr(make_payload(sources, identity=identity(f"result-r{n}")))
            for n in range(3)]
 
     with StoreSession(calling_ae_title=CALLING_AE, host=orthanc.host, port=orthanc.dicom_port,
@@ -140,7 +141,7 @@ def test_a_session_reuses_one_association_with_tcp_nodelay(orthanc):
 
 def test_a_session_reconnects_when_the_peer_dropped_the_association(scp_factory):
     sources = make_ct_slices(1)
-    srs = [build_sr(make_payload(sources, result_uid_seed=f"pacslens-result-d{n}"))
+    srs = [build_sr(make_payload(sources, identity=identity(f"result-d{n}")))
            for n in range(3)]
     scp = scp_factory(drop_after_store=True)
     with StoreSession(calling_ae_title=CALLING_AE, host="127.0.0.1", port=scp.port,
@@ -260,7 +261,7 @@ def test_a_warning_is_a_success_with_a_note(scp_factory, study_and_sr):
 
 def test_outcomes_come_back_per_dataset_in_order(scp_factory):
     sources = make_ct_slices(1, patient_name="Doe^Jane")
-    srs = [build_sr(make_payload(sources, result_uid_seed=f"pacslens-result-o{n}"))
+    srs = [build_sr(make_payload(sources, identity=identity(f"result-o{n}")))
            for n in range(3)]
     scp = scp_factory(status=0xA900)
     outcomes = send(scp, srs)

@@ -11,6 +11,7 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
+from tests.identities import identity
 import pytest
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
@@ -33,7 +34,7 @@ def make_payload(**overrides: Any) -> ResultPayload:
     values: dict[str, Any] = dict(
         study_instance_uid="1.2.826.0.1.3680043.8.498.77", accession_number="ACC0077",
         patient_id="PID-77", patient_name="Doe^Jane", triage_score=0.8731, finding_flag=True,
-        model_name="demo-ich", model_version="1.2.0", result_uid_seed="pacslens-result-77",
+        model_name="demo-ich", model_version="1.2.0", identity=identity("result-77"),
         created_at=dt.datetime(2024, 1, 1, 12, 5, 30, tzinfo=dt.UTC), priority=Priority.STAT,
     )
     values.update(overrides)
@@ -178,7 +179,7 @@ def test_the_observation_maps_score_flag_study_and_model():
     body = build_observation(payload)
     Observation.model_validate(body)
     assert body["identifier"] == [{"system": "urn:ietf:rfc:3986",
-                                   "value": f"urn:oid:{payload.derived_uid('fhir-observation')}"}]
+                                   "value": payload.identity.urn("fhir-observation")}]
     assert body["status"] == "preliminary"
     assert body["valueQuantity"] == {"value": 0.8731, "unit": "score",
                                      "system": "http://unitsofmeasure.org", "code": "{score}"}
@@ -198,7 +199,7 @@ def test_a_final_result_is_final():
 def test_the_identifier_is_stable_per_result():
     assert observation_identifier(make_payload()) == observation_identifier(make_payload())
     assert (observation_identifier(make_payload())
-            != observation_identifier(make_payload(result_uid_seed="pacslens-result-78")))
+            != observation_identifier(make_payload(identity=identity("result-78"))))
 
 
 def test_the_imaging_study_merges_into_the_ris_copy():

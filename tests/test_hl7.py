@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from tests.identities import identity
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
@@ -30,7 +31,7 @@ def make_payload(**overrides: Any) -> ResultPayload:
     values: dict[str, Any] = dict(
         study_instance_uid="1.2.826.0.1.3680043.8.498.1", accession_number="ACC0042",
         patient_id="PID-77", patient_name="Doe^Jane", triage_score=0.8731, finding_flag=True,
-        model_name="demo-ich", model_version="1.2.0", result_uid_seed="pacslens-result-42",
+        model_name="demo-ich", model_version="1.2.0", identity=identity("result-42"),
         created_at=dt.datetime(2024, 1, 1, 12, 5, 30, tzinfo=dt.UTC), priority=Priority.STAT,
     )
     values.update(overrides)

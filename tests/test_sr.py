@@ -8,6 +8,7 @@ import datetime as dt
 import io
 
 import highdicom as hd
+from tests.identities import identity
 import pytest
 from pydicom import dcmread
 from pydicom.sr.codedict import codes
@@ -29,7 +30,7 @@ def make_payload(sources, **overrides) -> ResultPayload:
         finding_flag=True,
         model_name="demo-ich",
         model_version="1.2.0",
-        result_uid_seed="pacslens-result-1",
+        identity=identity("result-1"),
         created_at=dt.datetime(2024, 1, 1, 12, 5, 30, tzinfo=dt.UTC),
         priority=Priority.STAT,
         source_instances=tuple(sources),
@@ -163,7 +164,7 @@ def test_it_is_deterministic_per_result_seed():
     sources = make_ct_slices(2)
     first = build_sr(make_payload(sources))
     again = build_sr(make_payload(sources))
-    other = build_sr(make_payload(sources, result_uid_seed="pacslens-result-2"))
+    other = build_sr(make_payload(sources, identity=identity("result-2")))
 
     assert first.SOPInstanceUID == again.SOPInstanceUID
     assert first.SeriesInstanceUID == again.SeriesInstanceUID

@@ -12,6 +12,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
+from tests.identities import identity
 import pytest
 from pydicom import dcmread
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.interop
 
 def test_it_stores_the_sr_in_the_source_study_at_orthanc(orthanc):
     sources = make_ct_slices(3)
-    payload = make_payload(sources, result_uid_seed="pacslens-result-stow-1")
+    payload = make_payload(sources, identity=identity("result-stow-1"))
     orthanc.clear()
     for ds in sources:
         orthanc.upload(dataset_bytes(ds))
@@ -45,7 +46,7 @@ def test_it_stores_the_sr_in_the_source_study_at_orthanc(orthanc):
 
 def test_a_re_send_leaves_one_copy_at_orthanc(orthanc):
     sources = make_ct_slices(2)
-    payload = make_payload(sources, result_uid_seed="pacslens-result-stow-2")
+    payload = make_payload(sources, identity=identity("result-stow-2"))
     orthanc.clear()
     for ds in sources:
         orthanc.upload(dataset_bytes(ds))
@@ -147,7 +148,7 @@ def stow_server() -> Iterator[StowServer]:
 @pytest.fixture(scope="module")
 def three_srs():
     sources = make_ct_slices(1, patient_name="Doe^Jane")
-    return [build_sr(make_payload(sources, result_uid_seed=f"pacslens-result-s{n}"))
+    return [build_sr(make_payload(sources, identity=identity(f"result-s{n}")))
             for n in range(3)]
 
 

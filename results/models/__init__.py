@@ -17,6 +17,7 @@ from results.models.inference import (
     InferenceResult,
     ResultStatus,
 )
+from results.models.installation import Installation
 
 __all__ = [
     "AckAction",
@@ -31,5 +32,6 @@ __all__ = [
     "FailureReason",
     "ImmutableResultError",
     "InferenceResult",
+    "Installation",
     "ResultStatus",
 ]

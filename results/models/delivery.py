@@ -160,6 +160,8 @@ class Delivery(models.Model):
     kind = models.CharField(max_length=10, choices=DestinationKind.choices)
     # SR SOP Instance UID / HL7 MSH-10 / FHIR identifier value: the same on every re-send.
     idempotency_key = models.CharField(max_length=80)
+    # FHIR only: the system of the Observation identifier whose value is idempotency_key.
+    identifier_system = models.CharField(max_length=255, blank=True, default="")
     state = models.CharField(max_length=10, choices=DeliveryState.choices, default=DeliveryState.PENDING)
     priority = models.SmallIntegerField(default=5, help_text="Copied from the study: lower goes first")
     attempts = models.PositiveIntegerField(default=0)

@@ -6,11 +6,17 @@ new row that points at the one it supersedes, so the history of every score stay
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
+
+
+def uid_root_current() -> str:
+    """PACSLENS_UID_ROOT as the site has it now: a result keeps the root it was made under."""
+    return settings.DICOM_UID_ROOT
 
 
 class AIModel(models.Model):
@@ -100,6 +106,16 @@ class InferenceResult(models.Model):
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="superseded_by"
     )
     created_at = models.DateTimeField(default=timezone.now)
+    # Identifiers of the outgoing SR/HL7/FHIR objects derive from this random UUID and the
+    # installation's (results/identity.py); the other two fields pin how they were derived.
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    uid_root = models.CharField(
+        max_length=32, blank=True, editable=False, default=uid_root_current, help_text="DICOM org root in force when made; blank: 2.25"
+    )
+    legacy_uid_seed = models.CharField(
+        max_length=64, blank=True, default="", editable=False,
+        help_text="Results delivered before identities existed keep deriving their first identifiers",
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -1,6 +1,6 @@
 """`manage.py setup_site`: idempotent first-run and upgrade steps, run by `make run`.
 
-Makes the data dir, ensures a staff login exists (a generated password printed once — there
+Makes the data dir, writes the installation identity into it (results/identity.py), ensures a staff login exists (a generated password printed once — there
 is never a fixed default), and ensures the periodic sweeps are scheduled.
 """
 
@@ -13,6 +13,7 @@ from django.utils.crypto import get_random_string
 
 from pacslens.schedules import schedules_ensure
 from results.demo_model import ensure_demo_setup
+from results.identity import identity_file_sync, installation_row
 from routing.ingest import incoming_dir
 from routing.models import ApplicationEntity
 
@@ -23,6 +24,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options) -> None:
         incoming_dir()
         (settings.DATA_DIR / "instances").mkdir(parents=True, exist_ok=True)
+        self.stdout.write(identity_file_sync(installation_row()))
         self.ensure_admin()
         self.ensure_demo_sender()
         names = schedules_ensure()

@@ -11,6 +11,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count, Sum
 
+from results.identity import installation_current
 from results.status import render_status_lines, study_deliveries_status, study_results_status, study_routing_status
 from routing.models import Study
 
@@ -58,6 +59,8 @@ def study_status_data(study: Study) -> dict:
         "routing": study_routing_status(study),
         "results": study_results_status(study),
         "deliveries": study_deliveries_status(study),
+        # The gateway whose identifiers these are (README: how identifiers are made).
+        "installation": str(installation_current().uuid),
     }
 
 
@@ -91,6 +94,7 @@ def render_text(data: dict) -> str:
         f"State      {data['state']}   priority {data['priority']}",
         f"Accession  {data['accession_number'] or '-'}   modalities {', '.join(data['modalities']) or '-'}",
         f"From       {data['sending_ae_title'] or '-'}",
+        f"Gateway    installation {data['installation']}",
         f"Received   {data['first_received_at']} .. {data['last_received_at']}",
         f"Counts     {data['series_count']} series, {data['instance_count']} instances",
     ]
