@@ -186,9 +186,9 @@ def sr_round_trip(orthanc, source_folder: Path, count: int = 50) -> None:
     django.setup()
     from django.utils import timezone
 
-    from results.dicom_send import StoreSession
-    from results.payload import ResultPayload
-    from results.sr import build_sr
+    from results.deliver.dicom_send import StoreSession
+    from results.deliver.payload import ResultPayload
+    from results.deliver.sr import build_sr
 
     sources = tuple(sorted(source_folder.glob("*.dcm"))[:40])
     from pydicom import dcmread

@@ -40,7 +40,7 @@ MiB = 1024 * 1024
 
 def generate(args: tuple[Path, bool, int, int]) -> tuple[str, list[str]]:
     """In a child process, so generating 150 MB studies does not count in the worker's RSS."""
-    from routing.demo_study import demo_study_write
+    from pacslens.demo_study import demo_study_write
 
     outdir, lesion, slices, seed = args
     study = demo_study_write(outdir=outdir, lesion=lesion, slices=slices, seed=seed)
@@ -112,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
     from django.conf import settings
     from django.core.management import call_command
 
-    from results.demo_model import ensure_demo_setup
-    from results.inference import study_claim_next, study_infer
+    from results.inference.demo_model import ensure_demo_setup
+    from results.inference.services import study_claim_next, study_infer
     from results.models import InferenceResult
-    from routing.ingest import incoming_dir, instance_store
+    from routing.store.ingest import incoming_dir, instance_store
     from routing.models import Study, StudyState
     from routing.rules import study_route
 

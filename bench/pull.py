@@ -45,9 +45,9 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
-from routing.listener import DicomListener  # noqa: E402
+from routing.receive.listener import DicomListener  # noqa: E402
 from routing.models import ApplicationEntity, Poll, PollSource, Study, StudyRetrieve  # noqa: E402
-from routing.pull import poll_due_sources, retrieve  # noqa: E402
+from routing.pull.poll import poll_due_sources, retrieve  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.listener_proc import ct_series_write, dcmtk_env  # noqa: E402
 from tests.peers import ORTHANC_AET, OrthancPeer, _dicomweb_plugin, _wait_until_up, dataset_bytes, make_ct_slices  # noqa: E402

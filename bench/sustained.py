@@ -127,7 +127,7 @@ class GeneratedStudy:
 
 
 def studies_generate(folder: Path, *, count: int, mix: list[tuple[float, int, int]]) -> list[GeneratedStudy]:
-    from routing.demo_study import demo_study_write
+    from pacslens.demo_study import demo_study_write
 
     rng = random.Random(7)
     shapes = [(slices, size) for share, slices, size in mix for _ in range(round(share * count))]

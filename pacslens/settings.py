@@ -135,7 +135,7 @@ DICOM_DIMSE_TIMEOUT = envfloat("PACSLENS_DICOM_DIMSE_TIMEOUT", 60.0, minimum=1)
 DICOM_NETWORK_TIMEOUT = envfloat("PACSLENS_DICOM_NETWORK_TIMEOUT", 60.0, minimum=1)
 DICOM_ACCEPT_ANY_CALLING_AE = envbool("PACSLENS_ACCEPT_ANY_CALLING_AE", False)
 DICOM_SHUTDOWN_GRACE = envfloat("PACSLENS_DICOM_SHUTDOWN_GRACE", 30.0, minimum=0)
-# Identifiers we mint (results/identity.py): DICOM UIDs under the site's own org root, or "" for
+# Identifiers we mint (results/deliver/identity.py): DICOM UIDs under the site's own org root, or "" for
 # UUID-derived 2.25 UIDs; the FHIR Observation identifier under the site's own system URI, or
 # "" for urn:ietf:rfc:3986 with a urn:uuid value. Both apply to results made after a change.
 DICOM_UID_ROOT = envuidroot("PACSLENS_UID_ROOT")
@@ -197,6 +197,8 @@ INSTALLED_APPS = [
     "django_q",
     "routing",
     "results",
+    # The site as a whole: project-wide management commands (pacslens/management); no models.
+    "pacslens",
 ]
 
 MIDDLEWARE = [

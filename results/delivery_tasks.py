@@ -3,7 +3,7 @@ which delivery is most urgent, the task only says there may be work."""
 
 from __future__ import annotations
 
-from results.delivery import deliveries_run_pending
+from results.deliver.ledger import deliveries_run_pending
 
 
 def deliver_pending() -> int:

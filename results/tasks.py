@@ -14,7 +14,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from results.inference import inference_run_pending, studies_inferring_stale
+from results.inference.services import inference_run_pending, studies_inferring_stale
 from routing.models import Study, StudyState
 from routing.rules import study_route
 

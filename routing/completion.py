@@ -70,8 +70,8 @@ def study_complete(
     """→ COMPLETE and enqueue routing + inference once the transaction commits.
 
     The one way a study becomes complete, whatever decided it: quiet period, association
-    release or ceiling here, a retrieve's final response in routing.pull, or a staff re-run
-    (results.inference.study_request_rerun, from a finished state).
+    release or ceiling here, a retrieve's final response in routing.pull.poll, or a staff re-run
+    (results.inference.services.study_request_rerun, from a finished state).
     """
     with transaction.atomic():
         moved = study.transition(

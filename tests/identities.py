@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from results.payload import ResultIdentity
+from results.deliver.payload import ResultIdentity
 
 # The installation the payload tests pretend to be; any fixed UUID serves.
 TEST_INSTALLATION = uuid.UUID("6f1c2a4e-3b5d-4c7e-9a8b-0d1e2f3a4b5c")

@@ -16,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from results.models import Destination
-from routing.assess import UnknownNode, node_assess
+from pacslens.ops.assess import UnknownNode, node_assess
 from routing.models import ApplicationEntity
 from tests.conftest import free_port
 from tests.test_hl7 import MLLPListener

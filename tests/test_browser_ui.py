@@ -70,7 +70,7 @@ def screenshot(page, name: str) -> None:
 
 class TestPacsAdministrator:
     def test_adds_an_ae_title_and_tests_it_against_a_running_listener(self, page, settings, data_dir):
-        from routing.listener import DicomListener
+        from routing.receive.listener import DicomListener
         from routing.models import ApplicationEntity, AuditEntry
 
         settings.DICOM_ACCEPT_ANY_CALLING_AE = True
@@ -113,7 +113,7 @@ class TestPacsAdministrator:
 
 class TestInformaticist:
     def test_retries_a_failed_delivery_and_watches_it_turn_delivered(self, page, data_dir):
-        from results.delivery import deliveries_create, deliveries_run_pending
+        from results.deliver.ledger import deliveries_create, deliveries_run_pending
         from results.models import Delivery
         from routing.models import RoutingRule
         from tests.test_delivery import _restart_on, hl7_destination, inferred_study

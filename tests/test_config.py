@@ -6,7 +6,7 @@ import pytest
 import yaml
 from django.core.management import CommandError, call_command
 
-from routing.config_yaml import config_export, config_import
+from pacslens.site_config.document import config_export, config_import
 from routing.models import ApplicationEntity
 
 pytestmark = pytest.mark.django_db

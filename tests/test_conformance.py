@@ -11,7 +11,7 @@ from django.test import Client
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from results.models import Destination
-from routing.listener import TRANSFER_SYNTAXES
+from routing.receive.listener import TRANSFER_SYNTAXES
 from routing.models import ApplicationEntity
 
 pytestmark = pytest.mark.django_db

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from results.delivery import (
+from results.deliver.ledger import (
     DiscardReasonRequired,
     deliveries_create,
     deliveries_run_pending,
@@ -17,7 +17,7 @@ from results.delivery import (
     delivery_discard,
     delivery_retry,
 )
-from results.identity import installation_current
+from results.deliver.identity import installation_current
 from results.models import AIModel, Delivery, DeliveryState, Destination, InferenceResult
 from routing.models import ApplicationEntity, RoutingRule, Study, StudyState
 from tests.test_completion import receive
@@ -62,7 +62,7 @@ def inferred_study(data_dir, *, slices=3, flagged=True) -> tuple[Study, Inferenc
 
     from pydicom import dcmread
 
-    from routing.demo_study import demo_study_write
+    from pacslens.demo_study import demo_study_write
 
     with tempfile.TemporaryDirectory() as folder:
         demo_study_write(outdir=Path(folder), slices=slices, size=16, lesion=flagged)

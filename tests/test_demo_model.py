@@ -8,10 +8,10 @@ import pydicom
 import pytest
 from django.core.management import call_command
 
-from results.demo_model import INPUT_SHAPE, THRESHOLD, demo_manifest, demo_model_build, demo_model_write
-from results.manifest import manifest_normalize
-from results.volume import LoadedVolume, slice_indices, volume_preprocess
-from routing.demo_study import demo_study_write
+from results.inference.demo_model import INPUT_SHAPE, THRESHOLD, demo_manifest, demo_model_build, demo_model_write
+from results.inference.manifest import manifest_normalize
+from results.inference.volume import LoadedVolume, slice_indices, volume_preprocess
+from pacslens.demo_study import demo_study_write
 
 
 @pytest.fixture(scope="module")

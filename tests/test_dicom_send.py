@@ -13,9 +13,9 @@ from pydicom.uid import Comprehensive3DSRStorage
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from results.dicom_send import StoreSession, send_datasets
-from results.payload import OutcomeKind, Protocol
-from results.sr import build_sr
+from results.deliver.dicom_send import StoreSession, send_datasets
+from results.deliver.payload import OutcomeKind, Protocol
+from results.deliver.sr import build_sr
 from tests.conftest import free_port
 from tests.peers import dataset_bytes, make_ct_slices
 from tests.test_sr import make_payload

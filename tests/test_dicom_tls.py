@@ -19,15 +19,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from pacslens.settings import envfile
-from results.dicom_send import StoreSession
+from results.deliver.dicom_send import StoreSession
 from results.models import Destination
-from results.payload import OutcomeKind
-from results.senders import _send_dicom
-from results.sr import build_sr
-from routing import dicom_tls
-from routing.listener import DicomListener
+from results.deliver.payload import OutcomeKind
+from results.deliver.senders import _send_dicom
+from results.deliver.sr import build_sr
+from routing.receive import dicom_tls
+from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Instance
-from routing.services_ui import probe_dicom_echo
+from pacslens.staff.services import probe_dicom_echo
 from tests.conftest import free_port, require_program
 from tests.listener_proc import ct_series_write, dcmtk_env
 from tests.peers import make_ct_slices

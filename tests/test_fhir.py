@@ -16,14 +16,14 @@ import pytest
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
 
-from results.fhir import (
+from results.deliver.fhir import (
     FHIRSettings,
     build_imaging_study,
     build_observation,
     observation_identifier,
     send_fhir_result,
 )
-from results.payload import OutcomeKind, Priority, Protocol, ResultPayload
+from results.deliver.payload import OutcomeKind, Priority, Protocol, ResultPayload
 from tests.conftest import free_port
 
 TOKEN = "test-token"

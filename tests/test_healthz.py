@@ -10,7 +10,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from routing.heartbeat import HeartbeatThread
+from pacslens.ops.heartbeat import HeartbeatThread
 from routing.models import Heartbeat
 
 pytestmark = pytest.mark.django_db

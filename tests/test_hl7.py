@@ -13,14 +13,14 @@ import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
-from results.hl7 import (
+from results.deliver.hl7 import (
     AckPolicy,
     HL7BuildError,
     HL7Settings,
     build_hl7_message,
     send_mllp,
 )
-from results.payload import OutcomeKind, Priority, Protocol, ResultPayload
+from results.deliver.payload import OutcomeKind, Priority, Protocol, ResultPayload
 from tests.conftest import free_port
 
 VERSIONS = ("2.3", "2.4", "2.5", "2.5.1")

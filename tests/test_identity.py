@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
 
-from results.delivery import deliveries_create, result_payload
-from results.fhir import build_imaging_study, dumps
-from results.identity import hl7_control_id, identity_file_read, installation_current
+from results.deliver.ledger import deliveries_create, result_payload
+from results.deliver.fhir import build_imaging_study, dumps
+from results.deliver.identity import hl7_control_id, identity_file_read, installation_current
 from results.models import Installation
-from results.payload import ResultIdentity
+from results.deliver.payload import ResultIdentity
 from tests.identities import identity
 from tests.test_delivery import dicom_destination, hl7_destination, inferred_study, mllp, rule  # noqa: F401, F811 (fixtures)
 from tests.test_fhir import make_payload
@@ -39,7 +39,7 @@ class TestInstallation:
     def test_the_database_wins_over_a_data_dir_of_another_installation(self, data_dir, caplog):
         other = uuid.uuid4()
         (data_dir / "installation.json").write_text(json.dumps({"installation": str(other)}))
-        with caplog.at_level(logging.WARNING, logger="results.identity"):
+        with caplog.at_level(logging.WARNING, logger="results.deliver.identity"):
             installation = installation_current()
         assert installation.uuid != other
         assert identity_file_read(data_dir / "installation.json") == installation.uuid
@@ -216,7 +216,7 @@ def test_the_migration_gives_results_uuids_and_keeps_delivered_keys(data_dir):
     assert delivered_now.uid != undelivered_now.uid
     assert delivered_now.legacy_uid_seed == f"pacslens-result-{delivered.pk}" and undelivered_now.legacy_uid_seed == ""
     assert Installation.objects.count() == 1
-    from results.identity import result_identity
+    from results.deliver.identity import result_identity
 
     assert result_identity(delivered_now).urn("fhir-observation") == old_key
     assert result_identity(undelivered_now).urn("fhir-observation").startswith("urn:uuid:")
@@ -225,8 +225,8 @@ def test_the_migration_gives_results_uuids_and_keeps_delivered_keys(data_dir):
 
 def test_an_observation_of_another_study_under_our_identifier_is_never_linked():
     """What the old keys did at a real FHIR server: 200 with another patient's Observation."""
-    from results.fhir import build_observation
-    from results.payload import OutcomeKind
+    from results.deliver.fhir import build_observation
+    from results.deliver.payload import OutcomeKind
     from tests.test_fhir import FHIRServer, send
 
     server = FHIRServer()

@@ -12,13 +12,13 @@ import pytest
 from django.utils import timezone
 from onnx import TensorProto, helper, numpy_helper
 
-from results.demo_model import ensure_demo_setup
-from results.inference import inference_run_pending, study_claim_next
+from results.inference.demo_model import ensure_demo_setup
+from results.inference.services import inference_run_pending, study_claim_next
 from results.models import AIModel, FailureReason, ImmutableResultError, InferenceResult, ResultStatus
-from results.runtime import InferenceTimeout, session_for, session_run, sessions_clear
+from results.inference.runtime import InferenceTimeout, session_for, session_run, sessions_clear
 from results.tasks import process_study, sweep_inference
-from routing.demo_study import demo_study_write
-from routing.ingest import incoming_dir, instance_store
+from pacslens.demo_study import demo_study_write
+from routing.store.ingest import incoming_dir, instance_store
 from routing.models import Operator, Priority, RoutingRule, Study, StudyState
 
 pytestmark = pytest.mark.django_db
@@ -79,7 +79,7 @@ class TestPipeline:
         # The slices the model read, as internal ids of this series: the SR cites exactly these.
         series_ids = set(study.series.get().instances.values_list("pk", flat=True))
         assert result.evaluated_instances and set(result.evaluated_instances) <= series_ids
-        from results.delivery import result_payload
+        from results.deliver.ledger import result_payload
 
         assert len(result_payload(result=result).source_instances) == len(result.evaluated_instances)
         assert all(t is not None and t >= 0 for t in (result.load_seconds, result.preprocess_seconds, result.infer_seconds))
@@ -151,7 +151,7 @@ class TestPipeline:
         def slow(*args, **kwargs):
             raise InferenceTimeout("the model ran longer than 1 s and was stopped")
 
-        monkeypatch.setattr("results.inference.session_run", slow)
+        monkeypatch.setattr("results.inference.services.session_run", slow)
         study = ingest(demo(tmp_path, seed=9).paths)
         process_study(study.pk)
         assert InferenceResult.objects.get(study=study).failure_reason == FailureReason.TIMEOUT
@@ -186,7 +186,7 @@ class TestResults:
         assert old.instance_count == 20  # untouched
 
     def test_a_study_re_opened_during_inference_keeps_no_stale_result(self, demo_site, tmp_path, monkeypatch):
-        import results.inference as inference
+        import results.inference.services as inference
 
         study = ingest(demo(tmp_path, seed=12).paths)
         real = inference.model_infer
@@ -257,7 +257,7 @@ class TestSweep:
 
     def test_it_fails_studies_stuck_inferring_twice(self, demo_site, tmp_path, settings):
         study = ingest(demo(tmp_path, seed=51, slices=10, size=64).paths)
-        from results.inference import studies_inferring_stale
+        from results.inference.services import studies_inferring_stale
         from routing.rules import study_route
 
         study_route(study=study)

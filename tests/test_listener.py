@@ -11,7 +11,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from routing.listener import DicomListener
+from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Instance, StoreAssociation, Study, StudyState
 
 CALLING = "MODALITY1"

@@ -11,10 +11,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from results.delivery import deliveries_create, deliveries_run_pending
+from results.deliver.ledger import deliveries_create, deliveries_run_pending
 from results.models import Delivery, InferenceResult
-from routing.heartbeat import AssociationCounter, HeartbeatThread
-from routing.listener import DicomListener
+from pacslens.ops.heartbeat import AssociationCounter, HeartbeatThread
+from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Heartbeat, RoutingRule, Study
 from tests.conftest import free_port
 from tests.test_delivery import dicom_destination, hl7_destination, inferred_study
@@ -93,7 +93,7 @@ class TestFigures:
         hl7_destination(rule, mllp.port)
         [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
         Delivery.objects.filter(pk=delivery.pk).update(created_at=timezone.now() - timedelta(minutes=10))
-        async_task("routing.heartbeat.tasks_heartbeat")  # no cluster runs in tests: it waits in the broker
+        async_task("pacslens.ops.heartbeat.tasks_heartbeat")  # no cluster runs in tests: it waits in the broker
         samples = scrape()
         assert value(samples, "pacslens_delivery_oldest_pending_age_seconds") >= 600
         assert value(samples, "pacslens_queue_tasks", status="waiting") >= 1

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pydicom
 import pytest
 
-from routing.demo_study import demo_study_write
+from pacslens.demo_study import demo_study_write
 from tests.conftest import free_port, require_program
 from tests.listener_proc import PYTHON, REPO, dcmtk_env
 
@@ -52,7 +52,7 @@ from django.test import Client
 from django_q.models import OrmQ, Schedule, Task
 from django_q.signing import SignedPackage
 from prometheus_client import generate_latest
-from pacslens.metrics import registry
+from pacslens.ops.metrics import registry
 from results.models import Delivery, DeliveryAttempt, InferenceResult
 from routing.models import Heartbeat, OpsCounter, StoreAssociation, StudyEvent
 out = []

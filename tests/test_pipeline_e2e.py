@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from routing.demo_study import demo_study_write
+from pacslens.demo_study import demo_study_write
 from tests.conftest import require_program
 from tests.listener_proc import PYTHON, REPO, base_env, dcmtk_env
 

@@ -10,7 +10,7 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from routing.models import Backfill, Instance, Poll, Study, StudyRetrieve
-from routing.pull_backfill import backfill_run
+from routing.pull.backfill import backfill_run
 from tests.test_pull_dimse import make_source, orthanc_study, pacs  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.interop]

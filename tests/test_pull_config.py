@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from routing.config_yaml import ConfigError, config_export, config_import
+from pacslens.site_config.document import ConfigError, config_export, config_import
 from routing.models import ApplicationEntity, PollSource
-from routing.pull import poll_due_sources
+from routing.pull.poll import poll_due_sources
 
 pytestmark = pytest.mark.django_db
 

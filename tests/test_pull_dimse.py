@@ -9,9 +9,9 @@ import pytest
 from django.utils import timezone
 from django_q.models import OrmQ
 
-from routing.listener import DicomListener
+from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Instance, Poll, PollSource, StoreAssociation, Study, StudyRetrieve
-from routing.pull import poll_due_once, poll_due_sources, poll_source, source_claim
+from routing.pull.poll import poll_due_once, poll_due_sources, poll_source, source_claim
 from tests.conftest import free_port
 from tests.peers import dataset_bytes, make_ct_slices
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from django.core.management import CommandError, call_command
 
-from results.demo_model import demo_model_write
-from results.manifest import ManifestError, manifest_normalize, manifest_problems
+from results.inference.demo_model import demo_model_write
+from results.inference.manifest import ManifestError, manifest_normalize, manifest_problems
 from results.models import AIModel
 
 pytestmark = pytest.mark.django_db

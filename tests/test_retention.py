@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from results.delivery import deliveries_create, deliveries_run_pending
+from results.deliver.ledger import deliveries_create, deliveries_run_pending
 from results.models import Delivery, DeliveryAttempt, InferenceResult
-from results.retention import (
+from pacslens.ops.retention import (
     retention_sweep,
     studies_retention_run,
     study_pixels_delete,
@@ -109,7 +109,7 @@ class TestWhatIsKept:
         age(study, 30)
         assert retention_sweep() == 0
         # staff discard it (resolved): the study settles as delivered and becomes eligible
-        from results.delivery import delivery_discard
+        from results.deliver.ledger import delivery_discard
 
         delivery_discard(delivery=Delivery.objects.get(study=study), actor="informaticist", reason="RIS retired")
         study.refresh_from_db()

@@ -172,7 +172,7 @@ class TestMatching:
     def test_header_keyword_is_read_from_the_first_instance(self, data_dir):
         from pathlib import Path
 
-        from routing.demo_study import demo_study_write
+        from pacslens.demo_study import demo_study_write
 
         demo = demo_study_write(outdir=data_dir / "demo", slices=2, size=32, seed=1)
         study = make_study()
@@ -253,7 +253,7 @@ class TestRoute:
 class TestYamlConfig:
     @pytest.fixture
     def site(self, data_dir):
-        from results.demo_model import ensure_demo_setup
+        from results.inference.demo_model import ensure_demo_setup
 
         ensure_demo_setup()
         model = AIModel.objects.get()
@@ -274,7 +274,7 @@ class TestYamlConfig:
     def test_round_trip_is_exact(self, site):
         import yaml
 
-        from routing.config_yaml import config_export, config_import
+        from pacslens.site_config.document import config_export, config_import
 
         first = config_export()
         document = yaml.safe_load(first)
@@ -299,7 +299,7 @@ class TestYamlConfig:
     def test_import_updates_rules_and_prunes(self, site):
         import yaml
 
-        from routing.config_yaml import config_export, config_import
+        from pacslens.site_config.document import config_export, config_import
 
         document = yaml.safe_load(config_export())
         document["routing_rules"] = [document["routing_rules"][0]]
@@ -313,7 +313,7 @@ class TestYamlConfig:
     def test_every_bad_entry_is_named_and_nothing_changes(self, site):
         import yaml
 
-        from routing.config_yaml import ConfigError, config_export, config_import
+        from pacslens.site_config.document import ConfigError, config_export, config_import
 
         before = config_export()
         document = yaml.safe_load(before)
@@ -338,7 +338,7 @@ class TestYamlConfig:
     def test_a_rule_may_name_a_model_added_by_the_same_file(self, site, data_dir):
         import yaml
 
-        from routing.config_yaml import config_export, config_import
+        from pacslens.site_config.document import config_export, config_import
 
         document = yaml.safe_load(config_export())
         RoutingRule.objects.all().delete()
@@ -351,7 +351,7 @@ class TestPatientData:
     def test_the_reason_never_spells_out_patient_attributes(self, data_dir):
         from pathlib import Path
 
-        from routing.demo_study import demo_study_write
+        from pacslens.demo_study import demo_study_write
 
         demo = demo_study_write(outdir=data_dir / "demo", slices=1, size=32, seed=2)
         study = make_study()

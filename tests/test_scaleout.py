@@ -24,8 +24,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from results.demo_model import RULE_NAME
-from routing.demo_study import demo_study_write
+from results.inference.demo_model import RULE_NAME
+from pacslens.demo_study import demo_study_write
 from tests.conftest import free_port, require_program
 from tests.listener_proc import DB_NAME, PYTHON, REPO, base_env, dcmtk_env
 from tests.postgres import Database, sqlite_url
@@ -277,7 +277,7 @@ def test_two_listeners_and_two_worker_clusters_survive_a_kill_and_do_everything_
     assert names and len(names) == len(set(names))
     runs = Counter(r["group"] for r in site.db.query('SELECT "group" FROM django_q_task WHERE "group" LIKE %s',
                                                      ("pacslens:%",)))
-    assert runs["pacslens:routing.heartbeat.tasks_heartbeat"] >= 1
+    assert runs["pacslens:pacslens.ops.heartbeat.tasks_heartbeat"] >= 1
     assert max(runs.values()) <= 1 + int((time.monotonic() - started) // 60), runs
 
     # The survivors still stop cleanly (the fixture checks exit codes).

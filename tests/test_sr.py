@@ -13,8 +13,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.sr.codedict import codes
 
-from results.payload import Priority, ResultPayload
-from results.sr import DEFAULT_CODES, SRBuildError, SRCodes, build_sr, sr_to_bytes
+from results.deliver.payload import Priority, ResultPayload
+from results.deliver.sr import DEFAULT_CODES, SRBuildError, SRCodes, build_sr, sr_to_bytes
 from tests.peers import dataset_bytes, make_ct_slices
 
 PATIENT_NAME = "Doe^Jane"

@@ -16,9 +16,9 @@ from tests.identities import identity
 import pytest
 from pydicom import dcmread
 
-from results.payload import OutcomeKind, Protocol
-from results.sr import build_sr
-from results.stow_client import HttpAuth, stow_datasets
+from results.deliver.payload import OutcomeKind, Protocol
+from results.deliver.sr import build_sr
+from results.deliver.stow_client import HttpAuth, stow_datasets
 from tests.conftest import free_port
 from tests.peers import dataset_bytes, make_ct_slices
 from tests.test_dicom_send import assert_orthanc_holds_the_sr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from routing.demo_study import demo_study_write
+from pacslens.demo_study import demo_study_write
 from tests.conftest import free_port, require_program
 from tests.listener_proc import PYTHON, REPO, ListenerProcess, base_env, dcmtk_env, template_db_create
 from tests.test_fhir import TOKEN, FHIRServer

@@ -64,7 +64,7 @@ class TestApplicationEntityForm:
         assert AuditEntry.objects.get(action="test").detail.startswith("failed")
 
     def test_assess_reports_what_a_live_node_supports_inline(self, admin, transactional_db, data_dir):
-        from routing.listener import DicomListener
+        from routing.receive.listener import DicomListener
 
         listener = DicomListener(host="127.0.0.1", port=0, ae_title="OTHERNODE")
         listener.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 
-from routing.demo_study import demo_study_write
+from pacslens.demo_study import demo_study_write
 
 
 def demo(tmp_path, name="s", **kwargs):
@@ -29,7 +29,7 @@ class TestHeaderReader:
         )
 
     def test_it_agrees_with_pydicom_and_locates_the_pixels(self, tmp_path):
-        from results.dicom_header import header_read_fast, header_read_pydicom
+        from results.inference.dicom_header import header_read_fast, header_read_pydicom
 
         study = demo(tmp_path, slices=3, size=64, seed=70)
         for path in study.paths:
@@ -42,7 +42,7 @@ class TestHeaderReader:
     def test_implicit_vr_and_undefined_length_sequences(self, tmp_path):
         from pydicom.dataset import Dataset
 
-        from results.dicom_header import header_read_fast, header_read_pydicom
+        from results.inference.dicom_header import header_read_fast, header_read_pydicom
 
         path = demo(tmp_path, slices=1, size=64, seed=71).paths[0]
         ds = pydicom.dcmread(path)
@@ -66,7 +66,7 @@ class TestHeaderReader:
             assert self.fields(fast) == self.fields(header_read_pydicom(out))
 
     def test_compressed_files_fall_back_to_pydicom(self, tmp_path):
-        from results.dicom_header import header_read, header_read_fast
+        from results.inference.dicom_header import header_read, header_read_fast
 
         path = demo(tmp_path, slices=1, size=64, seed=72, transfer_syntax="rle").paths[0]
         assert header_read_fast(path) is None
@@ -75,8 +75,8 @@ class TestHeaderReader:
 
 class TestPreprocessing:
     def manifest(self, **input_changes):
-        from results.demo_model import demo_manifest
-        from results.manifest import manifest_normalize
+        from results.inference.demo_model import demo_manifest
+        from results.inference.manifest import manifest_normalize
 
         manifest = demo_manifest(file="x.onnx", sha256="0" * 64)
         manifest["input"].update(input_changes)
@@ -84,7 +84,7 @@ class TestPreprocessing:
         return manifest_normalize(manifest)
 
     def volume(self):
-        from results.volume import LoadedVolume
+        from results.inference.volume import LoadedVolume
 
         stored = np.arange(4 * 4 * 4, dtype=np.uint16).reshape(4, 4, 4) * 10
         return LoadedVolume(
@@ -92,7 +92,7 @@ class TestPreprocessing:
         )
 
     def test_nearest_and_rescale(self):
-        from results.volume import volume_preprocess
+        from results.inference.volume import volume_preprocess
 
         volume = self.volume()
         volume.stored = volume.stored[[0, 2]]
@@ -103,7 +103,7 @@ class TestPreprocessing:
         assert np.array_equal(tensor[0, 0], expected)
 
     def test_linear_resize_mean_slabs_and_window(self):
-        from results.volume import volume_preprocess
+        from results.inference.volume import volume_preprocess
 
         tensor = volume_preprocess(
             volume=self.volume(), manifest=self.manifest(resize="linear", slices="mean", window={"center": 500, "width": 1000})

@@ -120,7 +120,7 @@ class Destination(models.Model):
                 errors["port"] = "An HL7 destination needs the RIS MLLP port."
             if not self.hl7_message_type:
                 errors["hl7_message_type"] = "Choose ORU^R01 or ORM^O01."
-            from results.hl7 import ACCESSION_FIELDS
+            from results.deliver.hl7 import ACCESSION_FIELDS
 
             if self.accession_field not in ACCESSION_FIELDS:
                 errors["accession_field"] = f"Use one of {', '.join(ACCESSION_FIELDS)}."

@@ -20,7 +20,7 @@ def uid_root_current() -> str:
 
 
 class AIModel(models.Model):
-    """An ONNX file plus its validated manifest (results/manifest.py describes the fields)."""
+    """An ONNX file plus its validated manifest (results/inference/manifest.py describes the fields)."""
 
     name = models.CharField(max_length=100)
     version = models.CharField(max_length=40)
@@ -107,7 +107,7 @@ class InferenceResult(models.Model):
     )
     created_at = models.DateTimeField(default=timezone.now)
     # Identifiers of the outgoing SR/HL7/FHIR objects derive from this random UUID and the
-    # installation's (results/identity.py); the other two fields pin how they were derived.
+    # installation's (results/deliver/identity.py); the other two fields pin how they were derived.
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     uid_root = models.CharField(
         max_length=32, blank=True, editable=False, default=uid_root_current, help_text="DICOM org root in force when made; blank: 2.25"

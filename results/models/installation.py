@@ -4,7 +4,7 @@ Every identifier PacsLens mints (SR UIDs, HL7 control ids, FHIR identifiers) der
 and from a random UUID per result, so two installations, a reinstall on a fresh database or a
 staging copy never mint the same identifier. It lives in the database, so a restored backup
 keeps it and a fresh install gets a new one; `DATA_DIR/installation.json` mirrors it so the
-files of a data dir say which gateway wrote them (results/identity.py keeps the two in step).
+files of a data dir say which gateway wrote them (results/deliver/identity.py keeps the two in step).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class Heartbeat(models.Model):
 class OpsCounter(models.Model):
     """A monotonic counter that survives restarts, e.g. associations rejected for a reason.
 
-    Processes count in memory and add their deltas every few seconds (see routing/heartbeat.py),
+    Processes count in memory and add their deltas every few seconds (see pacslens/ops/heartbeat.py),
     so the hot path never writes the database for a counter.
     """
 

@@ -12,7 +12,7 @@ import time
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from results.delivery import deliveries_create, delivery_retry
+from results.deliver.ledger import deliveries_create, delivery_retry
 from results.models import Delivery, DeliveryState, Destination
 from routing.models import RoutingDecision, Study, StudyState
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from results.manifest import ManifestError
-from results.registry import model_register
+from results.inference.manifest import ManifestError
+from results.inference.registry import model_register
 
 
 class Command(BaseCommand):
     help = (
-        "Register an ONNX model from its manifest (YAML or JSON; see results/manifest.py). Every bad "
+        "Register an ONNX model from its manifest (YAML or JSON; see results/inference/manifest.py). Every bad "
         "field is reported at once. The file is copied under PACSLENS_DATA_DIR/models/."
     )
 

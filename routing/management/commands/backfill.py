@@ -14,7 +14,7 @@ from datetime import date
 from django.core.management.base import BaseCommand, CommandError
 
 from routing.models import PollSource
-from routing.pull_backfill import BackfillProgress, backfill_run, pending_for
+from routing.pull.backfill import BackfillProgress, backfill_run, pending_for
 
 BAR_WIDTH = 30
 

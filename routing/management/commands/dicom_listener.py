@@ -20,10 +20,10 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import connections
 
-from routing import dicom_tls
-from routing.heartbeat import AssociationCounter, HeartbeatThread
-from routing.ingest import incoming_dir
-from routing.listener import DicomListener, listener_endpoints
+from routing.receive import dicom_tls
+from pacslens.ops.heartbeat import AssociationCounter, HeartbeatThread
+from routing.store.ingest import incoming_dir
+from routing.receive.listener import DicomListener, listener_endpoints
 from routing.models import HeartbeatRole
 
 STALE_TEMP_SECONDS = 24 * 3600

@@ -1,0 +1,290 @@
+"""Prometheus metrics, read from the database at scrape time.
+
+Why a custom collector over the database rather than counters in memory: the listener, the
+workers and the web server are separate processes (and may be on several hosts), and every
+figure worth alerting on is already a row — instances, associations, studies, results,
+deliveries and their attempts. Reading rows at scrape time is correct across processes and
+restarts with no shared memory or multiprocess directory. Counters that have no row of their
+own (associations accepted/rejected) are `OpsCounter` rows the listener adds to every few seconds.
+
+Histograms are computed in SQL (one COUNT per bucket in a single query), so a scrape costs a
+handful of aggregate queries however long the history grows. Nothing here carries patient data:
+labels are AE titles, destination names, model names and states.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import (
+    Count,
+    DurationField,
+    ExpressionWrapper,
+    F,
+    FloatField,
+    Max,
+    Min,
+    Q,
+    Sum,
+    Value,
+)
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+INFERENCE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+LATENCY_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+WORKLIST_KINDS = ("hl7", "fhir")  # deliveries that update the radiologist's worklist
+
+
+class DatabaseCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        yield from received()
+        yield from associations()
+        yield from studies()
+        yield from inference()
+        yield from deliveries()
+        yield from worklist_latency()
+        yield from queue()
+        yield from disk()
+        yield from heartbeats()
+
+
+def registry() -> CollectorRegistry:
+    """A registry holding only our collector (no process metrics of whichever web worker answers)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(DatabaseCollector())
+    return reg
+
+
+# --- received data ---------------------------------------------------------------------------
+
+
+def received() -> Iterator[Metric]:
+    from routing.models import Instance, Study
+
+    instances = CounterMetricFamily(
+        "pacslens_instances_received", "Instances received and recorded (C-STORE, retrieve, STOW-RS)", labels=["calling_ae_title"]
+    )
+    size = CounterMetricFamily("pacslens_received_bytes", "Bytes of instances received", labels=["calling_ae_title"])
+    for row in Instance.objects.values("calling_ae_title").annotate(n=Count("pk"), b=Sum("size")).order_by():
+        instances.add_metric([row["calling_ae_title"]], row["n"])
+        size.add_metric([row["calling_ae_title"]], row["b"] or 0)
+    yield instances
+    yield size
+
+    stored = Instance.objects.aggregate(
+        kept=Count("pk", filter=Q(deleted_at=None)),
+        kept_bytes=Sum("size", filter=Q(deleted_at=None)),
+        deleted=Count("pk", filter=Q(deleted_at__isnull=False)),
+    )
+    yield _gauge("pacslens_instances_stored", "Instances whose pixel data is on disk", stored["kept"])
+    yield _gauge("pacslens_instances_stored_bytes", "Bytes of instances on disk", stored["kept_bytes"] or 0)
+    yield _counter("pacslens_retention_deleted_instances", "Instances whose pixel data retention deleted", stored["deleted"])
+
+    last = Study.objects.aggregate(at=Max("last_received_at"))["at"]
+    yield _gauge(
+        "pacslens_last_instance_received_timestamp_seconds",
+        "Unix time of the most recent instance received (0: never)",
+        last.timestamp() if last else 0,
+    )
+
+
+def associations() -> Iterator[Metric]:
+    from pacslens.ops.heartbeat import ASSOCIATIONS_COUNTER
+    from routing.models import OpsCounter, StoreAssociation
+
+    metric = CounterMetricFamily(
+        "pacslens_dicom_associations",
+        "Inbound associations answered by the listener, by result and A-ASSOCIATE-RJ reason",
+        labels=["result", "reason"],
+    )
+    for label, value in sorted(OpsCounter.values(ASSOCIATIONS_COUNTER).items()):
+        result, _, reason = label.partition(":")
+        metric.add_metric([result, reason], value)
+    yield metric
+    yield _counter(
+        "pacslens_store_associations", "Associations that stored at least one instance", StoreAssociation.objects.count()
+    )
+
+
+def studies() -> Iterator[Metric]:
+    from routing.models import Study, StudyState
+
+    counts = dict(Study.objects.values_list("state").annotate(n=Count("pk")).order_by())
+    metric = GaugeMetricFamily("pacslens_studies", "Studies by state", labels=["state"])
+    for state in StudyState.values:
+        metric.add_metric([state], counts.get(state, 0))
+    yield metric
+
+
+# --- inference -------------------------------------------------------------------------------
+
+
+def inference() -> Iterator[Metric]:
+    from results.models import InferenceResult
+
+    results = CounterMetricFamily("pacslens_inference_results", "Inference results by model and status", labels=["model", "status"])
+    for row in InferenceResult.objects.values("model_name", "status").annotate(n=Count("pk")).order_by():
+        results.add_metric([row["model_name"], row["status"]], row["n"])
+    yield results
+
+    total = Coalesce(F("load_seconds"), Value(0.0)) + Coalesce(F("preprocess_seconds"), Value(0.0)) + Coalesce(
+        F("infer_seconds"), Value(0.0)
+    )
+    rows = (
+        InferenceResult.objects.filter(infer_seconds__isnull=False)
+        .alias(total=ExpressionWrapper(total, output_field=FloatField()))
+        .values("model_name")
+        .annotate(n=Count("pk"), s=Sum("total"), **_bucket_counts("total", INFERENCE_BUCKETS))
+        .order_by()
+    )
+    histogram = HistogramMetricFamily(
+        "pacslens_inference_duration_seconds", "Model run time per study: load + preprocess + infer", labels=["model"]
+    )
+    for row in rows:
+        histogram.add_metric([row["model_name"]], _buckets(row, INFERENCE_BUCKETS), row["s"] or 0.0)
+    yield histogram
+
+
+# --- delivery --------------------------------------------------------------------------------
+
+
+def deliveries() -> Iterator[Metric]:
+    from results.models import Delivery, DeliveryAttempt, DeliveryState, Destination
+
+    states = GaugeMetricFamily("pacslens_deliveries", "Deliveries by destination and state", labels=["destination", "kind", "state"])
+    counts = {
+        (row["destination__name"], row["state"]): row["n"]
+        for row in Delivery.objects.values("destination__name", "state").annotate(n=Count("pk")).order_by()
+    }
+    breaker = GaugeMetricFamily("pacslens_destination_circuit_open", "1 while the destination's circuit breaker is open", labels=["destination"])
+    failures = GaugeMetricFamily(
+        "pacslens_destination_consecutive_failures", "Transient failures in a row", labels=["destination"]
+    )
+    now = timezone.now()
+    for destination in Destination.objects.order_by("name"):
+        for state in DeliveryState.values:
+            states.add_metric([destination.name, destination.kind, state], counts.get((destination.name, state), 0))
+        open_ = bool(destination.circuit_open_until and destination.circuit_open_until > now)
+        breaker.add_metric([destination.name], 1 if open_ else 0)
+        failures.add_metric([destination.name], destination.consecutive_failures)
+    yield states
+    yield breaker
+    yield failures
+
+    attempts = CounterMetricFamily(
+        "pacslens_delivery_attempts", "Delivery attempts by destination and outcome", labels=["destination", "outcome"]
+    )
+    for row in DeliveryAttempt.objects.values("delivery__destination__name", "outcome").annotate(n=Count("pk")).order_by():
+        attempts.add_metric([row["delivery__destination__name"], row["outcome"]], row["n"])
+    yield attempts
+
+    oldest = Delivery.objects.filter(state__in=[DeliveryState.PENDING, DeliveryState.IN_FLIGHT]).aggregate(at=Min("created_at"))["at"]
+    yield _gauge(
+        "pacslens_delivery_oldest_pending_age_seconds",
+        "Age of the oldest delivery not yet delivered or failed (0: none)",
+        (now - oldest).total_seconds() if oldest else 0,
+    )
+
+
+def worklist_latency() -> Iterator[Metric]:
+    """Last instance received → worklist updated (an HL7 or FHIR delivery acknowledged)."""
+    from results.models import Delivery, DeliveryState
+
+    latency = ExpressionWrapper(F("delivered_at") - F("study__last_received_at"), output_field=DurationField())
+    rows = (
+        Delivery.objects.filter(kind__in=WORKLIST_KINDS, state=DeliveryState.DELIVERED, delivered_at__isnull=False)
+        .alias(latency=latency)
+        .filter(latency__gte=timedelta(0))  # an amended study received again after its delivery
+        .values("kind")
+        .annotate(n=Count("pk"), s=Sum("latency"), **_bucket_counts("latency", LATENCY_BUCKETS, as_duration=True))
+        .order_by()
+    )
+    histogram = HistogramMetricFamily(
+        "pacslens_worklist_latency_seconds",
+        "End to end: last instance of a study received to its worklist update acknowledged",
+        labels=["kind"],
+    )
+    for row in rows:
+        total = row["s"]
+        seconds = total.total_seconds() if isinstance(total, timedelta) else float(total or 0) / 1e6
+        histogram.add_metric([row["kind"]], _buckets(row, LATENCY_BUCKETS), seconds)
+    yield histogram
+
+
+# --- queue, disk, processes ------------------------------------------------------------------
+
+
+def queue() -> Iterator[Metric]:
+    from django_q.models import OrmQ, Task
+
+    now = timezone.now()
+    waiting = OrmQ.objects.filter(lock__lte=now)
+    metric = GaugeMetricFamily("pacslens_queue_tasks", "django-q2 broker rows", labels=["status"])
+    metric.add_metric(["waiting"], waiting.count())
+    metric.add_metric(["running"], OrmQ.objects.filter(lock__gt=now).count())
+    yield metric
+    oldest = waiting.aggregate(at=Min("lock"))["at"]
+    yield _gauge(
+        "pacslens_queue_oldest_waiting_age_seconds",
+        "How long the oldest waiting task has waited for a worker (0: none)",
+        (now - oldest).total_seconds() if oldest else 0,
+    )
+    yield _gauge("pacslens_queue_failed_tasks", "Tasks django-q2 recorded as failed", Task.objects.filter(success=False).count())
+
+
+def disk() -> Iterator[Metric]:
+    usage = shutil.disk_usage(settings.DATA_DIR)
+    yield _gauge("pacslens_disk_free_bytes", "Free space under the data dir", usage.free)
+    yield _gauge("pacslens_disk_total_bytes", "Size of the filesystem holding the data dir", usage.total)
+    yield _gauge(
+        "pacslens_disk_free_floor_bytes", "Below this the listener refuses new data (0xA700)", settings.DISK_FREE_FLOOR_MB * 2**20
+    )
+    yield _gauge(
+        "pacslens_disk_free_warning_bytes", "Below this /healthz warns", settings.DISK_FREE_WARNING_MB * 2**20
+    )
+
+
+def heartbeats() -> Iterator[Metric]:
+    from routing.models import Heartbeat
+
+    now = timezone.now()
+    metric = GaugeMetricFamily(
+        "pacslens_heartbeat_age_seconds", "Seconds since each process last beat", labels=["role", "identity"]
+    )
+    for beat in Heartbeat.objects.order_by("role", "identity"):
+        metric.add_metric([beat.role, beat.identity], (now - beat.beat_at).total_seconds())
+    yield metric
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _bucket_counts(field: str, bounds: tuple[float, ...], *, as_duration: bool = False) -> dict:
+    return {
+        f"le_{index}": Count("pk", filter=Q(**{f"{field}__lte": timedelta(seconds=bound) if as_duration else bound}))
+        for index, bound in enumerate(bounds)
+    }
+
+
+def _buckets(row: dict, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+    """Cumulative (upper bound, count) pairs as prometheus_client wants them, ending with +Inf."""
+    return [(repr(bound), row[f"le_{index}"]) for index, bound in enumerate(bounds)] + [("+Inf", row["n"])]
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)

@@ -1,0 +1,95 @@
+"""The `poll_sources` section of the site YAML (export_config / import_config).
+
+    poll_sources:
+    - name: main-pacs
+      kind: dimse                 # dimse | dicomweb
+      enabled: true
+      pacs: PACS1                 # an ae_titles entry marked may_query (dimse)
+      retrieve_mode: c-move       # c-move | c-get
+      move_destination: ''        # empty: our own AE title
+      dicomweb_url: ''            # dicomweb: e.g. https://pacs/dicom-web
+      dicomweb_token_env: ''      # dicomweb: the environment variable holding the token
+      interval_seconds: 60
+      modalities: CT\\MR
+      lookback_hours: 24
+      extra_filters: {}           # DICOM keyword: match value
+      max_studies_per_poll: 10
+      max_concurrent_retrieves: 1
+      min_query_spacing_seconds: 5
+
+Worker state (leases, watermark, next poll) is not configuration and is neither exported nor
+imported. No secret is in the file: a DICOMweb token is named by its environment variable, and
+STOW-RS sender tokens (manage.py stow_token) are not part of the YAML at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pacslens.site_config.checks import clean_problems, entries_labelled
+from routing.models import ApplicationEntity, PollSource
+
+FIELDS = [
+    "name", "kind", "enabled", "pacs", "retrieve_mode", "move_destination", "dicomweb_url", "dicomweb_token_env",
+    "interval_seconds", "modalities", "lookback_hours", "extra_filters", "max_studies_per_poll",
+    "max_concurrent_retrieves", "min_query_spacing_seconds",
+]
+
+
+class PollSourcesSection:
+    name = "poll_sources"
+    needs_document = True
+
+    def export(self) -> list[dict[str, Any]]:
+        entries = []
+        for source in PollSource.objects.select_related("pacs").order_by("name"):
+            entry = {f: getattr(source, f) for f in FIELDS if f != "pacs"}
+            entry["pacs"] = source.pacs.ae_title if source.pacs else None
+            entries.append({f: entry[f] for f in FIELDS})
+        return entries
+
+    def validate(self, entries: list[Any], *, document: dict[str, Any] | None = None) -> list[str]:
+        in_file = {e.get("ae_title"): e for e in (document or {}).get("ae_titles") or [] if isinstance(e, dict)}
+        problems: list[str] = []
+        for label, entry in entries_labelled(self.name, entries, problems, key=lambda e: e.get("name")):
+            unknown = sorted(set(entry) - set(FIELDS))
+            if unknown:
+                problems.append(f"{label}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+                continue
+            if "name" not in entry:
+                problems.append(f"{label}: field 'name' is required")
+                continue
+            pacs = entry.get("pacs")
+            if pacs and pacs not in in_file and not ApplicationEntity.objects.filter(ae_title=pacs).exists():
+                problems.append(f"{label}: field 'pacs': no AE title {pacs!r} here or in ae_titles")
+                continue
+            problems.extend(clean_problems(self._row(entry, pacs_from_file=in_file.get(pacs)), label))
+        return problems
+
+    def apply(self, entries: list[dict[str, Any]], *, prune: bool) -> dict[str, int]:
+        created = updated = 0
+        for entry in entries:
+            row = self._row(entry)
+            row.full_clean(validate_unique=False, validate_constraints=False)
+            values = {f: getattr(row, f) for f in FIELDS if f != "name"}
+            _, was_created = PollSource.objects.update_or_create(name=row.name, defaults=values)
+            created += was_created
+            updated += not was_created
+        deleted = 0
+        if prune:
+            deleted, _ = PollSource.objects.exclude(name__in=[e["name"] for e in entries]).delete()
+        return {"created": created, "updated": updated, "deleted": deleted}
+
+    def _row(self, entry: dict[str, Any], *, pacs_from_file: dict[str, Any] | None = None) -> PollSource:
+        row = PollSource.objects.filter(name=entry.get("name")).first() or PollSource()
+        for name, value in entry.items():
+            if name != "pacs":
+                setattr(row, name, value)
+        ae_title = entry.get("pacs")
+        if not ae_title:
+            row.pacs = None
+        elif pacs_from_file is not None:  # validated against the file's own AE entry (the one applied)
+            row.pacs = ApplicationEntity(ae_title=ae_title, may_query=bool(pacs_from_file.get("may_query", False)))
+        else:
+            row.pacs = ApplicationEntity.objects.filter(ae_title=ae_title).first()
+        return row

@@ -1,0 +1,48 @@
+"""Result destinations: create / edit / enable-disable, and the Test button (C-ECHO, HTTP, MLLP)."""
+
+from __future__ import annotations
+
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
+
+from pacslens.staff.forms import DestinationForm
+from results.models import Destination
+from routing.models import AuditAction, AuditEntry
+from pacslens.staff.services import probe_destination
+from pacslens.staff.views.access import actor, staff_view
+from pacslens.staff.views.config import config_edit, config_toggle
+from pacslens.staff.views.endpoints import endpoint_list
+
+
+@staff_view("results.view_destination", "results.change_destination", "results.add_destination")
+def destination_edit(request, pk: int | None = None) -> HttpResponse:
+    instance = get_object_or_404(Destination, pk=pk) if pk else None
+    return config_edit(request, form_class=DestinationForm, instance=instance, title="Destination",
+                       success_url=reverse("endpoint_list"))
+
+
+@staff_view("results.change_destination")
+def destination_toggle(request, pk: int) -> HttpResponse:
+    if request.method != "POST":
+        return HttpResponse(status=405)
+    config_toggle(request, obj=get_object_or_404(Destination, pk=pk))
+    return endpoint_list(request)
+
+
+@staff_view("results.change_destination")
+def destination_test(request, pk: int) -> HttpResponse:
+    if request.method != "POST":
+        return HttpResponse(status=405)
+    destination = get_object_or_404(Destination.objects.select_related("application_entity"), pk=pk)
+    problem, result = "", None
+    try:
+        destination.full_clean()
+    except Exception as exc:  # ValidationError: the destination is not complete enough to test
+        problem = f"Fix the configuration first: {'; '.join(getattr(exc, 'messages', [str(exc)]))}"
+    if not problem:
+        result = probe_destination(destination)
+    AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=destination, object_repr=str(destination),
+                      detail=result.audit_text() if result else problem, request=request)
+    what = {"dicom": "C-ECHO", "hl7": "MLLP connect"}.get(destination.kind, "HTTP probe")
+    return render(request, "endpoints/probe.html", {"result": result, "problem": problem, "what": what})

@@ -1,0 +1,122 @@
+"""AE titles and endpoints: one page listing DICOM nodes, result destinations, poll sources and
+STOW-RS senders; create / edit / enable-disable each; a Test button whose result shows inline."""
+
+from __future__ import annotations
+
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
+
+from pacslens.staff.forms import ApplicationEntityForm, PollSourceForm
+from routing.models import ApplicationEntity, AuditAction, AuditEntry, PollSource, StowSender
+from pacslens.staff.services import probe_dicom_echo, probe_http
+from pacslens.staff.views.access import actor, render_page, staff_view
+from pacslens.staff.views.config import config_edit, config_toggle
+
+
+@staff_view()  # either of two view permissions: checked below
+def endpoint_list(request) -> HttpResponse:
+    from results.models import Destination
+
+    user = request.user
+    if not (user.has_perm("routing.view_applicationentity") or user.has_perm("results.view_destination")):
+        raise PermissionDenied("Your role does not allow this.")
+    context = {
+        "nav": "endpoints",
+        "entities": ApplicationEntity.objects.all() if user.has_perm("routing.view_applicationentity") else None,
+        "destinations": Destination.objects.select_related("application_entity") if user.has_perm("results.view_destination") else None,
+        "poll_sources": PollSource.objects.select_related("pacs") if user.has_perm("routing.view_pollsource") else None,
+        "stow_senders": StowSender.objects.all() if user.has_perm("routing.view_stowsender") else None,
+    }
+    return render_page(request, "endpoints/list.html", context, fragment="tables")
+
+
+@staff_view("routing.view_applicationentity", "routing.change_applicationentity", "routing.add_applicationentity")
+def ae_edit(request, pk: int | None = None) -> HttpResponse:
+    instance = get_object_or_404(ApplicationEntity, pk=pk) if pk else None
+    return config_edit(request, form_class=ApplicationEntityForm, instance=instance, title="AE title",
+                       success_url=reverse("endpoint_list"))
+
+
+@staff_view("routing.change_applicationentity")
+def ae_toggle(request, pk: int) -> HttpResponse:
+    if request.method != "POST":
+        return HttpResponse(status=405)
+    config_toggle(request, obj=get_object_or_404(ApplicationEntity, pk=pk))
+    return endpoint_list(request)
+
+
+@staff_view("routing.change_applicationentity")
+def ae_test(request, pk: int) -> HttpResponse:
+    """C-ECHO the node from our AE title; the answer replaces the row's result cell."""
+    if request.method != "POST":
+        return HttpResponse(status=405)
+    entity = get_object_or_404(ApplicationEntity, pk=pk)
+    if not (entity.host and entity.port):
+        result = None
+        problem = "This AE title has no host and port: PacsLens cannot connect to it."
+    else:
+        result = probe_dicom_echo(host=entity.host, port=entity.port, called_ae_title=entity.ae_title, tls=entity.tls)
+        problem = ""
+    AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=entity, object_repr=str(entity),
+                      detail=result.audit_text() if result else problem, request=request)
+    return render(request, "endpoints/probe.html", {"result": result, "problem": problem, "what": "C-ECHO"})
+
+
+# Per probe: an assessment runs about ten probes in the request, so keep each short enough that
+# a node that drops packets still answers within the web server's timeout.
+ASSESS_PROBE_TIMEOUT = 2.0
+
+
+@staff_view("routing.change_applicationentity")
+def ae_assess(request, pk: int) -> HttpResponse:
+    """The integration assessment of `manage.py assess`, inline: what this node supports, nothing stored in it."""
+    from pacslens.ops.assess import node_assess
+
+    if request.method != "POST":
+        return HttpResponse(status=405)
+    entity = get_object_or_404(ApplicationEntity, pk=pk)
+    report = node_assess(node=entity.ae_title, timeout=ASSESS_PROBE_TIMEOUT)
+    AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=entity, object_repr=str(entity),
+                      detail="integration assessment", request=request)
+    return render(request, "endpoints/assessment.html", {"report": report.as_text()})
+
+
+@staff_view("routing.view_pollsource", "routing.change_pollsource", "routing.add_pollsource")
+def poll_source_edit(request, pk: int | None = None) -> HttpResponse:
+    instance = get_object_or_404(PollSource, pk=pk) if pk else None
+    return config_edit(request, form_class=PollSourceForm, instance=instance, title="Poll source",
+                       success_url=reverse("endpoint_list"))
+
+
+@staff_view("routing.change_pollsource")
+def poll_source_toggle(request, pk: int) -> HttpResponse:
+    if request.method != "POST":
+        return HttpResponse(status=405)
+    config_toggle(request, obj=get_object_or_404(PollSource, pk=pk))
+    return endpoint_list(request)
+
+
+@staff_view("routing.change_pollsource")
+def poll_source_test(request, pk: int) -> HttpResponse:
+    """C-ECHO the PACS of a DIMSE source, or a QIDO-RS request to a DICOMweb one."""
+    import os
+
+    if request.method != "POST":
+        return HttpResponse(status=405)
+    source = get_object_or_404(PollSource.objects.select_related("pacs"), pk=pk)
+    problem, result = "", None
+    if source.kind == PollSource.Kind.DIMSE:
+        pacs = source.pacs
+        if pacs is None or not (pacs.host and pacs.port):
+            problem = "The source's PACS has no host and port."
+        else:
+            result = probe_dicom_echo(host=pacs.host, port=pacs.port, called_ae_title=pacs.ae_title, tls=pacs.tls)
+    else:
+        token = os.environ.get(source.dicomweb_token_env, "") if source.dicomweb_token_env else ""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        result = probe_http(url=source.dicomweb_url, kind="dicomweb", headers=headers)
+    AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=source, object_repr=str(source),
+                      detail=result.audit_text() if result else problem, request=request)
+    return render(request, "endpoints/probe.html", {"result": result, "problem": problem, "what": "Test"})

@@ -1,0 +1,121 @@
+"""The failure queue: failed deliveries (filter by destination and error class; retry one, the
+selected ones or all of a destination; discard with a reason) and failed studies.
+
+Retried rows stay on the page ("watched", kept in the URL so it can be bookmarked and reloaded):
+the table polls itself while any of them is pending or in flight, so the informaticist sees each
+one go back to pending and then to delivered without reloading.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from django.contrib import messages
+from django.db.models import Q
+from django.http import HttpResponse, QueryDict
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+
+from results.deliver.ledger import delivery_discard, delivery_retry
+from pacslens.staff.forms import DiscardForm
+from results.models import Delivery, DeliveryState, Destination, ErrorClass
+from routing.models import AuditAction, AuditEntry, Study, StudyState
+from pacslens.staff.views.access import actor, render_page, staff_view
+
+MAX_ROWS = 200
+POLL_SECONDS = 2
+
+
+@staff_view("results.view_delivery")
+def failure_queue(request) -> HttpResponse:
+    return _render_queue(request, request.GET)
+
+
+@staff_view("results.view_delivery", "results.retry_delivery")
+def failure_retry(request) -> HttpResponse:
+    """POST `delivery` (one), `selected` (several) or `destination_all` (every failed row of one destination)."""
+    if request.method != "POST":
+        return HttpResponse(status=405)
+    post = request.POST
+    failed = Delivery.objects.filter(state=DeliveryState.FAILED)
+    if post.get("delivery"):
+        rows, scope = failed.filter(pk=post["delivery"]), "one"
+    elif post.get("destination_all"):
+        rows, scope = failed.filter(destination_id=post["destination_all"]), "all of a destination"
+    else:
+        rows, scope = failed.filter(pk__in=[v for v in post.getlist("selected") if v.isdigit()]), "selected"
+    ids = list(rows.values_list("pk", flat=True))
+    count = delivery_retry(deliveries=Delivery.objects.filter(pk__in=ids), actor=actor(request)) if ids else 0
+    for delivery in Delivery.objects.filter(pk__in=ids).select_related("destination"):
+        AuditEntry.record(actor=actor(request), action=AuditAction.RETRY, obj=delivery,
+                          object_repr=f"to {delivery.destination.name}", detail=f"retry {scope}", request=request)
+    state = _queue_state(post, add_watch=ids)
+    if request.htmx:
+        response = _render_queue(request, state)
+        response["HX-Push-Url"] = f"{reverse('failure_queue')}?{state.urlencode()}"
+        return response
+    messages.success(request, f"{count} deliver{'y' if count == 1 else 'ies'} queued again.")
+    return redirect(f"{reverse('failure_queue')}?{state.urlencode()}")
+
+
+@staff_view("results.view_delivery", "results.discard_delivery")
+def failure_discard(request, pk: int) -> HttpResponse:
+    delivery = get_object_or_404(Delivery.objects.select_related("destination", "study"), pk=pk)
+    form = DiscardForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        if delivery_discard(delivery=delivery, actor=actor(request), reason=form.cleaned_data["reason"]):
+            AuditEntry.record(actor=actor(request), action=AuditAction.DISCARD, obj=delivery,
+                              object_repr=f"to {delivery.destination.name}", detail=f"reason: {form.cleaned_data['reason']}",
+                              request=request)
+        state = _queue_state(request.POST)
+        if request.htmx:
+            response = _render_queue(request, state)
+            response["HX-Retarget"], response["HX-Reswap"] = "#failure-table", "outerHTML"
+            return response
+        return redirect(f"{reverse('failure_queue')}?{state.urlencode()}")
+    context = {"delivery": delivery, "form": form, "state": _queue_state(request.POST or request.GET), "nav": "failures"}
+    return render(request, "failures/discard.html#form" if request.htmx else "failures/discard.html", context)
+
+
+def _render_queue(request, params: QueryDict) -> HttpResponse:
+    destination_id = params.get("destination", "")
+    error_class = params.get("error_class", "")
+    watch = _ids(params.get("watch", ""))
+    failed = Q(state=DeliveryState.FAILED)
+    if destination_id.isdigit():
+        failed &= Q(destination_id=destination_id)
+    if error_class in ErrorClass.values:
+        failed &= Q(last_error_class=error_class)
+    rows = (
+        Delivery.objects.filter(failed | Q(pk__in=watch))
+        .select_related("destination", "study", "result")
+        .order_by("created_at", "pk")[:MAX_ROWS]
+    )
+    rows = list(rows)
+    in_progress = any(r.state in (DeliveryState.PENDING, DeliveryState.IN_FLIGHT) for r in rows if r.pk in watch)
+    destination = Destination.objects.filter(pk=destination_id).first() if destination_id.isdigit() else None
+    context = {
+        "nav": "failures", "rows": rows, "destinations": Destination.objects.all(), "error_classes": ErrorClass.choices,
+        "destination": destination, "error_class": error_class, "watch": ",".join(map(str, sorted(watch))),
+        "polling": in_progress, "poll_seconds": POLL_SECONDS,
+        "failed_count": sum(1 for r in rows if r.state == DeliveryState.FAILED),
+        "query": urlencode({k: v for k, v in {"destination": destination_id, "error_class": error_class,
+                                             "watch": ",".join(map(str, sorted(watch)))}.items() if v}),
+        "failed_studies": Study.objects.filter(state=StudyState.FAILED).order_by("-state_changed_at")[:50],
+    }
+    return render_page(request, "failures/queue.html", context, fragment="table")
+
+
+def _queue_state(params: QueryDict, *, add_watch: list[int] | None = None) -> QueryDict:
+    state = QueryDict(mutable=True)
+    for key in ("destination", "error_class"):
+        if params.get(key):
+            state[key] = params[key]
+    watch = _ids(params.get("watch", "")) | set(add_watch or [])
+    if watch:
+        state["watch"] = ",".join(map(str, sorted(watch)))
+    return state
+
+
+def _ids(text: str) -> set[int]:
+    return {int(part) for part in text.split(",") if part.strip().isdigit()}

@@ -1,0 +1,18 @@
+"""Registered models: manifest, sha256, intended use, the demonstration label, studies run on."""
+
+from __future__ import annotations
+
+import json
+
+from django.db.models import Count
+from django.http import HttpResponse
+
+from results.models import AIModel
+from pacslens.staff.views.access import render_page, staff_view
+
+
+@staff_view("results.view_aimodel")
+def model_list(request) -> HttpResponse:
+    models = AIModel.objects.annotate(study_count=Count("results__study", distinct=True), result_count=Count("results"))
+    rows = [{"model": m, "manifest": json.dumps(m.manifest, indent=2, sort_keys=True)} for m in models]
+    return render_page(request, "results/models.html", {"nav": "models", "rows": rows}, fragment="table")

@@ -1,0 +1,330 @@
+"""The delivery ledger's services: create (outbox), claim, send, record, retry, discard.
+
+Reading order: `deliveries_create` runs inside the inference transaction; `deliveries_run_pending`
+is what workers run when woken; `delivery_retry` / `delivery_discard` are the staff actions.
+Protocol work lives in sr / dicom_send / stow_client / hl7 / fhir; here we only decide what to
+send where and what the outcome means for the row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from results.models import Delivery, DeliveryAttempt, DeliveryState, Destination, ErrorClass, InferenceResult
+from results.models.inference import ResultStatus
+from results.deliver.identity import hl7_control_id, installation_current, result_identity
+from results.deliver.payload import (
+    SR_SOP_INSTANCE,
+    Outcome,
+    OutcomeKind,
+    Priority,
+    Protocol,
+    ResultPayload,
+    fhir_observation_identifier,
+)
+from routing.models import Study, StudyState
+
+logger = logging.getLogger(__name__)
+
+LEASE_EXTRA_SECONDS = 30.0  # added to a destination's timeout: the lease outlives any honest attempt
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --- the outbox: called inside the inference transaction -------------------------------------
+
+
+def deliveries_create(*, study: Study, results: Iterable[InferenceResult], rule_ids: Iterable[int]) -> list[Delivery]:
+    """One Delivery per succeeded result and destination of the matched rules; wakes a worker on commit."""
+    destinations = list(Destination.objects.filter(enabled=True, rules__id__in=list(rule_ids)).distinct())
+    created = []
+    for result in results:
+        if result.status != ResultStatus.SUCCEEDED:
+            continue
+        for destination in destinations:
+            system, key = delivery_identifier(result=result, destination=destination)
+            created.append(
+                Delivery.objects.create(
+                    result=result,
+                    destination=destination,
+                    study=study,
+                    kind=destination.kind,
+                    idempotency_key=key,
+                    identifier_system=system,
+                    priority=study.priority,
+                )
+            )
+    if created:
+        study.transition(
+            StudyState.DELIVERING,
+            from_states=[StudyState.INFERRED],
+            detail=f"{len(created)} deliveries: " + ", ".join(sorted({d.destination.name for d in created})),
+        )
+        transaction.on_commit(enqueue_delivery)
+    return created
+
+
+def delivery_identifier(*, result: InferenceResult, destination: Destination) -> tuple[str, str]:
+    """(system, idempotency key) of a new delivery: fixed when the row is created and read from
+    the row on every re-send. SR: the SOP Instance UID (one per result, whichever PACS gets it);
+    HL7: a new MSH-10 per delivery; FHIR: the Observation identifier (one per result)."""
+    if destination.kind in ("dicom", "dicomweb"):
+        return "", str(result_identity(result).uid(SR_SOP_INSTANCE))
+    if destination.kind == "hl7":
+        return "", hl7_control_id(installation_current())
+    return fhir_observation_identifier(result_identity(result), system=settings.FHIR_IDENTIFIER_SYSTEM)
+
+
+def enqueue_delivery() -> None:
+    from django_q.tasks import async_task
+
+    async_task("results.delivery_tasks.deliver_pending")
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RunContext:
+    """What one worker keeps open while it drains the queue: associations to reuse."""
+
+    worker: str = field(default_factory=worker_identity)
+    sessions: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        for session in self.sessions.values():
+            session.close()
+        self.sessions.clear()
+
+
+def deliveries_run_pending(*, budget_seconds: float = 60.0, only_ids: list[int] | None = None) -> int:
+    """Claim and send due deliveries, most urgent first, until none is due or the budget is spent."""
+    deadline = timezone.now() + timedelta(seconds=budget_seconds)
+    context = RunContext()
+    done = 0
+    try:
+        while timezone.now() < deadline:
+            delivery = delivery_claim_next(worker=context.worker, only_ids=only_ids)
+            if delivery is None:
+                break
+            delivery_send(delivery=delivery, context=context)
+            done += 1
+    finally:
+        context.close()
+    return done
+
+
+def delivery_claim_next(*, worker: str, only_ids: list[int] | None = None) -> Delivery | None:
+    """Compare-and-set claim of the most urgent due row; None when nothing is due."""
+    now = timezone.now()
+    due = Delivery.objects.filter(
+        Q(state=DeliveryState.PENDING, next_attempt_at__lte=now) | Q(state=DeliveryState.IN_FLIGHT, lease_until__lt=now),
+        destination__enabled=True,
+    ).exclude(destination__circuit_open_until__gt=now)
+    if only_ids is not None:
+        due = due.filter(pk__in=only_ids)
+    with transaction.atomic():
+        # SKIP LOCKED (PostgreSQL) on the delivery rows only (`of`): concurrent workers take
+        # different rows, and never lock the Destination row everyone joins. No-op on SQLite.
+        candidates = list(
+            due.select_related("destination")
+            .select_for_update(skip_locked=True, of=("self",))
+            .order_by("priority", "next_attempt_at", "pk")[:20]
+        )
+        return _claim_first(candidates, worker=worker, now=now)
+
+
+def _claim_first(candidates: list[Delivery], *, worker: str, now) -> Delivery | None:
+    for candidate in candidates:
+        lease = timedelta(seconds=candidate.destination.timeout_seconds * 2 + LEASE_EXTRA_SECONDS)
+        claimed = Delivery.objects.filter(
+            pk=candidate.pk, state=candidate.state, attempts=candidate.attempts, lease_until=candidate.lease_until
+        ).update(
+            state=DeliveryState.IN_FLIGHT,
+            lease_until=now + lease,
+            lease_owner=worker,
+            attempts=F("attempts") + 1,
+        )
+        if claimed != 1:
+            continue  # another worker got it first
+        if candidate.state == DeliveryState.IN_FLIGHT:
+            # The previous holder died mid-attempt; what it did is unknown, the key makes a re-send safe.
+            DeliveryAttempt.objects.create(
+                delivery=candidate,
+                number=candidate.attempts,
+                worker=candidate.lease_owner,
+                started_at=candidate.lease_until - lease,
+                ended_at=candidate.lease_until,
+                outcome=ErrorClass.TRANSIENT,
+                message="worker stopped mid-attempt (lease expired); sending again with the same key",
+            )
+        candidate.refresh_from_db()
+        return candidate
+    return None
+
+
+def delivery_send(*, delivery: Delivery, context: RunContext | None = None) -> Outcome:
+    """One attempt for a claimed delivery: send, then record the outcome on the row."""
+    from results.deliver import senders
+
+    context = context or RunContext()
+    started = timezone.now()
+    try:
+        outcome = senders.send(delivery=delivery, context=context)
+    except senders.BuildError as exc:
+        outcome = Outcome(OutcomeKind.PERMANENT, Protocol(delivery.kind), None, str(exc), delivery.idempotency_key)
+    except Exception as exc:  # a bug or an unforeseen library error: retry, then fail visibly
+        logger.exception("delivery %s: unexpected error", delivery.pk)
+        outcome = Outcome(
+            OutcomeKind.TRANSIENT, Protocol(delivery.kind), None, f"internal error: {type(exc).__name__}", delivery.idempotency_key
+        )
+    delivery_record(delivery=delivery, outcome=outcome, started=started, worker=context.worker)
+    return outcome
+
+
+def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: str) -> None:
+    now = timezone.now()
+    destination = delivery.destination
+    code = "" if outcome.code is None else (f"0x{outcome.code:04X}" if outcome.protocol == Protocol.DICOM and isinstance(outcome.code, int) else str(outcome.code))
+    message = outcome.describe()[:2000]
+    fields: dict = {"lease_until": None, "lease_owner": ""}
+    if outcome.ok:
+        fields.update(state=DeliveryState.DELIVERED, delivered_at=now, last_error="", last_error_class="")
+        event = ("delivered", f"{destination.name}: delivered ({delivery.kind}, key {delivery.idempotency_key})")
+    elif outcome.kind is OutcomeKind.TRANSIENT and delivery.attempts < destination.max_attempts:
+        retry_at = now + destination.backoff(delivery.attempts, random.random())
+        fields.update(state=DeliveryState.PENDING, next_attempt_at=retry_at, last_error=message, last_error_class=outcome.kind.value)
+        event = ("delivery_retry", f"{destination.name}: attempt {delivery.attempts} failed, retry at {retry_at:%H:%M:%S}: {message}")
+    else:
+        fields.update(state=DeliveryState.FAILED, last_error=message, last_error_class=outcome.kind.value)
+        event = ("delivery_failed", f"{destination.name}: failed after {delivery.attempts} attempt(s): {message}")
+    with transaction.atomic():
+        DeliveryAttempt.objects.create(
+            delivery=delivery, number=delivery.attempts, worker=worker, started_at=started, ended_at=now,
+            outcome=outcome.kind.value, code=code, message=message,
+        )
+        # Only the lease holder may settle the row: a worker that overran its lease lost it.
+        updated = Delivery.objects.filter(pk=delivery.pk, state=DeliveryState.IN_FLIGHT, lease_owner=worker).update(**fields)
+        if updated != 1:
+            logger.warning("delivery %s: lease lost before recording attempt %s", delivery.pk, delivery.attempts)
+            return
+        _destination_health(destination, outcome, now)
+        delivery.study.log_event(*event)
+        study_delivery_settle(study=delivery.study)
+    logger.info("delivery %s attempt %s: %s", delivery.pk, delivery.attempts, outcome.kind.value)
+
+
+def _destination_health(destination: Destination, outcome: Outcome, now) -> None:
+    if outcome.ok:
+        Destination.objects.filter(pk=destination.pk).update(consecutive_failures=0, circuit_open_until=None, last_success_at=now)
+        return
+    if outcome.kind is OutcomeKind.PERMANENT:
+        return  # this object is refused; the destination itself is working
+    Destination.objects.filter(pk=destination.pk).update(consecutive_failures=F("consecutive_failures") + 1, last_failure_at=now)
+    destination.refresh_from_db(fields=["consecutive_failures"])
+    if destination.consecutive_failures >= destination.breaker_threshold:
+        until = now + timedelta(seconds=destination.breaker_cooldown_seconds)
+        Destination.objects.filter(pk=destination.pk).update(circuit_open_until=until)
+        logger.warning("destination %s: circuit open until %s after %s failures", destination.name, until, destination.consecutive_failures)
+
+
+def study_delivery_settle(*, study: Study) -> None:
+    """DELIVERED when every delivery of the study's current results is done; FAILED if any failed."""
+    # Lock the study first: two workers settling its last two deliveries at once would each see
+    # the other's row still in flight (PostgreSQL, READ COMMITTED) and neither would settle it.
+    Study.objects.select_for_update().filter(pk=study.pk).first()
+    rows = Delivery.objects.filter(study=study, result__superseded_by__isnull=True)
+    states = list(rows.values_list("state", flat=True))
+    if not states or any(s in (DeliveryState.PENDING, DeliveryState.IN_FLIGHT) for s in states):
+        return
+    delivered = states.count(DeliveryState.DELIVERED)
+    failed = states.count(DeliveryState.FAILED)
+    discarded = states.count(DeliveryState.DISCARDED)
+    summary = f"{delivered} of {len(states)} delivered" + (f", {failed} failed" if failed else "") + (f", {discarded} discarded" if discarded else "")
+    study.refresh_from_db(fields=["state"])
+    if failed:
+        study.transition(StudyState.FAILED, from_states=[StudyState.DELIVERING], detail=f"partial delivery: {summary}", kind="delivery_incomplete")
+    else:
+        study.transition(StudyState.DELIVERED, from_states=[StudyState.DELIVERING, StudyState.FAILED], detail=summary)
+
+
+# --- staff actions ---------------------------------------------------------------------------
+
+
+def delivery_retry(*, deliveries, actor: str) -> int:
+    """Put failed (or, on request, delivered) rows back in the queue with the same idempotency key."""
+    ids = list(deliveries.filter(state__in=[DeliveryState.FAILED, DeliveryState.DELIVERED]).values_list("pk", flat=True))
+    now = timezone.now()
+    with transaction.atomic():
+        count = Delivery.objects.filter(pk__in=ids, state__in=[DeliveryState.FAILED, DeliveryState.DELIVERED]).update(
+            state=DeliveryState.PENDING, attempts=0, next_attempt_at=now, lease_until=None, lease_owner="",
+            last_error_class="", delivered_at=None,
+        )
+        for study in Study.objects.filter(deliveries__pk__in=ids).distinct():
+            study.transition(StudyState.DELIVERING, from_states=[StudyState.FAILED, StudyState.DELIVERED], detail=f"re-delivery requested by {actor}", kind="delivery_requeued")
+        Destination.objects.filter(deliveries__pk__in=ids).update(circuit_open_until=None)
+        transaction.on_commit(enqueue_delivery)
+    return count
+
+
+class DiscardReasonRequired(ValueError):
+    pass
+
+
+def delivery_discard(*, delivery: Delivery, actor: str, reason: str) -> bool:
+    reason = reason.strip()
+    if not reason:
+        raise DiscardReasonRequired("A reason is required to discard a delivery.")
+    with transaction.atomic():
+        updated = Delivery.objects.filter(pk=delivery.pk, state__in=[DeliveryState.FAILED, DeliveryState.PENDING]).update(
+            state=DeliveryState.DISCARDED, discarded_by=actor, discard_reason=reason[:2000], lease_until=None
+        )
+        if updated:
+            delivery.study.log_event("delivery_discarded", f"{delivery.destination.name}: discarded by {actor}")
+            study_delivery_settle(study=delivery.study)
+    return bool(updated)
+
+
+# --- payload ---------------------------------------------------------------------------------
+
+
+def result_payload(*, result: InferenceResult) -> ResultPayload:
+    study = result.study
+    sources = []
+    if result.series_id:
+        # The SR cites the images the model evaluated (older results: the whole input series).
+        instances = result.series.instances.filter(deleted_at=None)
+        if result.evaluated_instances:
+            instances = instances.filter(pk__in=result.evaluated_instances)
+        sources = [
+            Path(settings.DATA_DIR) / path for path in instances.order_by("instance_number", "pk").values_list("path", flat=True)
+        ]
+    return ResultPayload(
+        study_instance_uid=study.study_instance_uid,
+        accession_number=study.accession_number,
+        patient_id=study.patient_id,
+        patient_name=study.patient_name,
+        triage_score=float(result.score),
+        finding_flag=bool(result.flagged),
+        model_name=result.model_name,
+        model_version=result.model_version,
+        identity=result_identity(result),
+        created_at=result.created_at,
+        # The worklist priority the AI asks for: a flagged finding goes to the top.
+        priority=Priority.STAT if result.flagged else Priority.ROUTINE,
+        source_instances=tuple(sources),
+    )

@@ -1,0 +1,95 @@
+"""Send one claimed Delivery with the protocol client its destination needs.
+
+Builders raise *BuildError (a ValueError) when a payload cannot be made valid: permanent for
+that result. Associations to a DICOM destination stay open in the RunContext while the worker
+keeps finding work for it (an SR C-STORE on an open association costs milliseconds; opening
+one costs far more).
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+
+from results.deliver.dicom_send import StoreSession
+from results.deliver.fhir import FHIRBuildError, send_fhir_result
+from results.deliver.hl7 import AckPolicy, HL7BuildError, HL7Settings, build_hl7_message, send_mllp
+from results.models import Delivery, Destination
+from results.deliver.payload import URI_SYSTEM, Outcome, OutcomeKind, Protocol
+from results.deliver.sr import SRBuildError, build_sr
+from results.deliver.stow_client import HttpAuth, stow_datasets
+from routing.receive import dicom_tls
+
+BuildError = (SRBuildError, HL7BuildError, FHIRBuildError)
+
+
+def send(*, delivery: Delivery, context) -> Outcome:
+    from results.deliver.ledger import result_payload
+
+    destination = delivery.destination
+    payload = result_payload(result=delivery.result)
+    if destination.kind in ("dicom", "dicomweb"):
+        sr = build_sr(payload)
+        if sr.SOPInstanceUID != delivery.idempotency_key:
+            # Keys are minted once; an SR under another UID would be a second copy at the PACS.
+            return Outcome(OutcomeKind.PERMANENT, Protocol(delivery.kind), None,
+                           f"the SR for result {delivery.result_id} has SOP Instance UID {sr.SOPInstanceUID}, "
+                           f"not the delivery's {delivery.idempotency_key}", delivery.idempotency_key)
+        if destination.kind == "dicom":
+            return _send_dicom(destination, sr, context)
+        return stow_datasets(destination.base_url, [sr], auth=http_auth(destination), timeout=destination.timeout_seconds)[0]
+    if destination.kind == "hl7":
+        message = build_hl7_message(
+            payload, message_type=destination.hl7_message_type, control_id=delivery.idempotency_key, settings=hl7_settings(destination)
+        )
+        return send_mllp(
+            destination.host, destination.port, message, control_id=delivery.idempotency_key,
+            policy=ack_policy(destination), ack_timeout=destination.timeout_seconds,
+        )
+    if destination.kind == "fhir":
+        token = destination.secret if destination.auth == "bearer" else None
+        return send_fhir_result(
+            destination.base_url, payload, bearer_token=token, timeout=destination.timeout_seconds,
+            identifier=(delivery.identifier_system or URI_SYSTEM, delivery.idempotency_key),
+        )
+    raise ValueError(f"unknown destination kind {destination.kind!r}")
+
+
+def _send_dicom(destination: Destination, sr, context) -> Outcome:
+    session = context.sessions.get(destination.pk)
+    if session is None or not session.is_open:
+        ae = destination.application_entity
+        session = StoreSession(
+            calling_ae_title=settings.AE_TITLE, host=ae.host, port=ae.port, called_ae_title=ae.ae_title,
+            timeout=destination.timeout_seconds, tls=dicom_tls.client_tls_args(tls=ae.tls, host=ae.host),
+        )
+        failure = session.open()
+        if failure is not None:
+            return failure
+        context.sessions[destination.pk] = session
+    return session.store(sr)
+
+
+def http_auth(destination: Destination) -> HttpAuth:
+    if destination.auth == "basic":
+        return HttpAuth(kind="basic", username=destination.username, password=destination.secret)
+    if destination.auth == "bearer":
+        return HttpAuth(kind="bearer", token=destination.secret)
+    return HttpAuth()
+
+
+def hl7_settings(destination: Destination) -> HL7Settings:
+    return HL7Settings(
+        sending_application=destination.sending_application or "PACSLENS",
+        sending_facility=destination.sending_facility,
+        receiving_application=destination.receiving_application,
+        receiving_facility=destination.receiving_facility,
+        version=destination.hl7_version or "2.5.1",
+        accession_field=destination.accession_field or "OBR-18",
+    )
+
+
+def ack_policy(destination: Destination) -> AckPolicy:
+    def kind(action: str) -> OutcomeKind:
+        return OutcomeKind.TRANSIENT if action == "retry" else OutcomeKind.PERMANENT
+
+    return AckPolicy(on_error=kind(destination.on_ack_error), on_reject=kind(destination.on_ack_reject))

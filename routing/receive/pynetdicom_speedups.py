@@ -1,0 +1,324 @@
+"""Speed-ups for pynetdicom's receive path, installed by the DICOM listener (`routing.receive.listener`).
+
+Measured (bench/listener.py): pynetdicom spends more time waiting than working. Its two threads
+per association each sleep 1 ms whenever they find nothing to do, so every instance waits for a
+wake-up to pick up the request and another to send the response; it reads the socket 4 KiB per
+recv(); and it builds and encodes pydicom datasets to answer each C-STORE and to write each
+received file's meta header. These replacements keep pynetdicom's logic and only change how it
+waits, reads and encodes. They are written against pynetdicom 3.0.4 and apply to that version only;
+the acceptor side only, except the socket read.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import socket
+import struct
+import time
+
+import pynetdicom
+import pynetdicom.dimse_messages
+from pynetdicom import (
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    evt,
+)
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
+
+logger = logging.getLogger(__name__)
+
+PATCHED_PYNETDICOM = "3.0.4"
+REACTOR_WAIT = 0.005  # seconds a reactor blocks waiting for work before checking its timers
+
+
+def pynetdicom_speedups() -> bool:
+    """Install the replacements once per process; False (stock pynetdicom) on another version."""
+    if pynetdicom.__version__ != PATCHED_PYNETDICOM:
+        logger.warning("pynetdicom %s is not %s: running without speed-ups", pynetdicom.__version__, PATCHED_PYNETDICOM)
+        return False
+    if getattr(AssociationSocket.recv, "_pacslens", False):
+        return True
+    AssociationSocket.recv = _socket_recv
+    DULServiceProvider.run_reactor = _dul_run_reactor
+    DULServiceProvider.send_pdu = _dul_send_pdu
+    Association._run_reactor = _association_run_reactor
+    DIMSEServiceProvider.send_msg = _dimse_send_msg
+    pynetdicom.dimse_messages.create_file_meta = _create_file_meta
+    pynetdicom.dimse_messages.write_file_meta_info = _write_file_meta_info
+    return True
+
+
+_stock_dul_run_reactor = DULServiceProvider.run_reactor
+_stock_dul_send_pdu = DULServiceProvider.send_pdu
+_stock_association_run_reactor = Association._run_reactor
+_stock_dimse_send_msg = DIMSEServiceProvider.send_msg
+_stock_create_file_meta = pynetdicom.dimse_messages.create_file_meta
+_stock_write_file_meta_info = pynetdicom.dimse_messages.write_file_meta_info
+
+
+def _socket_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv: read straight into one buffer, as much as the kernel has."""
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    nr_read = 0
+    try:
+        while nr_read < nr_bytes:
+            count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not count:  # connection closed: return what we have, as pynetdicom does
+                break
+            nr_read += count
+    finally:
+        view.release()
+    if nr_read < nr_bytes:
+        del buffer[nr_read:]
+    return buffer
+
+
+_socket_recv._pacslens = True  # type: ignore[attr-defined]
+
+
+def _dul_send_pdu(self: DULServiceProvider, primitive) -> None:
+    """DULServiceProvider.send_pdu, then wake the reactor so the response leaves at once."""
+    _stock_dul_send_pdu(self, primitive)
+    wake = getattr(self, "_pacslens_wake", None)
+    if wake is not None:
+        try:
+            wake[1].send(b"\0")
+        except OSError:  # closed (reactor ended) or full (a wake-up is pending anyway)
+            pass
+
+
+def _dul_wait(self: DULServiceProvider, wake: socket.socket) -> None:
+    """Instead of sleeping: block until the peer sends, the user queues a PDU, or REACTOR_WAIT passes."""
+    sock = self.socket.socket if self.socket is not None else None
+    if sock is None or getattr(sock, "pending", lambda: 0)():  # TLS may hold decrypted bytes select can't see
+        time.sleep(0 if sock is not None else self._run_loop_delay)
+        return
+    try:
+        ready, _, _ = select.select([sock, wake], [], [], REACTOR_WAIT)
+    except (OSError, ValueError):  # socket closed under us: the loop notices
+        time.sleep(self._run_loop_delay)
+        return
+    if wake in ready:
+        try:
+            wake.recv(4096)
+        except OSError:
+            pass
+
+
+def _dul_run_reactor(self: DULServiceProvider) -> None:
+    """DULServiceProvider.run_reactor of pynetdicom 3.0.4, waiting on the socket instead of sleeping."""
+    if not self.assoc.is_acceptor:
+        return _stock_dul_run_reactor(self)
+    wake_read, wake_write = socket.socketpair()
+    wake_write.setblocking(False)
+    self._pacslens_wake = (wake_read, wake_write)
+    try:
+        self._idle_timer.start()
+        sleep = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                sleep = True
+            if sleep:
+                _dul_wait(self, wake_read)
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # noqa: BLE001 - as pynetdicom: any failure aborts the association
+                # As pynetdicom: bypass the state machine, send an A-ABORT and stop both reactors.
+                logger.error("Exception in the DUL reactor, aborting association: %s", type(exc).__name__)
+                from pynetdicom.pdu import A_ABORT_RQ
+
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                sleep = True
+                continue
+            self.state_machine.do_action(event)
+            sleep = False
+    finally:
+        self._pacslens_wake = None
+        wake_read.close()
+        wake_write.close()
+
+
+def _association_run_reactor(self: Association) -> None:
+    """Association._run_reactor of pynetdicom 3.0.4 (acceptor side), blocking on the DIMSE message
+    queue instead of sleeping 1 ms before each look."""
+    if not self.is_acceptor:
+        return _stock_association_run_reactor(self)
+    self._is_paused = False
+    while not self._kill:
+        self._is_paused = True
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+
+        try:
+            context_id, msg = self.dimse.msg_queue.get(timeout=REACTOR_WAIT)
+        except queue.Empty:
+            context_id, msg = None, None
+        if msg:
+            self._serve_request(msg, context_id)
+
+        if self.is_established and self.acse.is_release_requested():
+            # The peer may close the connection as soon as it has our answer, and EVT_CONN_CLOSE
+            # can then fire (on the DUL thread) before EVT_RELEASED below: it was still a release.
+            self._pacslens_releasing = True
+            self.acse.send_release(is_response=True)
+            logger.debug("association released")
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+
+        if self.acse.is_aborted():
+            self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires for subscribers
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+
+        if not self.dul.is_alive():
+            self.kill()
+            return
+
+        if self.dul.idle_timer_expired():
+            logger.warning("network timeout reached, aborting association")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return
+
+
+# pynetdicom builds a pydicom Dataset and encodes it twice to answer each C-STORE, and another to
+# write each received file's meta header: a third of its CPU per instance. Both have a fixed
+# layout; the encoders below produce the same bytes (tests/test_listener*.py compare stored files).
+
+
+def _dimse_send_msg(self: DIMSEServiceProvider, primitive, context_id: int) -> None:
+    """DIMSEServiceProvider.send_msg with a direct encoding of plain C-STORE responses."""
+    if (
+        type(primitive) is C_STORE
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.ErrorComment is None
+        and primitive.OffendingElement is None
+        and primitive.Status is not None
+        and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+    ):
+        command = _store_response_command(
+            str(primitive.AffectedSOPClassUID),
+            str(primitive.AffectedSOPInstanceUID),
+            int(primitive.MessageIDBeingRespondedTo),
+            int(primitive.Status),
+        )
+        if command is not None:
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append([context_id, b"\x03" + command])  # command, last fragment
+            self.dul.send_pdu(pdata)
+            return
+    _stock_dimse_send_msg(self, primitive, context_id)
+
+
+def _store_response_command(sop_class_uid: str, sop_instance_uid: str, message_id: int, status: int) -> bytes | None:
+    """A C-STORE-RSP command set, Implicit VR Little Endian (PS3.7 9.3.1.2); None if a UID is not plain ASCII."""
+    try:
+        body = b"".join(
+            (
+                _implicit(0x0002, _uid_bytes(sop_class_uid)),
+                _implicit(0x0100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
+                _implicit(0x0120, struct.pack("<H", message_id)),
+                _implicit(0x0800, struct.pack("<H", 0x0101)),  # no data set
+                _implicit(0x0900, struct.pack("<H", status)),
+                _implicit(0x1000, _uid_bytes(sop_instance_uid)),
+            )
+        )
+    except (UnicodeEncodeError, struct.error):
+        return None
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _implicit(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _uid_bytes(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\0" if len(value) % 2 else value
+
+
+class _FileMeta(tuple):
+    """What pynetdicom's create_file_meta would put in a FileMetaDataset, for _write_file_meta_info."""
+
+
+def _create_file_meta(*, sop_class_uid, sop_instance_uid, transfer_syntax, **kwargs):
+    if kwargs:
+        return _stock_create_file_meta(
+            sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax, **kwargs
+        )
+    return _FileMeta((str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax)))
+
+
+def _write_file_meta_info(fp, file_meta, *args, **kwargs) -> None:
+    """File Meta Information, Explicit VR Little Endian, as pydicom writes pynetdicom's defaults."""
+    if not isinstance(file_meta, _FileMeta):
+        return _stock_write_file_meta_info(fp, file_meta, *args, **kwargs)
+    sop_class_uid, sop_instance_uid, transfer_syntax = file_meta
+    try:
+        encoded = _file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax)
+    except UnicodeEncodeError:
+        meta = _stock_create_file_meta(
+            sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax
+        )
+        return _stock_write_file_meta_info(fp, meta, *args, **kwargs)
+    fp.write(encoded)
+
+
+def _file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    version_name = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    if len(version_name) % 2:
+        version_name += b" "
+    body = b"".join(
+        (
+            struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            _explicit_short(0x0002, b"UI", _uid_bytes(sop_class_uid)),
+            _explicit_short(0x0003, b"UI", _uid_bytes(sop_instance_uid)),
+            _explicit_short(0x0010, b"UI", _uid_bytes(transfer_syntax)),
+            _explicit_short(0x0012, b"UI", _uid_bytes(str(PYNETDICOM_IMPLEMENTATION_UID))),
+            _explicit_short(0x0013, b"SH", version_name),
+        )
+    )
+    return _explicit_short(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def _explicit_short(element: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
