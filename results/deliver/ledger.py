@@ -21,12 +21,17 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from django_q.tasks import async_task
 
-from results.models import Delivery, DeliveryAttempt, DeliveryState, Destination, ErrorClass, InferenceResult
-from results.models.inference import ResultStatus
-from results.deliver.identity import hl7_control_id, installation_current, result_identity
+from results.deliver import senders
+from results.deliver.identity import (
+    hl7_control_id,
+    installation_current,
+    result_identity,
+)
 from results.deliver.payload import (
     SR_SOP_INSTANCE,
+    URI_SYSTEM,
     Outcome,
     OutcomeKind,
     Priority,
@@ -34,6 +39,15 @@ from results.deliver.payload import (
     ResultPayload,
     fhir_observation_identifier,
 )
+from results.models import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryState,
+    Destination,
+    ErrorClass,
+    InferenceResult,
+)
+from results.models.inference import ResultStatus
 from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
@@ -90,8 +104,6 @@ def delivery_identifier(*, result: InferenceResult, destination: Destination) ->
 
 
 def enqueue_delivery() -> None:
-    from django_q.tasks import async_task
-
     async_task("results.delivery_tasks.deliver_pending")
 
 
@@ -179,12 +191,11 @@ def _claim_first(candidates: list[Delivery], *, worker: str, now) -> Delivery | 
 
 def delivery_send(*, delivery: Delivery, context: RunContext | None = None) -> Outcome:
     """One attempt for a claimed delivery: send, then record the outcome on the row."""
-    from results.deliver import senders
-
     context = context or RunContext()
     started = timezone.now()
     try:
-        outcome = senders.send(delivery=delivery, context=context)
+        payload = result_payload(result=delivery.result)
+        outcome = senders.send(destination=delivery.destination, payload=payload, key=delivery_key(delivery), context=context)
     except senders.BuildError as exc:
         outcome = Outcome(OutcomeKind.PERMANENT, Protocol(delivery.kind), None, str(exc), delivery.idempotency_key)
     except Exception as exc:  # a bug or an unforeseen library error: retry, then fail visibly
@@ -194,6 +205,13 @@ def delivery_send(*, delivery: Delivery, context: RunContext | None = None) -> O
         )
     delivery_record(delivery=delivery, outcome=outcome, started=started, worker=context.worker)
     return outcome
+
+
+def delivery_key(delivery: Delivery) -> str | tuple[str, str]:
+    """What a sender sends under: the row's idempotency key; for FHIR with its identifier system."""
+    if delivery.destination.kind == "fhir":
+        return (delivery.identifier_system or URI_SYSTEM, delivery.idempotency_key)
+    return delivery.idempotency_key
 
 
 def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: str) -> None:
