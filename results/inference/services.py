@@ -17,8 +17,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from results.deliver.ledger import deliveries_create
-from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
-from results.inference.runtime import InferenceTimeout, ModelFileError, session_for, session_run
+from results.inference.runtime import (
+    InferenceTimeout,
+    ModelFileError,
+    session_for,
+    session_run,
+)
 from results.inference.volume import (
     NoSuitableSeries,
     NotApplicable,
@@ -28,6 +32,7 @@ from results.inference.volume import (
     volume_load,
     volume_preprocess,
 )
+from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
 from routing.completion import study_complete
 from routing.models import RoutingDecision, Study, StudyState
 
