@@ -34,7 +34,7 @@ from results.inference.volume import (
 )
 from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
 from routing.completion import study_complete
-from routing.models import RoutingDecision, Study, StudyState
+from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
     the state change; if the study moved meanwhile (a late instance re-opened it), nothing is
     saved: the re-opened study will be routed and inferred again.
     """
-    decision = RoutingDecision.objects.filter(study=study).order_by("-decided_at", "-id").first()
+    decision = study.routing_decision()
     models = list(decision.ai_models.filter(enabled=True)) if decision else []
     outcomes = [_model_infer_guarded(study=study, model=model) for model in models]
     failed = [r for r in outcomes if r.status == ResultStatus.FAILED]
@@ -127,7 +127,7 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
 def result_current(*, study: Study, model_name: str) -> InferenceResult | None:
     """The result of `model_name` for `study` that no later result supersedes."""
     return (
-        InferenceResult.objects.filter(study=study, model_name=model_name, superseded_by__isnull=True)
+        InferenceResult.objects.current().filter(study=study, model_name=model_name)
         .order_by("-created_at", "-id")
         .first()
     )
@@ -207,7 +207,7 @@ def studies_inferring_stale(*, older_than: timedelta) -> int:
     cutoff = timezone.now() - older_than
     count = 0
     for study in Study.objects.filter(state=StudyState.INFERRING, state_changed_at__lt=cutoff):
-        decision = RoutingDecision.objects.filter(study=study).order_by("-decided_at", "-id").first()
+        decision = study.routing_decision()
         models = list(decision.ai_models.all()) if decision else []
         message = f"inference did not finish within {int(older_than.total_seconds())} s (worker stopped or killed)"
         if not _inference_retried(study):
