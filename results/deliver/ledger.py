@@ -265,7 +265,7 @@ def study_delivery_settle(*, study: Study) -> None:
     # Lock the study first: two workers settling its last two deliveries at once would each see
     # the other's row still in flight (PostgreSQL, READ COMMITTED) and neither would settle it.
     Study.objects.select_for_update().filter(pk=study.pk).first()
-    rows = Delivery.objects.filter(study=study, result__superseded_by__isnull=True)
+    rows = Delivery.objects.filter(study=study, result__in=study.inference_results.current())
     states = list(rows.values_list("state", flat=True))
     if not states or any(s in (DeliveryState.PENDING, DeliveryState.IN_FLIGHT) for s in states):
         return
@@ -297,6 +297,24 @@ def delivery_retry(*, deliveries, actor: str) -> int:
         Destination.objects.filter(deliveries__pk__in=ids).update(circuit_open_until=None)
         transaction.on_commit(enqueue_delivery)
     return count
+
+
+def study_redeliver(*, study: Study, actor: str, destination_name: str | None = None) -> tuple[int, list[int]]:
+    """Send the study's current results again: create the deliveries missing for destinations
+    routed since, then re-queue them all (failed or delivered alike, with their original
+    idempotency keys, so receivers keep one copy). Returns (how many were re-queued, the ids)."""
+    current = study.inference_results.current().filter(status=ResultStatus.SUCCEEDED)
+    with transaction.atomic():
+        if study.state == StudyState.INFERRED:
+            decision = study.routing_decision()
+            rule_ids = [rule["id"] for rule in decision.matched_rules] if decision else []
+            deliveries_create(study=study, results=list(current), rule_ids=rule_ids)
+        rows = Delivery.objects.filter(result__in=current)
+        if destination_name:
+            rows = rows.filter(destination__name=destination_name)
+        ids = list(rows.values_list("pk", flat=True))
+        requeued = delivery_retry(deliveries=Delivery.objects.filter(pk__in=ids), actor=actor)
+    return requeued, ids
 
 
 class DiscardReasonRequired(ValueError):
