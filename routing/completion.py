@@ -72,7 +72,7 @@ def study_complete(
 
     The one way a study becomes complete, whatever decided it: quiet period, association
     release or ceiling here, a retrieve's final response in routing.pull.poll, or a staff re-run
-    (results.inference.services.study_request_rerun, from a finished state).
+    (study_request_rerun, from a finished state).
     """
     with transaction.atomic():
         moved = study.transition(
@@ -84,6 +84,19 @@ def study_complete(
     if moved:
         logger.info("study %s complete: %s", study.pk, detail)
     return moved
+
+
+# States a study may be re-run from: nothing is in flight for it.
+RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.FAILED, StudyState.IGNORED]
+
+
+def study_request_rerun(*, study: Study, actor: str) -> bool:
+    """Route and infer a finished study again (after a rule or model change, or on request).
+
+    The new results supersede the current ones. Returns False when the study is not in a
+    finished state (still receiving, or work in flight): nothing is changed then.
+    """
+    return study_complete(study=study, detail=f"re-run requested by {actor}", from_states=RERUNNABLE, kind="rerun")
 
 
 def studies_complete_due(*, now: datetime | None = None) -> int:

@@ -33,7 +33,6 @@ from results.inference.volume import (
     volume_preprocess,
 )
 from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
-from routing.completion import study_complete
 from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
@@ -54,19 +53,6 @@ def inference_run_pending(*, budget_seconds: float | None = None) -> int:
         study_infer(study=study)
         done += 1
     return done
-
-
-# States a study may be re-run from: nothing is in flight for it.
-RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.FAILED, StudyState.IGNORED]
-
-
-def study_request_rerun(*, study: Study, actor: str) -> bool:
-    """Route and infer a finished study again (after a rule or model change, or on request).
-
-    The new results supersede the current ones. Returns False when the study is not in a
-    finished state (still receiving, or work in flight): nothing is changed then.
-    """
-    return study_complete(study=study, detail=f"re-run requested by {actor}", from_states=RERUNNABLE, kind="rerun")
 
 
 def study_claim_next() -> Study | None:

@@ -7,10 +7,10 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django_htmx.http import trigger_client_event
 
-from results.deliver import ledger
-from results.inference.services import study_request_rerun
-from routing.models import AuditAction, AuditEntry, Study
 from pacslens.staff.views.access import actor, staff_view
+from results.deliver import ledger
+from routing.completion import study_request_rerun
+from routing.models import AuditAction, AuditEntry, Study
 
 
 @staff_view("routing.view_study", "routing.rerun_inference")

@@ -6,7 +6,7 @@ import getpass
 
 from django.core.management.base import BaseCommand, CommandError
 
-from results.inference.services import RERUNNABLE, study_request_rerun
+from routing.completion import RERUNNABLE, study_request_rerun
 from routing.models import Study
 
 
