@@ -2,7 +2,13 @@
 
 from django.contrib import admin
 
-from results.models import AIModel, Delivery, DeliveryAttempt, Destination, InferenceResult
+from results.models import (
+    AIModel,
+    Delivery,
+    DeliveryAttempt,
+    Destination,
+    InferenceResult,
+)
 
 
 @admin.register(Destination)

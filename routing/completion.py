@@ -19,6 +19,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+from django_q.tasks import async_task
 
 from routing.models import Instance, StoreAssociation, Study, StudyRetrieve, StudyState
 
@@ -71,20 +72,31 @@ def study_complete(
 
     The one way a study becomes complete, whatever decided it: quiet period, association
     release or ceiling here, a retrieve's final response in routing.pull.poll, or a staff re-run
-    (results.inference.services.study_request_rerun, from a finished state).
+    (study_request_rerun, from a finished state).
     """
     with transaction.atomic():
         moved = study.transition(
             StudyState.COMPLETE, from_states=from_states or [StudyState.RECEIVING], detail=detail, where=where, kind=kind
         )
         if moved:
-            from django_q.tasks import async_task
-
             study_id = study.pk
             transaction.on_commit(lambda: async_task("results.tasks.process_study", study_id))
     if moved:
         logger.info("study %s complete: %s", study.pk, detail)
     return moved
+
+
+# States a study may be re-run from: nothing is in flight for it.
+RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.FAILED, StudyState.IGNORED]
+
+
+def study_request_rerun(*, study: Study, actor: str) -> bool:
+    """Route and infer a finished study again (after a rule or model change, or on request).
+
+    The new results supersede the current ones. Returns False when the study is not in a
+    finished state (still receiving, or work in flight): nothing is changed then.
+    """
+    return study_complete(study=study, detail=f"re-run requested by {actor}", from_states=RERUNNABLE, kind="rerun")
 
 
 def studies_complete_due(*, now: datetime | None = None) -> int:

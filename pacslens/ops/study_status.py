@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from routing.models import Priority, RoutingDecision, Study
+from routing.models import Priority, Study
 
 
 def study_routing_status(study: Study) -> dict | None:
     """The latest routing decision: which rules matched and why, or None before routing."""
-    decision = RoutingDecision.objects.filter(study=study).order_by("-decided_at", "-id").first()
+    decision = study.routing_decision()
     if decision is None:
         return None
     return {

@@ -60,7 +60,7 @@ class StudyFilterForm(forms.Form):
             studies = studies.filter(Q(modalities=modality) | Q(modalities__startswith=modality + "\\") | Q(modalities__endswith="\\" + modality) | Q(modalities__contains="\\" + modality + "\\"))
         flag = data.get("flag")
         if flag:
-            flagged = InferenceResult.objects.filter(study=OuterRef("pk"), flagged=True, superseded_by__isnull=True)
+            flagged = InferenceResult.objects.current().filter(study=OuterRef("pk"), flagged=True)
             studies = studies.filter(Exists(flagged)) if flag == "yes" else studies.exclude(Exists(flagged))
         return studies.order_by(STUDY_SORTS.get(data.get("sort") or "", "-first_received_at"), "-id")
 

@@ -23,7 +23,13 @@ import simplejson
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
 
-from results.deliver.payload import URI_SYSTEM, Outcome, OutcomeKind, Protocol, ResultPayload
+from results.deliver.payload import (
+    URI_SYSTEM,
+    Outcome,
+    OutcomeKind,
+    Protocol,
+    ResultPayload,
+)
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 UCUM = "http://unitsofmeasure.org"

@@ -19,9 +19,9 @@ from pathlib import Path
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
+from results.deliver.payload import ResultIdentity
 from results.models import InferenceResult, Installation
 from results.models.installation import base32
-from results.deliver.payload import ResultIdentity
 
 logger = logging.getLogger(__name__)
 

@@ -21,12 +21,17 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from django_q.tasks import async_task
 
-from results.models import Delivery, DeliveryAttempt, DeliveryState, Destination, ErrorClass, InferenceResult
-from results.models.inference import ResultStatus
-from results.deliver.identity import hl7_control_id, installation_current, result_identity
+from results.deliver import senders
+from results.deliver.identity import (
+    hl7_control_id,
+    installation_current,
+    result_identity,
+)
 from results.deliver.payload import (
     SR_SOP_INSTANCE,
+    URI_SYSTEM,
     Outcome,
     OutcomeKind,
     Priority,
@@ -34,6 +39,15 @@ from results.deliver.payload import (
     ResultPayload,
     fhir_observation_identifier,
 )
+from results.models import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryState,
+    Destination,
+    ErrorClass,
+    InferenceResult,
+)
+from results.models.inference import ResultStatus
 from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
@@ -90,8 +104,6 @@ def delivery_identifier(*, result: InferenceResult, destination: Destination) ->
 
 
 def enqueue_delivery() -> None:
-    from django_q.tasks import async_task
-
     async_task("results.delivery_tasks.deliver_pending")
 
 
@@ -179,12 +191,11 @@ def _claim_first(candidates: list[Delivery], *, worker: str, now) -> Delivery | 
 
 def delivery_send(*, delivery: Delivery, context: RunContext | None = None) -> Outcome:
     """One attempt for a claimed delivery: send, then record the outcome on the row."""
-    from results.deliver import senders
-
     context = context or RunContext()
     started = timezone.now()
     try:
-        outcome = senders.send(delivery=delivery, context=context)
+        payload = result_payload(result=delivery.result)
+        outcome = senders.send(destination=delivery.destination, payload=payload, key=delivery_key(delivery), context=context)
     except senders.BuildError as exc:
         outcome = Outcome(OutcomeKind.PERMANENT, Protocol(delivery.kind), None, str(exc), delivery.idempotency_key)
     except Exception as exc:  # a bug or an unforeseen library error: retry, then fail visibly
@@ -194,6 +205,13 @@ def delivery_send(*, delivery: Delivery, context: RunContext | None = None) -> O
         )
     delivery_record(delivery=delivery, outcome=outcome, started=started, worker=context.worker)
     return outcome
+
+
+def delivery_key(delivery: Delivery) -> str | tuple[str, str]:
+    """What a sender sends under: the row's idempotency key; for FHIR with its identifier system."""
+    if delivery.destination.kind == "fhir":
+        return (delivery.identifier_system or URI_SYSTEM, delivery.idempotency_key)
+    return delivery.idempotency_key
 
 
 def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: str) -> None:
@@ -247,7 +265,7 @@ def study_delivery_settle(*, study: Study) -> None:
     # Lock the study first: two workers settling its last two deliveries at once would each see
     # the other's row still in flight (PostgreSQL, READ COMMITTED) and neither would settle it.
     Study.objects.select_for_update().filter(pk=study.pk).first()
-    rows = Delivery.objects.filter(study=study, result__superseded_by__isnull=True)
+    rows = Delivery.objects.filter(study=study, result__in=study.inference_results.current())
     states = list(rows.values_list("state", flat=True))
     if not states or any(s in (DeliveryState.PENDING, DeliveryState.IN_FLIGHT) for s in states):
         return
@@ -279,6 +297,24 @@ def delivery_retry(*, deliveries, actor: str) -> int:
         Destination.objects.filter(deliveries__pk__in=ids).update(circuit_open_until=None)
         transaction.on_commit(enqueue_delivery)
     return count
+
+
+def study_redeliver(*, study: Study, actor: str, destination_name: str | None = None) -> tuple[int, list[int]]:
+    """Send the study's current results again: create the deliveries missing for destinations
+    routed since, then re-queue them all (failed or delivered alike, with their original
+    idempotency keys, so receivers keep one copy). Returns (how many were re-queued, the ids)."""
+    current = study.inference_results.current().filter(status=ResultStatus.SUCCEEDED)
+    with transaction.atomic():
+        if study.state == StudyState.INFERRED:
+            decision = study.routing_decision()
+            rule_ids = [rule["id"] for rule in decision.matched_rules] if decision else []
+            deliveries_create(study=study, results=list(current), rule_ids=rule_ids)
+        rows = Delivery.objects.filter(result__in=current)
+        if destination_name:
+            rows = rows.filter(destination__name=destination_name)
+        ids = list(rows.values_list("pk", flat=True))
+        requeued = delivery_retry(deliveries=Delivery.objects.filter(pk__in=ids), actor=actor)
+    return requeued, ids
 
 
 class DiscardReasonRequired(ValueError):

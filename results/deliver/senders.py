@@ -1,4 +1,4 @@
-"""Send one claimed Delivery with the protocol client its destination needs.
+"""Send one result payload to a destination with the protocol client the destination needs.
 
 Builders raise *BuildError (a ValueError) when a payload cannot be made valid: permanent for
 that result. Associations to a DICOM destination stay open in the RunContext while the worker
@@ -12,44 +12,49 @@ from django.conf import settings
 
 from results.deliver.dicom_send import StoreSession
 from results.deliver.fhir import FHIRBuildError, send_fhir_result
-from results.deliver.hl7 import AckPolicy, HL7BuildError, HL7Settings, build_hl7_message, send_mllp
-from results.models import Delivery, Destination
-from results.deliver.payload import URI_SYSTEM, Outcome, OutcomeKind, Protocol
+from results.deliver.hl7 import (
+    AckPolicy,
+    HL7BuildError,
+    HL7Settings,
+    build_hl7_message,
+    send_mllp,
+)
+from results.deliver.payload import Outcome, OutcomeKind, Protocol, ResultPayload
 from results.deliver.sr import SRBuildError, build_sr
 from results.deliver.stow_client import HttpAuth, stow_datasets
+from results.models import Destination
 from routing.receive import dicom_tls
 
 BuildError = (SRBuildError, HL7BuildError, FHIRBuildError)
 
 
-def send(*, delivery: Delivery, context) -> Outcome:
-    from results.deliver.ledger import result_payload
-
-    destination = delivery.destination
-    payload = result_payload(result=delivery.result)
+def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[str, str], context) -> Outcome:
+    """Send `payload` to `destination` under its idempotency `key`: the SR's SOP Instance UID,
+    the HL7 MSH-10 control id, or for FHIR the Observation identifier (system, value)."""
     if destination.kind in ("dicom", "dicomweb"):
         sr = build_sr(payload)
-        if sr.SOPInstanceUID != delivery.idempotency_key:
+        if sr.SOPInstanceUID != key:
             # Keys are minted once; an SR under another UID would be a second copy at the PACS.
-            return Outcome(OutcomeKind.PERMANENT, Protocol(delivery.kind), None,
-                           f"the SR for result {delivery.result_id} has SOP Instance UID {sr.SOPInstanceUID}, "
-                           f"not the delivery's {delivery.idempotency_key}", delivery.idempotency_key)
+            return Outcome(OutcomeKind.PERMANENT, Protocol(destination.kind), None,
+                           f"the SR built for this result has SOP Instance UID {sr.SOPInstanceUID}, "
+                           f"not the delivery's {key}", str(key))
         if destination.kind == "dicom":
             return _send_dicom(destination, sr, context)
         return stow_datasets(destination.base_url, [sr], auth=http_auth(destination), timeout=destination.timeout_seconds)[0]
     if destination.kind == "hl7":
+        assert isinstance(key, str)
         message = build_hl7_message(
-            payload, message_type=destination.hl7_message_type, control_id=delivery.idempotency_key, settings=hl7_settings(destination)
+            payload, message_type=destination.hl7_message_type, control_id=key, settings=hl7_settings(destination)
         )
         return send_mllp(
-            destination.host, destination.port, message, control_id=delivery.idempotency_key,
+            destination.host, destination.port, message, control_id=key,
             policy=ack_policy(destination), ack_timeout=destination.timeout_seconds,
         )
     if destination.kind == "fhir":
+        assert isinstance(key, tuple)
         token = destination.secret if destination.auth == "bearer" else None
         return send_fhir_result(
-            destination.base_url, payload, bearer_token=token, timeout=destination.timeout_seconds,
-            identifier=(delivery.identifier_system or URI_SYSTEM, delivery.idempotency_key),
+            destination.base_url, payload, bearer_token=token, timeout=destination.timeout_seconds, identifier=key
         )
     raise ValueError(f"unknown destination kind {destination.kind!r}")
 

@@ -22,9 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import yaml
 from django.conf import settings
 from django.db import transaction
 from onnx import TensorProto, helper, numpy_helper
+
+from results.inference.registry import model_register
+from routing.models import Operator, RoutingRule
 
 NAME = "demo-hyperdense-head-ct"
 VERSION = "1.0"
@@ -134,8 +138,6 @@ def demo_model_build() -> onnx.ModelProto:
 
 def demo_model_write(*, directory: Path) -> tuple[Path, dict]:
     """Write the ONNX file and its manifest (YAML) into `directory`; returns (manifest path, manifest)."""
-    import yaml
-
     directory.mkdir(parents=True, exist_ok=True)
     onnx_name = f"{NAME}-{VERSION}.onnx"
     data = demo_model_build().SerializeToString()
@@ -151,9 +153,6 @@ def ensure_demo_setup() -> str:
 
     Called by setup_site (so by `make run`): idempotent, returns one line to print.
     """
-    from results.inference.registry import model_register
-    from routing.models import Operator, RoutingRule
-
     manifest_path, _ = demo_model_write(directory=Path(settings.DATA_DIR) / "models" / "demo")
     model, created = model_register(manifest_path=manifest_path)
     line = f"Demonstration model {model.name} {model.version} {'registered' if created else 'ready'} (not for clinical use)"

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import onnxruntime
 from django.conf import settings
 from django.db import transaction
 
@@ -72,8 +73,6 @@ def model_file_problems(*, manifest: dict[str, Any], path: Path) -> dict[str, st
     digest = file_sha256(path)
     if digest != manifest["sha256"]:
         return {"sha256": f"the file's SHA-256 is {digest}, the manifest says {manifest['sha256']}"}
-    import onnxruntime
-
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for bad files

@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+# Heavy (~0.35 s) on purpose: a worker pays it when it imports the inference services, not
+# during its first study.
+import onnxruntime
 from django.conf import settings
 
-from results.models import AIModel
 from results.inference.registry import file_sha256
+from results.models import AIModel
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +70,6 @@ def session_for(model: AIModel):
 
 def session_run(session, *, input_name: str, tensor: np.ndarray, timeout: float) -> dict[str, np.ndarray]:
     """Run the model; a run longer than `timeout` seconds is terminated and raises InferenceTimeout."""
-    import onnxruntime
-
     options = onnxruntime.RunOptions()
     timed_out = threading.Event()
 
@@ -95,8 +97,6 @@ def sessions_clear() -> None:
 
 
 def _create_session(path: Path):
-    import onnxruntime
-
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = settings.INFERENCE_INTRA_OP_THREADS
     options.inter_op_num_threads = settings.INFERENCE_INTER_OP_THREADS
@@ -106,8 +106,6 @@ def _create_session(path: Path):
 
 def execution_providers() -> list[str]:
     """From PACSLENS_INFERENCE_PROVIDER: auto (default: CUDA when present, else CPU), cpu, or cuda (required)."""
-    import onnxruntime
-
     available = onnxruntime.get_available_providers()
     wanted = settings.INFERENCE_PROVIDER
     if wanted == "cuda":

@@ -17,8 +17,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from results.deliver.ledger import deliveries_create
-from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
-from results.inference.runtime import InferenceTimeout, ModelFileError, session_for, session_run
+from results.inference.runtime import (
+    InferenceTimeout,
+    ModelFileError,
+    session_for,
+    session_run,
+)
 from results.inference.volume import (
     NoSuitableSeries,
     NotApplicable,
@@ -28,8 +32,8 @@ from results.inference.volume import (
     volume_load,
     volume_preprocess,
 )
-from routing.completion import study_complete
-from routing.models import RoutingDecision, Study, StudyState
+from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
+from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +53,6 @@ def inference_run_pending(*, budget_seconds: float | None = None) -> int:
         study_infer(study=study)
         done += 1
     return done
-
-
-# States a study may be re-run from: nothing is in flight for it.
-RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.FAILED, StudyState.IGNORED]
-
-
-def study_request_rerun(*, study: Study, actor: str) -> bool:
-    """Route and infer a finished study again (after a rule or model change, or on request).
-
-    The new results supersede the current ones. Returns False when the study is not in a
-    finished state (still receiving, or work in flight): nothing is changed then.
-    """
-    return study_complete(study=study, detail=f"re-run requested by {actor}", from_states=RERUNNABLE, kind="rerun")
 
 
 def study_claim_next() -> Study | None:
@@ -91,7 +82,7 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
     the state change; if the study moved meanwhile (a late instance re-opened it), nothing is
     saved: the re-opened study will be routed and inferred again.
     """
-    decision = RoutingDecision.objects.filter(study=study).order_by("-decided_at", "-id").first()
+    decision = study.routing_decision()
     models = list(decision.ai_models.filter(enabled=True)) if decision else []
     outcomes = [_model_infer_guarded(study=study, model=model) for model in models]
     failed = [r for r in outcomes if r.status == ResultStatus.FAILED]
@@ -122,7 +113,7 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
 def result_current(*, study: Study, model_name: str) -> InferenceResult | None:
     """The result of `model_name` for `study` that no later result supersedes."""
     return (
-        InferenceResult.objects.filter(study=study, model_name=model_name, superseded_by__isnull=True)
+        InferenceResult.objects.current().filter(study=study, model_name=model_name)
         .order_by("-created_at", "-id")
         .first()
     )
@@ -202,7 +193,7 @@ def studies_inferring_stale(*, older_than: timedelta) -> int:
     cutoff = timezone.now() - older_than
     count = 0
     for study in Study.objects.filter(state=StudyState.INFERRING, state_changed_at__lt=cutoff):
-        decision = RoutingDecision.objects.filter(study=study).order_by("-decided_at", "-id").first()
+        decision = study.routing_decision()
         models = list(decision.ai_models.all()) if decision else []
         message = f"inference did not finish within {int(older_than.total_seconds())} s (worker stopped or killed)"
         if not _inference_retried(study):

@@ -16,6 +16,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from results.deliver.hl7 import ACCESSION_FIELDS
+
 
 class DestinationKind(models.TextChoices):
     DICOM = "dicom", "DICOM C-STORE (SR)"
@@ -120,8 +122,6 @@ class Destination(models.Model):
                 errors["port"] = "An HL7 destination needs the RIS MLLP port."
             if not self.hl7_message_type:
                 errors["hl7_message_type"] = "Choose ORU^R01 or ORM^O01."
-            from results.deliver.hl7 import ACCESSION_FIELDS
-
             if self.accession_field not in ACCESSION_FIELDS:
                 errors["accession_field"] = f"Use one of {', '.join(ACCESSION_FIELDS)}."
         if self.backoff_cap_seconds < self.backoff_base_seconds:

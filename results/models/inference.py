@@ -78,6 +78,12 @@ class ImmutableResultError(Exception):
     pass
 
 
+class InferenceResultQuerySet(models.QuerySet):
+    def current(self) -> InferenceResultQuerySet:
+        """Results not superseded by a re-run: the ones that count."""
+        return self.filter(superseded_by__isnull=True)
+
+
 class InferenceResult(models.Model):
     study = models.ForeignKey("routing.Study", on_delete=models.CASCADE, related_name="inference_results")
     # PROTECT: a model that produced results stays in the registry (disable it instead) for audit.
@@ -116,6 +122,8 @@ class InferenceResult(models.Model):
         max_length=64, blank=True, default="", editable=False,
         help_text="Results delivered before identities existed keep deriving their first identifiers",
     )
+
+    objects = InferenceResultQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -7,12 +7,16 @@ writes the StudyEvent, so two workers can never both move a study and the timeli
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from routing.validators import validate_ae_title
+
+if TYPE_CHECKING:
+    from routing.models.rules import RoutingDecision
 
 
 class ApplicationEntity(models.Model):
@@ -72,6 +76,15 @@ class Priority(models.IntegerChoices):
     ROUTINE = 5, "Routine"
 
 
+class StudyManager(models.Manager):
+    def by_uid_or_pk(self, value: str) -> Study | None:
+        """The study with this Study Instance UID, else with this internal id (what commands accept)."""
+        study = self.filter(study_instance_uid=value).first()
+        if study is None and value.isdigit():
+            study = self.filter(pk=int(value)).first()
+        return study
+
+
 class Study(models.Model):
     study_instance_uid = models.CharField(max_length=64, unique=True)
     state = models.CharField(max_length=16, choices=StudyState.choices, default=StudyState.RECEIVING)
@@ -91,6 +104,8 @@ class Study(models.Model):
     completed_at = models.DateTimeField(null=True, blank=True)
     state_changed_at = models.DateTimeField(default=timezone.now)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = StudyManager()
 
     class Meta:
         verbose_name_plural = "studies"
@@ -141,6 +156,10 @@ class Study(models.Model):
         for name, value in fields.items():
             setattr(self, name, value)
         return True
+
+    def routing_decision(self) -> RoutingDecision | None:
+        """The latest RoutingDecision (a re-run routes again and adds one), or None."""
+        return self.routing_decisions.order_by("-decided_at", "-id").first()
 
     def log_event(self, kind: str, detail: str = "") -> StudyEvent:
         return StudyEvent.objects.create(study=self, kind=kind, detail=detail[:1000])

@@ -72,9 +72,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="Machine-readable output (stable keys)")
 
     def handle(self, *args, study_uid: str, **options) -> None:
-        study = Study.objects.filter(study_instance_uid=study_uid).first()
-        if study is None and study_uid.isdigit():
-            study = Study.objects.filter(pk=int(study_uid)).first()
+        study = Study.objects.by_uid_or_pk(study_uid)
         if study is None:
             raise CommandError(f"no study with Study Instance UID {study_uid}")
         data = study_status_data(study)

@@ -71,7 +71,7 @@ def study_story(study: Study) -> dict:
         "instance_count": study.instances.count(),
         "results": [{"result": r, "current": r.pk not in superseded} for r in results],
         "deliveries": deliveries,
-        "decision": study.routing_decisions.order_by("-decided_at", "-id").first(),
+        "decision": study.routing_decision(),
         "working": study.state in WORKING_STATES or any(d.state in ("pending", "in_flight") for d in deliveries),
     }
 
@@ -80,7 +80,7 @@ def _flagged_ids(study_ids: list[int]) -> set[int]:
     from results.models import InferenceResult
 
     return set(
-        InferenceResult.objects.filter(study_id__in=study_ids, flagged=True, superseded_by__isnull=True).values_list("study_id", flat=True)
+        InferenceResult.objects.current().filter(study_id__in=study_ids, flagged=True).values_list("study_id", flat=True)
     )
 
 

@@ -7,11 +7,10 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django_htmx.http import trigger_client_event
 
-from results.deliver.ledger import delivery_retry
-from results.models import Delivery
-from results.inference.services import study_request_rerun
-from routing.models import AuditAction, AuditEntry, Study
 from pacslens.staff.views.access import actor, staff_view
+from results.deliver import ledger
+from routing.completion import study_request_rerun
+from routing.models import AuditAction, AuditEntry, Study
 
 
 @staff_view("routing.view_study", "routing.rerun_inference")
@@ -33,9 +32,7 @@ def study_redeliver(request, pk: int) -> HttpResponse:
     if request.method != "POST":
         return HttpResponse(status=405)
     study = get_object_or_404(Study, pk=pk)
-    rows = Delivery.objects.filter(study=study, result__superseded_by__isnull=True)
-    ids = list(rows.values_list("pk", flat=True))
-    count = delivery_retry(deliveries=rows, actor=actor(request))
+    count, ids = ledger.study_redeliver(study=study, actor=actor(request))
     AuditEntry.record(actor=actor(request), action=AuditAction.RETRY, obj=study,
                       detail=f"re-deliver study: {count} of {len(ids)} deliveries queued", request=request)
     if count:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import time
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import transaction
 
-from results.deliver.ledger import deliveries_create, delivery_retry
-from results.models import Delivery, DeliveryState, Destination
-from routing.models import RoutingDecision, Study, StudyState
+from results.deliver.ledger import study_redeliver
+from results.models import Delivery, DeliveryState, Destination, ResultStatus
+from routing.models import Study
 
 
 class Command(BaseCommand):
@@ -32,19 +31,9 @@ class Command(BaseCommand):
         if destination and not Destination.objects.filter(name=destination).exists():
             names = ", ".join(Destination.objects.values_list("name", flat=True)) or "none configured"
             raise CommandError(f"no destination named {destination!r} (destinations: {names})")
-        current = study.inference_results.filter(superseded_by__isnull=True, status="succeeded")
-        if not current.exists():
+        if not study.inference_results.current().filter(status=ResultStatus.SUCCEEDED).exists():
             raise CommandError(f"study {study_uid} has no successful inference result to deliver (state {study.state})")
-        with transaction.atomic():
-            decision = RoutingDecision.objects.filter(study=study).order_by("-decided_at", "-id").first()
-            rule_ids = [rule["id"] for rule in decision.matched_rules] if decision else []
-            if study.state == StudyState.INFERRED:
-                deliveries_create(study=study, results=list(current), rule_ids=rule_ids)
-            rows = Delivery.objects.filter(result__in=current)
-            if destination:
-                rows = rows.filter(destination__name=destination)
-            ids = list(rows.values_list("pk", flat=True))
-            requeued = delivery_retry(deliveries=Delivery.objects.filter(pk__in=ids), actor="manage.py deliver")
+        requeued, ids = study_redeliver(study=study, destination_name=destination, actor="manage.py deliver")
         self.stdout.write(f"{requeued} delivery(ies) re-queued, {len(ids)} in all")
         if not ids:
             return

@@ -6,7 +6,7 @@ import getpass
 
 from django.core.management.base import BaseCommand, CommandError
 
-from results.inference.services import RERUNNABLE, study_request_rerun
+from routing.completion import RERUNNABLE, study_request_rerun
 from routing.models import Study
 
 
@@ -17,9 +17,7 @@ class Command(BaseCommand):
         parser.add_argument("study_uid", help="Study Instance UID (or the internal id)")
 
     def handle(self, *args, study_uid: str, **options) -> None:
-        study = Study.objects.filter(study_instance_uid=study_uid).first()
-        if study is None and study_uid.isdigit():
-            study = Study.objects.filter(pk=int(study_uid)).first()
+        study = Study.objects.by_uid_or_pk(study_uid)
         if study is None:
             raise CommandError(f"no study with Study Instance UID {study_uid}")
         if not study_request_rerun(study=study, actor=f"{getpass.getuser()} (command line)"):
