@@ -1,7 +1,7 @@
 """Integration assessment: probe a configured PACS or RIS and say which patterns this site can use.
 
 `node_assess(node=...)` resolves NODE (an AE title, a destination name or a poll source name) to
-its endpoints, runs the probes of pacslens/ops/probes.py (none stores anything), and returns an
+its endpoints, runs the probes of pacslens/ops/probes/ (none stores anything), and returns an
 AssessmentReport: each probe's answer, which ingestion and result patterns work, and what the
 site's IT team must configure — the questions of the integration brief, answered for this site.
 """
@@ -14,7 +14,7 @@ from django.conf import settings
 
 from pacslens.ops.probes import (
     DimseTarget,
-    Probe,
+    ProbeResult,
     probe_echo,
     probe_fhir,
     probe_find,
@@ -60,7 +60,7 @@ class Pattern:
 class AssessmentReport:
     node: str
     endpoints: list[str]
-    probes: list[Probe]
+    probes: list[ProbeResult]
     ingestion: list[Pattern]
     results: list[Pattern]
     it_actions: list[str]
@@ -86,7 +86,7 @@ class AssessmentReport:
         return {
             "node": self.node,
             "endpoints": self.endpoints,
-            "probes": [vars(p) for p in self.probes],
+            "probes": [p.as_dict() for p in self.probes],
             "ingestion": [vars(p) for p in self.ingestion],
             "results": [vars(p) for p in self.results],
             "it_actions": self.it_actions,
@@ -163,8 +163,8 @@ def _dicomweb_from_destination(found: Endpoints, destination) -> None:
         found.dicomweb_auth = (destination.username, destination.secret)
 
 
-def _run_probes(endpoints: Endpoints, *, timeout: float) -> list[Probe]:
-    probes: list[Probe] = []
+def _run_probes(endpoints: Endpoints, *, timeout: float) -> list[ProbeResult]:
+    probes: list[ProbeResult] = []
     target = endpoints.dimse
     if target is not None:
         echo = probe_echo(target, timeout=timeout)
@@ -185,7 +185,7 @@ def _run_probes(endpoints: Endpoints, *, timeout: float) -> list[Probe]:
     return probes
 
 
-def _patterns(endpoints: Endpoints, probes: dict[str, Probe]) -> tuple[list[Pattern], list[Pattern]]:
+def _patterns(endpoints: Endpoints, probes: dict[str, ProbeResult]) -> tuple[list[Pattern], list[Pattern]]:
     def ok(name: str) -> bool | None:
         probe = probes.get(name)
         return None if probe is None else probe.ok
@@ -224,7 +224,7 @@ def _patterns(endpoints: Endpoints, probes: dict[str, Probe]) -> tuple[list[Patt
     return ingestion, results
 
 
-def _it_actions(endpoints: Endpoints, probes: dict[str, Probe]) -> list[str]:
+def _it_actions(endpoints: Endpoints, probes: dict[str, ProbeResult]) -> list[str]:
     ae, port = settings.AE_TITLE, settings.DICOM_PORT
     actions = []
     target = endpoints.dimse

@@ -6,13 +6,13 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 
+from pacslens.ops.probes import probe_destination
 from pacslens.staff.forms import DestinationForm
-from results.models import Destination
-from routing.models import AuditAction, AuditEntry
-from pacslens.staff.services import probe_destination
 from pacslens.staff.views.access import actor, staff_view
 from pacslens.staff.views.config import config_edit, config_toggle
 from pacslens.staff.views.endpoints import endpoint_list
+from results.models import Destination
+from routing.models import AuditAction, AuditEntry
 
 
 @staff_view("results.view_destination", "results.change_destination", "results.add_destination")

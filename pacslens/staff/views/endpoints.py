@@ -8,11 +8,17 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 
+from pacslens.ops.probes import probe_dicom_echo, probe_http
 from pacslens.staff.forms import ApplicationEntityForm, PollSourceForm
-from routing.models import ApplicationEntity, AuditAction, AuditEntry, PollSource, StowSender
-from pacslens.staff.services import probe_dicom_echo, probe_http
 from pacslens.staff.views.access import actor, render_page, staff_view
 from pacslens.staff.views.config import config_edit, config_toggle
+from routing.models import (
+    ApplicationEntity,
+    AuditAction,
+    AuditEntry,
+    PollSource,
+    StowSender,
+)
 
 
 @staff_view()  # either of two view permissions: checked below
