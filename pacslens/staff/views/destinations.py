@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
+from django.views.decorators.http import require_POST
 
 from pacslens.ops.probes import probe_destination
 from pacslens.staff.forms import DestinationForm
@@ -23,17 +24,15 @@ def destination_edit(request, pk: int | None = None) -> HttpResponse:
 
 
 @staff_view("results.change_destination")
+@require_POST
 def destination_toggle(request, pk: int) -> HttpResponse:
-    if request.method != "POST":
-        return HttpResponse(status=405)
     config_toggle(request, obj=get_object_or_404(Destination, pk=pk))
     return endpoint_list(request)
 
 
 @staff_view("results.change_destination")
+@require_POST
 def destination_test(request, pk: int) -> HttpResponse:
-    if request.method != "POST":
-        return HttpResponse(status=405)
     destination = get_object_or_404(Destination.objects.select_related("application_entity"), pk=pk)
     problem, result = "", None
     try:
