@@ -26,6 +26,8 @@ from pacslens.ops.probes import (
     probe_stow,
     probe_wado,
 )
+from results.models import Delivery, DeliveryState, Destination
+from routing.models import ApplicationEntity, PollSource
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -122,9 +124,6 @@ def node_assess(
 
 
 def node_endpoints(node: str) -> Endpoints:
-    from results.models import Destination
-    from routing.models import ApplicationEntity, PollSource
-
     found = Endpoints()
     ae = ApplicationEntity.objects.filter(ae_title=node.strip()).first()
     destination = Destination.objects.filter(name=node).select_related("application_entity").first()
@@ -278,8 +277,6 @@ def _answers() -> list[tuple[str, str]]:
 
 
 def _latency_answer() -> str:
-    from results.models import Delivery, DeliveryState
-
     rows = Delivery.objects.filter(kind__in=["hl7", "fhir"], state=DeliveryState.DELIVERED, delivered_at__isnull=False)
     seconds = sorted(
         (d - r).total_seconds() for d, r in rows.order_by("-delivered_at").values_list("delivered_at", "study__last_received_at")[:1000]
