@@ -11,7 +11,12 @@ import re
 import tempfile
 from pathlib import Path
 
+import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.crypto import get_random_string
+
+# A pure function (Django itself only): safe to import before the apps load.
+from routing.validators import ae_title_problem
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -73,8 +78,6 @@ def envfloat(name: str, default: float, *, minimum: float | None = None) -> floa
 
 def envaetitle(name: str, default: str) -> str:
     value = os.environ.get(name, default)
-    from routing.validators import ae_title_problem  # pure function, no Django apps needed
-
     problem = ae_title_problem(value)
     if problem:
         raise ImproperlyConfigured(f"{name}={value!r}: {problem}")
@@ -113,8 +116,6 @@ if not _secret:
     if _key_file.exists():
         _secret = _key_file.read_text().strip()
     else:
-        from django.utils.crypto import get_random_string
-
         _secret = get_random_string(64)
         DATA_DIR.mkdir(parents=True, exist_ok=True)
         _key_file.write_text(_secret)
@@ -240,8 +241,6 @@ WSGI_APPLICATION = "pacslens.wsgi.application"
 def _database() -> dict:
     url = os.environ.get("DATABASE_URL", "")
     if url:
-        import dj_database_url
-
         try:
             return dj_database_url.parse(url, conn_max_age=60, conn_health_checks=True)
         except Exception as exc:  # the library raises several types for a bad URL

@@ -27,7 +27,7 @@ from results.deliver.sr import build_sr
 from routing.receive import dicom_tls
 from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Instance
-from pacslens.staff.services import probe_dicom_echo
+from pacslens.ops.probes import probe_dicom_echo
 from tests.conftest import free_port, require_program
 from tests.listener_proc import ct_series_write, dcmtk_env
 from tests.peers import make_ct_slices

@@ -1,7 +1,7 @@
 """Integration assessment: probe a configured PACS or RIS and say which patterns this site can use.
 
 `node_assess(node=...)` resolves NODE (an AE title, a destination name or a poll source name) to
-its endpoints, runs the probes of pacslens/ops/probes.py (none stores anything), and returns an
+its endpoints, runs the probes of pacslens/ops/probes/ (none stores anything), and returns an
 AssessmentReport: each probe's answer, which ingestion and result patterns work, and what the
 site's IT team must configure — the questions of the integration brief, answered for this site.
 """
@@ -14,7 +14,7 @@ from django.conf import settings
 
 from pacslens.ops.probes import (
     DimseTarget,
-    Probe,
+    ProbeResult,
     probe_echo,
     probe_fhir,
     probe_find,
@@ -26,6 +26,8 @@ from pacslens.ops.probes import (
     probe_stow,
     probe_wado,
 )
+from results.models import Delivery, DeliveryState, Destination
+from routing.models import ApplicationEntity, PollSource
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -60,7 +62,7 @@ class Pattern:
 class AssessmentReport:
     node: str
     endpoints: list[str]
-    probes: list[Probe]
+    probes: list[ProbeResult]
     ingestion: list[Pattern]
     results: list[Pattern]
     it_actions: list[str]
@@ -86,7 +88,7 @@ class AssessmentReport:
         return {
             "node": self.node,
             "endpoints": self.endpoints,
-            "probes": [vars(p) for p in self.probes],
+            "probes": [p.as_dict() for p in self.probes],
             "ingestion": [vars(p) for p in self.ingestion],
             "results": [vars(p) for p in self.results],
             "it_actions": self.it_actions,
@@ -122,9 +124,6 @@ def node_assess(
 
 
 def node_endpoints(node: str) -> Endpoints:
-    from results.models import Destination
-    from routing.models import ApplicationEntity, PollSource
-
     found = Endpoints()
     ae = ApplicationEntity.objects.filter(ae_title=node.strip()).first()
     destination = Destination.objects.filter(name=node).select_related("application_entity").first()
@@ -163,8 +162,8 @@ def _dicomweb_from_destination(found: Endpoints, destination) -> None:
         found.dicomweb_auth = (destination.username, destination.secret)
 
 
-def _run_probes(endpoints: Endpoints, *, timeout: float) -> list[Probe]:
-    probes: list[Probe] = []
+def _run_probes(endpoints: Endpoints, *, timeout: float) -> list[ProbeResult]:
+    probes: list[ProbeResult] = []
     target = endpoints.dimse
     if target is not None:
         echo = probe_echo(target, timeout=timeout)
@@ -185,7 +184,7 @@ def _run_probes(endpoints: Endpoints, *, timeout: float) -> list[Probe]:
     return probes
 
 
-def _patterns(endpoints: Endpoints, probes: dict[str, Probe]) -> tuple[list[Pattern], list[Pattern]]:
+def _patterns(endpoints: Endpoints, probes: dict[str, ProbeResult]) -> tuple[list[Pattern], list[Pattern]]:
     def ok(name: str) -> bool | None:
         probe = probes.get(name)
         return None if probe is None else probe.ok
@@ -224,7 +223,7 @@ def _patterns(endpoints: Endpoints, probes: dict[str, Probe]) -> tuple[list[Patt
     return ingestion, results
 
 
-def _it_actions(endpoints: Endpoints, probes: dict[str, Probe]) -> list[str]:
+def _it_actions(endpoints: Endpoints, probes: dict[str, ProbeResult]) -> list[str]:
     ae, port = settings.AE_TITLE, settings.DICOM_PORT
     actions = []
     target = endpoints.dimse
@@ -278,8 +277,6 @@ def _answers() -> list[tuple[str, str]]:
 
 
 def _latency_answer() -> str:
-    from results.models import Delivery, DeliveryState
-
     rows = Delivery.objects.filter(kind__in=["hl7", "fhir"], state=DeliveryState.DELIVERED, delivered_at__isnull=False)
     seconds = sorted(
         (d - r).total_seconds() for d, r in rows.order_by("-delivered_at").values_list("delivered_at", "study__last_received_at")[:1000]

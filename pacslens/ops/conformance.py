@@ -13,9 +13,24 @@ import html
 import socket
 from dataclasses import dataclass, field
 
+import pynetdicom
 from django.conf import settings
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from pydicom.uid import UID
+from pynetdicom._globals import DEFAULT_TRANSFER_SYNTAXES
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from results.deliver.sr import (
+    DEFAULT_CODES,
+    SERIES_DESCRIPTION,
+    SERIES_NUMBER,
+    SOFTWARE_VERSION,
+)
+from results.models import Destination
+from routing.models import ApplicationEntity, PollSource
+from routing.pull.dimse import RETURN_KEYS
+from routing.receive.listener import MAXIMUM_PDU_SIZE, TRANSFER_SYNTAXES
 
 Row = list[str]
 
@@ -99,9 +114,6 @@ def conformance_build() -> ConformanceStatement:
 
 
 def _overview() -> Section:
-    import pynetdicom
-
-    from results.deliver.sr import SOFTWARE_VERSION
 
     return Section(
         "Overview",
@@ -125,20 +137,17 @@ def _overview() -> Section:
 
 
 def _network_summary() -> Section:
-    pull = _pull_available()
     rows = [
         ["Verification", "1.2.840.10008.1.1", "Yes (assess, endpoint test)", "Yes"],
         ["Storage (all storage SOP classes, section 5)", "—", "SR results only (section 6)", "Yes"],
-        ["Study Root Query/Retrieve — FIND", "1.2.840.10008.5.1.4.1.2.2.1", "Yes" if pull else "No", "No"],
-        ["Study Root Query/Retrieve — MOVE", "1.2.840.10008.5.1.4.1.2.2.2", "Yes" if pull else "No", "No"],
-        ["Study Root Query/Retrieve — GET", "1.2.840.10008.5.1.4.1.2.2.3", "Yes" if pull else "No", "No"],
+        ["Study Root Query/Retrieve — FIND", "1.2.840.10008.5.1.4.1.2.2.1", "Yes", "No"],
+        ["Study Root Query/Retrieve — MOVE", "1.2.840.10008.5.1.4.1.2.2.2", "Yes", "No"],
+        ["Study Root Query/Retrieve — GET", "1.2.840.10008.5.1.4.1.2.2.3", "Yes", "No"],
     ]
     return Section("Network services", tables=[Table(["SOP class", "UID", "SCU", "SCP"], rows)])
 
 
 def _application_entity() -> Section:
-    from routing.receive.listener import MAXIMUM_PDU_SIZE
-
     processes = settings.DICOM_LISTENER_PROCESSES
     rows = [
         ["AE title", settings.AE_TITLE],
@@ -156,8 +165,6 @@ def _application_entity() -> Section:
 
 
 def _association_policy() -> Section:
-    from routing.models import ApplicationEntity
-
     senders = ApplicationEntity.objects.filter(enabled=True, may_send=True).order_by("ae_title")
     if settings.DICOM_ACCEPT_ANY_CALLING_AE:
         calling = "Any calling AE title is accepted (PACSLENS_ACCEPT_ANY_CALLING_AE: testing only)."
@@ -182,9 +189,6 @@ def _association_policy() -> Section:
 
 
 def _storage_scp() -> Section:
-    from pynetdicom.presentation import AllStoragePresentationContexts
-
-    from routing.receive.listener import TRANSFER_SYNTAXES
 
     classes = [[_name(cx.abstract_syntax), str(cx.abstract_syntax)] for cx in AllStoragePresentationContexts]
     syntaxes = [[_name(uid), uid] for uid in TRANSFER_SYNTAXES]
@@ -215,8 +219,6 @@ def _storage_scp() -> Section:
 
 
 def _storage_scu() -> Section:
-    from results.models import Destination
-
     destinations = Destination.objects.filter(kind="dicom", enabled=True).select_related("application_entity")
     rows = [
         [d.name, d.application_entity.ae_title, f"{d.application_entity.host}:{d.application_entity.port}",
@@ -237,13 +239,6 @@ def _storage_scu() -> Section:
 
 
 def _query_retrieve_scu() -> Section:
-    if not _pull_available():
-        return Section("Query/Retrieve SCU", ["Not available in this installation."])
-    from pynetdicom._globals import DEFAULT_TRANSFER_SYNTAXES
-
-    from routing.models import PollSource
-    from routing.pull.dimse import RETURN_KEYS
-
     sources = PollSource.objects.filter(enabled=True, kind="dimse").select_related("pacs")
     rows = [[s.name, s.pacs.ae_title if s.pacs else "—", s.retrieve_mode,
              s.move_destination or settings.AE_TITLE] for s in sources]
@@ -263,8 +258,6 @@ def _query_retrieve_scu() -> Section:
 
 
 def _sr_template() -> Section:
-    from results.deliver.sr import DEFAULT_CODES, SERIES_DESCRIPTION, SERIES_NUMBER
-
     codes = DEFAULT_CODES
     rows = [
         ["Document root", "TID 1500 Measurement Report", "(126000, DCM, \"Imaging Measurement Report\")"],
@@ -294,8 +287,6 @@ def _sr_template() -> Section:
 
 
 def _dicomweb() -> Section:
-    from django.urls import NoReverseMatch, reverse
-
     paragraphs = []
     try:
         paragraphs.append(f"STOW-RS origin server: POST {reverse('dicomweb:stow')} (bearer token per sender); the same "
@@ -304,14 +295,11 @@ def _dicomweb() -> Section:
         pass
     paragraphs.append("STOW-RS user agent: result SRs to DICOMweb destinations (application/dicom, multipart/related), "
                       "reading the per-instance Referenced/Failed SOP Sequences.")
-    if _pull_available():
-        paragraphs.append("QIDO-RS and WADO-RS user agent: pull ingestion from DICOMweb poll sources (study level).")
+    paragraphs.append("QIDO-RS and WADO-RS user agent: pull ingestion from DICOMweb poll sources (study level).")
     return Section("DICOMweb", paragraphs)
 
 
 def _security() -> Section:
-    from routing.models import ApplicationEntity
-
     tls_peers = list(ApplicationEntity.objects.filter(enabled=True, tls=True).values_list("ae_title", flat=True))
     mode = settings.DICOM_TLS_MODE
     if mode != "off":
@@ -354,10 +342,3 @@ def _character_sets() -> Section:
 def _name(uid: str) -> str:
     return UID(str(uid)).name
 
-
-def _pull_available() -> bool:
-    try:
-        import routing.pull.dimse  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from django.db import close_old_connections, connection
+from pynetdicom import evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from routing.models import Heartbeat, OpsCounter
 
@@ -53,13 +55,9 @@ class AssociationCounter:
 
     def bind(self, server) -> None:
         """Bind to a pynetdicom AssociationServer: every later association reports to us."""
-        from pynetdicom import evt
-
         server.bind(evt.EVT_ACSE_SENT, self.on_acse_sent)
 
     def on_acse_sent(self, event) -> None:
-        from pynetdicom.pdu_primitives import A_ASSOCIATE
-
         primitive = event.primitive
         if not isinstance(primitive, A_ASSOCIATE) or not event.assoc.is_acceptor or primitive.result is None:
             return

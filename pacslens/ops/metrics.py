@@ -33,6 +33,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+from django_q.models import OrmQ, Task
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -40,6 +41,23 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from pacslens.ops.heartbeat import ASSOCIATIONS_COUNTER
+from results.models import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryState,
+    Destination,
+    InferenceResult,
+)
+from routing.models import (
+    Heartbeat,
+    Instance,
+    OpsCounter,
+    StoreAssociation,
+    Study,
+    StudyState,
+)
 
 INFERENCE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 LATENCY_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -70,8 +88,6 @@ def registry() -> CollectorRegistry:
 
 
 def received() -> Iterator[Metric]:
-    from routing.models import Instance, Study
-
     instances = CounterMetricFamily(
         "pacslens_instances_received", "Instances received and recorded (C-STORE, retrieve, STOW-RS)", labels=["calling_ae_title"]
     )
@@ -100,9 +116,6 @@ def received() -> Iterator[Metric]:
 
 
 def associations() -> Iterator[Metric]:
-    from pacslens.ops.heartbeat import ASSOCIATIONS_COUNTER
-    from routing.models import OpsCounter, StoreAssociation
-
     metric = CounterMetricFamily(
         "pacslens_dicom_associations",
         "Inbound associations answered by the listener, by result and A-ASSOCIATE-RJ reason",
@@ -118,8 +131,6 @@ def associations() -> Iterator[Metric]:
 
 
 def studies() -> Iterator[Metric]:
-    from routing.models import Study, StudyState
-
     counts = dict(Study.objects.values_list("state").annotate(n=Count("pk")).order_by())
     metric = GaugeMetricFamily("pacslens_studies", "Studies by state", labels=["state"])
     for state in StudyState.values:
@@ -131,8 +142,6 @@ def studies() -> Iterator[Metric]:
 
 
 def inference() -> Iterator[Metric]:
-    from results.models import InferenceResult
-
     results = CounterMetricFamily("pacslens_inference_results", "Inference results by model and status", labels=["model", "status"])
     for row in InferenceResult.objects.values("model_name", "status").annotate(n=Count("pk")).order_by():
         results.add_metric([row["model_name"], row["status"]], row["n"])
@@ -160,8 +169,6 @@ def inference() -> Iterator[Metric]:
 
 
 def deliveries() -> Iterator[Metric]:
-    from results.models import Delivery, DeliveryAttempt, DeliveryState, Destination
-
     states = GaugeMetricFamily("pacslens_deliveries", "Deliveries by destination and state", labels=["destination", "kind", "state"])
     counts = {
         (row["destination__name"], row["state"]): row["n"]
@@ -199,8 +206,6 @@ def deliveries() -> Iterator[Metric]:
 
 def worklist_latency() -> Iterator[Metric]:
     """Last instance received → worklist updated (an HL7 or FHIR delivery acknowledged)."""
-    from results.models import Delivery, DeliveryState
-
     latency = ExpressionWrapper(F("delivered_at") - F("study__last_received_at"), output_field=DurationField())
     rows = (
         Delivery.objects.filter(kind__in=WORKLIST_KINDS, state=DeliveryState.DELIVERED, delivered_at__isnull=False)
@@ -226,8 +231,6 @@ def worklist_latency() -> Iterator[Metric]:
 
 
 def queue() -> Iterator[Metric]:
-    from django_q.models import OrmQ, Task
-
     now = timezone.now()
     waiting = OrmQ.objects.filter(lock__lte=now)
     metric = GaugeMetricFamily("pacslens_queue_tasks", "django-q2 broker rows", labels=["status"])
@@ -256,8 +259,6 @@ def disk() -> Iterator[Metric]:
 
 
 def heartbeats() -> Iterator[Metric]:
-    from routing.models import Heartbeat
-
     now = timezone.now()
     metric = GaugeMetricFamily(
         "pacslens_heartbeat_age_seconds", "Seconds since each process last beat", labels=["role", "identity"]

@@ -7,6 +7,9 @@ conditional UPDATE, so a duplicate run is harmless.
 
 from __future__ import annotations
 
+from django.db import connection, transaction
+from django_q.models import Schedule
+
 SCHEDULES: list[tuple[str, int]] = [
     ("routing.tasks.sweep_completion", 1),
     ("results.tasks.sweep_inference", 1),
@@ -20,9 +23,6 @@ SCHEDULES: list[tuple[str, int]] = [
 
 
 def schedules_ensure() -> list[str]:
-    from django.db import connection, transaction
-    from django_q.models import Schedule
-
     names = []
     with transaction.atomic():
         # Several run_workers start at once on a scaled-out site, and Schedule.name is not unique:

@@ -1,8 +1,93 @@
-"""The routing and results parts of `study_status` (keys documented in the README; only ever added to)."""
+"""The study status serializer: `study_status_data()` (the JSON of `manage.py study_status --json`,
+keys documented in the README and only ever added to) and `study_status_text()` (its text form).
+
+Patient name and ID are deliberately absent: support output gets pasted into tickets.
+"""
 
 from __future__ import annotations
 
+<<<<<<< HEAD
 from routing.models import Priority, Study
+=======
+from django.db.models import Count, Sum
+
+from results.deliver.identity import installation_current
+from results.models import Delivery
+from routing.models import Priority, RoutingDecision, Study
+>>>>>>> layout-pacslens
+
+
+def study_status_data(study: Study) -> dict:
+    """Everything support needs about a study, JSON-ready (no patient name or ID)."""
+    series = study.series.annotate(instance_count=Count("instances"), bytes=Sum("instances__size")).order_by(
+        "series_number", "pk"
+    )
+    events = list(study.events.all())
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "internal_id": study.pk,
+        "state": study.state,
+        "priority": study.get_priority_display().lower(),
+        "accession_number": study.accession_number,
+        "modalities": [m for m in study.modalities.split("\\") if m],
+        "sending_ae_title": study.calling_ae_title,
+        "first_received_at": study.first_received_at.isoformat(),
+        "last_received_at": study.last_received_at.isoformat(),
+        "completed_at": study.completed_at.isoformat() if study.completed_at else None,
+        "series_count": len(series),
+        "instance_count": sum(s.instance_count for s in series),
+        "series": [
+            {
+                "series_instance_uid": s.series_instance_uid,
+                "modality": s.modality,
+                "body_part_examined": s.body_part_examined,
+                "series_description": s.series_description,
+                "instance_count": s.instance_count,
+                "bytes": s.bytes or 0,
+            }
+            for s in series
+        ],
+        "timeline": [
+            {
+                "at": e.at.isoformat(),
+                "kind": e.kind,
+                "from_state": e.from_state,
+                "to_state": e.to_state,
+                "detail": e.detail,
+                "seconds_since_previous": round((e.at - events[i - 1].at).total_seconds(), 3) if i else None,
+            }
+            for i, e in enumerate(events)
+        ],
+        "routing": study_routing_status(study),
+        "results": study_results_status(study),
+        "deliveries": study_deliveries_status(study),
+        # The gateway whose identifiers these are (README: how identifiers are made).
+        "installation": str(installation_current().uuid),
+    }
+
+
+def study_status_text(data: dict) -> str:
+    """The same data for a person at a shell: one line per fact, the timeline last."""
+    lines = [
+        f"Study      {data['study_instance_uid']}  (id {data['internal_id']})",
+        f"State      {data['state']}   priority {data['priority']}",
+        f"Accession  {data['accession_number'] or '-'}   modalities {', '.join(data['modalities']) or '-'}",
+        f"From       {data['sending_ae_title'] or '-'}",
+        f"Gateway    installation {data['installation']}",
+        f"Received   {data['first_received_at']} .. {data['last_received_at']}",
+        f"Counts     {data['series_count']} series, {data['instance_count']} instances",
+    ]
+    for s in data["series"]:
+        lines.append(
+            f"  series {s['series_instance_uid']}  {s['modality']} {s['body_part_examined']}"
+            f"  {s['instance_count']} instances  {s['series_description']}"
+        )
+    lines.extend(_pipeline_lines(data))
+    lines.append("Timeline")
+    for e in data["timeline"]:
+        delta = f"+{e['seconds_since_previous']:.3f}s" if e["seconds_since_previous"] is not None else ""
+        lines.append(f"  {e['at']}  {delta:>10}  {e['kind']:<18} {e['detail']}")
+    return "\n".join(lines)
 
 
 def study_routing_status(study: Study) -> dict | None:
@@ -51,8 +136,6 @@ def study_results_status(study: Study) -> list[dict]:
 
 def study_deliveries_status(study: Study) -> list[dict]:
     """Every delivery of the study with all its attempts (oldest first)."""
-    from results.models import Delivery
-
     rows = Delivery.objects.filter(study=study).select_related("destination").prefetch_related("attempt_log")
     return [
         {
@@ -83,7 +166,8 @@ def study_deliveries_status(study: Study) -> list[dict]:
     ]
 
 
-def render_status_lines(data: dict) -> list[str]:
+def _pipeline_lines(data: dict) -> list[str]:
+    """Routing, results and deliveries, for study_status_text."""
     routing = data.get("routing")
     if routing is None:
         lines = ["Routing    not routed yet"]

@@ -2,7 +2,7 @@
 
 Everything is read from rows (studies, their events, deliveries, associations, heartbeats), so the
 dashboard tells the truth for every process on every host, not for the web one. Health uses the
-same checks as /healthz (pacslens/ops/views.py), so the page and the load balancer never disagree.
+same checks as /healthz (pacslens/ops/health.py), so the page and the load balancer never disagree.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db.models import Count, Max, Q
 from django.utils import timezone
+from django_q.models import OrmQ
 
+from pacslens.ops.health import check_disk, check_heartbeat, check_workers
 from results.deliver.identity import installation_current
 from results.models import Delivery, DeliveryState, Destination
 from routing.models import StoreAssociation, Study, StudyEvent, StudyState
@@ -128,10 +130,8 @@ def studies_stuck(*, now: datetime | None = None, limit: int = 20) -> list[dict]
 
 def health_listener(*, now: datetime | None = None) -> Health:
     """The listeners' heartbeats (as /healthz reads them), with the last association they took."""
-    from pacslens.ops.views import _check_heartbeat
-
     now = now or timezone.now()
-    check = _check_heartbeat("listener")
+    check = check_heartbeat("listener")
     parts = [_heartbeat_text(check)]
     latest = StoreAssociation.objects.aggregate(last=Max("started_at"))["last"]
     parts.append(f"last association {_ago(now - latest)} ago" if latest else "no association received yet")
@@ -140,11 +140,7 @@ def health_listener(*, now: datetime | None = None) -> Health:
 
 def health_workers() -> Health:
     """The worker cluster's heartbeat and its scheduled tasks (as /healthz), and the queue length."""
-    from django_q.models import OrmQ
-
-    from pacslens.ops.views import _check_workers
-
-    check = _check_workers()
+    check = check_workers()
     detail = _heartbeat_text(check)
     if "last_task_seconds_ago" in check:
         detail += f"; last scheduled task {duration_text(check['last_task_seconds_ago'])} ago"
@@ -154,9 +150,7 @@ def health_workers() -> Health:
 
 
 def health_disk() -> Health:
-    from pacslens.ops.views import _check_disk
-
-    check = _check_disk()
+    check = check_disk()
     detail = f"{check['free_mb']} MiB free (floor {check['floor_mb']} MiB)"
     return Health("Disk", HEALTH_STATUS[check["status"]], detail + (f": {check['message']}" if check.get("message") else ""))
 

@@ -12,6 +12,7 @@ from django.db.models import Exists, OuterRef, Q, QuerySet
 from results.models import AIModel, Destination, InferenceResult
 from routing.models import (
     ApplicationEntity,
+    PollSource,
     RoutingRule,
     RuleCondition,
     Study,
@@ -43,8 +44,6 @@ class StudyFilterForm(forms.Form):
     sort = forms.ChoiceField(required=False, choices=[(k, k) for k in STUDY_SORTS], widget=forms.HiddenInput)
 
     def filter(self, studies: QuerySet[Study]) -> QuerySet[Study]:
-        from results.models import InferenceResult
-
         data = self.cleaned_data if self.is_valid() else {}
         if q := (data.get("q") or "").strip():
             studies = studies.filter(Q(accession_number__iexact=q) | Q(study_instance_uid=q))
@@ -98,8 +97,6 @@ class RoutingRuleForm(forms.ModelForm):
         widgets = {"description": forms.Textarea(attrs={"rows": 2}), "ai_models": forms.CheckboxSelectMultiple}
 
     def __init__(self, *args, **kwargs) -> None:
-        from results.models import Destination
-
         super().__init__(*args, **kwargs)
         self.fields["destinations"].queryset = Destination.objects.all()
         if self.instance.pk:
@@ -132,8 +129,6 @@ class PollSourceForm(forms.ModelForm):
                                   help_text="DICOMweb base URL, e.g. https://pacs/dicom-web")
 
     class Meta:
-        from routing.models import PollSource
-
         model = PollSource
         fields = [
             "name", "kind", "enabled", "pacs", "retrieve_mode", "move_destination", "dicomweb_url", "dicomweb_token_env",

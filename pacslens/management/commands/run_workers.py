@@ -12,11 +12,12 @@ import signal
 import sys
 import time
 
+from django.conf import settings
 from django.core.management.base import BaseCommand
 from django_q.cluster import Cluster
 
-from pacslens.ops.schedules import schedules_ensure
 from pacslens.ops.heartbeat import HeartbeatThread
+from pacslens.ops.schedules import schedules_ensure
 from routing.models import HeartbeatRole
 
 
@@ -53,6 +54,4 @@ class Command(BaseCommand):
 
 
 def cluster_workers() -> int:
-    from django.conf import settings
-
     return int(settings.Q_CLUSTER.get("workers", 1))

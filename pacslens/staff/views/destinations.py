@@ -5,14 +5,15 @@ from __future__ import annotations
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
+from django.views.decorators.http import require_POST
 
+from pacslens.ops.probes import probe_destination
 from pacslens.staff.forms import DestinationForm
-from results.models import Destination
-from routing.models import AuditAction, AuditEntry
-from pacslens.staff.services import probe_destination
 from pacslens.staff.views.access import actor, staff_view
 from pacslens.staff.views.config import config_edit, config_toggle
 from pacslens.staff.views.endpoints import endpoint_list
+from results.models import Destination
+from routing.models import AuditAction, AuditEntry
 
 
 @staff_view("results.view_destination", "results.change_destination", "results.add_destination")
@@ -23,17 +24,15 @@ def destination_edit(request, pk: int | None = None) -> HttpResponse:
 
 
 @staff_view("results.change_destination")
+@require_POST
 def destination_toggle(request, pk: int) -> HttpResponse:
-    if request.method != "POST":
-        return HttpResponse(status=405)
     config_toggle(request, obj=get_object_or_404(Destination, pk=pk))
     return endpoint_list(request)
 
 
 @staff_view("results.change_destination")
+@require_POST
 def destination_test(request, pk: int) -> HttpResponse:
-    if request.method != "POST":
-        return HttpResponse(status=405)
     destination = get_object_or_404(Destination.objects.select_related("application_entity"), pk=pk)
     problem, result = "", None
     try:

@@ -3,22 +3,31 @@ STOW-RS senders; create / edit / enable-disable each; a Test button whose result
 
 from __future__ import annotations
 
+import os
+
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
+from django.views.decorators.http import require_POST
 
+from pacslens.ops.assess import node_assess
+from pacslens.ops.probes import probe_dicom_echo, probe_http
 from pacslens.staff.forms import ApplicationEntityForm, PollSourceForm
-from routing.models import ApplicationEntity, AuditAction, AuditEntry, PollSource, StowSender
-from pacslens.staff.services import probe_dicom_echo, probe_http
 from pacslens.staff.views.access import actor, render_page, staff_view
 from pacslens.staff.views.config import config_edit, config_toggle
+from results.models import Destination
+from routing.models import (
+    ApplicationEntity,
+    AuditAction,
+    AuditEntry,
+    PollSource,
+    StowSender,
+)
 
 
 @staff_view()  # either of two view permissions: checked below
 def endpoint_list(request) -> HttpResponse:
-    from results.models import Destination
-
     user = request.user
     if not (user.has_perm("routing.view_applicationentity") or user.has_perm("results.view_destination")):
         raise PermissionDenied("Your role does not allow this.")
@@ -40,18 +49,16 @@ def ae_edit(request, pk: int | None = None) -> HttpResponse:
 
 
 @staff_view("routing.change_applicationentity")
+@require_POST
 def ae_toggle(request, pk: int) -> HttpResponse:
-    if request.method != "POST":
-        return HttpResponse(status=405)
     config_toggle(request, obj=get_object_or_404(ApplicationEntity, pk=pk))
     return endpoint_list(request)
 
 
 @staff_view("routing.change_applicationentity")
+@require_POST
 def ae_test(request, pk: int) -> HttpResponse:
     """C-ECHO the node from our AE title; the answer replaces the row's result cell."""
-    if request.method != "POST":
-        return HttpResponse(status=405)
     entity = get_object_or_404(ApplicationEntity, pk=pk)
     if not (entity.host and entity.port):
         result = None
@@ -70,12 +77,9 @@ ASSESS_PROBE_TIMEOUT = 2.0
 
 
 @staff_view("routing.change_applicationentity")
+@require_POST
 def ae_assess(request, pk: int) -> HttpResponse:
     """The integration assessment of `manage.py assess`, inline: what this node supports, nothing stored in it."""
-    from pacslens.ops.assess import node_assess
-
-    if request.method != "POST":
-        return HttpResponse(status=405)
     entity = get_object_or_404(ApplicationEntity, pk=pk)
     report = node_assess(node=entity.ae_title, timeout=ASSESS_PROBE_TIMEOUT)
     AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=entity, object_repr=str(entity),
@@ -91,20 +95,16 @@ def poll_source_edit(request, pk: int | None = None) -> HttpResponse:
 
 
 @staff_view("routing.change_pollsource")
+@require_POST
 def poll_source_toggle(request, pk: int) -> HttpResponse:
-    if request.method != "POST":
-        return HttpResponse(status=405)
     config_toggle(request, obj=get_object_or_404(PollSource, pk=pk))
     return endpoint_list(request)
 
 
 @staff_view("routing.change_pollsource")
+@require_POST
 def poll_source_test(request, pk: int) -> HttpResponse:
     """C-ECHO the PACS of a DIMSE source, or a QIDO-RS request to a DICOMweb one."""
-    import os
-
-    if request.method != "POST":
-        return HttpResponse(status=405)
     source = get_object_or_404(PollSource.objects.select_related("pacs"), pk=pk)
     problem, result = "", None
     if source.kind == PollSource.Kind.DIMSE:

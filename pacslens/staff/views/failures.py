@@ -15,12 +15,13 @@ from django.db.models import Q
 from django.http import HttpResponse, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.views.decorators.http import require_POST
 
-from results.deliver.ledger import delivery_discard, delivery_retry
 from pacslens.staff.forms import DiscardForm
+from pacslens.staff.views.access import actor, render_page, staff_view
+from results.deliver.ledger import delivery_discard, delivery_retry
 from results.models import Delivery, DeliveryState, Destination, ErrorClass
 from routing.models import AuditAction, AuditEntry, Study, StudyState
-from pacslens.staff.views.access import actor, render_page, staff_view
 
 MAX_ROWS = 200
 POLL_SECONDS = 2
@@ -32,10 +33,9 @@ def failure_queue(request) -> HttpResponse:
 
 
 @staff_view("results.view_delivery", "results.retry_delivery")
+@require_POST
 def failure_retry(request) -> HttpResponse:
     """POST `delivery` (one), `selected` (several) or `destination_all` (every failed row of one destination)."""
-    if request.method != "POST":
-        return HttpResponse(status=405)
     post = request.POST
     failed = Delivery.objects.filter(state=DeliveryState.FAILED)
     if post.get("delivery"):

@@ -8,14 +8,15 @@ from django.db import transaction
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from pacslens.staff.forms import DryRunForm, RoutingRuleForm, RuleConditionFormSet
+from pacslens.staff.views.access import actor, render_page, staff_view
+from pacslens.staff.views.config import config_toggle
 from routing.models import AuditAction, AuditEntry, RoutingRule, Study
 from routing.models.audit import config_snapshot
 from routing.rules import study_explain_routing
-from pacslens.staff.views.access import actor, render_page, staff_view
-from pacslens.staff.views.config import config_toggle
 
 DRY_RUN_STUDIES = 5
 POSITION_STEP = 10
@@ -53,18 +54,16 @@ def rule_edit(request, pk: int | None = None) -> HttpResponse:
 
 
 @staff_view("routing.change_routingrule")
+@require_POST
 def rule_toggle(request, pk: int) -> HttpResponse:
-    if request.method != "POST":
-        return HttpResponse(status=405)
     config_toggle(request, obj=get_object_or_404(RoutingRule, pk=pk))
     return _list_or_redirect(request)
 
 
 @staff_view("routing.change_routingrule")
+@require_POST
 def rule_move(request, pk: int) -> HttpResponse:
     """Swap the rule with its neighbour above (`direction=up`) or below; renumber 10, 20, 30..."""
-    if request.method != "POST":
-        return HttpResponse(status=405)
     rules = list(RoutingRule.objects.order_by("position", "id"))
     index = next((i for i, r in enumerate(rules) if r.pk == pk), None)
     if index is None:

@@ -7,9 +7,11 @@ from django.db.models import Count
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 
+from pacslens.staff.dashboard_data import duration_text
 from pacslens.staff.forms import StudyFilterForm
-from routing.models import Study, StudyState
 from pacslens.staff.views.access import render_page, staff_view
+from results.models import Delivery, InferenceResult
+from routing.models import Study, StudyState
 
 PAGE_SIZE = 25
 # States in which the study page keeps refreshing itself: something is still going to happen.
@@ -45,8 +47,6 @@ def study_detail(request, pk: int) -> HttpResponse:
 
 def study_story(study: Study) -> dict:
     """Everything the detail page shows, in the order it shows it."""
-    from results.models import Delivery
-
     events = list(study.events.all())
     timeline = []
     previous = None
@@ -59,8 +59,6 @@ def study_story(study: Study) -> dict:
     deliveries = list(
         Delivery.objects.filter(study=study).select_related("destination", "result").prefetch_related("attempt_log").order_by("created_at", "id")
     )
-    from pacslens.staff.dashboard_data import duration_text
-
     for delivery in deliveries:
         delivery.attempt_rows = [
             {"attempt": a, "took": duration_text((a.ended_at - a.started_at).total_seconds())} for a in delivery.attempt_log.all()
@@ -77,14 +75,10 @@ def study_story(study: Study) -> dict:
 
 
 def _flagged_ids(study_ids: list[int]) -> set[int]:
-    from results.models import InferenceResult
-
     return set(
         InferenceResult.objects.current().filter(study_id__in=study_ids, flagged=True).values_list("study_id", flat=True)
     )
 
 
 def _delta_text(seconds: float | None) -> str:
-    from pacslens.staff.dashboard_data import duration_text
-
     return "" if seconds is None else "+" + duration_text(seconds)

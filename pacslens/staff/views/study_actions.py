@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.contrib import messages
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
 from django_htmx.http import trigger_client_event
 
 from pacslens.staff.views.access import actor, staff_view
@@ -14,9 +15,8 @@ from routing.models import AuditAction, AuditEntry, Study
 
 
 @staff_view("routing.view_study", "routing.rerun_inference")
+@require_POST
 def study_rerun_view(request, pk: int) -> HttpResponse:
-    if request.method != "POST":
-        return HttpResponse(status=405)
     study = get_object_or_404(Study, pk=pk)
     if study_request_rerun(study=study, actor=actor(request)):
         AuditEntry.record(actor=actor(request), action=AuditAction.RERUN, obj=study, request=request)
@@ -27,10 +27,9 @@ def study_rerun_view(request, pk: int) -> HttpResponse:
 
 
 @staff_view("routing.view_study", "results.retry_delivery")
+@require_POST
 def study_redeliver(request, pk: int) -> HttpResponse:
     """Send the study's current results again, to every destination, with the same idempotency keys."""
-    if request.method != "POST":
-        return HttpResponse(status=405)
     study = get_object_or_404(Study, pk=pk)
     count, ids = ledger.study_redeliver(study=study, actor=actor(request))
     AuditEntry.record(actor=actor(request), action=AuditAction.RETRY, obj=study,

@@ -1,21 +1,20 @@
-"""The probes of `manage.py assess`: each asks a peer one question and never stores anything in it.
+"""DIMSE probes: the Test buttons' C-ECHO, and the integration set of `manage.py assess`.
 
-DIMSE queries and retrieves name a Study Instance UID generated for the probe, which no PACS
-has: the answer says whether the service works (and whether the PACS knows our AE title as a
-move destination) without a single patient record crossing the wire. DICOMweb and FHIR probes
-are GET/OPTIONS only; MLLP only opens and closes a TCP connection.
+Queries and retrieves name a Study Instance UID generated for the probe, which no PACS has: the
+answer says whether the service works (and whether the PACS knows our AE title as a move
+destination) without a single patient record crossing the wire.
 """
 
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
-import requests
 from django.conf import settings
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
-from pynetdicom import AE, _config, build_role
+from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -23,6 +22,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from pacslens.ops.probes.result import DEFAULT_TIMEOUT, ProbeResult
+from results.deliver.dicom_send import classify_rejection
 from routing.receive import dicom_tls
 
 # What we would send or retrieve: our SR first, then common image classes.
@@ -49,16 +50,6 @@ PROBE_TRANSFER_SYNTAXES = [
 SR_CLASS = STORAGE_SOP_CLASSES[0]
 REJECT_REASONS = {1: "no reason given", 2: "application context not supported", 3: "calling AE title not recognised",
                   7: "called AE title not recognised"}
-
-
-@dataclass
-class Probe:
-    """One question and its answer. `ok` is None when the answer is inconclusive."""
-
-    name: str
-    ok: bool | None
-    summary: str
-    details: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -101,28 +92,28 @@ def associate(target: DimseTarget, contexts: list[tuple[str, list[str]]], *, tim
     raise AssociationRefused("no association: connection refused, aborted or timed out")
 
 
-def probe_echo(target: DimseTarget, *, timeout: float) -> Probe:
+def probe_echo(target: DimseTarget, *, timeout: float) -> ProbeResult:
     try:
         assoc = associate(target, [(Verification, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])], timeout=timeout)
     except AssociationRefused as exc:
-        return Probe("C-ECHO", False, str(exc))
+        return ProbeResult("C-ECHO", False, str(exc))
     try:
         status = assoc.send_c_echo()
         code = _status(status)
     finally:
         _release(assoc)
     if code == 0x0000:
-        return Probe("C-ECHO", True, "answered Success")
-    return Probe("C-ECHO", False, f"answered {_hex(code)}")
+        return ProbeResult("C-ECHO", True, "answered Success")
+    return ProbeResult("C-ECHO", False, f"answered {_hex(code)}")
 
 
-def probe_find(target: DimseTarget, *, timeout: float) -> list[Probe]:
+def probe_find(target: DimseTarget, *, timeout: float) -> list[ProbeResult]:
     """Study Root C-FIND at STUDY, SERIES and IMAGE level, for a study that does not exist."""
     model = StudyRootQueryRetrieveInformationModelFind
     try:
         assoc = associate(target, [(model, PROBE_TRANSFER_SYNTAXES[:2])], timeout=timeout)
     except AssociationRefused as exc:
-        return [Probe("C-FIND (Study Root)", False, str(exc))]
+        return [ProbeResult("C-FIND (Study Root)", False, str(exc))]
     probes = []
     study, series = generate_uid(), generate_uid()
     try:
@@ -138,9 +129,9 @@ def probe_find(target: DimseTarget, *, timeout: float) -> list[Probe]:
             final = codes[-1] if codes else None
             name = f"C-FIND {level} level"
             if final == 0x0000:
-                probes.append(Probe(name, True, "answered Success (no match for the probe's study, as expected)"))
+                probes.append(ProbeResult(name, True, "answered Success (no match for the probe's study, as expected)"))
             else:
-                probes.append(Probe(name, False, f"answered {_hex(final)}"))
+                probes.append(ProbeResult(name, False, f"answered {_hex(final)}"))
             if not assoc.is_established:
                 break
     finally:
@@ -148,43 +139,43 @@ def probe_find(target: DimseTarget, *, timeout: float) -> list[Probe]:
     return probes
 
 
-def probe_move(target: DimseTarget, *, timeout: float, move_destination: str) -> Probe:
+def probe_move(target: DimseTarget, *, timeout: float, move_destination: str) -> ProbeResult:
     model = StudyRootQueryRetrieveInformationModelMove
     name = f"C-MOVE to {move_destination}"
     try:
         assoc = associate(target, [(model, PROBE_TRANSFER_SYNTAXES[:2])], timeout=timeout)
     except AssociationRefused as exc:
-        return Probe(name, False, str(exc))
+        return ProbeResult(name, False, str(exc))
     try:
         codes = [_status(status) for status, _ in assoc.send_c_move(_study_identifier(), move_destination, model)]
     finally:
         _release(assoc)
     final = codes[-1] if codes else None
     if final in (0x0000, 0xFF00):
-        return Probe(name, True, f"accepted: the PACS knows {move_destination} as a move destination")
+        return ProbeResult(name, True, f"accepted: the PACS knows {move_destination} as a move destination")
     if final == 0xA801:
-        return Probe(name, False, f"refused 0xA801: the PACS does not know {move_destination} as a move destination")
+        return ProbeResult(name, False, f"refused 0xA801: the PACS does not know {move_destination} as a move destination")
     if final in (0x0122, 0x0124):
-        return Probe(name, False, f"refused {_hex(final)}: C-MOVE not supported or not authorised for our AE title")
+        return ProbeResult(name, False, f"refused {_hex(final)}: C-MOVE not supported or not authorised for our AE title")
     if final is None:
         # Orthanc, for one, aborts a C-MOVE to a destination it does not know.
-        return Probe(name, False, f"the PACS aborted the C-MOVE without a status: most likely it does not know "
+        return ProbeResult(name, False, f"the PACS aborted the C-MOVE without a status: most likely it does not know "
                                   f"{move_destination} as a move destination")
-    return Probe(name, None, f"request accepted, answered {_hex(final)} for the probe's (non-existent) study; "
+    return ProbeResult(name, None, f"request accepted, answered {_hex(final)} for the probe's (non-existent) study; "
                              f"whether the PACS knows {move_destination} is not confirmed until a real retrieve")
 
 
-def probe_get(target: DimseTarget, *, timeout: float) -> Probe:
+def probe_get(target: DimseTarget, *, timeout: float) -> ProbeResult:
     model = StudyRootQueryRetrieveInformationModelGet
     contexts = [(model, PROBE_TRANSFER_SYNTAXES[:2])] + [(uid, PROBE_TRANSFER_SYNTAXES[:2]) for uid in STORAGE_SOP_CLASSES]
     roles = [build_role(uid, scp_role=True) for uid in STORAGE_SOP_CLASSES]
     try:
         assoc = associate(target, contexts, timeout=timeout, roles=roles)
     except AssociationRefused as exc:
-        return Probe("C-GET", False, str(exc))
+        return ProbeResult("C-GET", False, str(exc))
     try:
         if not any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
-            return Probe("C-GET", False, "the PACS does not accept the Study Root C-GET model")
+            return ProbeResult("C-GET", False, "the PACS does not accept the Study Root C-GET model")
         scp_roles = sorted({UID(cx.abstract_syntax).name for cx in assoc.accepted_contexts if cx.as_scp})
         codes = [_status(status) for status, _ in assoc.send_c_get(_study_identifier(), model)]
     finally:
@@ -192,22 +183,22 @@ def probe_get(target: DimseTarget, *, timeout: float) -> Probe:
     final = codes[-1] if codes else None
     details = [f"storage SCP role accepted for: {', '.join(scp_roles) or 'none'}"]
     if final is None:
-        return Probe("C-GET", False, "the PACS aborted the C-GET without a status (it may require our AE title "
+        return ProbeResult("C-GET", False, "the PACS aborted the C-GET without a status (it may require our AE title "
                                      "to be registered for retrieval)", details)
     if final in (0x0000, 0xFF00, 0xA701, 0xA702, 0xC000) and scp_roles:
-        return Probe("C-GET", True, f"supported (answered {_hex(final)} for the probe's study)", details)
+        return ProbeResult("C-GET", True, f"supported (answered {_hex(final)} for the probe's study)", details)
     if not scp_roles:
-        return Probe("C-GET", False, "the PACS would not send instances back on our association (no SCP role accepted)", details)
-    return Probe("C-GET", None, f"answered {_hex(final)}", details)
+        return ProbeResult("C-GET", False, "the PACS would not send instances back on our association (no SCP role accepted)", details)
+    return ProbeResult("C-GET", None, f"answered {_hex(final)}", details)
 
 
-def probe_storage(target: DimseTarget, *, timeout: float) -> Probe:
+def probe_storage(target: DimseTarget, *, timeout: float) -> ProbeResult:
     """Propose every (storage class, transfer syntax) pair, read what was accepted, release."""
     contexts = [(uid, [syntax]) for uid in STORAGE_SOP_CLASSES for syntax in PROBE_TRANSFER_SYNTAXES]
     try:
         assoc = associate(target, contexts, timeout=timeout)
     except AssociationRefused as exc:
-        return Probe("Storage SCP negotiation", False, str(exc))
+        return ProbeResult("Storage SCP negotiation", False, str(exc))
     try:
         accepted: dict[str, list[str]] = {}
         for cx in assoc.accepted_contexts:
@@ -216,94 +207,60 @@ def probe_storage(target: DimseTarget, *, timeout: float) -> Probe:
         _release(assoc)
     details = [f"{UID(uid).name}: {_syntaxes(accepted.get(uid, []))}" for uid in STORAGE_SOP_CLASSES]
     if SR_CLASS in accepted:
-        return Probe("Storage SCP negotiation", True, "accepts Comprehensive 3D SR (our result object)", details)
-    return Probe("Storage SCP negotiation", False, "does not accept Comprehensive 3D SR: SR write-back by C-STORE "
+        return ProbeResult("Storage SCP negotiation", True, "accepts Comprehensive 3D SR (our result object)", details)
+    return ProbeResult("Storage SCP negotiation", False, "does not accept Comprehensive 3D SR: SR write-back by C-STORE "
                                                     "will be refused", details)
 
 
-# --- HTTP and MLLP -------------------------------------------------------------------------
+# --- the endpoint Test button ----------------------------------------------------------------
 
 
-def probe_qido(base_url: str, *, headers: dict, auth, timeout: float) -> Probe:
-    url = f"{base_url.rstrip('/')}/studies"
-    return _http_probe("QIDO-RS", "GET", url, timeout=timeout, headers={**headers, "Accept": "application/dicom+json"},
-                       auth=auth, params={"StudyInstanceUID": generate_uid(), "limit": "1"},
-                       ok_statuses={200: "answers (no match for the probe's study)", 204: "answers (no match)"})
+def probe_dicom_echo(*, host: str, port: int, called_ae_title: str, calling_ae_title: str | None = None,
+                     timeout: float = DEFAULT_TIMEOUT, tls: bool = False) -> ProbeResult:
+    """One association with a C-ECHO: what a PACS administrator means by "can we reach it"."""
+    ae = AE(ae_title=calling_ae_title or settings.AE_TITLE)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    connected: list[bool] = []
+    started = time.perf_counter()
+    assoc = ae.associate(host, port, ae_title=called_ae_title, tls_args=dicom_tls.client_tls_args(tls=tls, host=host),
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay, [connected])])
+    seconds = 0.0
 
+    def answer(ok: bool, summary: str, code: str = "", reason: str = "") -> ProbeResult:
+        return ProbeResult("C-ECHO", ok, summary, code=code, reason=reason, seconds=seconds)
 
-def probe_wado(base_url: str, *, headers: dict, auth, timeout: float) -> Probe:
-    url = f"{base_url.rstrip('/')}/studies/{generate_uid()}/metadata"
-    return _http_probe("WADO-RS", "GET", url, timeout=timeout, headers={**headers, "Accept": "application/dicom+json"},
-                       auth=auth, ok_statuses={404: "answers (404 for a study that does not exist, as expected)",
-                                               200: "answers", 204: "answers"})
-
-
-def probe_stow(base_url: str, *, headers: dict, auth, timeout: float) -> Probe:
-    """OPTIONS only: a STOW-RS POST would store. Many servers do not answer OPTIONS: then unknown."""
-    url = f"{base_url.rstrip('/')}/studies"
     try:
-        response = requests.options(url, headers=headers, auth=auth, timeout=timeout)
-    except requests.RequestException as exc:
-        return Probe("STOW-RS", False, f"no answer: {type(exc).__name__}")
-    allow = response.headers.get("Allow", "") + "," + response.headers.get("Access-Control-Allow-Methods", "")
-    if response.status_code < 300 and "POST" in allow.upper():
-        return Probe("STOW-RS", True, f"OPTIONS allows POST on {url}")
-    if response.status_code in (401, 403):
-        return Probe("STOW-RS", False, f"HTTP {response.status_code}: credentials refused")
-    return Probe("STOW-RS", None, f"not confirmed without storing (OPTIONS answered HTTP {response.status_code}); "
-                                   "confirm with the PACS administrator or a test delivery to a test study")
-
-
-def probe_fhir(base_url: str, *, token: str, timeout: float) -> Probe:
-    headers = {"Accept": "application/fhir+json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    url = f"{base_url.rstrip('/')}/metadata"
-    try:
-        response = requests.get(url, headers=headers, timeout=timeout)
-    except requests.RequestException as exc:
-        return Probe("FHIR metadata", False, f"no answer: {type(exc).__name__}")
-    if response.status_code != 200:
-        return Probe("FHIR metadata", False, f"HTTP {response.status_code}")
-    try:
-        body = response.json()
-    except ValueError:
-        return Probe("FHIR metadata", False, "answer is not JSON")
-    if body.get("resourceType") != "CapabilityStatement":
-        return Probe("FHIR metadata", False, "answer is not a CapabilityStatement")
-    interactions = _fhir_interactions(body)
-    needed = {"Observation": ["create"], "ImagingStudy": ["update", "search-type"]}
-    missing = [f"{kind} {i}" for kind, wanted in needed.items() for i in wanted if i not in interactions.get(kind, set())]
-    details = [f"FHIR {body.get('fhirVersion', '?')}, software {body.get('software', {}).get('name', '?')}"]
-    details += [f"{kind}: {', '.join(sorted(interactions.get(kind, set()))) or 'not listed'}" for kind in needed]
-    if missing:
-        return Probe("FHIR metadata", None, f"answers, but does not list: {', '.join(missing)}", details)
-    return Probe("FHIR metadata", True, "CapabilityStatement lists Observation create and ImagingStudy update", details)
-
-
-def probe_mllp(host: str, port: int, *, timeout: float) -> Probe:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        return Probe("MLLP connect", False, f"cannot connect to {host}:{port}: {exc.strerror or type(exc).__name__}")
-    return Probe("MLLP connect", True, f"TCP connection to {host}:{port} accepted (no message sent)")
+        if assoc.is_established:
+            status = assoc.send_c_echo()
+            seconds = time.perf_counter() - started
+            if status is not None and "Status" in status:
+                code = f"0x{int(status.Status):04X}"
+                if status.Status == 0x0000:
+                    return answer(True, f"C-ECHO accepted by {called_ae_title}", code)
+                return answer(False, "C-ECHO answered with a failure status", code, "the peer refused the echo")
+            return answer(False, "no C-ECHO response", "", "the association dropped or timed out")
+        seconds = time.perf_counter() - started  # before the TLS diagnosis below, which connects again
+        if assoc.is_rejected and assoc.acceptor.primitive is not None:
+            rsp = assoc.acceptor.primitive
+            outcome = classify_rejection(int(rsp.result), int(rsp.result_source), int(rsp.diagnostic),
+                                         peer=f"{called_ae_title}@{host}:{port}",
+                                         description=f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}")
+            return answer(False, "association rejected", str(outcome.code), outcome.message)
+        tls_args = dicom_tls.client_tls_args(tls=tls, host=host)
+        problem = dicom_tls.handshake_problem(tls_args, host, port, timeout) if tls_args and not connected else None
+        if problem:
+            return answer(False, "TLS handshake failed", "", f"{problem}: check the CA file and the certificates "
+                          "on both sides (PACSLENS_DICOM_TLS_CA, PACSLENS_DICOM_TLS_CERT)")
+        if not connected:
+            return answer(False, "cannot connect", "", f"nothing answers on {host}:{port} (refused or timed out)")
+        return answer(False, "association aborted", "", "the peer aborted or did not answer the association request")
+    finally:
+        if assoc.is_established:
+            assoc.release()
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def _http_probe(name: str, method: str, url: str, *, timeout: float, headers: dict, auth, ok_statuses: dict[int, str],
-                params: dict | None = None) -> Probe:
-    try:
-        response = requests.request(method, url, headers=headers, auth=auth, params=params, timeout=timeout)
-    except requests.RequestException as exc:
-        return Probe(name, False, f"no answer: {type(exc).__name__}")
-    if response.status_code in ok_statuses:
-        return Probe(name, True, ok_statuses[response.status_code])
-    if response.status_code in (401, 403):
-        return Probe(name, False, f"HTTP {response.status_code}: credentials refused")
-    return Probe(name, False, f"HTTP {response.status_code}")
 
 
 def _syntaxes(names: list[str]) -> str:
@@ -312,19 +269,6 @@ def _syntaxes(names: list[str]) -> str:
     if len(names) == len(PROBE_TRANSFER_SYNTAXES):
         return "all proposed transfer syntaxes (uncompressed, deflate, JPEG lossless, JPEG-LS, JPEG 2000, RLE)"
     return ", ".join(names)
-
-
-def _fhir_interactions(capability: dict) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for rest in capability.get("rest", []):
-        for resource in rest.get("resource", []):
-            codes = {i.get("code", "") for i in resource.get("interaction", [])}
-            if resource.get("conditionalCreate"):
-                codes.add("conditional-create")
-            if resource.get("conditionalUpdate"):
-                codes.add("conditional-update")
-            found.setdefault(resource.get("type", ""), set()).update(codes)
-    return found
 
 
 def _study_identifier() -> Dataset:
@@ -345,3 +289,11 @@ def _hex(code: int | None) -> str:
 def _release(assoc) -> None:
     if assoc.is_established:
         assoc.release()
+
+
+def _nodelay(event, connected: list[bool]) -> None:
+    # As in results.deliver.dicom_send: without TCP_NODELAY, Nagle holds the small PDUs back.
+    connected.append(True)
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
