@@ -6,15 +6,11 @@ Patient name and ID are deliberately absent: support output gets pasted into tic
 
 from __future__ import annotations
 
-<<<<<<< HEAD
-from routing.models import Priority, Study
-=======
 from django.db.models import Count, Sum
 
 from results.deliver.identity import installation_current
 from results.models import Delivery
-from routing.models import Priority, RoutingDecision, Study
->>>>>>> layout-pacslens
+from routing.models import Priority, Study
 
 
 def study_status_data(study: Study) -> dict:
