@@ -269,3 +269,10 @@ def test_a_re_send_reuses_the_control_id(listener):
     assert outcome.ok
     assert listener.received == ["PL000042", "PL000042"], "the RIS can spot the duplicate"
 
+
+
+def test_destinations_offer_exactly_the_accession_fields_the_builder_knows():
+    from results.deliver.hl7 import ACCESSION_FIELDS as BUILDER_FIELDS
+    from results.models.delivery import ACCESSION_FIELDS as DESTINATION_FIELDS
+
+    assert set(DESTINATION_FIELDS) == set(BUILDER_FIELDS)

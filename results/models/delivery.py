@@ -16,7 +16,12 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from results.deliver.hl7 import ACCESSION_FIELDS
+
+
+# Where an HL7 destination's RIS keeps the accession number; results/deliver/hl7.py maps each to
+# its segment and field (tests/test_hl7.py keeps the two lists equal). Kept here so the models
+# never import the delivery code that imports them.
+ACCESSION_FIELDS = ("OBR-18", "OBR-2", "OBR-3", "ORC-2", "ORC-3")
 
 
 class DestinationKind(models.TextChoices):
