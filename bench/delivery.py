@@ -38,11 +38,11 @@ WORK = Path(tempfile.mkdtemp(prefix="pacslens-bench-delivery-"))
 os.environ["PACSLENS_DATA_DIR"] = str(WORK / "unused-data")  # never the user's var/
 
 from bench.sustained import RIS, percentile, studies_generate, wait_heartbeat  # noqa: E402
-from tests.identities import identity  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-from tests.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create  # noqa: E402
-from tests.peers import _dicomweb_plugin, orthanc_start, orthanc_stop  # noqa: E402
-from tests.postgres import Database, sqlite_url  # noqa: E402
+from tests.support.identities import identity  # noqa: E402
+from tests.support.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
+from tests.support.orthanc import dicomweb_plugin, orthanc_start, orthanc_stop  # noqa: E402
+from tests.support.postgres import Database, sqlite_url  # noqa: E402
 
 RULE_NAME = "Demo: CT head to the demonstration model"
 DESTINATIONS = """\
@@ -63,7 +63,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.studies, args.slices = min(args.studies, 5), min(args.slices, 64)
-    storescu, orthanc_program, plugin = shutil.which("storescu"), shutil.which("Orthanc"), _dicomweb_plugin()
+    storescu, orthanc_program, plugin = shutil.which("storescu"), shutil.which("Orthanc"), dicomweb_plugin()
     if not (storescu and orthanc_program and plugin):
         print("needs dcmtk, orthanc and orthanc-dicomweb (apt-get install dcmtk orthanc orthanc-dicomweb)", file=sys.stderr)
         return 2

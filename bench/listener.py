@@ -40,15 +40,15 @@ os.environ["PACSLENS_DATA_DIR"] = str(WORK / "unused-data")  # never the user's 
 
 import psutil
 
-from tests.conftest import free_port
-from tests.listener_proc import (
+from tests.support.ct import ct_series_write
+from tests.support.listener_proc import (
     ListenerProcess,
     base_env,
-    ct_series_write,
     data_dir_create,
     dcmtk_env,
     template_db_create,
 )
+from tests.support.net import free_port
 
 OUT = REPO / "bench" / "out"
 MiB = 1024 * 1024

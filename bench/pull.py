@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,9 +47,11 @@ from django.utils import timezone  # noqa: E402
 from routing.receive.listener import DicomListener  # noqa: E402
 from routing.models import ApplicationEntity, Poll, PollSource, Study, StudyRetrieve  # noqa: E402
 from routing.pull.poll import poll_due_sources, retrieve  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-from tests.listener_proc import ct_series_write, dcmtk_env  # noqa: E402
-from tests.peers import ORTHANC_AET, OrthancPeer, _dicomweb_plugin, _wait_until_up, dataset_bytes, make_ct_slices  # noqa: E402
+from tests.support.ct import ct_series_write, make_ct_slices  # noqa: E402
+from tests.support.dicom_files import part10_bytes  # noqa: E402
+from tests.support.listener_proc import dcmtk_env  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
+from tests.support.orthanc import ORTHANC_AET, OrthancPeer, dicomweb_plugin, orthanc_start, orthanc_stop  # noqa: E402
 
 METHODS = {"C-MOVE": ("dimse", "c-move", "CT"), "C-GET": ("dimse", "c-get", "MR"), "WADO-RS": ("dicomweb", "", "US")}
 SCHEDULE_PERIOD = 60.0  # the 1-minute django-q2 schedule
@@ -72,7 +73,9 @@ def main() -> int:
             print(f"{program} is not installed", file=sys.stderr)
             return 1
     call_command("migrate", interactive=False, verbosity=0)
-    orthanc = orthanc_start(WORK / "orthanc")
+    # The benchmark's Orthanc waits longer for its C-MOVE/C-GET peers than the tests' one.
+    orthanc = orthanc_start(WORK / "orthanc", program=shutil.which("Orthanc"), plugin=dicomweb_plugin(),
+                            config={"Name": "pacslens-bench", "DicomScuTimeout": 30})
     listener = DicomListener(host="127.0.0.1", port=0, ae_title="PACSLENS")
     listener.start()
     results: dict = {"instances": args.instances}
@@ -87,8 +90,7 @@ def main() -> int:
         results["throughput"] = throughput_phase(orthanc, pacs, args.instances, args.rounds)
     finally:
         listener.stop(grace=2)
-        orthanc.process.send_signal(signal.SIGTERM)
-        orthanc.process.wait(timeout=30)
+        orthanc_stop(orthanc)
     out = REPO / "bench" / "out" / f"pull-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -236,7 +238,7 @@ def orthanc_study(orthanc: OrthancPeer, modality: str) -> str:
     for ds in slices:
         ds.Modality = modality
         ds.StudyDate, ds.StudyTime = f"{now:%Y%m%d}", f"{now:%H%M%S}"
-        orthanc.upload(dataset_bytes(ds))
+        orthanc.upload(part10_bytes(ds))
     return str(slices[0].StudyInstanceUID)
 
 
@@ -248,28 +250,6 @@ def wait_complete(uid: str, timeout: float) -> Study:
             return study
         time.sleep(0.05)
     raise RuntimeError(f"study not complete after {timeout:.0f} s")
-
-
-def orthanc_start(root: Path) -> OrthancPeer:
-    storage = root / "storage"
-    storage.mkdir(parents=True)
-    dicom_port, http_port = free_port(), free_port()
-    config = {
-        "Name": "pacslens-bench", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
-        "DicomAet": ORTHANC_AET, "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": True,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-        "DicomAlwaysAllowEcho": True, "DicomModalities": {}, "Plugins": [str(_dicomweb_plugin())],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}, "ConcurrentJobs": 2,
-        "SaveJobs": False, "DicomScuTimeout": 30,
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = (root / "orthanc.log").open("wb")
-    process = subprocess.Popen(["Orthanc", "--no-jobs", str(root / "orthanc.json")], stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    peer = OrthancPeer(aet=ORTHANC_AET, host="127.0.0.1", dicom_port=dicom_port, http_port=http_port,
-                       storage_dir=storage, log_path=root / "orthanc.log", process=process)
-    _wait_until_up(peer)
-    return peer
 
 
 if __name__ == "__main__":

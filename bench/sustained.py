@@ -14,7 +14,7 @@ Figures, per database:
     .venv/bin/python bench/sustained.py [--studies 200] [--senders 4] [--workers 2]
                                          [--backends sqlite,postgres] [--quick]
 
-PostgreSQL is a private cluster (tests/postgres.py) with its default durability (fsync on).
+PostgreSQL is a private cluster (tests/support/postgres.py) with its default durability (fsync on).
 Everything runs in a temporary directory; the user's var/ is never touched. Results go to
 stdout and bench/out/sustained-*.json. Synthetic demonstration data only.
 """
@@ -47,9 +47,9 @@ os.environ["PACSLENS_DATA_DIR"] = str(WORK / "unused-data")  # never the user's 
 
 import psutil
 
-from tests.conftest import free_port
-from tests.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create
-from tests.postgres import Database, postgres_cluster_start, sqlite_url
+from tests.support.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create
+from tests.support.net import free_port
+from tests.support.postgres import Database, postgres_cluster_start, sqlite_url
 
 OUT = REPO / "bench" / "out"
 MiB = 1024 * 1024

@@ -10,9 +10,11 @@ can mistake it for a real one. Slices are written straight from numpy with pydic
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -34,6 +36,7 @@ TRANSFER_SYNTAXES = {
     "jpegls": JPEGLSLossless,
 }
 MODALITIES = ("CT", "MR")
+PIXELS = ("phantom", "noise")
 PIXEL_SPACING_MM = 0.5  # 512 pixels cover a 256 mm field of view
 HEAD_EXTENT_MM = 150.0  # skull base to vertex, whatever the slice count
 RESCALE_INTERCEPT = -1024.0
@@ -60,11 +63,12 @@ class DemoStudy:
     paths: list[Path] = field(default_factory=list)
     lesion_center_mm: tuple[float, float, float] | None = None
     lesion_radius_mm: float | None = None
+    datasets: list[Dataset] = field(default_factory=list)
 
 
 def demo_study_write(
     *,
-    outdir: Path,
+    outdir: Path | None,
     lesion: bool = False,
     slices: int = 64,
     modality: str = "CT",
@@ -73,43 +77,59 @@ def demo_study_write(
     body_part: str = "HEAD",
     corrupt_pixels: bool = False,
     seed: int | None = None,
+    rows: int | None = None,
+    columns: int | None = None,
+    pixels: str = "phantom",
+    attributes: Mapping[str, Any] | None = None,
 ) -> DemoStudy:
-    """Write one synthetic study (one axial series) as `slices` files under `outdir`."""
+    """Write one synthetic study (one axial series) as `slices` files under `outdir`.
+
+    The tests and benchmarks also ask for: `outdir=None`, to keep the slices in memory
+    (`DemoStudy.datasets`) instead of writing files; `rows`/`columns`, a non-square image
+    (both default to `size`); `pixels="noise"`, one block of uniform noise shifted per slice
+    instead of the phantom (memcpy speed at any size: a single 100 MB instance, a
+    300-slice series); `attributes`, header attributes by DICOM keyword set on every slice
+    (a given StudyInstanceUID, a named test patient).
+    """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}")
     if slices < 1:
         raise ValueError("a study needs at least one slice")
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"transfer syntax must be one of {', '.join(TRANSFER_SYNTAXES)}")
+    if pixels not in PIXELS:
+        raise ValueError(f"pixels must be one of {', '.join(PIXELS)}")
+    if lesion and pixels != "phantom":
+        raise ValueError("only the phantom has a lesion")
+    rows, columns = rows or size, columns or size
     rng = np.random.default_rng(seed)
-    outdir.mkdir(parents=True, exist_ok=True)
-    template = _series_template(modality=modality, body_part=body_part, lesion=lesion, size=size, rng=rng)
-    phantom = _Phantom(size=size, rng=rng, lesion=lesion)
+    if outdir is not None:
+        outdir.mkdir(parents=True, exist_ok=True)
+    template = _series_template(
+        modality=modality, body_part=body_part, lesion=lesion, rows=rows, columns=columns, rng=rng
+    )
+    for keyword, value in (attributes or {}).items():
+        setattr(template, keyword, value)
+    phantom = _Phantom(rows=rows, columns=columns, rng=rng, lesion=lesion) if pixels == "phantom" else None
     study = DemoStudy(
         study_instance_uid=template.StudyInstanceUID,
         series_instance_uid=template.SeriesInstanceUID,
         modality=modality,
         lesion=lesion,
-        lesion_center_mm=phantom.lesion_center,
-        lesion_radius_mm=phantom.lesion_radius,
+        lesion_center_mm=phantom.lesion_center if phantom else None,
+        lesion_radius_mm=phantom.lesion_radius if phantom else None,
     )
     spacing = HEAD_EXTENT_MM / slices
-    # A small bank of noise fields, rolled per slice: drawing 78 M normals for a 300-slice study
-    # would dominate the run time and the phantom does not need independent noise per slice.
-    noise_bank = [rng.normal(0, NOISE_SD, (size, size)).astype(np.float32) for _ in range(4)]
-    tissue_values = {name: values[0 if modality == "CT" else 1] for name, values in TISSUES.items()}
+    stored_slices = (
+        _phantom_slices(phantom, slices=slices, spacing=spacing, modality=modality, rng=rng)
+        if phantom
+        else _noise_slices(rows=rows, columns=columns, slices=slices, rng=rng)
+    )
     ts_uid = TRANSFER_SYNTAXES[transfer_syntax]
-    for index in range(slices):
+    for index, stored in enumerate(stored_slices):
         z = (index + 0.5) * spacing
-        values = phantom.slice_values(z, tissue_values)
-        noise = np.roll(noise_bank[index % 4], shift=int(rng.integers(0, size)), axis=index % 2)
-        if modality == "CT":
-            values = values + noise
-            stored = np.clip(np.rint(values - RESCALE_INTERCEPT), 0, 4095).astype(np.uint16)
-        else:
-            stored = np.clip(np.rint(values + noise * 5), 0, 4095).astype(np.uint16)
         ds = _slice_dataset(template, index=index, z=z, spacing=spacing, modality=modality)
-        ds.PixelData = stored.tobytes()
+        ds.PixelData = stored
         if ts_uid != ExplicitVRLittleEndian:
             ds.compress(ts_uid, encoding_plugin="pylibjpeg" if ts_uid == RLELossless else "")
         else:
@@ -117,22 +137,56 @@ def demo_study_write(
         if corrupt_pixels:
             # Half the pixel data: the header parses, the pixels cannot be decoded.
             ds.PixelData = ds.PixelData[: len(ds.PixelData) // 4 * 2]
+        if outdir is None:
+            study.datasets.append(ds)
+            continue
         path = outdir / f"{modality}{index + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         study.paths.append(path)
     return study
 
 
+def _phantom_slices(
+    phantom: _Phantom, *, slices: int, spacing: float, modality: str, rng: np.random.Generator
+) -> Iterator[bytes]:
+    """The phantom's stored pixel values, slice by slice, with a little noise."""
+    shape = (phantom.rows, phantom.columns)
+    # A small bank of noise fields, rolled per slice: drawing 78 M normals for a 300-slice study
+    # would dominate the run time and the phantom does not need independent noise per slice.
+    noise_bank = [rng.normal(0, NOISE_SD, shape).astype(np.float32) for _ in range(4)]
+    tissue_values = {name: values[0 if modality == "CT" else 1] for name, values in TISSUES.items()}
+    for index in range(slices):
+        z = (index + 0.5) * spacing
+        values = phantom.slice_values(z, tissue_values)
+        axis = index % 2
+        noise = np.roll(noise_bank[index % 4], shift=int(rng.integers(0, shape[axis])), axis=axis)
+        if modality == "CT":
+            values = values + noise
+            stored = np.clip(np.rint(values - RESCALE_INTERCEPT), 0, 4095).astype(np.uint16)
+        else:
+            stored = np.clip(np.rint(values + noise * 5), 0, 4095).astype(np.uint16)
+        yield stored.tobytes()
+
+
+def _noise_slices(*, rows: int, columns: int, slices: int, rng: np.random.Generator) -> Iterator[bytes]:
+    """One block of 12-bit noise, shifted per slice: distinct content per instance at memcpy speed."""
+    block = rng.integers(0, 4096, size=rows * columns + slices, dtype=np.uint16).tobytes()
+    for index in range(slices):
+        yield block[2 * index : 2 * (index + rows * columns)]
+
+
 class _Phantom:
     """Nested ellipsoids in patient coordinates (mm): x left-right, y front-back, z up."""
 
-    def __init__(self, *, size: int, rng: np.random.Generator, lesion: bool) -> None:
-        self.size = size
-        coords = (np.arange(size, dtype=np.float32) - (size - 1) / 2) * PIXEL_SPACING_MM * 512 / size
-        self.x2 = (coords**2)[np.newaxis, :]
-        self.y2 = (coords**2)[:, np.newaxis]
-        self.x = coords[np.newaxis, :]
-        self.y = coords[:, np.newaxis]
+    def __init__(self, *, rows: int, columns: int, rng: np.random.Generator, lesion: bool) -> None:
+        self.rows, self.columns = rows, columns
+        longest = max(rows, columns)
+        x = (np.arange(columns, dtype=np.float32) - (columns - 1) / 2) * PIXEL_SPACING_MM * 512 / longest
+        y = (np.arange(rows, dtype=np.float32) - (rows - 1) / 2) * PIXEL_SPACING_MM * 512 / longest
+        self.x2 = (x**2)[np.newaxis, :]
+        self.y2 = (y**2)[:, np.newaxis]
+        self.x = x[np.newaxis, :]
+        self.y = y[:, np.newaxis]
         jitter = rng.uniform(0.93, 1.07)
         # (semi-axes x, y, z; centre z)
         self.brain = (62 * jitter, 80 * jitter, 78, 70.0)
@@ -162,7 +216,7 @@ class _Phantom:
         return self.x2 / (a * a * scale2) + self.y2 / (b * b * scale2) <= 1
 
     def slice_values(self, z: float, tissue: dict[str, float]) -> np.ndarray:
-        values = np.full((self.size, self.size), tissue["air"], np.float32)
+        values = np.full((self.rows, self.columns), tissue["air"], np.float32)
         for axes, name in ((self.head, "scalp"), (self.skull, "bone"), (self.brain, "grey"), (self.white, "white")):
             mask = self._inside(axes, z)
             if mask is not None:
@@ -180,7 +234,14 @@ class _Phantom:
         return values
 
 
-def _series_template(*, modality: str, body_part: str, lesion: bool, size: int, rng: np.random.Generator) -> Dataset:
+def _pixel_spacing(rows: int, columns: int) -> float:
+    """Millimetres per pixel: the longer side always covers the same field of view."""
+    return PIXEL_SPACING_MM * 512 / max(rows, columns)
+
+
+def _series_template(
+    *, modality: str, body_part: str, lesion: bool, rows: int, columns: int, rng: np.random.Generator
+) -> Dataset:
     now = datetime.now()
     number = int(rng.integers(100000, 999999))
     ds = Dataset()
@@ -219,9 +280,9 @@ def _series_template(*, modality: str, body_part: str, lesion: bool, size: int, 
     # Image Pixel
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = size
-    ds.Columns = size
-    ds.PixelSpacing = [PIXEL_SPACING_MM * 512 / size] * 2
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.PixelSpacing = [_pixel_spacing(rows, columns)] * 2
     ds.BitsAllocated = 16
     ds.BitsStored = 12
     ds.HighBit = 11
@@ -265,8 +326,9 @@ def _slice_dataset(template: Dataset, *, index: int, z: float, spacing: float, m
     ds.SpacingBetweenSlices = round(spacing, 4) if modality == "MR" else None
     if ds.SpacingBetweenSlices is None:
         del ds.SpacingBetweenSlices
-    half_fov = (template.Columns - 1) / 2 * float(template.PixelSpacing[0])
-    ds.ImagePositionPatient = [-half_fov, -half_fov, round(z, 4)]
+    spacing_mm = float(template.PixelSpacing[0])
+    half_width, half_height = (template.Columns - 1) / 2 * spacing_mm, (template.Rows - 1) / 2 * spacing_mm
+    ds.ImagePositionPatient = [-half_width, -half_height, round(z, 4)]
     ds.SliceLocation = round(z, 4)
     now = datetime.now()
     ds.ContentDate = template.StudyDate

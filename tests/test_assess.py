@@ -18,8 +18,7 @@ from pynetdicom.sop_class import Verification
 from results.models import Destination
 from pacslens.ops.assess import UnknownNode, node_assess
 from routing.models import ApplicationEntity
-from tests.conftest import free_port
-from tests.test_hl7 import MLLPListener
+from tests.support.net import free_port
 
 pytestmark = [pytest.mark.django_db, pytest.mark.interop]
 
@@ -33,15 +32,6 @@ def pacs(orthanc, settings):
     return ApplicationEntity.objects.create(
         ae_title=orthanc.aet, host=orthanc.host, port=orthanc.dicom_port, may_query=True, may_send=True
     )
-
-
-@pytest.fixture
-def mllp() -> Iterator[MLLPListener]:
-    server = MLLPListener()
-    yield server
-    server.release.set()
-    server.server.shutdown()
-    server.server.server_close()
 
 
 class MetadataServer:

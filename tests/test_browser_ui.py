@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_program
-from tests.test_ui_support import PASSWORD, make_result, make_study, make_user, plain_static_storage  # noqa: F401
+from tests.support.factories import PASSWORD, hl7_destination, inferred_study, make_destination, make_failed_delivery, make_result, make_study, make_user
+from tests.support.mllp import MLLPListener
+from tests.support.net import require_program
+
+pytestmark = pytest.mark.usefixtures("plain_static_storage")
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -116,8 +119,6 @@ class TestInformaticist:
         from results.deliver.ledger import deliveries_create, deliveries_run_pending
         from results.models import Delivery
         from routing.models import RoutingRule
-        from tests.test_delivery import _restart_on, hl7_destination, inferred_study
-        from tests.test_hl7 import MLLPListener
 
         ris = MLLPListener()
         port = ris.port
@@ -138,8 +139,7 @@ class TestInformaticist:
         assert "cannot connect" in row.inner_text().lower() or "refused" in row.inner_text().lower()
         page.evaluate("window.notReloaded = true")
 
-        back = MLLPListener.__new__(MLLPListener)
-        _restart_on(back, port)  # the RIS comes back
+        back = MLLPListener(port=port)  # the RIS comes back
         try:
             row.locator("button:has-text('Retry')").click()
             page.wait_for_selector(f"#delivery-{delivery.pk}[data-state=pending]")
@@ -206,7 +206,6 @@ class TestTour:
         from django.utils import timezone
 
         from routing.models import ApplicationEntity, Heartbeat, RoutingRule, StoreAssociation
-        from tests.test_ui_support import make_destination, make_failed_delivery
 
         ApplicationEntity.objects.create(ae_title="CT_SCANNER_1", host="10.1.2.3", port=104, description="Emergency CT")
         StoreAssociation.objects.create(calling_ae_title="CT_SCANNER_1", called_ae_title="PACSLENS", ended_at=timezone.now(),

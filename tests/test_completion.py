@@ -8,29 +8,12 @@ import pytest
 from django.utils import timezone
 
 from routing.completion import studies_complete_due, study_try_complete
-from routing.store.ingest import instance_store
 from routing.models import ApplicationEntity, StoreAssociation, Study, StudyState
 from routing.tasks import check_completion_after_release
-from tests.test_listener import make_ct
+from tests.support.ct import make_ct
+from tests.support.factories import receive
 
 pytestmark = pytest.mark.django_db
-
-
-def receive(data_dir, ds, association=None, calling="MODALITY1"):
-    path = data_dir / "incoming" / f"{ds.SOPInstanceUID}.tmp"
-    path.parent.mkdir(exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    result = instance_store(
-        temp_path=path,
-        request_sop_class_uid=ds.SOPClassUID,
-        request_sop_instance_uid=ds.SOPInstanceUID,
-        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-        calling_ae_title=calling,
-        association_id=association.pk if association else None,
-        sender_id=ApplicationEntity.objects.filter(ae_title=calling).values_list("pk", flat=True).first(),
-    )
-    assert result.ok, result.message
-    return Study.objects.get(pk=result.study_id)
 
 
 def age(study, seconds):

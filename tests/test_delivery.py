@@ -18,88 +18,18 @@ from results.deliver.ledger import (
     delivery_retry,
 )
 from results.deliver.identity import installation_current
-from results.models import AIModel, Delivery, DeliveryState, Destination, InferenceResult
-from routing.models import ApplicationEntity, RoutingRule, Study, StudyState
-from tests.test_completion import receive
-from tests.test_dicom_send import StubSCP
-from tests.test_hl7 import MLLPListener
-from tests.test_listener import make_ct
+from results.models import Delivery, DeliveryState, Destination, InferenceResult
+from routing.models import Study, StudyState
+from tests.support.factories import dicom_destination, hl7_destination, inferred_study
+from tests.support.fhir_server import TOKEN, FHIRServer
+from tests.support.mllp import MLLPListener
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def mllp():
-    server = MLLPListener()
-    yield server
-    server.release.set()
-    server.server.shutdown()
-    server.server.server_close()
-
-
-@pytest.fixture
-def scps():
-    started = []
-
-    def start(**kwargs):
-        scp = StubSCP(**kwargs)
-        started.append(scp)
-        return scp
-
-    yield start
-    for scp in started:
-        scp.shutdown()
-
-
-@pytest.fixture
-def rule():
-    return RoutingRule.objects.create(name="CT head")
-
-
-def inferred_study(data_dir, *, slices=3, flagged=True) -> tuple[Study, InferenceResult]:
-    import tempfile
-    from pathlib import Path
-
-    from pydicom import dcmread
-
-    from pacslens.demo_study import demo_study_write
-
-    with tempfile.TemporaryDirectory() as folder:
-        demo_study_write(outdir=Path(folder), slices=slices, size=16, lesion=flagged)
-        for path in sorted(Path(folder).rglob("*.dcm")):
-            ds = dcmread(path)
-            study = receive(data_dir, ds)
-    model, _ = AIModel.objects.get_or_create(
-        name="demo", version="1", defaults={"file": "x.onnx", "sha256": "0" * 64, "manifest": {"output": {"threshold": 0.5}}}
-    )
-    Study.objects.filter(pk=study.pk).update(state=StudyState.INFERRED)
-    study.refresh_from_db()
-    result = InferenceResult.objects.create(
-        study=study, model=model, model_name="demo", model_version="1", model_sha256="0" * 64,
-        status="succeeded", score=0.83 if flagged else 0.1, flagged=flagged,
-        series=study.series.get(), series_instance_uid=ds.SeriesInstanceUID, instance_count=slices,
-    )
-    return study, result
-
-
-def hl7_destination(rule, port, **overrides) -> Destination:
-    values = dict(
-        name="ris", kind="hl7", host="127.0.0.1", port=port, hl7_message_type="ORU^R01",
-        timeout_seconds=2, backoff_base_seconds=1, backoff_cap_seconds=5,
-    )
-    values.update(overrides)
-    destination = Destination.objects.create(**values)
-    destination.full_clean()
-    destination.rules.add(rule)
-    return destination
-
-
-def dicom_destination(rule, port, name="pacs", ae_title="STORESCP", **overrides) -> Destination:
-    ae = ApplicationEntity.objects.create(ae_title=ae_title, host="127.0.0.1", port=port, receives_results=True)
-    destination = Destination.objects.create(name=name, kind="dicom", application_entity=ae, timeout_seconds=3, **overrides)
-    destination.full_clean()
-    destination.rules.add(rule)
-    return destination
+def scps(scp_factory):
+    return scp_factory
 
 
 def make_due(*deliveries):
@@ -159,8 +89,7 @@ class TestHL7Delivery:
         assert delivery.last_error_class == "transient"
         assert delivery.next_attempt_at > timezone.now()
         assert deliveries_run_pending() == 0  # backing off: not due yet
-        back = MLLPListener.__new__(MLLPListener)
-        _restart_on(back, port)
+        back = MLLPListener(port=port)
         try:
             make_due(delivery)
             deliveries_run_pending()
@@ -300,22 +229,8 @@ class TestDiscard:
         assert Study.objects.get(pk=study.pk).state == StudyState.DELIVERED
 
 
-def _restart_on(server: MLLPListener, port: int) -> None:
-    """An MLLPListener bound to a given port (the RIS coming back where it was)."""
-    import tests.test_hl7 as hl7_tests
-
-    original = hl7_tests.free_port
-    hl7_tests.free_port = lambda: port
-    try:
-        MLLPListener.__init__(server)
-    finally:
-        hl7_tests.free_port = original
-
-
 class TestFhirDelivery:
     def test_fhir_resend_never_duplicates(self, data_dir, rule):
-        from tests.test_fhir import TOKEN, FHIRServer
-
         server = FHIRServer()
         try:
             study, result = inferred_study(data_dir)

@@ -12,7 +12,7 @@ import re
 import secrets
 import subprocess
 
-from tests.listener_proc import PYTHON, REPO
+from tests.support.listener_proc import PYTHON, REPO
 
 DEPLOYMENT_DOC = REPO / "docs" / "deployment.md"
 ENV_FILE_MARKER = "# /etc/pacslens/pacslens.env"

@@ -4,78 +4,23 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
-from typing import Any
 
-from tests.identities import identity
 import pytest
-from pydicom.uid import Comprehensive3DSRStorage
-from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
 from results.deliver.dicom_send import StoreSession, send_datasets
 from results.deliver.payload import OutcomeKind, Protocol
 from results.deliver.sr import build_sr
-from tests.conftest import free_port
-from tests.peers import dataset_bytes, make_ct_slices
-from tests.test_sr import make_payload
+from tests.support.ct import make_ct_slices
+from tests.support.dicom_files import part10_bytes
+from tests.support.dicom_peers import SCP_AE, StubSCP
+from tests.support.identities import identity
+from tests.support.net import free_port
+from tests.support.sr import assert_orthanc_holds_the_sr, make_payload
 
 CALLING_AE = "PACSLENS"
-SCP_AE = "TESTSCP"
 
 pytestmark = pytest.mark.interop
-
-
-class StubSCP:
-    """A pynetdicom storage SCP on a free port answering C-STOREs with `status`."""
-
-    def __init__(self, *, status: int = 0x0000, require_calling_aet: list[str] | None = None,
-                 require_called_aet: bool = False, sop_classes: tuple[str, ...] = (
-                     Comprehensive3DSRStorage,), max_associations: int = 10,
-                 reply_delay: threading.Event | None = None, drop_after_store: bool = False,
-                 ) -> None:
-        self.status = status
-        self.drop_after_store = drop_after_store
-        self.received: list[str] = []
-        self.port = free_port()
-        self._hold = reply_delay
-        ae = AE(ae_title=SCP_AE)
-        ae.require_calling_aet = require_calling_aet or []
-        ae.require_called_aet = require_called_aet
-        ae.maximum_associations = max_associations
-        for sop_class in sop_classes:
-            ae.add_supported_context(sop_class)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-
-    def _on_store(self, event: Any) -> int:
-        if self._hold is not None:
-            # Never answers within the SCU's DIMSE timeout: the test releases it at teardown.
-            self._hold.wait(30)
-        self.received.append(str(event.request.AffectedSOPInstanceUID))
-        if self.drop_after_store:
-            # Like a PACS that restarts or closes idle associations between two results.
-            threading.Timer(0.1, event.assoc.abort).start()
-        return self.status
-
-    def shutdown(self) -> None:
-        if self._hold is not None:
-            self._hold.set()
-        self.server.shutdown()
-
-
-@pytest.fixture
-def scp_factory() -> Iterator[Any]:
-    started: list[StubSCP] = []
-
-    def start(**kwargs: Any) -> StubSCP:
-        scp = StubSCP(**kwargs)
-        started.append(scp)
-        return scp
-
-    yield start
-    for scp in started:
-        scp.shutdown()
 
 
 @pytest.fixture
@@ -96,7 +41,7 @@ def test_it_stores_the_sr_in_the_source_study_at_orthanc(orthanc, study_and_sr):
     sources, payload, sr = study_and_sr
     orthanc.clear()
     for ds in sources:
-        orthanc.upload(dataset_bytes(ds))
+        orthanc.upload(part10_bytes(ds))
 
     (outcome,) = send_datasets(CALLING_AE, orthanc.host, orthanc.dicom_port, orthanc.aet, [sr])
 
@@ -109,7 +54,7 @@ def test_a_re_send_leaves_one_copy_at_orthanc(orthanc, study_and_sr):
     sources, payload, sr = study_and_sr
     orthanc.clear()
     for ds in sources:
-        orthanc.upload(dataset_bytes(ds))
+        orthanc.upload(part10_bytes(ds))
 
     first = send_datasets(CALLING_AE, orthanc.host, orthanc.dicom_port, orthanc.aet, [sr])
     # A re-send builds the SR again from the same result, as the ledger will after a crash.
@@ -154,35 +99,6 @@ def test_a_session_reconnects_when_the_peer_dropped_the_association(scp_factory)
                 session._assoc.join(timeout=10)
     assert [outcome.kind for outcome in outcomes] == [OutcomeKind.SUCCESS] * 3
     assert scp.received == [str(sr.SOPInstanceUID) for sr in srs]
-
-
-def assert_orthanc_holds_the_sr(orthanc, sources, payload) -> None:
-    (study,) = orthanc.find_instances({"StudyInstanceUID": payload.study_instance_uid}, "Study")
-    (instance,) = orthanc.find_instances({"SOPInstanceUID": str(payload.sr_sop_instance_uid)})
-    parent_study = orthanc.rest_get(f"/instances/{instance['ID']}/study")
-    assert parent_study["ID"] == study["ID"], "the SR sits in the source study"
-    tags = orthanc.instance_tags(instance["ID"])
-    assert tags["SeriesDescription"] == "PacsLens AI result"
-    referenced = {item["ReferencedSOPInstanceUID"]
-                  for study_item in tags["CurrentRequestedProcedureEvidenceSequence"]
-                  for series in study_item["ReferencedSeriesSequence"]
-                  for item in series["ReferencedSOPSequence"]}
-    assert referenced == {str(ds.SOPInstanceUID) for ds in sources}
-    content = list(walk_content(tags["ContentSequence"]))
-    scores = [float(item["MeasuredValueSequence"][0]["NumericValue"]) for item in content
-              if item.get("ValueType") == "NUM"
-              and item["ConceptNameCodeSequence"][0]["CodeValue"] == "PL0001"]
-    assert scores == [pytest.approx(payload.triage_score)]
-    flags = [item["ConceptCodeSequence"][0]["CodeValue"] for item in content
-             if item.get("ValueType") == "CODE"
-             and item["ConceptNameCodeSequence"][0]["CodeValue"] == "PL0002"]
-    assert flags == ["52101004" if payload.finding_flag else "272519000"]
-
-
-def walk_content(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for item in items:
-        yield item
-        yield from walk_content(item.get("ContentSequence", []))
 
 
 # --- Association failures ---------------------------------------------------------------------

@@ -28,10 +28,10 @@ from routing.receive import dicom_tls
 from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Instance
 from pacslens.ops.probes import probe_dicom_echo
-from tests.conftest import free_port, require_program
-from tests.listener_proc import ct_series_write, dcmtk_env
-from tests.peers import make_ct_slices
-from tests.test_sr import make_payload
+from tests.support.ct import ct_series_write, make_ct_slices
+from tests.support.listener_proc import dcmtk_env
+from tests.support.net import free_port, require_program
+from tests.support.sr import make_payload
 
 pytestmark = pytest.mark.interop
 

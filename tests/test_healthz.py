@@ -87,7 +87,7 @@ class TestChecks:
 @pytest.mark.interop
 class TestListenerProcess:
     def test_the_listener_beats_counts_rejections_and_forgets_itself_on_sigterm(self, listener_factory):
-        from tests.listener_proc import DEFAULT_CALLING_AE_TITLES
+        from tests.support.listener_proc import DEFAULT_CALLING_AE_TITLES
 
         listener = listener_factory(processes=2)
         assert listener.echo(calling_ae_title="NOT_ALLOWED") is None  # rejected

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import socketserver
-import threading
-from collections.abc import Iterator
 from typing import Any
 
-from tests.identities import identity
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
@@ -21,7 +17,9 @@ from results.deliver.hl7 import (
     send_mllp,
 )
 from results.deliver.payload import OutcomeKind, Priority, Protocol, ResultPayload
-from tests.conftest import free_port
+from tests.support.identities import identity
+from tests.support.mllp import MLLPListener
+from tests.support.net import free_port
 
 VERSIONS = ("2.3", "2.4", "2.5", "2.5.1")
 MESSAGE_TYPES = ("ORU^R01", "ORM^O01")
@@ -148,60 +146,9 @@ def test_settings_refuse_unknown_versions_and_mappings():
 
 # --- MLLP ---------------------------------------------------------------------------------------
 
-class MLLPListener:
-    """A threaded MLLP server that parses each message with hl7apy and answers per `mode`:
-    an ACK code (AA/AE/AR/CA/CE/CR), "wrong-id" (AA for another MSH-10), "silent" (no
-    answer until teardown) or "close" (hang up)."""
-
-    def __init__(self) -> None:
-        self.mode = "AA"
-        self.received: list[str] = []  # MSH-10 of every message parsed
-        self.release = threading.Event()
-        listener = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                buffer = b""
-                while b"\x1c\r" not in buffer:
-                    chunk = self.request.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                assert buffer.startswith(b"\x0b")
-                er7 = buffer[1:buffer.index(b"\x1c\r")].decode("utf-8")
-                message = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT,
-                                        find_groups=True)
-                control_id = message.msh.msh_10.value
-                listener.received.append(control_id)
-                mode = listener.mode
-                if mode == "silent":
-                    listener.release.wait(30)
-                    return
-                if mode == "close":
-                    return
-                code, acked = ("AA", "SOMEONE-ELSE") if mode == "wrong-id" else (mode, control_id)
-                ack = "\r".join([
-                    f"MSH|^~\\&|RIS|HOSP|PACSLENS||20240101120531||ACK^R01|A{control_id}|P|"
-                    f"{message.version}",
-                    f"MSA|{code}|{acked}|free text that may name the patient Doe",
-                    *([f"ERR|||207^Application internal error^HL70357|E"]
-                      if code not in ("AA", "CA") else []),
-                ])
-                self.request.sendall(b"\x0b" + ack.encode() + b"\x1c\r")
-
-        self.port = free_port()
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
-def listener() -> Iterator[MLLPListener]:
-    server = MLLPListener()
-    yield server
-    server.release.set()
-    server.server.shutdown()
-    server.server.server_close()
+def listener(mllp: MLLPListener) -> MLLPListener:
+    return mllp
 
 
 def deliver(listener: MLLPListener, mode: str, *, policy: AckPolicy = AckPolicy(),

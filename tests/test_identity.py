@@ -20,9 +20,9 @@ from results.deliver.fhir import build_imaging_study, dumps
 from results.deliver.identity import hl7_control_id, identity_file_read, installation_current
 from results.models import Installation
 from results.deliver.payload import ResultIdentity
-from tests.identities import identity
-from tests.test_delivery import dicom_destination, hl7_destination, inferred_study, mllp, rule  # noqa: F401, F811 (fixtures)
-from tests.test_fhir import make_payload
+from tests.support.factories import dicom_destination, hl7_destination, inferred_study
+from tests.support.fhir_server import make_payload, send
+from tests.support.identities import identity
 
 PURPOSES = ("sr-sop-instance", "sr-series", "sr-tracking", "fhir-observation")
 
@@ -223,21 +223,15 @@ def test_the_migration_gives_results_uuids_and_keeps_delivered_keys(data_dir):
     assert Delivery.objects.get(pk=delivery.pk).identifier_system == "urn:ietf:rfc:3986"
 
 
-def test_an_observation_of_another_study_under_our_identifier_is_never_linked():
+def test_an_observation_of_another_study_under_our_identifier_is_never_linked(fhir_server):
     """What the old keys did at a real FHIR server: 200 with another patient's Observation."""
     from results.deliver.fhir import build_observation
     from results.deliver.payload import OutcomeKind
-    from tests.test_fhir import FHIRServer, send
 
-    server = FHIRServer()
-    try:
-        earlier = build_observation(make_payload(study_instance_uid="1.2.826.0.1.3680043.8.498.1"))
-        server.seed(earlier)
-        outcome = send(server, make_payload())  # same result identity, another study
-        assert outcome.kind is OutcomeKind.PERMANENT and "another study" in outcome.message
-        assert server.resources["ImagingStudy"] == []
-        assert send(server, make_payload(study_instance_uid="1.2.826.0.1.3680043.8.498.1")).ok
-    finally:
-        server.release.set()
-        server.httpd.shutdown()
-        server.httpd.server_close()
+    server = fhir_server
+    earlier = build_observation(make_payload(study_instance_uid="1.2.826.0.1.3680043.8.498.1"))
+    server.seed(earlier)
+    outcome = send(server, make_payload())  # same result identity, another study
+    assert outcome.kind is OutcomeKind.PERMANENT and "another study" in outcome.message
+    assert server.resources["ImagingStudy"] == []
+    assert send(server, make_payload(study_instance_uid="1.2.826.0.1.3680043.8.498.1")).ok

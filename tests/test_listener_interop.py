@@ -14,13 +14,10 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.conftest import require_program
-from tests.listener_proc import (
-    ct_series_write,
-    dataset_bytes,
-    dcmtk_env,
-    file_transfer_syntax,
-)
+from tests.support.ct import ct_series_write
+from tests.support.dicom_files import dataset_bytes, file_transfer_syntax
+from tests.support.listener_proc import dcmtk_env
+from tests.support.net import require_program
 
 pytestmark = pytest.mark.interop
 

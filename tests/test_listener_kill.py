@@ -14,13 +14,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import free_port, require_program
-from tests.listener_proc import (
-    ListenerProcess,
-    ct_series_write,
-    dataset_bytes,
-    dcmtk_env,
-)
+from tests.support.ct import ct_series_write
+from tests.support.dicom_files import dataset_bytes
+from tests.support.listener_proc import ListenerProcess, dcmtk_env
+from tests.support.net import free_port, require_program
 
 pytestmark = pytest.mark.interop
 

@@ -16,10 +16,9 @@ from results.models import Delivery, InferenceResult
 from pacslens.ops.heartbeat import AssociationCounter, HeartbeatThread
 from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Heartbeat, RoutingRule, Study
-from tests.conftest import free_port
-from tests.test_delivery import dicom_destination, hl7_destination, inferred_study
-from tests.test_hl7 import MLLPListener
-from tests.test_listener import make_ct
+from tests.support.ct import make_ct
+from tests.support.factories import dicom_destination, hl7_destination, inferred_study
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -37,15 +36,6 @@ def scrape(client: Client | None = None, **extra) -> dict[tuple[str, tuple], flo
 
 def value(samples, name, **labels) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
-
-
-@pytest.fixture
-def mllp():
-    server = MLLPListener()
-    yield server
-    server.release.set()
-    server.server.shutdown()
-    server.server.server_close()
 
 
 class TestFigures:

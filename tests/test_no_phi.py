@@ -21,8 +21,9 @@ import pydicom
 import pytest
 
 from pacslens.demo_study import demo_study_write
-from tests.conftest import free_port, require_program
-from tests.listener_proc import PYTHON, REPO, dcmtk_env
+from tests.support.listener_proc import PYTHON, REPO, dcmtk_env
+from tests.support.mllp import mllp_frame_read
+from tests.support.net import free_port, require_program
 
 pytestmark = pytest.mark.interop
 
@@ -85,13 +86,10 @@ class RecordingMLLP:
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                buffer = b""
-                while b"\x1c\r" not in buffer:
-                    chunk = self.request.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                er7 = buffer[1:buffer.index(b"\x1c\r")].decode("utf-8")
+                framed = mllp_frame_read(self.request)
+                if framed is None:
+                    return
+                er7 = framed[1:-2].decode("utf-8")
                 receiver.messages.append(er7)
                 msh = er7.split("\r")[0].split("|")
                 control_id, version = msh[9], msh[11]

@@ -14,8 +14,8 @@ import pydicom
 import pytest
 
 from pacslens.demo_study import demo_study_write
-from tests.conftest import require_program
-from tests.listener_proc import PYTHON, REPO, base_env, dcmtk_env
+from tests.support.listener_proc import PYTHON, REPO, base_env, dcmtk_env
+from tests.support.net import require_program
 
 pytestmark = pytest.mark.interop
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from routing.models import Backfill, Instance, Poll, Study, StudyRetrieve
 from routing.pull.backfill import backfill_run
-from tests.test_pull_dimse import make_source, orthanc_study, pacs  # noqa: F401 (fixture)
+from tests.support.pull import make_source, orthanc_study
 
 pytestmark = [pytest.mark.interop]
 

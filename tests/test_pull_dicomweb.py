@@ -6,8 +6,8 @@ import pytest
 from pydicom import dcmread
 
 from routing.models import Instance, PollSource, StoreAssociation, Study, StudyRetrieve
-from tests.conftest import free_port
-from tests.test_pull_dimse import assert_no_patient_data, orthanc_study, poll_now, process_study_tasks
+from tests.support.net import free_port
+from tests.support.pull import assert_no_patient_data, orthanc_study, poll_now, process_study_tasks
 
 pytestmark = [pytest.mark.interop]
 

@@ -7,59 +7,14 @@ from datetime import timedelta
 
 import pytest
 from django.utils import timezone
-from django_q.models import OrmQ
 
 from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Instance, Poll, PollSource, StoreAssociation, Study, StudyRetrieve
-from routing.pull.poll import poll_due_once, poll_due_sources, poll_source, source_claim
-from tests.conftest import free_port
-from tests.peers import dataset_bytes, make_ct_slices
+from routing.pull.poll import poll_due_once, poll_due_sources, source_claim
+from tests.support.net import free_port
+from tests.support.pull import OUR_AE, assert_no_patient_data, make_source, orthanc_study, poll_now, process_study_tasks
 
 pytestmark = [pytest.mark.interop]
-
-OUR_AE = "PACSLENS"
-# Patient data that must never show up in a Poll row, an error or a log line.
-PATIENT_NAME, PATIENT_ID = "Sentinel^Leak", "PIDSENTINEL9"
-
-
-def orthanc_study(orthanc, count: int = 3, *, when=None) -> str:
-    """Store a new study in Orthanc (REST upload, not DIMSE), dated `when` (default now)."""
-    when = timezone.localtime(when or timezone.now())
-    slices = make_ct_slices(count, patient_name=PATIENT_NAME, patient_id=PATIENT_ID)
-    for ds in slices:
-        ds.StudyDate, ds.StudyTime = f"{when:%Y%m%d}", f"{when:%H%M%S}"
-        orthanc.upload(dataset_bytes(ds))
-    return str(slices[0].StudyInstanceUID)
-
-
-def process_study_tasks() -> list[tuple]:
-    return [q.task["args"] for q in OrmQ.objects.all() if q.task.get("func") == "results.tasks.process_study"]
-
-
-def poll_now(source: PollSource) -> Poll:
-    """Poll regardless of spacing (tests only): clear the last query time, claim, poll."""
-    PollSource.objects.filter(pk=source.pk).update(last_query_at=None, lease_until=None)
-    claimed = source_claim(source_id=source.pk)
-    assert claimed is not None
-    return poll_source(source=claimed)
-
-
-def assert_no_patient_data(*texts: str) -> None:
-    for text in texts:
-        assert PATIENT_NAME not in text and "Sentinel" not in text and PATIENT_ID not in text
-
-
-@pytest.fixture
-def pacs(transactional_db, data_dir, orthanc, settings):
-    """Orthanc emptied, known to us as a PACS we may query (and that may store to us)."""
-    settings.AE_TITLE = OUR_AE
-    orthanc.clear()
-    # Orthanc answers queries only from AEs it knows (the listener fixture sets the real port).
-    orthanc.add_modality("pacslens", OUR_AE, "127.0.0.1", free_port())
-    return ApplicationEntity.objects.create(
-        ae_title=orthanc.aet, host=orthanc.host, port=orthanc.dicom_port, may_query=True, may_send=True
-    )
-
 
 @pytest.fixture
 def listener(pacs, orthanc):
@@ -69,15 +24,6 @@ def listener(pacs, orthanc):
     orthanc.add_modality("pacslens", OUR_AE, "127.0.0.1", dicom.port)
     yield dicom
     dicom.stop(grace=2)
-
-
-def make_source(pacs, **fields) -> PollSource:
-    values = {"name": "orthanc", "pacs": pacs, "interval_seconds": 60, "min_query_spacing_seconds": 0}
-    values.update(fields)
-    source = PollSource(**values)
-    source.full_clean()
-    source.save()
-    return source
 
 
 class TestCMove:

@@ -16,8 +16,8 @@ from pacslens.ops.retention import (
     study_pixels_delete,
 )
 from routing.models import Study, StudyEvent, StudyState
-from tests.conftest import free_port
-from tests.test_delivery import hl7_destination, inferred_study, mllp, rule  # noqa: F401 (fixtures)
+from tests.support.factories import hl7_destination, inferred_study, receive
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -64,8 +64,6 @@ class TestWhatIsDeleted:
 
     def test_an_instance_sent_again_after_retention_is_stored_and_reopens_the_study(self, data_dir, rule, mllp, settings):
         from pydicom import dcmread
-
-        from tests.test_completion import receive
 
         hl7_destination(rule, mllp.port)
         study = delivered_study(data_dir, rule, mllp.port)

@@ -3,7 +3,7 @@
 Everything runs as deployed: two `manage.py dicom_listener --processes 1` commands sharing one
 port (SO_REUSEPORT), two `manage.py run_workers` clusters, dcmtk `storescu` senders at once, two
 live MLLP receivers as the RIS. Once on SQLite (one machine) and once on PostgreSQL (the
-throwaway cluster of tests/postgres.py). Checked: nothing acknowledged is lost, every study is
+throwaway cluster of tests/support/postgres.py). Checked: nothing acknowledged is lost, every study is
 routed, inferred and delivered exactly once, schedules are not duplicated. No timing assertions:
 deadlines only bound how long we wait for the pipeline to settle.
 """
@@ -26,10 +26,10 @@ from pydicom.uid import generate_uid
 
 from results.inference.demo_model import RULE_NAME
 from pacslens.demo_study import demo_study_write
-from tests.conftest import free_port, require_program
-from tests.listener_proc import DB_NAME, PYTHON, REPO, base_env, dcmtk_env
-from tests.postgres import Database, sqlite_url
-from tests.test_hl7 import MLLPListener
+from tests.support.listener_proc import DB_NAME, PYTHON, REPO, base_env, dcmtk_env
+from tests.support.mllp import MLLPListener
+from tests.support.net import free_port, require_program
+from tests.support.postgres import Database, sqlite_url
 
 pytestmark = pytest.mark.interop
 
@@ -178,9 +178,7 @@ def ris() -> Iterator[list[MLLPListener]]:
     servers = [MLLPListener(), MLLPListener()]
     yield servers
     for server in servers:
-        server.release.set()
-        server.server.shutdown()
-        server.server.server_close()
+        server.stop()
 
 
 def test_two_listeners_and_two_worker_clusters_survive_a_kill_and_do_everything_once(site, ris, tmp_path):

@@ -8,37 +8,18 @@ import datetime as dt
 import io
 
 import highdicom as hd
-from tests.identities import identity
 import pytest
 from pydicom import dcmread
 from pydicom.sr.codedict import codes
 
-from results.deliver.payload import Priority, ResultPayload
+from results.deliver.payload import ResultPayload
 from results.deliver.sr import DEFAULT_CODES, SRBuildError, SRCodes, build_sr, sr_to_bytes
-from tests.peers import dataset_bytes, make_ct_slices
+from tests.support.ct import make_ct_slices
+from tests.support.dicom_files import part10_bytes
+from tests.support.identities import identity
+from tests.support.sr import make_payload
 
 PATIENT_NAME = "Doe^Jane"
-
-
-def make_payload(sources, **overrides) -> ResultPayload:
-    values = dict(
-        study_instance_uid=str(sources[0].StudyInstanceUID),
-        accession_number=str(sources[0].AccessionNumber),
-        patient_id=str(sources[0].PatientID),
-        patient_name=str(sources[0].PatientName),
-        triage_score=0.87,
-        finding_flag=True,
-        model_name="demo-ich",
-        model_version="1.2.0",
-        identity=identity("result-1"),
-        created_at=dt.datetime(2024, 1, 1, 12, 5, 30, tzinfo=dt.UTC),
-        priority=Priority.STAT,
-        source_instances=tuple(sources),
-    )
-    values.update(overrides)
-    return ResultPayload(**values)
-
-
 
 
 def text_items(item) -> set[tuple[str, str]]:
@@ -178,7 +159,7 @@ def test_it_reads_source_instances_from_files(tmp_path):
     paths = []
     for index, ds in enumerate(sources):
         path = tmp_path / f"{index}.dcm"
-        path.write_bytes(dataset_bytes(ds))
+        path.write_bytes(part10_bytes(ds))
         paths.append(path)
     sr = build_sr(make_payload(sources, source_instances=tuple(paths)))
     assert len(sr.CurrentRequestedProcedureEvidenceSequence[0]

@@ -12,17 +12,17 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
-from tests.identities import identity
 import pytest
 from pydicom import dcmread
 
 from results.deliver.payload import OutcomeKind, Protocol
 from results.deliver.sr import build_sr
 from results.deliver.stow_client import HttpAuth, stow_datasets
-from tests.conftest import free_port
-from tests.peers import dataset_bytes, make_ct_slices
-from tests.test_dicom_send import assert_orthanc_holds_the_sr
-from tests.test_sr import make_payload
+from tests.support.ct import make_ct_slices
+from tests.support.dicom_files import part10_bytes
+from tests.support.identities import identity
+from tests.support.net import free_port
+from tests.support.sr import assert_orthanc_holds_the_sr, make_payload
 
 pytestmark = pytest.mark.interop
 
@@ -34,7 +34,7 @@ def test_it_stores_the_sr_in_the_source_study_at_orthanc(orthanc):
     payload = make_payload(sources, identity=identity("result-stow-1"))
     orthanc.clear()
     for ds in sources:
-        orthanc.upload(dataset_bytes(ds))
+        orthanc.upload(part10_bytes(ds))
 
     (outcome,) = stow_datasets(orthanc.dicomweb_url, [build_sr(payload)])
 
@@ -49,7 +49,7 @@ def test_a_re_send_leaves_one_copy_at_orthanc(orthanc):
     payload = make_payload(sources, identity=identity("result-stow-2"))
     orthanc.clear()
     for ds in sources:
-        orthanc.upload(dataset_bytes(ds))
+        orthanc.upload(part10_bytes(ds))
 
     first = stow_datasets(orthanc.dicomweb_url, [build_sr(payload)])
     again = stow_datasets(orthanc.dicomweb_url, [build_sr(payload)])

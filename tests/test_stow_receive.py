@@ -21,9 +21,10 @@ from django.test import Client
 from django_q.models import OrmQ
 
 from routing.models import Instance, StoreAssociation, StowSender, Study
-from tests.conftest import free_port
-from tests.peers import dataset_bytes, make_ct_slices
-from tests.postgres import database_url_of
+from tests.support.ct import make_ct_slices
+from tests.support.dicom_files import part10_bytes
+from tests.support.net import free_port
+from tests.support.postgres import database_url_of
 
 URL = "/dicomweb/studies"
 BOUNDARY = "pacslens-test-boundary-7f3a"
@@ -53,13 +54,13 @@ def token(db, data_dir) -> str:
 
 class TestAuthentication:
     def test_missing_token_is_401(self, client, token):
-        response = post(client, [dataset_bytes(make_ct_slices(1)[0])], token=None)
+        response = post(client, [part10_bytes(make_ct_slices(1)[0])], token=None)
         assert response.status_code == 401
         assert response["WWW-Authenticate"].startswith("Bearer")
         assert not Instance.objects.exists()
 
     def test_wrong_and_revoked_tokens_are_401(self, client, token):
-        part = dataset_bytes(make_ct_slices(1)[0])
+        part = part10_bytes(make_ct_slices(1)[0])
         assert post(client, [part], token=token + "x").status_code == 401
         StowSender.objects.get().revoke()
         assert post(client, [part], token=token).status_code == 401
@@ -69,7 +70,7 @@ class TestAuthentication:
         staff = User.objects.create_superuser("staff", password="correct horse battery")
         browser = Client(enforce_csrf_checks=True)
         browser.force_login(staff)
-        response = post(browser, [dataset_bytes(make_ct_slices(1)[0])], token=None)
+        response = post(browser, [part10_bytes(make_ct_slices(1)[0])], token=None)
         assert response.status_code == 401
 
     def test_only_post(self, client, token):
@@ -81,7 +82,7 @@ class TestPerInstanceOutcome:
         good = make_ct_slices(2)
         other_study = make_ct_slices(1)[0]
         corrupt = b"\x00" * 128 + b"DICM" + b"\xff" * 300
-        parts = [dataset_bytes(good[0]), dataset_bytes(other_study), corrupt, dataset_bytes(good[1])]
+        parts = [part10_bytes(good[0]), part10_bytes(other_study), corrupt, part10_bytes(good[1])]
 
         response = post(client, parts, token=token, url=f"{URL}/{good[0].StudyInstanceUID}")
 
@@ -107,7 +108,7 @@ class TestPerInstanceOutcome:
         assert 'tag="00081198"' in text and 'tag="00081197"' in text and "<Value number=\"1\">49152</Value>" in text
 
     def test_duplicate_is_acknowledged_and_recorded_once(self, client, token):
-        part = dataset_bytes(make_ct_slices(1)[0])
+        part = part10_bytes(make_ct_slices(1)[0])
         assert post(client, [part], token=token).status_code == 200
         assert post(client, [part], token=token).status_code == 200
         assert Instance.objects.count() == 1
@@ -116,7 +117,7 @@ class TestPerInstanceOutcome:
 class TestLimits:
     def test_request_over_the_size_limit_is_413(self, client, token, settings):
         settings.STOW_MAX_BYTES = 2048
-        response = post(client, [dataset_bytes(make_ct_slices(1)[0])] * 3, token=token)
+        response = post(client, [part10_bytes(make_ct_slices(1)[0])] * 3, token=token)
         assert response.status_code == 413
         assert not Instance.objects.exists()
 
@@ -128,7 +129,7 @@ class TestLimits:
         assert response.status_code == 415
 
     def test_truncated_body_is_400(self, client, token):
-        body = multipart([dataset_bytes(make_ct_slices(1)[0])])[:-40]
+        body = multipart([part10_bytes(make_ct_slices(1)[0])])[:-40]
         response = client.post(URL, data=body, content_type=CONTENT_TYPE, HTTP_AUTHORIZATION=f"Bearer {token}")
         assert response.status_code == 400
         assert not Instance.objects.exists()
@@ -158,7 +159,7 @@ class TestRealSenders:
         orthanc.clear()
         slices = make_ct_slices(2)
         for ds in slices:
-            orthanc.upload(dataset_bytes(ds))
+            orthanc.upload(part10_bytes(ds))
         study_id = orthanc.rest("POST", "/tools/lookup", raw=str(slices[0].StudyInstanceUID).encode(),
                                 content_type="text/plain")[0]["ID"]
         orthanc.rest("PUT", "/dicom-web/servers/pacslens", {
@@ -212,7 +213,7 @@ class TestChunkedUnderGunicorn:
         orthanc.clear()
         slices = make_ct_slices(3)
         for ds in slices:
-            orthanc.upload(dataset_bytes(ds))
+            orthanc.upload(part10_bytes(ds))
         study_id = orthanc.rest("POST", "/tools/lookup", raw=str(slices[0].StudyInstanceUID).encode(),
                                 content_type="text/plain")[0]["ID"]
         # Orthanc's default: chunked transfer encoding, no Content-Length.

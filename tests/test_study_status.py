@@ -5,8 +5,8 @@ import json
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.test_completion import receive
-from tests.test_listener import make_ct
+from tests.support.ct import make_ct
+from tests.support.factories import receive
 
 pytestmark = pytest.mark.django_db
 

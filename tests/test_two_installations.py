@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from pacslens.demo_study import demo_study_write
-from tests.conftest import free_port, require_program
-from tests.listener_proc import PYTHON, REPO, ListenerProcess, base_env, dcmtk_env, template_db_create
-from tests.test_fhir import TOKEN, FHIRServer
-from tests.test_hl7 import MLLPListener
+from tests.support.fhir_server import TOKEN, FHIRServer
+from tests.support.listener_proc import PYTHON, REPO, ListenerProcess, base_env, dcmtk_env, template_db_create
+from tests.support.mllp import MLLPListener
+from tests.support.net import free_port, require_program
 
 pytestmark = pytest.mark.interop
 
@@ -100,13 +100,9 @@ class Gateway:
 
 
 @pytest.fixture
-def peers(orthanc):
+def peers(orthanc, mllp, fhir_server):
     orthanc.clear()
-    ris, fhir = MLLPListener(), FHIRServer()
-    yield orthanc, ris, fhir
-    for server in (ris.server, fhir.httpd):
-        server.shutdown()
-        server.server_close()
+    return orthanc, mllp, fhir_server
 
 
 def test_two_installations_never_share_an_identifier(peers, tmp_path):

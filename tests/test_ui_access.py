@@ -6,9 +6,9 @@ import pytest
 from django.test import Client
 
 from routing.models import AuditEntry
-from tests.test_ui_support import PASSWORD, make_user, pipeline, plain_static_storage, users  # noqa: F401
+from tests.support.factories import PASSWORD
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("plain_static_storage")]
 
 STAFF = {"admin", "informaticist", "superuser"}
 ADMIN = {"admin", "superuser"}

@@ -7,11 +7,11 @@ import pytest
 
 from results.models import Delivery, Destination
 from routing.models import ApplicationEntity, AuditEntry, RoutingRule, Study
-from tests.conftest import free_port
-from tests.test_hl7 import MLLPListener
-from tests.test_ui_support import make_failed_delivery, make_result, make_study, pipeline, plain_static_storage, users  # noqa: F401
+from tests.support.factories import make_failed_delivery, make_result, make_study
+from tests.support.mllp import MLLPListener
+from tests.support.net import free_port
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("plain_static_storage")]
 HX = {"HTTP_HX_REQUEST": "true"}
 
 

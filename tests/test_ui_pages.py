@@ -7,9 +7,9 @@ from django.utils import timezone
 
 from results.models import Destination
 from routing.models import AuditEntry, Study
-from tests.test_ui_support import make_study, pipeline, plain_static_storage, users  # noqa: F401
+from tests.support.factories import make_study
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("plain_static_storage")]
 
 # URL (with {placeholders} from the pipeline fixture) -> the id of the fragment's root element.
 PAGES = {

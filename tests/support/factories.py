@@ -1,5 +1,10 @@
-"""Shared pieces of the staff-UI tests (view tests and browser tests): users per role, and small
-pipeline rows built straight in the database. Importing this module brings its fixtures along."""
+"""Database rows for the tests, built straight through the models: staff users per role, studies
+with their timeline, results, destinations and deliveries; and studies received the way the
+listener stores them (`receive`, `inferred_study`).
+
+Fixtures (registered in conftest): `users`, `pipeline` (a delivered and a failed study), `rule`,
+and `plain_static_storage`, which the staff-UI test modules ask for with `usefixtures`.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,30 @@ import pytest
 from django.contrib.auth.models import Group, User
 from django.utils import timezone
 
-from results.models import AIModel, Delivery, DeliveryAttempt, Destination, InferenceResult
-from routing.models import ApplicationEntity, RoutingRule, Series, Study, StudyEvent, StudyState
+from results.models import (
+    AIModel,
+    Delivery,
+    DeliveryAttempt,
+    Destination,
+    InferenceResult,
+)
+from pacslens.demo_study import demo_study_write
+from routing.store.ingest import instance_store
+from routing.models import (
+    ApplicationEntity,
+    RoutingRule,
+    Series,
+    Study,
+    StudyEvent,
+    StudyState,
+)
 
 PASSWORD = "correct horse battery staple"
 ROLES = ("admin", "informaticist", "superuser", "nobody")
 GROUP_OF_ROLE = {"admin": "PACS administrators", "informaticist": "Informaticists"}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def plain_static_storage(settings, tmp_path):
     # The manifest storage needs collectstatic; tests serve static files from the finders.
     settings.STATIC_ROOT = tmp_path / "static"
@@ -125,3 +145,59 @@ def pipeline(db) -> dict:
     failed_result = make_result(failed)
     delivery = make_failed_delivery(failed, failed_result, destination)
     return {"done": done, "failed": failed, "delivery": delivery, "destination": destination, "rule": rule, "entity": entity}
+
+
+@pytest.fixture
+def rule():
+    return RoutingRule.objects.create(name="CT head")
+
+
+def receive(data_dir, ds, association=None, calling="MODALITY1"):
+    """Store `ds` as the listener would (through a temp file in `incoming/`); returns its study."""
+    path = data_dir / "incoming" / f"{ds.SOPInstanceUID}.tmp"
+    path.parent.mkdir(exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    result = instance_store(
+        temp_path=path,
+        request_sop_class_uid=ds.SOPClassUID,
+        request_sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+        calling_ae_title=calling,
+        association_id=association.pk if association else None,
+        sender_id=ApplicationEntity.objects.filter(ae_title=calling).values_list("pk", flat=True).first(),
+    )
+    assert result.ok, result.message
+    return Study.objects.get(pk=result.study_id)
+
+
+def inferred_study(data_dir, *, slices=3, flagged=True) -> tuple[Study, InferenceResult]:
+    """A study received (`slices` demo slices, with a lesion when `flagged`) and inferred."""
+    for ds in demo_study_write(outdir=None, slices=slices, size=16, lesion=flagged).datasets:
+        study = receive(data_dir, ds)
+    model, _ = AIModel.objects.get_or_create(
+        name="demo", version="1", defaults={"file": "x.onnx", "sha256": "0" * 64, "manifest": {"output": {"threshold": 0.5}}}
+    )
+    Study.objects.filter(pk=study.pk).update(state=StudyState.INFERRED)
+    study.refresh_from_db()
+    result = InferenceResult.objects.create(
+        study=study, model=model, model_name="demo", model_version="1", model_sha256="0" * 64,
+        status="succeeded", score=0.83 if flagged else 0.1, flagged=flagged,
+        series=study.series.get(), series_instance_uid=ds.SeriesInstanceUID, instance_count=slices,
+    )
+    return study, result
+
+
+def hl7_destination(rule, port, **overrides) -> Destination:
+    """A RIS on `port` that `rule` routes to."""
+    destination = make_destination(port=port, **overrides)
+    destination.full_clean()
+    destination.rules.add(rule)
+    return destination
+
+
+def dicom_destination(rule, port, name="pacs", ae_title="STORESCP", **overrides) -> Destination:
+    ae = ApplicationEntity.objects.create(ae_title=ae_title, host="127.0.0.1", port=port, receives_results=True)
+    destination = Destination.objects.create(name=name, kind="dicom", application_entity=ae, timeout_seconds=3, **overrides)
+    destination.full_clean()
+    destination.rules.add(rule)
+    return destination

@@ -1,4 +1,4 @@
-"""The real DICOM listener as a subprocess, exactly as deployed (loaded through `pytest_plugins`).
+"""The real DICOM listener as a subprocess, exactly as deployed (fixtures registered in conftest).
 
 `manage.py dicom_listener` runs in its own process group with a fresh data dir whose SQLite
 database is a copy of one migrated once per test session (migrating takes seconds; copying a
@@ -12,8 +12,7 @@ Fixtures:
   must exit 0.
 - `listener`: one single-process listener with the defaults.
 
-The module also holds small, fast test-data generators (`ct_series_write`) and DICOM file
-helpers (`dataset_bytes`) shared by the interop tests and `bench/`.
+`base_env`, `template_db_create` and `database_migrate` also set up the benchmarks' servers.
 """
 
 from __future__ import annotations
@@ -33,7 +32,9 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.net import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 LISTENER_AE_TITLE = "PACSLENS"
 # dcmtk's default calling AE titles and the one our pynetdicom SCUs use.
@@ -76,20 +77,26 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
+def dcmtk_env() -> dict[str, str]:
+    """Debian's dcmtk leaves Nagle on unless told: each instance would wait for a delayed ACK."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
 def template_db_create(folder: Path, calling_ae_titles: Sequence[str] = DEFAULT_CALLING_AE_TITLES) -> Path:
     """Migrate a database once in `folder`, allow-list `calling_ae_titles`, return the DB file."""
     folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [PYTHON, "-c", _TEMPLATE_SCRIPT, *calling_ae_titles],
-        cwd=REPO,
-        env=base_env(folder),
-        check=True,
-        timeout=300,
-    )
+    database_migrate(base_env(folder), calling_ae_titles)
     db = folder / DB_NAME
     with sqlite3.connect(db) as conn:  # fold the WAL into the main file so one file copy is complete
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return db
+
+
+def database_migrate(env: Mapping[str, str], calling_ae_titles: Sequence[str] = DEFAULT_CALLING_AE_TITLES) -> None:
+    """Migrate the database `env` points at and allow-list `calling_ae_titles`, in a subprocess."""
+    subprocess.run(
+        [PYTHON, "-c", _TEMPLATE_SCRIPT, *calling_ae_titles], cwd=REPO, env=dict(env), check=True, timeout=300
+    )
 
 
 def data_dir_create(folder: Path, template_db: Path) -> Path:
@@ -269,8 +276,6 @@ def listener_template_db(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def listener_factory(listener_template_db: Path, tmp_path: Path) -> Iterator[ListenerFactory]:
-    from tests.conftest import free_port
-
     started: list[ListenerProcess] = []
 
     def start(
@@ -309,122 +314,3 @@ def listener_factory(listener_template_db: Path, tmp_path: Path) -> Iterator[Lis
 @pytest.fixture
 def listener(listener_factory: ListenerFactory) -> ListenerProcess:
     return listener_factory()
-
-
-# --- test data ------------------------------------------------------------------------------------
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-
-
-def ct_series_write(
-    folder: Path,
-    count: int = 300,
-    *,
-    rows: int = 512,
-    columns: int = 512,
-    study_instance_uid: str | None = None,
-    seed: int = 0,
-) -> list[Path]:
-    """Write a synthetic CT series (int16, Explicit VR Little Endian), one file per slice.
-
-    Synthetic, no real patient: names and IDs say so. Fast: the header is built once.
-    """
-    import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        PYDICOM_IMPLEMENTATION_UID,
-        ExplicitVRLittleEndian,
-        generate_uid,
-    )
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    study_uid = study_instance_uid or generate_uid()
-    series_uid = generate_uid()
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CT_IMAGE_STORAGE
-    ds.StudyDate = "20240101"
-    ds.StudyTime = "120000"
-    ds.AccessionNumber = "SYNTH0001"
-    ds.Modality = "CT"
-    ds.StudyDescription = "SYNTHETIC TEST CT"
-    ds.SeriesDescription = "SYNTHETIC AXIAL"
-    ds.PatientName = "SYNTHETIC^TEST"
-    ds.PatientID = "SYNTH-0001"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = "1.0"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = "1"
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.PixelSpacing = [0.7, 0.7]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept = "0"
-    ds.RescaleSlope = "1"
-
-    # One block of noise, shifted per slice: distinct content per instance at memcpy speed.
-    noise = rng.integers(-1024, 3071, size=rows * columns + count, dtype=np.int16).tobytes()
-    paths = []
-    for index in range(count):
-        uid = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.SOPInstanceUID = uid
-        ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [0, 0, float(index)]
-        ds.SliceLocation = float(index)
-        ds.PixelData = noise[2 * index : 2 * (index + rows * columns)]
-        ds["PixelData"].VR = "OW"
-        path = folder / f"CT{index + 1:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes of a Part 10 file after its File Meta Information (group 0002, always Explicit VR LE)."""
-    data = path.read_bytes()
-    if data[128:132] != b"DICM":
-        raise ValueError(f"{path} is not a DICOM Part 10 file")
-    offset = 132
-    long_vrs = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"OD", b"OL", b"OV", b"UC", b"UR", b"SV", b"UV"}
-    while data[offset : offset + 2] == b"\x02\x00":
-        vr = data[offset + 4 : offset + 6]
-        if vr in long_vrs:
-            length = int.from_bytes(data[offset + 8 : offset + 12], "little")
-            offset += 12 + length
-        else:
-            length = int.from_bytes(data[offset + 6 : offset + 8], "little")
-            offset += 8 + length
-    return data[offset:]
-
-
-def file_transfer_syntax(path: Path) -> str:
-    from pydicom.filereader import read_file_meta_info
-
-    return str(read_file_meta_info(path).TransferSyntaxUID)
-
-
-def dcmtk_env() -> dict[str, str]:
-    """Debian's dcmtk leaves Nagle on unless told: each instance would wait for a delayed ACK."""
-    return {**os.environ, "TCP_NODELAY": "1"}

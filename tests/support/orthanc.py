@@ -1,14 +1,14 @@
-"""Real interop peers shared by the test suite (loaded through `pytest_plugins` in conftest).
+"""Orthanc as the hospital PACS: a real peer for the test suite and the benchmarks.
 
-`orthanc` is one Orthanc per test session (Debian `orthanc` + `orthanc-dicomweb`) on free
+The `orthanc` fixture (registered in conftest) is one Orthanc per test session (Debian `orthanc` + `orthanc-dicomweb`) on free
 ports with a throwaway config and storage dir: a real PACS for C-STORE/C-FIND/C-MOVE/C-GET and
 STOW/QIDO/WADO tests. Tests that need a clean PACS call `orthanc.clear()`; tests that need
 Orthanc to know a remote AE (for C-MOVE destinations, say) call `orthanc.add_modality(...)`.
+Benchmarks start their own with `orthanc_start(root, program=..., plugin=dicomweb_plugin())`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -17,18 +17,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import dcmwrite
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from tests.conftest import free_port, require_program
+from tests.support.net import free_port, peer_missing, require_program
 
 ORTHANC_AET = "ORTHANC"
 # Debian installs the plugin here; `dpkg -L orthanc-dicomweb` lists it.
@@ -101,7 +97,8 @@ class OrthancPeer:
         return int(self.rest_get("/statistics")["CountInstances"])
 
 
-def _dicomweb_plugin() -> Path | None:
+def dicomweb_plugin() -> Path | None:
+    """The installed orthanc-dicomweb plugin, or None."""
     for directory in DICOMWEB_PLUGIN_DIRS:
         for candidate in sorted(Path(directory).glob("libOrthancDicomWeb.so*")):
             return candidate
@@ -126,12 +123,9 @@ def _wait_until_up(peer: OrthancPeer) -> None:
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
     """A running Orthanc with DICOMweb, for the whole session."""
     program = require_program("Orthanc")
-    plugin = _dicomweb_plugin()
+    plugin = dicomweb_plugin()
     if plugin is None:
-        message = "orthanc-dicomweb is not installed (apt-get install orthanc-dicomweb)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        peer_missing("orthanc-dicomweb is not installed (apt-get install orthanc-dicomweb)")
     peer = orthanc_start(tmp_path_factory.mktemp("orthanc"), program=program, plugin=plugin)
     try:
         yield peer
@@ -139,13 +133,13 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
         orthanc_stop(peer)
 
 
-def orthanc_start(root: Path, *, program: str, plugin: Path) -> OrthancPeer:
+def orthanc_start(root: Path, *, program: str, plugin: Path, config: Mapping[str, Any] | None = None) -> OrthancPeer:
     """Start Orthanc with DICOMweb on free ports under `root` and wait until it answers
-    (the session fixture and the benchmarks both use it)."""
+    (the session fixture and the benchmarks both use it); `config` overrides settings."""
     storage = root / "storage"
-    storage.mkdir()
+    storage.mkdir(parents=True)
     dicom_port, http_port = free_port(), free_port()
-    config = {
+    settings = {
         "Name": "pacslens-test-orthanc",
         "StorageDirectory": str(storage),
         "IndexDirectory": str(storage),
@@ -169,9 +163,10 @@ def orthanc_start(root: Path, *, program: str, plugin: Path) -> OrthancPeer:
         "DicomScuTimeout": 10,
         "ConcurrentJobs": 2,
         "SaveJobs": False,
+        **(config or {}),
     }
     config_path = root / "orthanc.json"
-    config_path.write_text(json.dumps(config, indent=2))
+    config_path.write_text(json.dumps(settings, indent=2))
     log_path = root / "orthanc.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -202,49 +197,3 @@ def orthanc_stop(peer: OrthancPeer) -> None:
         peer.process.kill()
         peer.process.wait()
     shutil.rmtree(peer.storage_dir, ignore_errors=True)
-
-
-# --- Synthetic objects to send to peers -----------------------------------------------------
-# Deliberately tiny and independent of the demo study generator: these tests are about the
-# protocols, not the images.
-
-def make_ct_slices(count: int = 3, *, patient_name: str = "Test^Patient",
-                   patient_id: str = "PL-TEST-1", accession_number: str = "ACC0001",
-                   ) -> list[Dataset]:
-    """`count` 16x16 CT slices of one new study/series, as pydicom datasets with file meta."""
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    slices = []
-    for index in range(count):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        ds.PatientName, ds.PatientID = patient_name, patient_id
-        ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.StudyDate, ds.StudyTime, ds.StudyID = "20240101", "120000", "1"
-        ds.AccessionNumber, ds.ReferringPhysicianName = accession_number, ""
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, index + 1
-        ds.Manufacturer = "PacsLens test generator"
-        ds.FrameOfReferenceUID = frame_uid
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * index]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 5.0
-        ds.Rows = ds.Columns = 16
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = np.full((16, 16), index, dtype=np.int16).tobytes()
-        slices.append(ds)
-    return slices
-
-
-def dataset_bytes(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()

@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL cluster per test session (loaded through `pytest_plugins`).
+"""A throwaway PostgreSQL cluster per test session (fixtures registered in conftest).
 
 Debian's `postgresql` package ships `initdb` and `pg_ctl` under /usr/lib/postgresql/<v>/bin.
 We run them on a free port with the data and the socket in a temp dir, so no system service,
@@ -16,7 +16,7 @@ Fixtures:
 `Database(url)` reads either backend from the test process with plain SQL (`%s` placeholders),
 never through Django, whose settings point elsewhere.
 
-`python -m tests.postgres` starts a cluster, prints its DATABASE_URL and runs until Ctrl-C:
+`python -m tests.support.postgres` starts a cluster, prints its DATABASE_URL and runs until Ctrl-C:
 handy for running the whole suite against PostgreSQL (`DATABASE_URL=... pytest`).
 """
 
@@ -39,6 +39,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+
+from tests.support.listener_proc import base_env, database_migrate
+from tests.support.net import free_port, peer_missing
 
 SUPERUSER = "pacslens"
 START_TIMEOUT_S = 60.0
@@ -147,8 +150,6 @@ class PostgresCluster:
 
 def postgres_cluster_start(*, durable: bool = False) -> PostgresCluster:
     """Start a private cluster (raises RuntimeError with the install hint when there is no PostgreSQL)."""
-    from tests.conftest import free_port
-
     bindir = postgres_bindir()
     if bindir is None:
         raise RuntimeError(INSTALL_HINT)
@@ -162,15 +163,12 @@ def postgres_cluster_start(*, durable: bool = False) -> PostgresCluster:
 
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
-    from tests.conftest import IN_CI
-
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        message = "psycopg is not installed (pip install -r requirements.txt)"
-        pytest.fail(message) if IN_CI else pytest.skip(message)
+        peer_missing("psycopg is not installed (pip install -r requirements.txt)")
     if postgres_bindir() is None:
-        pytest.fail(INSTALL_HINT) if IN_CI else pytest.skip(INSTALL_HINT)
+        peer_missing(INSTALL_HINT)
     cluster = postgres_cluster_start()
     yield cluster
     cluster.stop()
@@ -179,24 +177,10 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 @pytest.fixture(scope="session")
 def postgres_template_url(postgres_cluster: PostgresCluster) -> str:
     """A migrated database with the default calling AE titles allow-listed, made once per session."""
-    from tests.listener_proc import (
-        _TEMPLATE_SCRIPT,
-        DEFAULT_CALLING_AE_TITLES,
-        PYTHON,
-        REPO,
-        base_env,
-    )
-
     url = postgres_cluster.database_create("pacslens_template")
     folder = Path(tempfile.mkdtemp(prefix="pacslens-pg-template-"))
     try:
-        subprocess.run(
-            [PYTHON, "-c", _TEMPLATE_SCRIPT, *DEFAULT_CALLING_AE_TITLES],
-            cwd=REPO,
-            env=base_env(folder, DATABASE_URL=url),
-            check=True,
-            timeout=300,
-        )
+        database_migrate(base_env(folder, DATABASE_URL=url))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return url
