@@ -68,7 +68,7 @@ def study_try_complete(*, study: Study, now: datetime | None = None) -> bool:
 def study_complete(
     *, study: Study, detail: str, where: Q | None = None, from_states: list[str] | None = None, kind: str = ""
 ) -> bool:
-    """→ COMPLETE and enqueue routing + inference once the transaction commits.
+    """→ COMPLETE and enqueue its routing (which then wakes inference) once the transaction commits.
 
     The one way a study becomes complete, whatever decided it: quiet period, association
     release or ceiling here, a retrieve's final response in routing.pull.poll, or a staff re-run
@@ -80,7 +80,7 @@ def study_complete(
         )
         if moved:
             study_id = study.pk
-            transaction.on_commit(lambda: async_task("results.tasks.process_study", study_id))
+            transaction.on_commit(lambda: async_task("routing.tasks.route_study", study_id))
     if moved:
         logger.info("study %s complete: %s", study.pk, detail)
     return moved

@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
 import pydicom
 from django.conf import settings
-from pydicom.datadict import tag_for_keyword
 from django.db import transaction
+from django.utils import timezone
+from pydicom.datadict import tag_for_keyword
 
 from routing.models import (
     Instance,
@@ -146,6 +148,14 @@ def study_route(*, study: Study) -> RoutingDecision | None:
         study.priority = priority
     logger.info("study %s %s: %s", study.pk, to_state, ", ".join(r.name for r in rules) or "no rule")
     return decision
+
+
+def studies_route_lost(*, idle: timedelta) -> int:
+    """Route COMPLETE studies whose routing task was lost (worker killed, broker row lost):
+    complete for longer than `idle`. Returns how many were routed."""
+    cutoff = timezone.now() - idle
+    stuck = Study.objects.filter(state=StudyState.COMPLETE, completed_at__lt=cutoff)
+    return sum(study_route(study=study) is not None for study in stuck)
 
 
 def rule_evaluate(*, rule: RoutingRule, context: StudyContext) -> RuleVerdict:

@@ -1,11 +1,16 @@
 """django-q2 tasks of the routing app. Thin: ids in, a service call, nothing else.
 
+A study hands on down the pipeline: completion enqueues `route_study`, which routes it and then
+wakes inference by the task's dotted name (`results.tasks.infer_pending`): routing never
+imports results.
+
 Task arguments are pickled into the broker table, so they are ids only, never patient data.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -13,7 +18,12 @@ from django.utils import timezone
 from django_q.tasks import async_task
 
 from routing.completion import studies_complete_due, study_try_complete
-from routing.models import StoreAssociation, Study
+from routing.models import StoreAssociation, Study, StudyState
+from routing.rules import studies_route_lost, study_route
+
+# A COMPLETE study not routed after this long lost its task (worker killed, broker row lost).
+ROUTING_IDLE = timedelta(minutes=1)
+INFER_TASK = "results.tasks.infer_pending"
 
 
 def enqueue_completion_check(association_id: int) -> None:
@@ -39,6 +49,19 @@ def check_completion_after_release(association_id: int) -> int:
     return completed
 
 
+def route_study(study_id: int) -> bool:
+    """Enqueued when a study completes: route it if it still is COMPLETE, then wake inference,
+    which takes the most urgent routed study (maybe another one: the database decides order)."""
+    study = Study.objects.filter(pk=study_id, state=StudyState.COMPLETE).first()
+    routed = study is not None and study_route(study=study) is not None
+    async_task(INFER_TASK)
+    return routed
+
+
 def sweep_completion() -> int:
-    """Scheduled: quiet periods and forced ceilings, and anything a lost trigger missed."""
-    return studies_complete_due()
+    """Scheduled: quiet periods and forced ceilings, anything a lost trigger missed, and complete
+    studies whose routing task was lost."""
+    completed = studies_complete_due()
+    if studies_route_lost(idle=ROUTING_IDLE):
+        async_task(INFER_TASK)
+    return completed
