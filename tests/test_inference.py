@@ -12,16 +12,34 @@ import pytest
 from django.utils import timezone
 from onnx import TensorProto, helper, numpy_helper
 
-from results.inference.demo_model import ensure_demo_setup
-from results.inference.services import inference_run_pending, study_claim_next
-from results.models import AIModel, FailureReason, ImmutableResultError, InferenceResult, ResultStatus
-from results.inference.runtime import InferenceTimeout, session_for, session_run, sessions_clear
-from results.tasks import process_study, sweep_inference
 from pacslens.demo_study import demo_study_write
-from routing.store.ingest import incoming_dir, instance_store
+from results.inference.demo_model import ensure_demo_setup
+from results.inference.runtime import (
+    InferenceTimeout,
+    session_for,
+    session_run,
+    sessions_clear,
+)
+from results.inference.services import inference_run_pending, study_claim_next
+from results.models import (
+    AIModel,
+    FailureReason,
+    ImmutableResultError,
+    InferenceResult,
+    ResultStatus,
+)
+from results.tasks import infer_pending, sweep_inference
 from routing.models import Operator, Priority, RoutingRule, Study, StudyState
+from routing.store.ingest import incoming_dir, instance_store
+from routing.tasks import route_study, sweep_completion
 
 pytestmark = pytest.mark.django_db
+
+
+def process_study(study_id: int) -> int:
+    """What the workers do when a study completes: routing's task, then the inference it wakes."""
+    route_study(study_id)
+    return infer_pending()
 
 
 def ingest(paths, calling="CT01", complete=True) -> Study:
@@ -239,6 +257,7 @@ class TestSweep:
     def test_it_routes_and_infers_studies_whose_task_was_lost(self, demo_site, tmp_path):
         study = ingest(demo(tmp_path, seed=50, slices=10, size=64).paths)
         Study.objects.filter(pk=study.pk).update(completed_at=timezone.now() - timedelta(minutes=5))
+        sweep_completion()  # routes complete studies whose task was lost
         assert sweep_inference() == 1
         assert Study.objects.get(pk=study.pk).state == StudyState.INFERRED
 

@@ -7,7 +7,7 @@ from pydicom import dcmread
 
 from routing.models import Instance, PollSource, StoreAssociation, Study, StudyRetrieve
 from tests.support.net import free_port
-from tests.support.pull import assert_no_patient_data, orthanc_study, poll_now, process_study_tasks
+from tests.support.pull import assert_no_patient_data, orthanc_study, poll_now, route_study_tasks
 
 pytestmark = [pytest.mark.interop]
 
@@ -39,7 +39,7 @@ class TestQidoWado:
         stored = dcmread(data_dir / instance.path)
         assert stored.SOPInstanceUID == instance.sop_instance_uid and stored.PixelData
         assert StoreAssociation.objects.filter(listener__startswith="pull:retrieve:").count() == 2
-        assert sorted(a[0] for a in process_study_tasks()) == sorted(Study.objects.values_list("pk", flat=True))
+        assert sorted(a[0] for a in route_study_tasks()) == sorted(Study.objects.values_list("pk", flat=True))
 
         again = poll_now(web_source)
 

@@ -12,7 +12,7 @@ from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Instance, Poll, PollSource, StoreAssociation, Study, StudyRetrieve
 from routing.pull.poll import poll_due_once, poll_due_sources, source_claim
 from tests.support.net import free_port
-from tests.support.pull import OUR_AE, assert_no_patient_data, make_source, orthanc_study, poll_now, process_study_tasks
+from tests.support.pull import OUR_AE, assert_no_patient_data, make_source, orthanc_study, poll_now, route_study_tasks
 
 pytestmark = [pytest.mark.interop]
 
@@ -45,14 +45,14 @@ class TestCMove:
             record = StudyRetrieve.objects.get(study_instance_uid=uid)
             assert (record.state, record.attempts, record.completed, record.study_id) == ("done", 1, count, study.pk)
         ids = sorted(Study.objects.values_list("pk", flat=True))
-        assert sorted(args[0] for args in process_study_tasks()) == ids
+        assert sorted(args[0] for args in route_study_tasks()) == ids
 
         again = poll_now(source)
 
         assert (again.status, again.matches, again.new, again.retrieved) == ("ok", 2, 0, 0)
         assert Instance.objects.count() == 5
         assert set(StudyRetrieve.objects.values_list("attempts", flat=True)) == {1}
-        assert len(process_study_tasks()) == 2
+        assert len(route_study_tasks()) == 2
         assert_no_patient_data(caplog.text, *Poll.objects.values_list("error", flat=True))
 
     def test_refused_move_is_visible_and_retried_with_backoff(self, listener, pacs, orthanc):
@@ -88,7 +88,7 @@ class TestCGet:
         association = StoreAssociation.objects.get(listener__startswith="pull:retrieve:")
         assert (association.instances_received, association.released_normally) == (3, True)
         assert set(study.instances.values_list("association_id", flat=True)) == {association.pk}
-        assert process_study_tasks() == [(study.pk,)]
+        assert route_study_tasks() == [(study.pk,)]
 
         assert poll_now(source).retrieved == 0
         assert Instance.objects.count() == 3

@@ -33,8 +33,8 @@ def orthanc_study(orthanc, count: int = 3, *, when=None) -> str:
     return str(slices[0].StudyInstanceUID)
 
 
-def process_study_tasks() -> list[tuple]:
-    return [q.task["args"] for q in OrmQ.objects.all() if q.task.get("func") == "results.tasks.process_study"]
+def route_study_tasks() -> list[tuple]:
+    return [q.task["args"] for q in OrmQ.objects.all() if q.task.get("func") == "routing.tasks.route_study"]
 
 
 def poll_now(source: PollSource) -> Poll:
