@@ -8,8 +8,8 @@ import pytest
 from django.utils import timezone
 
 from routing.completion import studies_complete_due, study_try_complete
-from routing.store.ingest import instance_store
 from routing.models import ApplicationEntity, StoreAssociation, Study, StudyState
+from routing.store.spool import instance_store
 from routing.tasks import check_completion_after_release
 from tests.test_listener import make_ct
 

@@ -18,8 +18,8 @@ from results.models import AIModel, FailureReason, ImmutableResultError, Inferen
 from results.inference.runtime import InferenceTimeout, session_for, session_run, sessions_clear
 from results.tasks import process_study, sweep_inference
 from pacslens.demo_study import demo_study_write
-from routing.store.ingest import incoming_dir, instance_store
 from routing.models import Operator, Priority, RoutingRule, Study, StudyState
+from routing.store.spool import incoming_dir, instance_store
 
 pytestmark = pytest.mark.django_db
 
