@@ -19,6 +19,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+from django_q.tasks import async_task
 
 from routing.models import Instance, StoreAssociation, Study, StudyRetrieve, StudyState
 
@@ -78,8 +79,6 @@ def study_complete(
             StudyState.COMPLETE, from_states=from_states or [StudyState.RECEIVING], detail=detail, where=where, kind=kind
         )
         if moved:
-            from django_q.tasks import async_task
-
             study_id = study.pk
             transaction.on_commit(lambda: async_task("results.tasks.process_study", study_id))
     if moved:
