@@ -115,9 +115,9 @@ def run(args: argparse.Namespace) -> int:
     from results.inference.demo_model import ensure_demo_setup
     from results.inference.services import study_claim_next, study_infer
     from results.models import InferenceResult
-    from routing.store.ingest import incoming_dir, instance_store
     from routing.models import Study, StudyState
     from routing.rules import study_route
+    from routing.store.spool import incoming_dir, instance_store
 
     call_command("migrate", verbosity=0)
     print(ensure_demo_setup())

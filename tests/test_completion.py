@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from routing.completion import studies_complete_due, study_try_complete
 from routing.models import ApplicationEntity, StoreAssociation, Study, StudyState
+from routing.store.spool import instance_store
 from routing.tasks import check_completion_after_release
 from tests.support.ct import make_ct
 from tests.support.factories import receive

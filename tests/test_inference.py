@@ -30,7 +30,7 @@ from results.models import (
 )
 from results.tasks import infer_pending, sweep_inference
 from routing.models import Operator, Priority, RoutingRule, Study, StudyState
-from routing.store.ingest import incoming_dir, instance_store
+from routing.store.spool import incoming_dir, instance_store
 from routing.tasks import route_study, sweep_completion
 
 pytestmark = pytest.mark.django_db

@@ -177,7 +177,7 @@ def test_fast_header_reader_agrees_with_pydicom():
     import pydicom.data
     from pydicom.filereader import read_partial
 
-    from routing.store import ingest
+    from routing.store import header as ingest
 
     folder = Path(pydicom.data.__file__).parent / "test_files"
     compared = 0

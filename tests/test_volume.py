@@ -29,7 +29,8 @@ class TestHeaderReader:
         )
 
     def test_it_agrees_with_pydicom_and_locates_the_pixels(self, tmp_path):
-        from results.inference.dicom_header import header_read_fast, header_read_pydicom
+        from routing.store.header import slice_header_read_fast as header_read_fast
+        from routing.store.header import slice_header_read_pydicom as header_read_pydicom
 
         study = demo(tmp_path, slices=3, size=64, seed=70)
         for path in study.paths:
@@ -42,7 +43,8 @@ class TestHeaderReader:
     def test_implicit_vr_and_undefined_length_sequences(self, tmp_path):
         from pydicom.dataset import Dataset
 
-        from results.inference.dicom_header import header_read_fast, header_read_pydicom
+        from routing.store.header import slice_header_read_fast as header_read_fast
+        from routing.store.header import slice_header_read_pydicom as header_read_pydicom
 
         path = demo(tmp_path, slices=1, size=64, seed=71).paths[0]
         ds = pydicom.dcmread(path)
@@ -66,7 +68,8 @@ class TestHeaderReader:
             assert self.fields(fast) == self.fields(header_read_pydicom(out))
 
     def test_compressed_files_fall_back_to_pydicom(self, tmp_path):
-        from results.inference.dicom_header import header_read, header_read_fast
+        from routing.store.header import slice_header_read as header_read
+        from routing.store.header import slice_header_read_fast as header_read_fast
 
         path = demo(tmp_path, slices=1, size=64, seed=72, transfer_syntax="rle").paths[0]
         assert header_read_fast(path) is None

@@ -2,7 +2,7 @@
 
 Loading reads every header of the chosen series (to sort slices by position) but decodes pixel
 data only for the slices the model's input needs. Headers of uncompressed files come from a
-small element-stream reader (results/inference/dicom_header.py) that also notes where Pixel Data starts,
+small element-stream reader (routing.store.header) that also notes where Pixel Data starts,
 so those pixels are one numpy read; compressed transfer syntaxes go through pydicom's
 pixel-data plugins (pylibjpeg, pyjpegls).
 """
@@ -19,8 +19,8 @@ from django.conf import settings
 from django.db.models import Count, Q
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from results.inference.dicom_header import SliceHeader, header_read
 from routing.models import Instance, Series, Study
+from routing.store.header import SliceHeader, slice_header_read
 
 UNCOMPRESSED_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 AXIAL_MIN_COSINE = 0.9  # slice normal within ~25 degrees of the patient's z axis
@@ -157,7 +157,7 @@ def _series_slices(series: Series, *, orientation: str) -> tuple[str, list[Slice
     for instance in instances:
         path = data_dir / instance.path
         try:
-            header = header_read(path)
+            header = slice_header_read(path)
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             return f"instance {instance.pk} cannot be read ({type(exc).__name__})", []
         if normal is None:

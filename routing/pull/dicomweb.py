@@ -1,7 +1,7 @@
 """DICOMweb pull with dicomweb-client: QIDO-RS to find new studies, WADO-RS to retrieve them.
 
 Every retrieved instance is written to a temp file under the incoming dir and goes through
-`routing.store.ingest.instance_store`, exactly like a C-STORE. Error messages name the HTTP status
+`routing.store.spool.instance_store`, exactly like a C-STORE. Error messages name the HTTP status
 and the host, never a response body (a PACS may echo patient data in it).
 """
 
@@ -17,9 +17,14 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from django.conf import settings
 
-from routing.store.ingest import incoming_dir, instance_store
 from routing.models import PollSource
-from routing.pull.types import FoundStudy, PullError, RetrieveOutcome, parse_study_datetime
+from routing.pull.types import (
+    FoundStudy,
+    PullError,
+    RetrieveOutcome,
+    parse_study_datetime,
+)
+from routing.store.spool import incoming_dir, instance_store
 
 logger = logging.getLogger(__name__)
 # dicomweb-client logs request headers (our bearer token) at DEBUG: never let that through.

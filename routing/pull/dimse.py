@@ -24,11 +24,16 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from routing.receive import dicom_tls
-from routing.store.ingest import incoming_dir, instance_store
-from routing.receive.listener import TRANSFER_SYNTAXES
 from routing.models import PollSource
-from routing.pull.types import FoundStudy, PullError, RetrieveOutcome, parse_study_datetime
+from routing.pull.types import (
+    FoundStudy,
+    PullError,
+    RetrieveOutcome,
+    parse_study_datetime,
+)
+from routing.receive import dicom_tls
+from routing.receive.listener import TRANSFER_SYNTAXES
+from routing.store.spool import incoming_dir, instance_store
 
 logger = logging.getLogger(__name__)
 

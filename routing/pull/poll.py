@@ -41,6 +41,8 @@ from routing.models import (
     Study,
     StudyRetrieve,
 )
+from routing.pull import dicomweb as pull_dicomweb
+from routing.pull import dimse as pull_dimse
 from routing.pull.types import FoundStudy, PullError, RetrieveOutcome
 
 logger = logging.getLogger(__name__)
@@ -285,13 +287,7 @@ def retrieve(*, record: StudyRetrieve, source: PollSource) -> RetrieveOutcome:
 
 
 def _protocol(source: PollSource):
-    if source.kind == PollSource.Kind.DICOMWEB:
-        from routing.pull import dicomweb as pull_dicomweb
-
-        return pull_dicomweb
-    from routing.pull import dimse as pull_dimse
-
-    return pull_dimse
+    return pull_dicomweb if source.kind == PollSource.Kind.DICOMWEB else pull_dimse
 
 
 def _retrieve_claim(record: StudyRetrieve, *, now: datetime) -> bool:

@@ -1,7 +1,7 @@
 """The DICOM listener: a pynetdicom SCP for C-ECHO and C-STORE.
 
 It does the least work possible per instance (verify, write durably, record, answer); the
-handlers here are thin and `routing.store.ingest.instance_store` does the work. Study completion
+handlers here are thin and `routing.store.spool.instance_store` does the work. Study completion
 and everything after run in the workers.
 """
 
@@ -29,10 +29,10 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from routing.receive import dicom_tls
-from routing.store.ingest import disk_space_low, incoming_dir, instance_store
 from routing.models import ApplicationEntity, StoreAssociation
+from routing.receive import dicom_tls
 from routing.receive.pynetdicom_speedups import pynetdicom_speedups
+from routing.store.spool import disk_space_low, incoming_dir, instance_store
 from routing.tasks import enqueue_completion_check
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class DicomListener:
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         # pydicom re-validates every value pynetdicom sets on its command datasets; we check the
-        # UIDs that matter ourselves (routing.store.ingest), so skip the cost and the warnings.
+        # UIDs that matter ourselves (routing.store), so skip the cost and the warnings.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
 
@@ -271,7 +271,7 @@ class DicomListener:
             for assoc in server.active_associations:
                 assoc.abort()
 
-    # --- handlers: thin, the work lives in routing.store.ingest -------------------------------------
+    # --- handlers: thin, the work lives in routing.store -------------------------------------
 
     def handle_requested(self, event: evt.Event) -> None:
         assoc = event.assoc

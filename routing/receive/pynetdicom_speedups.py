@@ -29,6 +29,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
@@ -141,8 +142,6 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
             except Exception as exc:  # noqa: BLE001 - as pynetdicom: any failure aborts the association
                 # As pynetdicom: bypass the state machine, send an A-ABORT and stop both reactors.
                 logger.error("Exception in the DUL reactor, aborting association: %s", type(exc).__name__)
-                from pynetdicom.pdu import A_ABORT_RQ
-
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00

@@ -3,7 +3,7 @@
 Each sending system has its own bearer token (StowSender, stored hashed). The endpoint accepts
 that token and nothing else: no session, no cookie, so exempting it from CSRF opens no hole
 (a browser never attaches a bearer token by itself). Every part goes through
-`routing.store.ingest.instance_store`, the same durable path as C-STORE; the answer is the standard
+`routing.store.spool.instance_store`, the same durable path as C-STORE; the answer is the standard
 per-instance STOW-RS response (PS3.18 10.5): 200 all stored, 202 some, 409 none.
 
 A request is recorded as one StoreAssociation, so study completion treats it like a C-STORE
@@ -26,10 +26,16 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 from pydicom import dcmread
 
-from routing.store.ingest import CANNOT_UNDERSTAND, DATASET_MISMATCH, StoreResult, incoming_dir, instance_store
 from routing.models import StoreAssociation, StowSender
 from routing.receive.multipart import BodyTooLarge, MultipartError, Part, iter_parts
 from routing.receive.stow_response import StowItem, stow_response
+from routing.store.spool import (
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    StoreResult,
+    incoming_dir,
+    instance_store,
+)
 from routing.tasks import enqueue_completion_check
 
 logger = logging.getLogger(__name__)

@@ -20,11 +20,11 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import connections
 
-from routing.receive import dicom_tls
 from pacslens.ops.heartbeat import AssociationCounter, HeartbeatThread
-from routing.store.ingest import incoming_dir
-from routing.receive.listener import DicomListener, listener_endpoints
 from routing.models import HeartbeatRole
+from routing.receive import dicom_tls
+from routing.receive.listener import DicomListener, listener_endpoints
+from routing.store.spool import incoming_dir
 
 STALE_TEMP_SECONDS = 24 * 3600
 LISTEN_BACKLOG = 128  # connections the kernel queues while every process is busy
