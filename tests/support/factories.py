@@ -22,7 +22,7 @@ from results.models import (
     InferenceResult,
 )
 from pacslens.demo_study import demo_study_write
-from routing.store.ingest import instance_store
+from routing.store.spool import instance_store
 from routing.models import (
     ApplicationEntity,
     RoutingRule,
