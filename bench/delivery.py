@@ -37,12 +37,12 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pacslens.settings")
 WORK = Path(tempfile.mkdtemp(prefix="pacslens-bench-delivery-"))
 os.environ["PACSLENS_DATA_DIR"] = str(WORK / "unused-data")  # never the user's var/
 
-from bench.sustained import RIS, percentile, studies_generate, wait_heartbeat  # noqa: E402
-from tests.support.identities import identity  # noqa: E402
-from tests.support.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
-from tests.support.orthanc import dicomweb_plugin, orthanc_start, orthanc_stop  # noqa: E402
-from tests.support.postgres import Database, sqlite_url  # noqa: E402
+from bench.sustained import RIS, percentile, studies_generate, wait_heartbeat
+from tests.support.identities import identity
+from tests.support.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create
+from tests.support.net import free_port
+from tests.support.orthanc import dicomweb_plugin, orthanc_start, orthanc_stop
+from tests.support.postgres import Database, sqlite_url
 
 RULE_NAME = "Demo: CT head to the demonstration model"
 DESTINATIONS = """\
@@ -65,7 +65,10 @@ def main() -> int:
         args.studies, args.slices = min(args.studies, 5), min(args.slices, 64)
     storescu, orthanc_program, plugin = shutil.which("storescu"), shutil.which("Orthanc"), dicomweb_plugin()
     if not (storescu and orthanc_program and plugin):
-        print("needs dcmtk, orthanc and orthanc-dicomweb (apt-get install dcmtk orthanc orthanc-dicomweb)", file=sys.stderr)
+        print(
+            "needs dcmtk, orthanc and orthanc-dicomweb (apt-get install dcmtk orthanc orthanc-dicomweb)",
+            file=sys.stderr,
+        )
         return 2
     orthanc = None
     try:
@@ -94,17 +97,31 @@ def run_pipeline(studies, *, storescu: str, orthanc) -> list[dict]:
     try:
         subprocess.run([PYTHON, "manage.py", "setup_site"], cwd=REPO, env=env, check=True, capture_output=True)
         config = data_dir / "destinations.yaml"
-        config.write_text(DESTINATIONS.format(aet=orthanc.aet, port=orthanc.dicom_port, ris_port=ris.port, rule=RULE_NAME))
-        subprocess.run([PYTHON, "manage.py", "import_config", str(config)], cwd=REPO, env=env, check=True, capture_output=True)
+        config.write_text(
+            DESTINATIONS.format(aet=orthanc.aet, port=orthanc.dicom_port, ris_port=ris.port, rule=RULE_NAME)
+        )
+        subprocess.run(
+            [PYTHON, "manage.py", "import_config", str(config)], cwd=REPO, env=env, check=True, capture_output=True
+        )
         for role, command in (("listener", ["dicom_listener", "--port", str(port)]), ("workers", ["run_workers"])):
             with open(data_dir / f"{role}.log", "ab") as log:
-                popen = subprocess.Popen([PYTHON, "manage.py", *command], cwd=REPO, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                popen = subprocess.Popen(
+                    [PYTHON, "manage.py", *command],
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             processes.append(popen)
             wait_heartbeat(db, role, popen.pid)
         for index, study in enumerate(studies):
-            subprocess.run([storescu, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port), "+sd",
-                            str(study.folder)], env=dcmtk_env(), check=True, capture_output=True)
+            subprocess.run(
+                [storescu, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port), "+sd", str(study.folder)],
+                env=dcmtk_env(),
+                check=True,
+                capture_output=True,
+            )
             settle(db, study.study_instance_uid)
             print(f"  study {index + 1}/{len(studies)} delivered", flush=True)
         return measurements(db)
@@ -138,20 +155,26 @@ def measurements(db: Database) -> list[dict]:
             r["kind"]: _ts(r["ended_at"])
             for r in db.query(
                 "SELECT d.kind, a.ended_at FROM results_delivery d JOIN results_deliveryattempt a ON a.delivery_id = d.id "
-                "WHERE d.study_id = %s AND a.outcome = 'success'", (study["id"],))
+                "WHERE d.study_id = %s AND a.outcome = 'success'",
+                (study["id"],),
+            )
         }
         released = db.scalar(
             "SELECT MAX(a.ended_at) FROM routing_storeassociation a JOIN routing_instance i ON i.association_id = a.id "
-            "WHERE i.study_id = %s", (study["id"],))
+            "WHERE i.study_id = %s",
+            (study["id"],),
+        )
         last, complete = _ts(study["last_received_at"]), _ts(study["completed_at"])
-        rows.append({
-            "state": study["state"],
-            "last_to_sr": acked.get("dicom", float("nan")) - last,
-            "last_to_hl7": acked.get("hl7", float("nan")) - last,
-            "complete_to_sr": acked.get("dicom", float("nan")) - complete,
-            "complete_to_hl7": acked.get("hl7", float("nan")) - complete,
-            "release_to_complete": complete - _ts(released),
-        })
+        rows.append(
+            {
+                "state": study["state"],
+                "last_to_sr": acked.get("dicom", float("nan")) - last,
+                "last_to_hl7": acked.get("hl7", float("nan")) - last,
+                "complete_to_sr": acked.get("dicom", float("nan")) - complete,
+                "complete_to_hl7": acked.get("hl7", float("nan")) - complete,
+                "release_to_complete": complete - _ts(released),
+            }
+        )
     return rows
 
 
@@ -195,12 +218,22 @@ def sr_round_trip(orthanc, source_folder: Path, count: int = 50) -> None:
 
     first = dcmread(sources[0], stop_before_pixels=True)
     payload = ResultPayload(
-        study_instance_uid=first.StudyInstanceUID, accession_number="BENCH", patient_id="BENCH", patient_name="ZZDEMO^BENCH",
-        triage_score=0.9, finding_flag=True, model_name="demo", model_version="1", identity=identity("bench-sr"),
-        created_at=timezone.now(), source_instances=sources,
+        study_instance_uid=first.StudyInstanceUID,
+        accession_number="BENCH",
+        patient_id="BENCH",
+        patient_name="ZZDEMO^BENCH",
+        triage_score=0.9,
+        finding_flag=True,
+        model_name="demo",
+        model_version="1",
+        identity=identity("bench-sr"),
+        created_at=timezone.now(),
+        source_instances=sources,
     )
     sr = build_sr(payload)
-    with StoreSession(calling_ae_title="PACSLENS", host="127.0.0.1", port=orthanc.dicom_port, called_ae_title=orthanc.aet) as session:
+    with StoreSession(
+        calling_ae_title="PACSLENS", host="127.0.0.1", port=orthanc.dicom_port, called_ae_title=orthanc.aet
+    ) as session:
         session.store(sr)  # warm-up
         times = []
         for _ in range(count):
@@ -209,8 +242,10 @@ def sr_round_trip(orthanc, source_folder: Path, count: int = 50) -> None:
             times.append((time.perf_counter() - started) * 1000)
             assert outcome.ok, outcome.describe()
     times.sort()
-    print(f"\nSR C-STORE on an open association to Orthanc ({count} stores): p50 {statistics.median(times):.1f} ms, "
-          f"p95 {percentile(times, 95):.1f} ms (target p50 <= 10 ms)")
+    print(
+        f"\nSR C-STORE on an open association to Orthanc ({count} stores): p50 {statistics.median(times):.1f} ms, "
+        f"p95 {percentile(times, 95):.1f} ms (target p50 <= 10 ms)"
+    )
 
 
 if __name__ == "__main__":

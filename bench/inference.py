@@ -126,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         generated = pool.map(generate, jobs)
-    print(f"  generated in {time.perf_counter() - started:.1f} s ({(time.perf_counter() - started) / args.studies:.2f} s per study)")
+    print(
+        f"  generated in {time.perf_counter() - started:.1f} s ({(time.perf_counter() - started) / args.studies:.2f} s per study)"
+    )
 
     import pydicom
 
@@ -147,8 +149,11 @@ def run(args: argparse.Namespace) -> int:
         study = Study.objects.get(study_instance_uid=uid)
         study.transition(StudyState.COMPLETE, from_states=[StudyState.RECEIVING])
         study_route(study=study)
-    print(f"ingested and routed; provider {settings.INFERENCE_PROVIDER}, intra-op threads "
-          f"{settings.INFERENCE_INTRA_OP_THREADS or 'all'}, {os.cpu_count()} cores", flush=True)
+    print(
+        f"ingested and routed; provider {settings.INFERENCE_PROVIDER}, intra-op threads "
+        f"{settings.INFERENCE_INTRA_OP_THREADS or 'all'}, {os.cpu_count()} cores",
+        flush=True,
+    )
 
     import psutil
 
@@ -200,13 +205,19 @@ def run(args: argparse.Namespace) -> int:
     ratio = report["load_p50_s"] / report["numpy_floor_p50_s"]
     report["load_over_numpy_floor_p50"] = round(ratio, 2)
     print(f"\nload / numpy floor (p50): {ratio:.2f}x   (target <= 2x)")
-    print(f"first study (creates the session): {first_session['total']:.3f} s; steady p95 {pct([r['total'] for r in steady], 95):.3f} s")
-    print(f"worker RSS: {report['baseline_rss_mib']} MiB before, peak {report['peak_rss_mib']} MiB during inference "
-          f"(ru_maxrss {report['ru_maxrss_mib']} MiB)")
+    print(
+        f"first study (creates the session): {first_session['total']:.3f} s; steady p95 {pct([r['total'] for r in steady], 95):.3f} s"
+    )
+    print(
+        f"worker RSS: {report['baseline_rss_mib']} MiB before, peak {report['peak_rss_mib']} MiB during inference "
+        f"(ru_maxrss {report['ru_maxrss_mib']} MiB)"
+    )
     wrong = [r for r in rows if r["status"] != "succeeded" or r["flagged"] != r["lesion"]]
     target = report["total_p95_s"] < 2.0
-    print(f"total p95 {report['total_p95_s']:.3f} s: {'meets' if target else 'MISSES'} the 2 s target; "
-          f"{len(rows) - len(wrong)}/{len(rows)} studies classified as generated")
+    print(
+        f"total p95 {report['total_p95_s']:.3f} s: {'meets' if target else 'MISSES'} the 2 s target; "
+        f"{len(rows) - len(wrong)}/{len(rows)} studies classified as generated"
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / f"inference-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))

@@ -130,7 +130,7 @@ class TreeSampler:
             self.peak = max(self.peak, self.rss())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> TreeSampler:  # noqa: PYI034
+    def __enter__(self) -> TreeSampler:
         self._thread.start()
         return self
 
@@ -218,10 +218,12 @@ def send(server, files: list[Path], associations: int) -> float:
     """Send `files` split over `associations` parallel storescu processes; seconds until all ended."""
     chunks = [files[i::associations] for i in range(associations)]
     lists = []
-    for index, chunk in enumerate(chunks):
+    for chunk in chunks:
         # storescu takes its files from the command line; 1,000 paths fit easily.
-        lists.append(["storescu", "-aet", "STORESCU", "-aec", server.ae_title, server.host, str(server.port)]
-                     + [str(f) for f in chunk])
+        lists.append(
+            ["storescu", "-aet", "STORESCU", "-aec", server.ae_title, server.host, str(server.port)]
+            + [str(f) for f in chunk]
+        )
     start = time.perf_counter()
     procs = [subprocess.Popen(cmd, env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for cmd in lists]
     errors = [p.communicate()[1] for p in procs]
@@ -360,8 +362,11 @@ def summarise(runs: list[Run]) -> list[dict]:
     for dataset, associations in keys:
         row: dict = {"dataset": dataset, "associations": associations}
         for server in ("storescp", "pacslens"):
-            measured = [r for r in runs if (r.dataset, r.associations, r.server) == (dataset, associations, server)
-                        and r.round > 0]
+            measured = [
+                r
+                for r in runs
+                if (r.dataset, r.associations, r.server) == (dataset, associations, server) and r.round > 0
+            ]
             row[server] = {
                 "instances_per_s": statistics.median(r.per_second for r in measured),
                 "mb_per_s": statistics.median(r.mb_per_second for r in measured),
@@ -375,13 +380,17 @@ def summarise(runs: list[Run]) -> list[dict]:
 
 def print_summary(rows: list[dict], memory_results: dict, args) -> None:
     print(f"\nMedian of {args.rounds} rounds (listener: {args.processes} process(es); storescp --fork -od)")
-    print(f"{'dataset':7} {'assoc':>5} | {'storescp inst/s':>15} {'MB/s':>7} {'CPU ms':>7} | "
-          f"{'pacslens inst/s':>15} {'MB/s':>7} {'CPU ms':>7} {'peak RSS':>9} | {'ratio':>5}")
+    print(
+        f"{'dataset':7} {'assoc':>5} | {'storescp inst/s':>15} {'MB/s':>7} {'CPU ms':>7} | "
+        f"{'pacslens inst/s':>15} {'MB/s':>7} {'CPU ms':>7} {'peak RSS':>9} | {'ratio':>5}"
+    )
     for row in rows:
         s, p = row["storescp"], row["pacslens"]
-        print(f"{row['dataset']:7} {row['associations']:>5} | {s['instances_per_s']:15.1f} {s['mb_per_s']:7.1f} "
-              f"{s['cpu_ms_per_instance']:7.2f} | {p['instances_per_s']:15.1f} {p['mb_per_s']:7.1f} "
-              f"{p['cpu_ms_per_instance']:7.2f} {p['peak_rss_mib']:8.1f}M | {row['ratio']:5.2f}")
+        print(
+            f"{row['dataset']:7} {row['associations']:>5} | {s['instances_per_s']:15.1f} {s['mb_per_s']:7.1f} "
+            f"{s['cpu_ms_per_instance']:7.2f} | {p['instances_per_s']:15.1f} {p['mb_per_s']:7.1f} "
+            f"{p['cpu_ms_per_instance']:7.2f} {p['peak_rss_mib']:8.1f}M | {row['ratio']:5.2f}"
+        )
     if memory_results:
         print("\nListener memory")
         for key, value in memory_results.items():
@@ -425,13 +434,18 @@ def main() -> None:
         print_summary(rows, memory_results, args)
         OUT.mkdir(parents=True, exist_ok=True)
         out = OUT / f"listener-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        out.write_text(json.dumps({
-            "args": vars(args),
-            "cpus": os.cpu_count(),
-            "summary": rows,
-            "memory": memory_results,
-            "runs": [dict(r.__dict__, per_second=r.per_second) for r in runs],
-        }, indent=2))
+        out.write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "cpus": os.cpu_count(),
+                    "summary": rows,
+                    "memory": memory_results,
+                    "runs": [dict(r.__dict__, per_second=r.per_second) for r in runs],
+                },
+                indent=2,
+            )
+        )
         print(f"\nwritten {out.relative_to(REPO)}")
     finally:
         shutil.rmtree(WORK, ignore_errors=True)

@@ -36,22 +36,22 @@ os.environ["DJANGO_SETTINGS_MODULE"] = "pacslens.settings"
 os.environ["PACSLENS_AE_TITLE"] = "PACSLENS"
 os.environ.setdefault("PACSLENS_LOG_LEVEL", "WARNING")
 
-import django  # noqa: E402
+import django
 
 django.setup()
 
-from django.core.management import call_command  # noqa: E402
-from django.db import connection  # noqa: E402
-from django.utils import timezone  # noqa: E402
+from django.core.management import call_command
+from django.db import connection
+from django.utils import timezone
 
-from routing.receive.listener import DicomListener  # noqa: E402
-from routing.models import ApplicationEntity, Poll, PollSource, Study, StudyRetrieve  # noqa: E402
-from routing.pull.poll import poll_due_sources, retrieve  # noqa: E402
-from tests.support.ct import ct_series_write, make_ct_slices  # noqa: E402
-from tests.support.dicom_files import part10_bytes  # noqa: E402
-from tests.support.listener_proc import dcmtk_env  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
-from tests.support.orthanc import ORTHANC_AET, OrthancPeer, dicomweb_plugin, orthanc_start, orthanc_stop  # noqa: E402
+from routing.models import ApplicationEntity, Poll, PollSource, Study, StudyRetrieve
+from routing.pull.poll import poll_due_sources, retrieve
+from routing.receive.listener import DicomListener
+from tests.support.ct import ct_series_write, make_ct_slices
+from tests.support.dicom_files import part10_bytes
+from tests.support.listener_proc import dcmtk_env
+from tests.support.net import free_port
+from tests.support.orthanc import ORTHANC_AET, OrthancPeer, dicomweb_plugin, orthanc_start, orthanc_stop
 
 METHODS = {"C-MOVE": ("dimse", "c-move", "CT"), "C-GET": ("dimse", "c-get", "MR"), "WADO-RS": ("dicomweb", "", "US")}
 SCHEDULE_PERIOD = 60.0  # the 1-minute django-q2 schedule
@@ -74,14 +74,19 @@ def main() -> int:
             return 1
     call_command("migrate", interactive=False, verbosity=0)
     # The benchmark's Orthanc waits longer for its C-MOVE/C-GET peers than the tests' one.
-    orthanc = orthanc_start(WORK / "orthanc", program=shutil.which("Orthanc"), plugin=dicomweb_plugin(),
-                            config={"Name": "pacslens-bench", "DicomScuTimeout": 30})
+    orthanc = orthanc_start(
+        WORK / "orthanc",
+        program=shutil.which("Orthanc"),
+        plugin=dicomweb_plugin(),
+        config={"Name": "pacslens-bench", "DicomScuTimeout": 30},
+    )
     listener = DicomListener(host="127.0.0.1", port=0, ae_title="PACSLENS")
     listener.start()
     results: dict = {"instances": args.instances}
     try:
-        pacs = ApplicationEntity.objects.create(ae_title=ORTHANC_AET, host="127.0.0.1", port=orthanc.dicom_port,
-                                                may_query=True, may_send=True)
+        pacs = ApplicationEntity.objects.create(
+            ae_title=ORTHANC_AET, host="127.0.0.1", port=orthanc.dicom_port, may_query=True, may_send=True
+        )
         orthanc.add_modality("pacslens", "PACSLENS", "127.0.0.1", listener.port)
         results["latency"] = []
         for interval, samples in ((2, args.samples), (60, args.default_samples)):
@@ -104,9 +109,15 @@ def latency_phase(orthanc: OrthancPeer, pacs: ApplicationEntity, interval: int, 
     PollSource.objects.all().delete()
     for method, (kind, mode, modality) in METHODS.items():
         PollSource.objects.create(
-            name=f"{method.lower()}-{interval}s", kind=kind, pacs=pacs if kind == "dimse" else None,
-            retrieve_mode=mode or "c-move", dicomweb_url=orthanc.dicomweb_url if kind == "dicomweb" else "",
-            interval_seconds=interval, modalities=modality, min_query_spacing_seconds=min(5, max(1, interval // 2)))
+            name=f"{method.lower()}-{interval}s",
+            kind=kind,
+            pacs=pacs if kind == "dimse" else None,
+            retrieve_mode=mode or "c-move",
+            dicomweb_url=orthanc.dicomweb_url if kind == "dicomweb" else "",
+            interval_seconds=interval,
+            modalities=modality,
+            min_query_spacing_seconds=min(5, max(1, interval // 2)),
+        )
     stop = threading.Event()
     scheduler = threading.Thread(target=schedule_emulator, args=(stop,), daemon=True)
     started = time.monotonic()
@@ -127,17 +138,26 @@ def latency_phase(orthanc: OrthancPeer, pacs: ApplicationEntity, interval: int, 
     scheduler.join(timeout=SCHEDULE_PERIOD + 60)
     phase = {"interval_s": interval, "methods": {}}
     for method in METHODS:
-        starts = list(Poll.objects.filter(source__name=f"{method.lower()}-{interval}s").order_by("started_at")
-                      .values_list("started_at", flat=True))
+        starts = list(
+            Poll.objects.filter(source__name=f"{method.lower()}-{interval}s")
+            .order_by("started_at")
+            .values_list("started_at", flat=True)
+        )
         span = (starts[-1] - starts[0]).total_seconds() if len(starts) > 1 else elapsed
         per_hour = (len(starts) - 1) / span * 3600 if len(starts) > 1 else 0
         values = latencies[method]
         phase["methods"][method] = {
-            "latency_s": [round(v, 2) for v in values], "median_s": round(statistics.median(values), 2),
-            "max_s": round(max(values), 2), "queries_per_hour": round(per_hour), "polls": len(starts),
+            "latency_s": [round(v, 2) for v in values],
+            "median_s": round(statistics.median(values), 2),
+            "max_s": round(max(values), 2),
+            "queries_per_hour": round(per_hour),
+            "polls": len(starts),
         }
-        print(f"  {method:8} median {statistics.median(values):6.2f} s  max {max(values):6.2f} s  "
-              f"queries/hour {per_hour:6.0f}  ({len(starts)} polls)", flush=True)
+        print(
+            f"  {method:8} median {statistics.median(values):6.2f} s  max {max(values):6.2f} s  "
+            f"queries/hour {per_hour:6.0f}  ({len(starts)} polls)",
+            flush=True,
+        )
     return phase
 
 
@@ -178,8 +198,9 @@ def throughput_phase(orthanc: OrthancPeer, pacs: ApplicationEntity, count: int, 
     sources = {
         "PacsLens C-MOVE": PollSource.objects.create(name="tp-move", pacs=pacs, retrieve_mode="c-move"),
         "PacsLens C-GET": PollSource.objects.create(name="tp-get", pacs=pacs, retrieve_mode="c-get"),
-        "PacsLens WADO-RS": PollSource.objects.create(name="tp-wado", kind="dicomweb",
-                                                      dicomweb_url=orthanc.dicomweb_url),
+        "PacsLens WADO-RS": PollSource.objects.create(
+            name="tp-wado", kind="dicomweb", dicomweb_url=orthanc.dicomweb_url
+        ),
     }
     keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
     timings: dict[str, list[float]] = {}
@@ -187,22 +208,59 @@ def throughput_phase(orthanc: OrthancPeer, pacs: ApplicationEntity, count: int, 
         out = WORK / "dcmtk-out"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
-        timings.setdefault("dcmtk movescu", []).append(timed_command(
-            ["movescu", "-S", "-aet", "MOVESCU", "-aec", ORTHANC_AET, "-aem", "MOVESCU", "--port", str(move_port),
-             "-od", str(out), *keys, "127.0.0.1", str(orthanc.dicom_port)], out, count))
+        timings.setdefault("dcmtk movescu", []).append(
+            timed_command(
+                [
+                    "movescu",
+                    "-S",
+                    "-aet",
+                    "MOVESCU",
+                    "-aec",
+                    ORTHANC_AET,
+                    "-aem",
+                    "MOVESCU",
+                    "--port",
+                    str(move_port),
+                    "-od",
+                    str(out),
+                    *keys,
+                    "127.0.0.1",
+                    str(orthanc.dicom_port),
+                ],
+                out,
+                count,
+            )
+        )
         shutil.rmtree(out)
         out.mkdir()
-        timings.setdefault("dcmtk getscu", []).append(timed_command(
-            ["getscu", "-S", "-aet", "GETSCU", "-aec", ORTHANC_AET, "-od", str(out), *keys, "127.0.0.1",
-             str(orthanc.dicom_port)], out, count))
+        timings.setdefault("dcmtk getscu", []).append(
+            timed_command(
+                [
+                    "getscu",
+                    "-S",
+                    "-aet",
+                    "GETSCU",
+                    "-aec",
+                    ORTHANC_AET,
+                    "-od",
+                    str(out),
+                    *keys,
+                    "127.0.0.1",
+                    str(orthanc.dicom_port),
+                ],
+                out,
+                count,
+            )
+        )
         for name, source in sources.items():
             timings.setdefault(name, []).append(timed_retrieve(source, study_uid, count))
     table = {}
     for name, values in timings.items():
         best = min(values)
         table[name] = {"seconds": [round(v, 2) for v in values], "instances_per_s": round(count / best, 1)}
-        print(f"  {name:18} best {best:6.2f} s  {count / best:7.1f} instances/s  ({size_mb / best:6.1f} MB/s)",
-              flush=True)
+        print(
+            f"  {name:18} best {best:6.2f} s  {count / best:7.1f} instances/s  ({size_mb / best:6.1f} MB/s)", flush=True
+        )
     return {"study_mb": round(size_mb, 1), "methods": table}
 
 
@@ -221,8 +279,7 @@ def timed_retrieve(source: PollSource, study_uid: str, count: int) -> float:
     for path in (WORK / "data" / "instances").rglob("*.dcm"):  # keep the folders: ingest remembers them
         path.unlink()
     StudyRetrieve.objects.filter(source=source).delete()
-    record = StudyRetrieve.objects.create(source=source, study_instance_uid=study_uid, state="retrieving",
-                                          attempts=1)
+    record = StudyRetrieve.objects.create(source=source, study_instance_uid=study_uid, state="retrieving", attempts=1)
     started = time.perf_counter()
     outcome = retrieve(record=record, source=source)
     elapsed = time.perf_counter() - started

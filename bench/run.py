@@ -13,7 +13,9 @@ BENCH = Path(__file__).resolve().parent
 
 
 def main() -> int:
-    scripts = sorted(p for p in BENCH.glob("*.py") if p.name not in {"run.py", "__init__.py"} and not p.name.startswith("_"))
+    scripts = sorted(
+        p for p in BENCH.glob("*.py") if p.name not in {"run.py", "__init__.py"} and not p.name.startswith("_")
+    )
     failed = []
     for script in scripts:
         print(f"\n=== {script.name} ===", flush=True)

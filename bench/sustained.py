@@ -96,8 +96,11 @@ def main() -> int:
         print(f"generating {args.studies} studies in {WORK} ...", flush=True)
         studies = studies_generate(WORK / "studies", count=args.studies, mix=QUICK_MIX if args.quick else MIX)
         megabytes = sum(s.megabytes for s in studies)
-        print(f"  {sum(s.slices for s in studies)} instances, {megabytes:.0f} MB, "
-              f"{sum(s.lesion for s in studies)} with a lesion", flush=True)
+        print(
+            f"  {sum(s.slices for s in studies)} instances, {megabytes:.0f} MB, "
+            f"{sum(s.lesion for s in studies)} with a lesion",
+            flush=True,
+        )
         runs = []
         for backend in args.backends.split(","):
             print(f"\n--- {backend}: {args.senders} senders, {args.workers} worker processes ---", flush=True)
@@ -138,8 +141,16 @@ def studies_generate(folder: Path, *, count: int, mix: list[tuple[float, int, in
     for index, (slices, size) in enumerate(shapes):
         out = folder / f"{index:04d}"
         demo = demo_study_write(outdir=out, slices=slices, size=size, lesion=index in lesions, seed=index)
-        studies.append(GeneratedStudy(demo.study_instance_uid, out, slices, size, index in lesions,
-                                      sum(p.stat().st_size for p in demo.paths) / 1e6))
+        studies.append(
+            GeneratedStudy(
+                demo.study_instance_uid,
+                out,
+                slices,
+                size,
+                index in lesions,
+                sum(p.stat().st_size for p in demo.paths) / 1e6,
+            )
+        )
     return studies
 
 
@@ -235,16 +246,31 @@ def run_backend(backend: str, *, studies: list[GeneratedStudy], storescu: str, a
         subprocess.run([PYTHON, "manage.py", "setup_site"], cwd=REPO, env=env, check=True, capture_output=True)
         config = data_dir / "ris.yaml"
         config.write_text(DESTINATION.format(port=ris.port))
-        subprocess.run([PYTHON, "manage.py", "import_config", str(config)], cwd=REPO, env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [PYTHON, "manage.py", "import_config", str(config)], cwd=REPO, env=env, check=True, capture_output=True
+        )
         for role, command in (("listener", ["dicom_listener", "--port", str(port)]), ("workers", ["run_workers"])):
             with open(data_dir / f"{role}.log", "ab") as log:
-                popen = subprocess.Popen([PYTHON, "manage.py", *command], cwd=REPO, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                popen = subprocess.Popen(
+                    [PYTHON, "manage.py", *command],
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             processes.append(Process(role, popen))
             wait_heartbeat(db, role, popen.pid)
-        return drive(backend, db=db, ris=ris, processes=processes, studies=studies, storescu=storescu, port=port,
-                     senders=args.senders)
+        return drive(
+            backend,
+            db=db,
+            ris=ris,
+            processes=processes,
+            studies=studies,
+            storescu=storescu,
+            port=port,
+            senders=args.senders,
+        )
     finally:
         for proc in processes:
             proc.popen.send_signal(signal.SIGTERM)
@@ -267,8 +293,10 @@ def wait_heartbeat(db: Database, role: str, pid: int, timeout: float = 60.0) -> 
             tree = {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
         except psutil.NoSuchProcess:
             raise SystemExit(f"{role} exited at start (see its log)") from None
-        beating = {int(r["identity"].rsplit(":", 1)[1])
-                   for r in db.query("SELECT identity FROM routing_heartbeat WHERE role = %s", (role,))}
+        beating = {
+            int(r["identity"].rsplit(":", 1)[1])
+            for r in db.query("SELECT identity FROM routing_heartbeat WHERE role = %s", (role,))
+        }
         if tree & beating:
             return
         if time.monotonic() > deadline:
@@ -288,8 +316,13 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
                 study = work.get_nowait()
             except queue.Empty:
                 return
-            done = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port),
-                                   "+sd", str(study.folder)], env=dcmtk_env(), capture_output=True, text=True, check=False)
+            done = subprocess.run(
+                [storescu, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port), "+sd", str(study.folder)],
+                env=dcmtk_env(),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if done.returncode != 0:
                 failures.append(f"{study.folder.name}: {done.stderr[-300:]}")
 
@@ -306,7 +339,7 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
                 last_depth = now
                 try:
                     depth.append({"t": round(now - started, 1), **queue_depth(db)})
-                except Exception as exc:  # noqa: BLE001 (a busy database: skip this sample)
+                except Exception as exc:
                     depth.append({"t": round(now - started, 1), "error": type(exc).__name__})
             stop.wait(SAMPLE_S)
 
@@ -323,7 +356,9 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
     uids = [s.study_instance_uid for s in studies]
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while True:
-        states = {r["study_instance_uid"]: r["state"] for r in db.query("SELECT study_instance_uid, state FROM routing_study")}
+        states = {
+            r["study_instance_uid"]: r["state"] for r in db.query("SELECT study_instance_uid, state FROM routing_study")
+        }
         if all(states.get(uid) in ("delivered", "failed", "ignored") for uid in uids):
             break
         if time.monotonic() > deadline:
@@ -337,7 +372,8 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
 
     rows = db.query(
         "SELECT s.study_instance_uid, s.state, s.last_received_at, d.idempotency_key "
-        "FROM routing_study s LEFT JOIN results_delivery d ON d.study_id = s.id")
+        "FROM routing_study s LEFT JOIN results_delivery d ON d.study_id = s.id"
+    )
     latencies, last_update = [], started_wall
     for row in rows:
         arrived = ris.arrivals.get(row["idempotency_key"] or "")
@@ -378,14 +414,21 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
 
 
 def queue_depth(db: Database) -> dict:
-    in_flight = db.scalar("SELECT COUNT(*) FROM routing_study WHERE state IN "
-                          "('receiving', 'complete', 'routed', 'inferring', 'delivering')")
+    in_flight = db.scalar(
+        "SELECT COUNT(*) FROM routing_study WHERE state IN "
+        "('receiving', 'complete', 'routed', 'inferring', 'delivering')"
+    )
     waiting = db.scalar("SELECT COUNT(*) FROM routing_study WHERE state IN ('complete', 'routed')")
     broker = db.scalar("SELECT COUNT(*) FROM django_q_ormq")
     deliveries = db.scalar("SELECT COUNT(*) FROM results_delivery WHERE state IN ('pending', 'in_flight')")
     delivered = db.scalar("SELECT COUNT(*) FROM routing_study WHERE state = 'delivered'")
-    return {"in_flight": in_flight, "waiting_for_workers": waiting, "broker": broker, "deliveries": deliveries,
-            "delivered": delivered}
+    return {
+        "in_flight": in_flight,
+        "waiting_for_workers": waiting,
+        "broker": broker,
+        "deliveries": deliveries,
+        "delivered": delivered,
+    }
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
@@ -397,16 +440,20 @@ def percentile(sorted_values: list[float], pct: float) -> float:
 
 
 def report(run: dict) -> None:
-    print(f"  sent in {run['sent_seconds']} s; last worklist update after {run['end_to_end_seconds']} s; "
-          f"states {run['states']}; HL7 messages {run['hl7_messages']} for {run['delivered_to_ris']} studies")
+    print(
+        f"  sent in {run['sent_seconds']} s; last worklist update after {run['end_to_end_seconds']} s; "
+        f"states {run['states']}; HL7 messages {run['hl7_messages']} for {run['delivered_to_ris']} studies"
+    )
     if run["send_failures"]:
         print(f"  send failures: {len(run['send_failures'])}: {run['send_failures'][:3]}")
     print("  queue depth (t s: studies in flight / waiting for a worker / broker rows / deliveries / delivered)")
     samples = [s for s in run["queue_depth"] if "error" not in s]
     step = max(1, len(samples) // 15)
     for sample in samples[::step] + samples[-1:]:
-        print(f"    {sample['t']:7.1f}: {sample['in_flight']:4} / {sample['waiting_for_workers']:4} / "
-              f"{sample['broker']:4} / {sample['deliveries']:4} / {sample['delivered']:4}")
+        print(
+            f"    {sample['t']:7.1f}: {sample['in_flight']:4} / {sample['waiting_for_workers']:4} / "
+            f"{sample['broker']:4} / {sample['deliveries']:4} / {sample['delivered']:4}"
+        )
     print("  peak RSS (MiB)")
     for label, mib in run["peak_rss_mib"].items():
         print(f"    {label:32} {mib:8.1f}")
@@ -418,9 +465,11 @@ def summary(runs: list[dict]) -> None:
     for run in runs:
         latency = run["latency_s"]
         total = sum(run["peak_rss_mib"].values())
-        print(f"| {run['backend']} | {run['delivered_to_ris']}/{run['studies']} | {run['instances']} | "
-              f"{run['megabytes']:.0f} | {run['studies_per_hour']} | {latency['p50']} | {latency['p95']} | "
-              f"{latency['max']} | {total:.0f} |")
+        print(
+            f"| {run['backend']} | {run['delivered_to_ris']}/{run['studies']} | {run['instances']} | "
+            f"{run['megabytes']:.0f} | {run['studies_per_hour']} | {latency['p50']} | {latency['p95']} | "
+            f"{latency['max']} | {total:.0f} |"
+        )
     print("Target: >= 1,000 head CT studies/hour end to end, p95 < 10 s (last instance received -> HL7 at the RIS).")
 
 

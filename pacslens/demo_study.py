@@ -206,7 +206,9 @@ class _Phantom:
             )
             self.lesion_radius = float(rng.uniform(10, 17))
 
-    def _inside(self, axes: tuple[float, float, float, float], z: float, cx: float = 0.0, cy: float = 0.0) -> np.ndarray | None:
+    def _inside(
+        self, axes: tuple[float, float, float, float], z: float, cx: float = 0.0, cy: float = 0.0
+    ) -> np.ndarray | None:
         a, b, c, zc = axes
         scale2 = 1 - ((z - zc) / c) ** 2
         if scale2 <= 0:

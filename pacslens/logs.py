@@ -21,7 +21,13 @@ from datetime import UTC, datetime
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("pacslens_request_id", default="")
 
 # Standard LogRecord attributes: everything else on a record is an `extra` worth shipping.
-_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "context", "request_id", "association_id"}
+_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "context",
+    "request_id",
+    "association_id",
+}
 
 
 class ContextFilter(logging.Filter):

@@ -88,7 +88,9 @@ def envuidroot(name: str) -> str:
     """An org root for the UIDs we mint: digits and dots, short enough to leave 32+ digits."""
     value = os.environ.get(name, "").strip().rstrip(".")
     if value and (len(value) > 32 or not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", value)):
-        raise ImproperlyConfigured(f"{name}={value!r} is not a DICOM UID root of at most 32 characters (e.g. 1.2.826.0.1.3680043.10.1234)")
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a DICOM UID root of at most 32 characters (e.g. 1.2.826.0.1.3680043.10.1234)"
+        )
     return value
 
 
@@ -122,7 +124,9 @@ if not _secret:
         _key_file.chmod(0o600)
 SECRET_KEY = _secret
 
-ALLOWED_HOSTS = [h.strip() for h in envstr("PACSLENS_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
+ALLOWED_HOSTS = [
+    h.strip() for h in envstr("PACSLENS_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
+]
 CSRF_TRUSTED_ORIGINS = [o.strip() for o in envstr("PACSLENS_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
 
 # DICOM listener

@@ -20,7 +20,14 @@ class StudyEventInline(admin.TabularInline):
 
 @admin.register(Study)
 class StudyAdmin(admin.ModelAdmin):
-    list_display = ["study_instance_uid", "state", "priority", "accession_number", "calling_ae_title", "last_received_at"]
+    list_display = [
+        "study_instance_uid",
+        "state",
+        "priority",
+        "accession_number",
+        "calling_ae_title",
+        "last_received_at",
+    ]
     list_filter = ["state", "priority", "calling_ae_title"]
     search_fields = ["study_instance_uid", "accession_number"]
     inlines = [StudyEventInline]

@@ -76,7 +76,11 @@ def study_complete(
     """
     with transaction.atomic():
         moved = study.transition(
-            StudyState.COMPLETE, from_states=from_states or [StudyState.RECEIVING], detail=detail, where=where, kind=kind
+            StudyState.COMPLETE,
+            from_states=from_states or [StudyState.RECEIVING],
+            detail=detail,
+            where=where,
+            kind=kind,
         )
         if moved:
             study_id = study.pk

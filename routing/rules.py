@@ -164,7 +164,9 @@ def rule_evaluate(*, rule: RoutingRule, context: StudyContext) -> RuleVerdict:
     for series in context.series or [None]:
         verdicts = [condition_evaluate(condition=c, seen=context.values(c.attribute, series)) for c in conditions]
         uid = series.series_instance_uid if series else None
-        verdict = RuleVerdict(rule=rule, matched=all(v.holds for v in verdicts), series_instance_uid=uid, conditions=verdicts)
+        verdict = RuleVerdict(
+            rule=rule, matched=all(v.holds for v in verdicts), series_instance_uid=uid, conditions=verdicts
+        )
         if verdict.matched:
             return verdict
         if best is None or sum(v.holds for v in verdicts) > sum(v.holds for v in best.conditions):
@@ -250,7 +252,10 @@ class StudyContext:
 
 def _first_header(series: Series) -> pydicom.Dataset | None:
     instance = (
-        Instance.objects.filter(series=series, deleted_at=None).exclude(path="").order_by("instance_number", "id").first()
+        Instance.objects.filter(series=series, deleted_at=None)
+        .exclude(path="")
+        .order_by("instance_number", "id")
+        .first()
     )
     if instance is None:
         return None

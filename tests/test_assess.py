@@ -15,8 +15,8 @@ from django.core.management import CommandError, call_command
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from results.models import Destination
 from pacslens.ops.assess import UnknownNode, node_assess
+from results.models import Destination
 from routing.models import ApplicationEntity
 from tests.support.net import free_port
 
@@ -67,17 +67,25 @@ class MetadataServer:
 
 def capability(*resources: tuple[str, list[str]]) -> dict[str, Any]:
     return {
-        "resourceType": "CapabilityStatement", "fhirVersion": "4.0.1", "software": {"name": "test RIS"},
-        "rest": [{"mode": "server", "resource": [
-            {"type": kind, "interaction": [{"code": code} for code in codes]} for kind, codes in resources
-        ]}],
+        "resourceType": "CapabilityStatement",
+        "fhirVersion": "4.0.1",
+        "software": {"name": "test RIS"},
+        "rest": [
+            {
+                "mode": "server",
+                "resource": [
+                    {"type": kind, "interaction": [{"code": code} for code in codes]} for kind, codes in resources
+                ],
+            }
+        ],
     }
 
 
 @pytest.fixture
 def fhir() -> Iterator[MetadataServer]:
-    server = MetadataServer(capability(("Observation", ["create", "search-type"]),
-                                       ("ImagingStudy", ["update", "search-type", "read"])))
+    server = MetadataServer(
+        capability(("Observation", ["create", "search-type"]), ("ImagingStudy", ["update", "search-type", "read"]))
+    )
     yield server
     server.httpd.shutdown()
     server.httpd.server_close()
@@ -97,13 +105,23 @@ class TestAgainstOrthanc:
     def test_a_pacs_that_knows_us_supports_query_retrieve_and_sr(self, pacs, orthanc):
         orthanc.add_modality("pacslens", OUR_AE, "127.0.0.1", free_port())
         report = node_assess(node=orthanc.aet, dicomweb_url=orthanc.dicomweb_url, timeout=5)
-        for name in ("C-ECHO", "C-FIND STUDY level", "C-FIND SERIES level", "C-FIND IMAGE level", "C-GET",
-                     "Storage SCP negotiation", "QIDO-RS", "WADO-RS"):
+        for name in (
+            "C-ECHO",
+            "C-FIND STUDY level",
+            "C-FIND SERIES level",
+            "C-FIND IMAGE level",
+            "C-GET",
+            "Storage SCP negotiation",
+            "QIDO-RS",
+            "WADO-RS",
+        ):
             assert probe(report, name).ok is True, probe(report, name)
         # Orthanc looks the study up once it accepted the destination: accepted, not confirmed.
         move = probe(report, f"C-MOVE to {OUR_AE}")
         assert move.ok is None and "request accepted" in move.summary
-        assert any("Comprehensive 3D SR Storage: all proposed" in d for d in probe(report, "Storage SCP negotiation").details)
+        assert any(
+            "Comprehensive 3D SR Storage: all proposed" in d for d in probe(report, "Storage SCP negotiation").details
+        )
         assert pattern(report, "2b.").usable is True
         assert pattern(report, "3.").usable is True
         assert pattern(report, "SR write-back by C-STORE").usable is True
@@ -115,7 +133,9 @@ class TestAgainstOrthanc:
         assert probe(report, "C-ECHO").ok is True
         assert probe(report, "C-MOVE to UNKNOWN_TO_IT").ok is False
         assert pattern(report, "2a.").usable is False
-        assert any("register UNKNOWN_TO_IT" in action and "C-MOVE destination" in action for action in report.it_actions)
+        assert any(
+            "register UNKNOWN_TO_IT" in action and "C-MOVE destination" in action for action in report.it_actions
+        )
         text = report.as_text()
         assert "What the site's IT team must configure" in text
         assert "What is the expected latency from acquisition to worklist update?" in text
@@ -177,7 +197,9 @@ class TestRISEndpoints:
         assert mllp.received == []  # connected, sent nothing
 
     def test_dead_mllp_port(self, db):
-        Destination.objects.create(name="ris", kind="hl7", host="127.0.0.1", port=free_port(), hl7_message_type="ORU^R01")
+        Destination.objects.create(
+            name="ris", kind="hl7", host="127.0.0.1", port=free_port(), hl7_message_type="ORU^R01"
+        )
         report = node_assess(node="ris", timeout=3)
         assert probe(report, "MLLP connect").ok is False
         assert any("MLLP inbound port" in action for action in report.it_actions)

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.factories import PASSWORD, hl7_destination, inferred_study, make_destination, make_failed_delivery, make_result, make_study, make_user
+from tests.support.factories import (
+    PASSWORD,
+    hl7_destination,
+    inferred_study,
+    make_destination,
+    make_failed_delivery,
+    make_result,
+    make_study,
+    make_user,
+)
 from tests.support.mllp import MLLPListener
 from tests.support.net import require_program
 
@@ -23,8 +32,14 @@ pytestmark = pytest.mark.usefixtures("plain_static_storage")
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 WAIT_MS = 15_000  # upper bound for a condition to come true; the tests never sleep
 
 
@@ -50,7 +65,9 @@ def browser():
 
 @pytest.fixture
 def page(browser, transactional_db, live_server):
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True, base_url=live_server.url)
+    context = browser.new_context(
+        viewport={"width": 1400, "height": 900}, accept_downloads=True, base_url=live_server.url
+    )
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     yield page
@@ -73,8 +90,8 @@ def screenshot(page, name: str) -> None:
 
 class TestPacsAdministrator:
     def test_adds_an_ae_title_and_tests_it_against_a_running_listener(self, page, settings, data_dir):
-        from routing.receive.listener import DicomListener
         from routing.models import ApplicationEntity, AuditEntry
+        from routing.receive.listener import DicomListener
 
         settings.DICOM_ACCEPT_ANY_CALLING_AE = True
         listener = DicomListener(host="127.0.0.1", port=0, ae_title="PACSLENS")
@@ -127,7 +144,9 @@ class TestInformaticist:
         rule = RoutingRule.objects.create(name="CT head")
         hl7_destination(rule, port, max_attempts=1)
         study, result = inferred_study(data_dir)
-        Delivery.objects.filter(pk__in=[d.pk for d in deliveries_create(study=study, results=[result], rule_ids=[rule.pk])])
+        Delivery.objects.filter(
+            pk__in=[d.pk for d in deliveries_create(study=study, results=[result], rule_ids=[rule.pk])]
+        )
         deliveries_run_pending()
         delivery = Delivery.objects.get()
         assert delivery.state == "failed"
@@ -208,8 +227,13 @@ class TestTour:
         from routing.models import ApplicationEntity, Heartbeat, RoutingRule, StoreAssociation
 
         ApplicationEntity.objects.create(ae_title="CT_SCANNER_1", host="10.1.2.3", port=104, description="Emergency CT")
-        StoreAssociation.objects.create(calling_ae_title="CT_SCANNER_1", called_ae_title="PACSLENS", ended_at=timezone.now(),
-                                        released_normally=True, instances_received=3)
+        StoreAssociation.objects.create(
+            calling_ae_title="CT_SCANNER_1",
+            called_ae_title="PACSLENS",
+            ended_at=timezone.now(),
+            released_normally=True,
+            instances_received=3,
+        )
         for role in ("listener", "workers", "tasks"):
             Heartbeat.beat(role=role, identity="pacslens-1:4242", detail={})
         rule = RoutingRule.objects.create(name="CT head bleed", description="Non-contrast head CT")

@@ -9,7 +9,6 @@ from django.utils import timezone
 
 from routing.completion import studies_complete_due, study_try_complete
 from routing.models import ApplicationEntity, StoreAssociation, Study, StudyState
-from routing.store.spool import instance_store
 from routing.tasks import check_completion_after_release
 from tests.support.ct import make_ct
 from tests.support.factories import receive
@@ -139,7 +138,9 @@ class TestPull:
         study = age(receive(data_dir, ds), 40)
         pacs = ApplicationEntity.objects.create(ae_title="PACS", host="127.0.0.1", port=104, may_query=True)
         source = PollSource.objects.create(name="pacs", pacs=pacs)
-        retrieve = StudyRetrieve.objects.create(source=source, study_instance_uid=ds.StudyInstanceUID, study=study, state="retrieving")
+        retrieve = StudyRetrieve.objects.create(
+            source=source, study_instance_uid=ds.StudyInstanceUID, study=study, state="retrieving"
+        )
         assert not study_try_complete(study=study)
         retrieve.state = "done"
         retrieve.save()

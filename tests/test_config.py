@@ -13,8 +13,12 @@ pytestmark = pytest.mark.django_db
 
 
 def make_aes():
-    ApplicationEntity.objects.create(ae_title="CT01", host="10.0.0.5", port=104, description="Head CT", quiet_period_seconds=20)
-    ApplicationEntity.objects.create(ae_title="PACS", host="pacs.local", port=11112, may_query=True, receives_results=True, tls=True)
+    ApplicationEntity.objects.create(
+        ae_title="CT01", host="10.0.0.5", port=104, description="Head CT", quiet_period_seconds=20
+    )
+    ApplicationEntity.objects.create(
+        ae_title="PACS", host="pacs.local", port=11112, may_query=True, receives_results=True, tls=True
+    )
 
 
 class TestExportImport:
@@ -88,11 +92,26 @@ class TestDestinations:
         return {
             "pacslens_config": 1,
             "ae_titles": [{"ae_title": "PACS", "host": "pacs.local", "port": 104, "receives_results": True}],
-            "routing_rules": [{"name": "CT head", "conditions": [{"attribute": "Modality", "operator": "equals", "value": "CT"}]}],
+            "routing_rules": [
+                {"name": "CT head", "conditions": [{"attribute": "Modality", "operator": "equals", "value": "CT"}]}
+            ],
             "destinations": [
                 {"name": "main-pacs", "kind": "dicom", "application_entity": "PACS", "rules": ["CT head"]},
-                {"name": "ris", "kind": "hl7", "host": "ris.local", "port": 2575, "hl7_message_type": "ORM^O01", "rules": ["CT head"]},
-                {"name": "fhir", "kind": "fhir", "base_url": "https://fhir.local/r4", "auth": "bearer", "secret": "s3cret-token"},
+                {
+                    "name": "ris",
+                    "kind": "hl7",
+                    "host": "ris.local",
+                    "port": 2575,
+                    "hl7_message_type": "ORM^O01",
+                    "rules": ["CT head"],
+                },
+                {
+                    "name": "fhir",
+                    "kind": "fhir",
+                    "base_url": "https://fhir.local/r4",
+                    "auth": "bearer",
+                    "secret": "s3cret-token",
+                },
             ],
         }
 

@@ -11,8 +11,8 @@ from django.test import Client
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from results.models import Destination
-from routing.receive.listener import TRANSFER_SYNTAXES
 from routing.models import ApplicationEntity
+from routing.receive.listener import TRANSFER_SYNTAXES
 
 pytestmark = pytest.mark.django_db
 
@@ -29,11 +29,19 @@ def site(settings):
     settings.DICOM_PORT = 10400
     settings.DICOM_LISTENER_PROCESSES = 3
     settings.DICOM_MAX_ASSOCIATIONS = 7
-    ApplicationEntity.objects.create(ae_title="MAIN_PACS", host="pacs.hospital.local", port=104, may_send=True,
-                                     check_peer_ip=True, receives_results=True, tls=True)
+    ApplicationEntity.objects.create(
+        ae_title="MAIN_PACS",
+        host="pacs.hospital.local",
+        port=104,
+        may_send=True,
+        check_peer_ip=True,
+        receives_results=True,
+        tls=True,
+    )
     ApplicationEntity.objects.create(ae_title="OLD_CT", host="ct1", may_send=False)
-    Destination.objects.create(name="main-pacs", kind="dicom",
-                               application_entity=ApplicationEntity.objects.get(ae_title="MAIN_PACS"))
+    Destination.objects.create(
+        name="main-pacs", kind="dicom", application_entity=ApplicationEntity.objects.get(ae_title="MAIN_PACS")
+    )
 
 
 class TestMarkdown:

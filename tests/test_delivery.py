@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from results.deliver.identity import installation_current
 from results.deliver.ledger import (
     DiscardReasonRequired,
     deliveries_create,
@@ -17,7 +18,6 @@ from results.deliver.ledger import (
     delivery_discard,
     delivery_retry,
 )
-from results.deliver.identity import installation_current
 from results.models import Delivery, DeliveryState, Destination, InferenceResult
 from routing.models import Study, StudyState
 from tests.support.factories import dicom_destination, hl7_destination, inferred_study

@@ -8,10 +8,10 @@ import pydicom
 import pytest
 from django.core.management import call_command
 
+from pacslens.demo_study import demo_study_write
 from results.inference.demo_model import INPUT_SHAPE, THRESHOLD, demo_manifest, demo_model_build, demo_model_write
 from results.inference.manifest import manifest_normalize
 from results.inference.volume import LoadedVolume, slice_indices, volume_preprocess
-from pacslens.demo_study import demo_study_write
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,14 @@ class TestDemoStudy:
         positions = [float(h.ImagePositionPatient[2]) for h in headers]
         assert positions == sorted(positions) and len(set(positions)) == 5
         assert [h.InstanceNumber for h in headers] == [1, 2, 3, 4, 5]
-        for keyword in ("StudyDate", "AccessionNumber", "FrameOfReferenceUID", "Manufacturer", "PixelSpacing", "SliceThickness"):
+        for keyword in (
+            "StudyDate",
+            "AccessionNumber",
+            "FrameOfReferenceUID",
+            "Manufacturer",
+            "PixelSpacing",
+            "SliceThickness",
+        ):
             assert keyword in first, keyword
         assert first.pixel_array.shape == (64, 64)
 
@@ -97,9 +104,16 @@ class TestDemoStudy:
     @pytest.mark.parametrize("syntax", ["rle", "jpeg2000", "jpegls"])
     def test_compressed_syntaxes_decode_to_the_same_pixels(self, tmp_path, syntax):
         plain = demo_study_write(outdir=tmp_path / "plain", slices=1, size=64, seed=5, lesion=True)
-        packed = demo_study_write(outdir=tmp_path / syntax, slices=1, size=64, seed=5, lesion=True, transfer_syntax=syntax)
+        packed = demo_study_write(
+            outdir=tmp_path / syntax, slices=1, size=64, seed=5, lesion=True, transfer_syntax=syntax
+        )
         ds = pydicom.dcmread(packed.paths[0])
-        assert ds.file_meta.TransferSyntaxUID == {"rle": "1.2.840.10008.1.2.5", "jpeg2000": "1.2.840.10008.1.2.4.90", "jpegls": "1.2.840.10008.1.2.4.80"}[syntax]
+        assert (
+            ds.file_meta.TransferSyntaxUID
+            == {"rle": "1.2.840.10008.1.2.5", "jpeg2000": "1.2.840.10008.1.2.4.90", "jpegls": "1.2.840.10008.1.2.4.80"}[
+                syntax
+            ]
+        )
         assert ds.pixel_array.shape == (64, 64)
         # Same seed, same phantom; the noise field is rolled at random, so compare the tissue means.
         assert abs(float(ds.pixel_array.mean()) - float(pydicom.dcmread(plain.paths[0]).pixel_array.mean())) < 5

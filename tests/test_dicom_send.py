@@ -31,11 +31,13 @@ def study_and_sr():
 
 
 def send(scp: StubSCP, datasets, **kwargs):
-    return send_datasets(kwargs.pop("calling", CALLING_AE), "127.0.0.1", scp.port,
-                         kwargs.pop("called", SCP_AE), datasets, **kwargs)
+    return send_datasets(
+        kwargs.pop("calling", CALLING_AE), "127.0.0.1", scp.port, kwargs.pop("called", SCP_AE), datasets, **kwargs
+    )
 
 
 # --- Orthanc ---------------------------------------------------------------------------------
+
 
 def test_it_stores_the_sr_in_the_source_study_at_orthanc(orthanc, study_and_sr):
     sources, payload, sr = study_and_sr
@@ -58,8 +60,7 @@ def test_a_re_send_leaves_one_copy_at_orthanc(orthanc, study_and_sr):
 
     first = send_datasets(CALLING_AE, orthanc.host, orthanc.dicom_port, orthanc.aet, [sr])
     # A re-send builds the SR again from the same result, as the ledger will after a crash.
-    again = send_datasets(CALLING_AE, orthanc.host, orthanc.dicom_port, orthanc.aet,
-                          [build_sr(payload)])
+    again = send_datasets(CALLING_AE, orthanc.host, orthanc.dicom_port, orthanc.aet, [build_sr(payload)])
 
     assert first[0].ok and again[0].ok
     matches = orthanc.find_instances({"SOPInstanceUID": str(payload.sr_sop_instance_uid)})
@@ -69,11 +70,11 @@ def test_a_re_send_leaves_one_copy_at_orthanc(orthanc, study_and_sr):
 
 def test_a_session_reuses_one_association_with_tcp_nodelay(orthanc):
     sources = make_ct_slices(2)
-    srs = [build_sr(make_payload(sources, identity=identity(f"result-r{n}")))
-           for n in range(3)]
+    srs = [build_sr(make_payload(sources, identity=identity(f"result-r{n}"))) for n in range(3)]
 
-    with StoreSession(calling_ae_title=CALLING_AE, host=orthanc.host, port=orthanc.dicom_port,
-                      called_ae_title=orthanc.aet) as session:
+    with StoreSession(
+        calling_ae_title=CALLING_AE, host=orthanc.host, port=orthanc.dicom_port, called_ae_title=orthanc.aet
+    ) as session:
         sock = session._assoc.dul.socket.socket
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         outcomes = [session.store(sr) for sr in srs]
@@ -86,11 +87,9 @@ def test_a_session_reuses_one_association_with_tcp_nodelay(orthanc):
 
 def test_a_session_reconnects_when_the_peer_dropped_the_association(scp_factory):
     sources = make_ct_slices(1)
-    srs = [build_sr(make_payload(sources, identity=identity(f"result-d{n}")))
-           for n in range(3)]
+    srs = [build_sr(make_payload(sources, identity=identity(f"result-d{n}"))) for n in range(3)]
     scp = scp_factory(drop_after_store=True)
-    with StoreSession(calling_ae_title=CALLING_AE, host="127.0.0.1", port=scp.port,
-                      called_ae_title=SCP_AE) as session:
+    with StoreSession(calling_ae_title=CALLING_AE, host="127.0.0.1", port=scp.port, called_ae_title=SCP_AE) as session:
         outcomes = []
         for sr in srs:
             outcomes.append(session.store(sr))
@@ -102,6 +101,7 @@ def test_a_session_reconnects_when_the_peer_dropped_the_association(scp_factory)
 
 
 # --- Association failures ---------------------------------------------------------------------
+
 
 def test_an_unknown_calling_ae_is_a_config_error_not_retried(scp_factory, study_and_sr):
     scp = scp_factory(require_calling_aet=["SOMEONE"])
@@ -122,8 +122,7 @@ def test_an_unknown_called_ae_is_a_config_error(scp_factory, study_and_sr):
 
 def test_too_many_associations_is_transient(scp_factory, study_and_sr):
     scp = scp_factory(max_associations=1)
-    with StoreSession(calling_ae_title=CALLING_AE, host="127.0.0.1", port=scp.port,
-                      called_ae_title=SCP_AE):
+    with StoreSession(calling_ae_title=CALLING_AE, host="127.0.0.1", port=scp.port, called_ae_title=SCP_AE):
         (outcome,) = send(scp, [study_and_sr[2]])
     assert outcome.kind is OutcomeKind.TRANSIENT
     assert outcome.code == "A-ASSOCIATE-RJ 2/3/2"
@@ -131,8 +130,7 @@ def test_too_many_associations_is_transient(scp_factory, study_and_sr):
 
 def test_a_peer_that_is_down_is_transient(study_and_sr):
     port = free_port()  # nobody listens here
-    outcomes = send_datasets(CALLING_AE, "127.0.0.1", port, SCP_AE, [study_and_sr[2]],
-                             timeout=2)
+    outcomes = send_datasets(CALLING_AE, "127.0.0.1", port, SCP_AE, [study_and_sr[2]], timeout=2)
     assert [outcome.kind for outcome in outcomes] == [OutcomeKind.TRANSIENT]
     assert outcomes[0].code is None
 
@@ -152,15 +150,19 @@ def test_no_response_is_transient(scp_factory, study_and_sr):
 
 # --- DIMSE statuses ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("status", "kind"), [
-    (0xA700, OutcomeKind.TRANSIENT),
-    (0xA7FF, OutcomeKind.TRANSIENT),
-    (0xA900, OutcomeKind.PERMANENT),
-    (0xC000, OutcomeKind.PERMANENT),
-    (0x0122, OutcomeKind.PERMANENT),
-    (0x0124, OutcomeKind.CONFIG_ERROR),
-    (0x0110, OutcomeKind.TRANSIENT),
-])
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (0xA700, OutcomeKind.TRANSIENT),
+        (0xA7FF, OutcomeKind.TRANSIENT),
+        (0xA900, OutcomeKind.PERMANENT),
+        (0xC000, OutcomeKind.PERMANENT),
+        (0x0122, OutcomeKind.PERMANENT),
+        (0x0124, OutcomeKind.CONFIG_ERROR),
+        (0x0110, OutcomeKind.TRANSIENT),
+    ],
+)
 def test_failure_statuses_are_classified(scp_factory, study_and_sr, status, kind):
     scp = scp_factory(status=status)
     (outcome,) = send(scp, [study_and_sr[2]])
@@ -177,8 +179,7 @@ def test_a_warning_is_a_success_with_a_note(scp_factory, study_and_sr):
 
 def test_outcomes_come_back_per_dataset_in_order(scp_factory):
     sources = make_ct_slices(1, patient_name="Doe^Jane")
-    srs = [build_sr(make_payload(sources, identity=identity(f"result-o{n}")))
-           for n in range(3)]
+    srs = [build_sr(make_payload(sources, identity=identity(f"result-o{n}"))) for n in range(3)]
     scp = scp_factory(status=0xA900)
     outcomes = send(scp, srs)
     assert [outcome.key for outcome in outcomes] == [str(sr.SOPInstanceUID) for sr in srs]

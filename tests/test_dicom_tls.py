@@ -18,16 +18,16 @@ from django.core.exceptions import ImproperlyConfigured
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from pacslens.ops.probes import probe_dicom_echo
 from pacslens.settings import envfile
 from results.deliver.dicom_send import StoreSession
-from results.models import Destination
 from results.deliver.payload import OutcomeKind
 from results.deliver.senders import _send_dicom
 from results.deliver.sr import build_sr
+from results.models import Destination
+from routing.models import ApplicationEntity, Instance
 from routing.receive import dicom_tls
 from routing.receive.listener import DicomListener
-from routing.models import ApplicationEntity, Instance
-from pacslens.ops.probes import probe_dicom_echo
 from tests.support.ct import ct_series_write, make_ct_slices
 from tests.support.listener_proc import dcmtk_env
 from tests.support.net import free_port, require_program
@@ -61,9 +61,25 @@ def openssl(*args: str) -> None:
 
 def ca_make(folder: Path, name: str) -> Pair:
     pair = Pair(folder / f"{name}.pem", folder / f"{name}.key")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-            "-keyout", str(pair.key), "-out", str(pair.cert),
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        str(pair.key),
+        "-out",
+        str(pair.cert),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     return pair
 
 
@@ -75,9 +91,36 @@ def leaf_make(folder: Path, name: str, ca: Pair) -> Pair:
         "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
     )
-    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(pair.key), "-out", str(csr))
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca.cert), "-CAkey", str(ca.key), "-CAcreateserial",
-            "-days", "2", "-out", str(pair.cert), "-extfile", str(extensions))
+    openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        str(pair.key),
+        "-out",
+        str(csr),
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca.cert),
+        "-CAkey",
+        str(ca.key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        str(pair.cert),
+        "-extfile",
+        str(extensions),
+    )
     return pair
 
 
@@ -122,8 +165,9 @@ def listener_in_thread(transactional_db, data_dir, tls_settings):
 
 
 def dcmtk(program: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([require_program(program), *args], env=dcmtk_env(), capture_output=True, text=True,
-                          check=False, timeout=60)
+    return subprocess.run(
+        [require_program(program), *args], env=dcmtk_env(), capture_output=True, text=True, check=False, timeout=60
+    )
 
 
 def echoscu(port: int, *tls: str) -> subprocess.CompletedProcess:
@@ -141,8 +185,17 @@ def test_echoscu_and_storescu_with_a_trusted_certificate_work(listener_in_thread
     listener = listener_in_thread("tls")
     assert echoscu(listener.port, *with_cert(certs.client, certs.ca)).returncode == 0
     files = ct_series_write(tmp_path / "ct", 3, rows=16, columns=16)
-    result = dcmtk("storescu", "-aet", CALLING, "-aec", "PACSLENS", *with_cert(certs.client, certs.ca),
-                   "127.0.0.1", str(listener.port), *map(str, files))
+    result = dcmtk(
+        "storescu",
+        "-aet",
+        CALLING,
+        "-aec",
+        "PACSLENS",
+        *with_cert(certs.client, certs.ca),
+        "127.0.0.1",
+        str(listener.port),
+        *map(str, files),
+    )
     assert result.returncode == 0, result.stderr
     assert Instance.objects.count() == 3
 
@@ -187,8 +240,10 @@ def test_tls_1_0_and_1_1_are_refused(listener_in_thread, certs, version):
     context.set_ciphers("DEFAULT:@SECLEVEL=0")
     context.minimum_version = version
     context.maximum_version = version
-    with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as raw, \
-            pytest.raises(ssl.SSLError) as refused:
+    with (
+        socket.create_connection(("127.0.0.1", listener.port), timeout=10) as raw,
+        pytest.raises(ssl.SSLError) as refused,
+    ):
         context.wrap_socket(raw, server_hostname="127.0.0.1")
     assert "NO_PROTOCOLS_AVAILABLE" not in str(refused.value)
 
@@ -204,11 +259,13 @@ def test_both_mode_serves_plain_and_tls_ports(listener_in_thread, certs):
 def test_our_echo_probe_uses_tls(listener_in_thread):
     listener = listener_in_thread("tls")
     # Our SCU presents our certificate (signed by the CA the listener trusts) and verifies the listener's.
-    result = probe_dicom_echo(host="127.0.0.1", port=listener.port, called_ae_title="PACSLENS",
-                              calling_ae_title=CALLING, tls=True)
+    result = probe_dicom_echo(
+        host="127.0.0.1", port=listener.port, called_ae_title="PACSLENS", calling_ae_title=CALLING, tls=True
+    )
     assert result.ok, result
-    assert not probe_dicom_echo(host="127.0.0.1", port=listener.port, called_ae_title="PACSLENS",
-                                calling_ae_title=CALLING, tls=False).ok
+    assert not probe_dicom_echo(
+        host="127.0.0.1", port=listener.port, called_ae_title="PACSLENS", calling_ae_title=CALLING, tls=False
+    ).ok
 
 
 def test_the_echo_probe_says_when_the_tls_handshake_fails(tls_settings, storescp, certs):
@@ -221,11 +278,17 @@ def test_the_echo_probe_says_when_the_tls_handshake_fails(tls_settings, storescp
 
 def test_the_deployed_listener_serves_both_ports_from_every_process(listener_factory, certs):
     tls_port = free_port()
-    proc = listener_factory(processes=2, calling_ae_titles=[CALLING], env={
-        "PACSLENS_DICOM_TLS_MODE": "both", "PACSLENS_DICOM_TLS_PORT": str(tls_port),
-        "PACSLENS_DICOM_TLS_CERT": str(certs.server.cert), "PACSLENS_DICOM_TLS_KEY": str(certs.server.key),
-        "PACSLENS_DICOM_TLS_CA": str(certs.ca),
-    })
+    proc = listener_factory(
+        processes=2,
+        calling_ae_titles=[CALLING],
+        env={
+            "PACSLENS_DICOM_TLS_MODE": "both",
+            "PACSLENS_DICOM_TLS_PORT": str(tls_port),
+            "PACSLENS_DICOM_TLS_CERT": str(certs.server.cert),
+            "PACSLENS_DICOM_TLS_KEY": str(certs.server.key),
+            "PACSLENS_DICOM_TLS_CA": str(certs.ca),
+        },
+    )
     for _ in range(4):
         assert echoscu(tls_port, *with_cert(certs.client, certs.ca)).returncode == 0
         assert echoscu(proc.port).returncode == 0
@@ -244,9 +307,23 @@ def storescp(tmp_path):
         port, folder = free_port(), tmp_path / f"storescp-{len(processes)}"
         folder.mkdir()
         process = subprocess.Popen(
-            [require_program("storescp"), "-aet", STORESCP_AE, "-od", str(folder), "+tls", str(server.key),
-             str(server.cert), "+cf", str(ca), "--require-peer-cert", str(port)],
-            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                require_program("storescp"),
+                "-aet",
+                STORESCP_AE,
+                "-od",
+                str(folder),
+                "+tls",
+                str(server.key),
+                str(server.cert),
+                "+cf",
+                str(ca),
+                "--require-peer-cert",
+                str(port),
+            ],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         processes.append(process)
         port_wait(port, process)
@@ -276,8 +353,13 @@ def sr_dataset():
 
 def test_our_store_scu_stores_into_storescp_over_tls(tls_settings, storescp, certs):
     peer = storescp(certs.server, certs.ca)  # storescp trusts our CA, so it accepts our certificate
-    session = StoreSession(calling_ae_title="PACSLENS", host="127.0.0.1", port=peer.port,
-                           called_ae_title=STORESCP_AE, tls=dicom_tls.client_tls_args(tls=True, host="127.0.0.1"))
+    session = StoreSession(
+        calling_ae_title="PACSLENS",
+        host="127.0.0.1",
+        port=peer.port,
+        called_ae_title=STORESCP_AE,
+        tls=dicom_tls.client_tls_args(tls=True, host="127.0.0.1"),
+    )
     assert session.open() is None
     try:
         outcome = session.store(sr_dataset())
@@ -289,8 +371,13 @@ def test_our_store_scu_stores_into_storescp_over_tls(tls_settings, storescp, cer
 
 def test_our_store_scu_refuses_a_peer_certificate_from_another_ca(tls_settings, storescp, certs):
     peer = storescp(certs.untrusted_server, certs.ca)
-    session = StoreSession(calling_ae_title="PACSLENS", host="127.0.0.1", port=peer.port,
-                           called_ae_title=STORESCP_AE, tls=dicom_tls.client_tls_args(tls=True, host="127.0.0.1"))
+    session = StoreSession(
+        calling_ae_title="PACSLENS",
+        host="127.0.0.1",
+        port=peer.port,
+        called_ae_title=STORESCP_AE,
+        tls=dicom_tls.client_tls_args(tls=True, host="127.0.0.1"),
+    )
     failure = session.open()
     session.close()
     assert failure is not None and failure.kind == OutcomeKind.CONFIG_ERROR

@@ -21,22 +21,29 @@ from tests.support.fhir_server import TOKEN, make_payload, send
 from tests.support.identities import identity
 from tests.support.net import free_port
 
-
 # --- Building -----------------------------------------------------------------------------------
+
 
 def test_the_observation_maps_score_flag_study_and_model():
     payload = make_payload()
     body = build_observation(payload)
     Observation.model_validate(body)
-    assert body["identifier"] == [{"system": "urn:ietf:rfc:3986",
-                                   "value": payload.identity.urn("fhir-observation")}]
+    assert body["identifier"] == [{"system": "urn:ietf:rfc:3986", "value": payload.identity.urn("fhir-observation")}]
     assert body["status"] == "preliminary"
-    assert body["valueQuantity"] == {"value": 0.8731, "unit": "score",
-                                     "system": "http://unitsofmeasure.org", "code": "{score}"}
+    assert body["valueQuantity"] == {
+        "value": 0.8731,
+        "unit": "score",
+        "system": "http://unitsofmeasure.org",
+        "code": "{score}",
+    }
     assert body["component"][0]["valueBoolean"] is True
     assert body["component"][0]["code"]["coding"][0]["code"] == "PL0002"
-    assert body["derivedFrom"] == [{"type": "ImagingStudy", "identifier": {
-        "system": "urn:dicom:uid", "value": "urn:oid:1.2.826.0.1.3680043.8.498.77"}}]
+    assert body["derivedFrom"] == [
+        {
+            "type": "ImagingStudy",
+            "identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.826.0.1.3680043.8.498.77"},
+        }
+    ]
     assert "demo-ich 1.2.0" in body["device"]["display"]
     assert body["subject"]["identifier"]["value"] == "PID-77"
     assert "Doe" not in json.dumps(body), "the name is not needed and not sent"
@@ -48,24 +55,34 @@ def test_a_final_result_is_final():
 
 def test_the_identifier_is_stable_per_result():
     assert observation_identifier(make_payload()) == observation_identifier(make_payload())
-    assert (observation_identifier(make_payload())
-            != observation_identifier(make_payload(identity=identity("result-78"))))
+    assert observation_identifier(make_payload()) != observation_identifier(
+        make_payload(identity=identity("result-78"))
+    )
 
 
 def test_the_imaging_study_merges_into_the_ris_copy():
     payload = make_payload()
-    existing = {"resourceType": "ImagingStudy", "id": "ris-1", "meta": {"versionId": "3"},
-                "status": "available", "subject": {"reference": "Patient/p1"},
-                "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:" + payload.study_instance_uid}],
-                "numberOfSeries": 1, "series": [{"uid": "1.2.3.4", "modality": {
-                    "system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}}]}
+    existing = {
+        "resourceType": "ImagingStudy",
+        "id": "ris-1",
+        "meta": {"versionId": "3"},
+        "status": "available",
+        "subject": {"reference": "Patient/p1"},
+        "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:" + payload.study_instance_uid}],
+        "numberOfSeries": 1,
+        "series": [
+            {"uid": "1.2.3.4", "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}}
+        ],
+    }
     body = build_imaging_study(payload, observation_id="obs9", existing=existing)
     ImagingStudy.model_validate(body)
     assert body["series"] == existing["series"] and body["subject"] == existing["subject"]
     assert "meta" not in body
     assert len([i for i in body["identifier"] if i.get("system") == "urn:dicom:uid"]) == 1
-    assert any(i.get("type", {}).get("coding", [{}])[0].get("code") == "ACSN"
-               and i["value"] == "ACC0077" for i in body["identifier"])
+    assert any(
+        i.get("type", {}).get("coding", [{}])[0].get("code") == "ACSN" and i["value"] == "ACC0077"
+        for i in body["identifier"]
+    )
     (extension,) = body["extension"]
     assert extension["valueReference"]["reference"] == "Observation/obs9"
     again = build_imaging_study(payload, observation_id="obs9", existing=body)
@@ -88,6 +105,7 @@ def test_a_missing_patient_id_is_permanent(fhir_server):
 
 
 # --- Against the server ----------------------------------------------------------------------
+
 
 def test_it_creates_the_observation_and_the_imaging_study(fhir_server):
     payload = make_payload()
@@ -114,10 +132,15 @@ def test_a_re_send_never_duplicates(fhir_server):
 
 def test_it_updates_the_imaging_study_the_ris_already_has(fhir_server):
     payload = make_payload()
-    fhir_server.seed({"resourceType": "ImagingStudy", "status": "available",
-                      "subject": {"reference": "Patient/p1"}, "numberOfInstances": 42,
-                      "identifier": [{"system": "urn:dicom:uid",
-                                      "value": f"urn:oid:{payload.study_instance_uid}"}]})
+    fhir_server.seed(
+        {
+            "resourceType": "ImagingStudy",
+            "status": "available",
+            "subject": {"reference": "Patient/p1"},
+            "numberOfInstances": 42,
+            "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{payload.study_instance_uid}"}],
+        }
+    )
     assert send(fhir_server, payload).ok
     (study,) = fhir_server.resources["ImagingStudy"]
     assert study["numberOfInstances"] == 42 and study["meta"]["versionId"] == "2"
@@ -142,11 +165,20 @@ def test_duplicate_observations_at_the_server_are_permanent(fhir_server):
     assert (outcome.kind, outcome.code) == (OutcomeKind.PERMANENT, 412)
 
 
-@pytest.mark.parametrize(("status", "kind"), [
-    (400, OutcomeKind.PERMANENT), (409, OutcomeKind.PERMANENT), (412, OutcomeKind.PERMANENT),
-    (422, OutcomeKind.PERMANENT), (403, OutcomeKind.CONFIG_ERROR), (404, OutcomeKind.CONFIG_ERROR),
-    (429, OutcomeKind.TRANSIENT), (500, OutcomeKind.TRANSIENT), (503, OutcomeKind.TRANSIENT),
-])
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, OutcomeKind.PERMANENT),
+        (409, OutcomeKind.PERMANENT),
+        (412, OutcomeKind.PERMANENT),
+        (422, OutcomeKind.PERMANENT),
+        (403, OutcomeKind.CONFIG_ERROR),
+        (404, OutcomeKind.CONFIG_ERROR),
+        (429, OutcomeKind.TRANSIENT),
+        (500, OutcomeKind.TRANSIENT),
+        (503, OutcomeKind.TRANSIENT),
+    ],
+)
 def test_http_statuses_are_classified(fhir_server, status, kind):
     fhir_server.script = [status]
     outcome = send(fhir_server)
@@ -185,8 +217,7 @@ def test_a_timeout_is_transient(fhir_server):
 
 
 def test_a_server_that_is_down_is_transient():
-    outcome = send_fhir_result(f"http://127.0.0.1:{free_port()}/fhir", make_payload(),
-                               bearer_token=TOKEN, timeout=2)
+    outcome = send_fhir_result(f"http://127.0.0.1:{free_port()}/fhir", make_payload(), bearer_token=TOKEN, timeout=2)
     assert outcome.kind is OutcomeKind.TRANSIENT
 
 

@@ -34,7 +34,10 @@ class TestChecks:
         body = health(200)
         assert body["status"] == "ok"
         assert {name: check["status"] for name, check in body["checks"].items()} == {
-            "database": "ok", "disk": "ok", "listener": "ok", "workers": "ok"
+            "database": "ok",
+            "disk": "ok",
+            "listener": "ok",
+            "workers": "ok",
         }
         assert body["checks"]["listener"]["processes"] == 1
 

@@ -27,10 +27,17 @@ MESSAGE_TYPES = ("ORU^R01", "ORM^O01")
 
 def make_payload(**overrides: Any) -> ResultPayload:
     values: dict[str, Any] = dict(
-        study_instance_uid="1.2.826.0.1.3680043.8.498.1", accession_number="ACC0042",
-        patient_id="PID-77", patient_name="Doe^Jane", triage_score=0.8731, finding_flag=True,
-        model_name="demo-ich", model_version="1.2.0", identity=identity("result-42"),
-        created_at=dt.datetime(2024, 1, 1, 12, 5, 30, tzinfo=dt.UTC), priority=Priority.STAT,
+        study_instance_uid="1.2.826.0.1.3680043.8.498.1",
+        accession_number="ACC0042",
+        patient_id="PID-77",
+        patient_name="Doe^Jane",
+        triage_score=0.8731,
+        finding_flag=True,
+        model_name="demo-ich",
+        model_version="1.2.0",
+        identity=identity("result-42"),
+        created_at=dt.datetime(2024, 1, 1, 12, 5, 30, tzinfo=dt.UTC),
+        priority=Priority.STAT,
     )
     values.update(overrides)
     return ResultPayload(**values)
@@ -45,11 +52,16 @@ def fields(er7: str, segment: str, occurrence: int = 0) -> list[str]:
 
 # --- Building ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("message_type", MESSAGE_TYPES)
 def test_it_builds_a_strictly_valid_message(version, message_type):
-    er7 = build_hl7_message(make_payload(), message_type=message_type, control_id="PL000042",
-                            settings=HL7Settings(version=version, receiving_application="RIS"))
+    er7 = build_hl7_message(
+        make_payload(),
+        message_type=message_type,
+        control_id="PL000042",
+        settings=HL7Settings(version=version, receiving_application="RIS"),
+    )
     parsed = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
     assert parsed.version == version
     msh = fields(er7, "MSH")
@@ -62,8 +74,9 @@ def test_it_builds_a_strictly_valid_message(version, message_type):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_the_result_carries_score_flag_and_status(version):
-    er7 = build_hl7_message(make_payload(), message_type="ORU^R01", control_id="C1",
-                            settings=HL7Settings(version=version))
+    er7 = build_hl7_message(
+        make_payload(), message_type="ORU^R01", control_id="C1", settings=HL7Settings(version=version)
+    )
     score, flag = fields(er7, "OBX", 0), fields(er7, "OBX", 1)
     assert (score[2], score[5], score[11]) == ("NM", "0.8731", "P")
     assert score[3] == "PL0001^AI triage score^99PACSLENS"
@@ -79,7 +92,10 @@ def test_the_result_carries_score_flag_and_status(version):
 def test_a_final_negative_routine_result():
     er7 = build_hl7_message(
         make_payload(finding_flag=False, is_final=True, priority=Priority.ROUTINE),
-        message_type="ORU^R01", control_id="C1", settings=HL7Settings(version="2.5.1"))
+        message_type="ORU^R01",
+        control_id="C1",
+        settings=HL7Settings(version="2.5.1"),
+    )
     assert fields(er7, "OBX", 1)[5] == "N^No^HL70136"
     assert fields(er7, "OBX", 0)[11] == fields(er7, "OBX", 1)[11] == "F"
     assert fields(er7, "OBR")[25] == "F"
@@ -89,36 +105,47 @@ def test_a_final_negative_routine_result():
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("order_control", ["XO", "SC"])
 def test_the_order_message_raises_priority(version, order_control):
-    er7 = build_hl7_message(make_payload(), message_type="ORM^O01", control_id="C1",
-                            settings=HL7Settings(version=version, order_control=order_control))
+    er7 = build_hl7_message(
+        make_payload(),
+        message_type="ORM^O01",
+        control_id="C1",
+        settings=HL7Settings(version=version, order_control=order_control),
+    )
     orc = fields(er7, "ORC")
     assert orc[1] == order_control
     assert orc[7] == "^^^^^S"
     assert fields(er7, "OBR")[27] == "^^^^^S"
 
 
-@pytest.mark.parametrize(("mapping", "segment", "number"), [
-    ("OBR-18", "OBR", 18), ("OBR-3", "OBR", 3), ("OBR-2", "OBR", 2),
-    ("ORC-3", "ORC", 3), ("ORC-2", "ORC", 2),
-])
+@pytest.mark.parametrize(
+    ("mapping", "segment", "number"),
+    [
+        ("OBR-18", "OBR", 18),
+        ("OBR-3", "OBR", 3),
+        ("OBR-2", "OBR", 2),
+        ("ORC-3", "ORC", 3),
+        ("ORC-2", "ORC", 2),
+    ],
+)
 def test_the_accession_field_is_configurable(mapping, segment, number):
-    er7 = build_hl7_message(make_payload(), message_type="ORM^O01", control_id="C1",
-                            settings=HL7Settings(accession_field=mapping))
+    er7 = build_hl7_message(
+        make_payload(), message_type="ORM^O01", control_id="C1", settings=HL7Settings(accession_field=mapping)
+    )
     assert fields(er7, segment)[number] == "ACC0042"
     if mapping != "OBR-18":
         assert len(fields(er7, "OBR")) <= 18 or fields(er7, "OBR")[18] == ""
 
 
 def test_delimiters_in_patient_data_are_escaped():
-    er7 = build_hl7_message(make_payload(accession_number="A|1&2", patient_id="P~9"),
-                            message_type="ORU^R01", control_id="C1")
+    er7 = build_hl7_message(
+        make_payload(accession_number="A|1&2", patient_id="P~9"), message_type="ORU^R01", control_id="C1"
+    )
     assert fields(er7, "OBR")[18] == "A\\F\\1\\T\\2"
     assert fields(er7, "PID")[3] == "P\\R\\9"
 
 
 def test_non_ascii_names_declare_utf8():
-    er7 = build_hl7_message(make_payload(patient_name="Müller^Zoë"), message_type="ORU^R01",
-                            control_id="C1")
+    er7 = build_hl7_message(make_payload(patient_name="Müller^Zoë"), message_type="ORU^R01", control_id="C1")
     assert fields(er7, "MSH")[18] == "UNICODE UTF-8"
     assert fields(er7, "PID")[5] == "Müller^Zoë"
 
@@ -146,18 +173,33 @@ def test_settings_refuse_unknown_versions_and_mappings():
 
 # --- MLLP ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def listener(mllp: MLLPListener) -> MLLPListener:
     return mllp
 
 
-def deliver(listener: MLLPListener, mode: str, *, policy: AckPolicy = AckPolicy(),
-            control_id: str = "PL000042", version: str = "2.5.1", ack_timeout: float = 5):
+def deliver(
+    listener: MLLPListener,
+    mode: str,
+    *,
+    policy: AckPolicy | None = None,
+    control_id: str = "PL000042",
+    version: str = "2.5.1",
+    ack_timeout: float = 5,
+):
     listener.mode = mode
-    message = build_hl7_message(make_payload(), message_type="ORU^R01", control_id=control_id,
-                                settings=HL7Settings(version=version))
-    return send_mllp("127.0.0.1", listener.port, message, control_id=control_id, policy=policy,
-                     ack_timeout=ack_timeout)
+    message = build_hl7_message(
+        make_payload(), message_type="ORU^R01", control_id=control_id, settings=HL7Settings(version=version)
+    )
+    return send_mllp(
+        "127.0.0.1",
+        listener.port,
+        message,
+        control_id=control_id,
+        policy=policy or AckPolicy(),
+        ack_timeout=ack_timeout,
+    )
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -172,14 +214,17 @@ def test_ca_is_success(listener):
     assert deliver(listener, "CA").ok
 
 
-@pytest.mark.parametrize(("mode", "policy", "kind"), [
-    ("AE", AckPolicy(), OutcomeKind.PERMANENT),
-    ("CE", AckPolicy(), OutcomeKind.PERMANENT),
-    ("AE", AckPolicy(on_error=OutcomeKind.TRANSIENT), OutcomeKind.TRANSIENT),
-    ("AR", AckPolicy(), OutcomeKind.TRANSIENT),
-    ("CR", AckPolicy(), OutcomeKind.TRANSIENT),
-    ("AR", AckPolicy(on_reject=OutcomeKind.PERMANENT), OutcomeKind.PERMANENT),
-])
+@pytest.mark.parametrize(
+    ("mode", "policy", "kind"),
+    [
+        ("AE", AckPolicy(), OutcomeKind.PERMANENT),
+        ("CE", AckPolicy(), OutcomeKind.PERMANENT),
+        ("AE", AckPolicy(on_error=OutcomeKind.TRANSIENT), OutcomeKind.TRANSIENT),
+        ("AR", AckPolicy(), OutcomeKind.TRANSIENT),
+        ("CR", AckPolicy(), OutcomeKind.TRANSIENT),
+        ("AR", AckPolicy(on_reject=OutcomeKind.PERMANENT), OutcomeKind.PERMANENT),
+    ],
+)
 def test_errors_and_rejects_follow_the_destination_policy(listener, mode, policy, kind):
     outcome = deliver(listener, mode, policy=policy)
     assert (outcome.kind, outcome.code) == (kind, mode)
@@ -215,7 +260,6 @@ def test_a_re_send_reuses_the_control_id(listener):
     outcome = deliver(listener, "AA")
     assert outcome.ok
     assert listener.received == ["PL000042", "PL000042"], "the RIS can spot the duplicate"
-
 
 
 def test_destinations_offer_exactly_the_accession_fields_the_builder_knows():

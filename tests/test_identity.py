@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
 
-from results.deliver.ledger import deliveries_create, result_payload
 from results.deliver.fhir import build_imaging_study, dumps
 from results.deliver.identity import hl7_control_id, identity_file_read, installation_current
-from results.models import Installation
+from results.deliver.ledger import deliveries_create, result_payload
 from results.deliver.payload import ResultIdentity
+from results.models import Installation
 from tests.support.factories import dicom_destination, hl7_destination, inferred_study
 from tests.support.fhir_server import make_payload, send
 from tests.support.identities import identity
@@ -197,22 +197,37 @@ def test_the_migration_gives_results_uuids_and_keeps_delivered_keys(data_dir):
     old = executor.loader.project_state([("results", "0003_evaluated_instances")]).apps
     study = old.get_model("routing", "Study").objects.create(study_instance_uid="1.2.3.99")
     model = old.get_model("results", "AIModel").objects.create(
-        name="demo", version="1", file="x.onnx", sha256="0" * 64, manifest={"output": {"threshold": 0.5}})
+        name="demo", version="1", file="x.onnx", sha256="0" * 64, manifest={"output": {"threshold": 0.5}}
+    )
     Result = old.get_model("results", "InferenceResult")
-    delivered, undelivered = (Result.objects.create(
-        study=study, model=model, model_name="demo", model_version="1", model_sha256="0" * 64,
-        status="succeeded", score=0.9, flagged=True) for _ in range(2))
+    delivered, undelivered = (
+        Result.objects.create(
+            study=study,
+            model=model,
+            model_name="demo",
+            model_version="1",
+            model_sha256="0" * 64,
+            status="succeeded",
+            score=0.9,
+            flagged=True,
+        )
+        for _ in range(2)
+    )
     destination = old.get_model("results", "Destination").objects.create(name="fhir", kind="fhir", base_url="http://x/")
     seed = f"pacslens-result-{delivered.pk}\x00fhir-observation"
     old_key = "urn:oid:" + generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=[seed])
     delivery = old.get_model("results", "Delivery").objects.create(
-        result=delivered, destination=destination, study=study, kind="fhir", idempotency_key=old_key)
+        result=delivered, destination=destination, study=study, kind="fhir", idempotency_key=old_key
+    )
 
     executor = MigrationExecutor(connection)
     executor.migrate(executor.loader.graph.leaf_nodes())
     from results.models import Delivery, InferenceResult
 
-    delivered_now, undelivered_now = InferenceResult.objects.get(pk=delivered.pk), InferenceResult.objects.get(pk=undelivered.pk)
+    delivered_now, undelivered_now = (
+        InferenceResult.objects.get(pk=delivered.pk),
+        InferenceResult.objects.get(pk=undelivered.pk),
+    )
     assert delivered_now.uid != undelivered_now.uid
     assert delivered_now.legacy_uid_seed == f"pacslens-result-{delivered.pk}" and undelivered_now.legacy_uid_seed == ""
     assert Installation.objects.count() == 1

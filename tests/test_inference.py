@@ -100,7 +100,9 @@ class TestPipeline:
         from results.deliver.ledger import result_payload
 
         assert len(result_payload(result=result).source_instances) == len(result.evaluated_instances)
-        assert all(t is not None and t >= 0 for t in (result.load_seconds, result.preprocess_seconds, result.infer_seconds))
+        assert all(
+            t is not None and t >= 0 for t in (result.load_seconds, result.preprocess_seconds, result.infer_seconds)
+        )
         kinds = list(study.events.values_list("kind", flat=True))
         assert kinds == ["receiving", "complete", "routed", "inferring", "inferred"]
 

@@ -11,8 +11,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Instance, StoreAssociation, Study, StudyState
+from routing.receive.listener import DicomListener
 
 CALLING = "MODALITY1"
 

@@ -96,9 +96,11 @@ def test_ct_series_over_one_association_arrives_complete(listener, tmp_path):
     result = storescu(listener, files)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("Received Store Response (Success)") + result.stderr.count(
-        "Received Store Response (Success)"
-    ) == 300
+    assert (
+        result.stdout.count("Received Store Response (Success)")
+        + result.stderr.count("Received Store Response (Success)")
+        == 300
+    )
     assert listener.instance_count() == 300
     assert len(listener.stored_files()) == 300
     assert len(listener.studies()) == 1

@@ -11,11 +11,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from pacslens.ops.heartbeat import AssociationCounter, HeartbeatThread
 from results.deliver.ledger import deliveries_create, deliveries_run_pending
 from results.models import Delivery, InferenceResult
-from pacslens.ops.heartbeat import AssociationCounter, HeartbeatThread
-from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Heartbeat, RoutingRule, Study
+from routing.receive.listener import DicomListener
 from tests.support.ct import make_ct
 from tests.support.factories import dicom_destination, hl7_destination, inferred_study
 from tests.support.net import free_port
@@ -110,10 +110,19 @@ class TestAssociations:
         HeartbeatThread(role="listener", counter=counter).beat_once()  # flush, as every beat does
         samples = scrape()
         assert value(samples, "pacslens_dicom_associations_total", result="accepted", reason="") == 1
-        assert value(samples, "pacslens_dicom_associations_total", result="rejected", reason="calling-ae-not-recognised") == 1
-        assert value(samples, "pacslens_dicom_associations_total", result="rejected", reason="called-ae-not-recognised") == 1
+        assert (
+            value(samples, "pacslens_dicom_associations_total", result="rejected", reason="calling-ae-not-recognised")
+            == 1
+        )
+        assert (
+            value(samples, "pacslens_dicom_associations_total", result="rejected", reason="called-ae-not-recognised")
+            == 1
+        )
         assert value(samples, "pacslens_store_associations_total") == 1
-        assert ("pacslens_heartbeat_age_seconds", (("identity", Heartbeat.objects.get().identity), ("role", "listener"))) in samples
+        assert (
+            "pacslens_heartbeat_age_seconds",
+            (("identity", Heartbeat.objects.get().identity), ("role", "listener")),
+        ) in samples
 
 
 class TestAccess:

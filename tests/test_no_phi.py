@@ -94,8 +94,11 @@ class RecordingMLLP:
                 msh = er7.split("\r")[0].split("|")
                 control_id, version = msh[9], msh[11]
                 code = "AA" if mode == "AA" else "AE"
-                segments = [f"MSH|^~\\&|RIS|HOSP|PACSLENS||20240101120531||ACK|R{control_id}|P|{version}",
-                            f"MSA|{code}|{control_id}|" + ("" if code == "AA" else f"unknown patient {PATIENT_NAME} {PATIENT_ID}")]
+                segments = [
+                    f"MSH|^~\\&|RIS|HOSP|PACSLENS||20240101120531||ACK|R{control_id}|P|{version}",
+                    f"MSA|{code}|{control_id}|"
+                    + ("" if code == "AA" else f"unknown patient {PATIENT_NAME} {PATIENT_ID}"),
+                ]
                 if code != "AA":
                     segments.append(f"ERR|||204^Unknown key identifier^HL70357|E|||patient {PATIENT_NAME}")
                 self.request.sendall(b"\x0b" + "\r".join(segments).encode() + b"\x1c\r")
@@ -122,28 +125,54 @@ def ris() -> Iterator[tuple[RecordingMLLP, RecordingMLLP]]:
 def test_markers_appear_in_no_log_queue_or_error(listener_factory, ris, tmp_path, log_format):
     live, echo = ris
     debug = {
-        "PACSLENS_LOG_LEVEL": "DEBUG", "PACSLENS_QUEUE_LOG_LEVEL": "DEBUG", "PACSLENS_LOG_LIBRARY_LEVEL": "DEBUG",
-        "PACSLENS_LOG_FORMAT": log_format, "PACSLENS_STUDY_RELEASE_GRACE": "0.5", "PACSLENS_STUDY_QUIET_PERIOD": "30",
+        "PACSLENS_LOG_LEVEL": "DEBUG",
+        "PACSLENS_QUEUE_LOG_LEVEL": "DEBUG",
+        "PACSLENS_LOG_LIBRARY_LEVEL": "DEBUG",
+        "PACSLENS_LOG_FORMAT": log_format,
+        "PACSLENS_STUDY_RELEASE_GRACE": "0.5",
+        "PACSLENS_STUDY_QUIET_PERIOD": "30",
     }
     listener = listener_factory(env=debug)
     env = dict(listener.env)
     config = tmp_path / "site.yaml"
-    config.write_text(SITE_YAML.replace("DEAD_PORT", str(free_port())).replace("LIVE_PORT", str(live.port))
-                      .replace("ECHO_PORT", str(echo.port)))
+    config.write_text(
+        SITE_YAML.replace("DEAD_PORT", str(free_port()))
+        .replace("LIVE_PORT", str(live.port))
+        .replace("ECHO_PORT", str(echo.port))
+    )
     command_output = [_manage(env, "setup_site"), _manage(env, "import_config", str(config))]
     workers_log = listener.data_dir / "workers.log"
     with workers_log.open("ab") as log:
-        workers = subprocess.Popen([PYTHON, "manage.py", "run_workers"], cwd=REPO, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        workers = subprocess.Popen(
+            [PYTHON, "manage.py", "run_workers"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         study = demo_study_write(outdir=tmp_path / "study", lesion=True, slices=8, size=64, seed=7)
         for path in study.paths:
             ds = pydicom.dcmread(path)
             ds.PatientName, ds.PatientID, ds.PatientBirthDate = PATIENT_NAME, PATIENT_ID, BIRTH_DATE
             ds.save_as(path, enforce_file_format=True)
-        sent = subprocess.run([require_program("storescu"), "-aet", "STORESCU", "-aec", listener.ae_title,
-                               listener.host, str(listener.port), *map(str, study.paths)],
-                              env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+        sent = subprocess.run(
+            [
+                require_program("storescu"),
+                "-aet",
+                "STORESCU",
+                "-aec",
+                listener.ae_title,
+                listener.host,
+                str(listener.port),
+                *map(str, study.paths),
+            ],
+            env=dcmtk_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert sent.returncode == 0, sent.stderr
         assert listener.echo(calling_ae_title="NOT_ALLOWED") is None  # a rejection path too
         deliveries = _wait_deliveries_settled(listener, count=3)

@@ -42,9 +42,7 @@ routing_rules:
 @pytest.fixture
 def site(listener_factory, tmp_path):
     """A listener plus a worker cluster sharing one data dir, set up like `make run` does."""
-    listener = listener_factory(
-        env={"PACSLENS_STUDY_RELEASE_GRACE": "0.5", "PACSLENS_STUDY_QUIET_PERIOD": "30"}
-    )
+    listener = listener_factory(env={"PACSLENS_STUDY_RELEASE_GRACE": "0.5", "PACSLENS_STUDY_QUIET_PERIOD": "30"})
     env = dict(listener.env)
     manage = [PYTHON, "manage.py"]
     rules = tmp_path / "rules.yaml"
@@ -52,7 +50,7 @@ def site(listener_factory, tmp_path):
     for command in (["setup_site"], ["import_config", str(rules)]):
         done = subprocess.run(manage + command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-    log = open(listener.data_dir / "workers.log", "ab")
+    log = open(listener.data_dir / "workers.log", "ab")  # noqa: SIM115 - handed to the child, closed below
     workers = subprocess.Popen(
         manage + ["run_workers"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -86,12 +84,14 @@ def wait_final(listener, study_uids: list[str], timeout: float = 120.0, count: i
         rows = {r["study_instance_uid"]: r for r in listener.studies() if r["study_instance_uid"] in study_uids}
         if len(rows) == len(study_uids) and all(r["state"] in FINAL_STATES for r in rows.values()):
             results = {r["study_id"] for r in listener.query("SELECT study_id FROM results_inferenceresult")}
-            if all(r["state"] == "ignored" or r["id"] in results for r in rows.values()):
-                if count == 1 or all(len(results_of(listener, r["id"])) >= count for r in rows.values()):
-                    return rows
+            inferred = all(r["state"] == "ignored" or r["id"] in results for r in rows.values())
+            if inferred and (count == 1 or all(len(results_of(listener, r["id"])) >= count for r in rows.values())):
+                return rows
         time.sleep(0.3)
     workers_log = (listener.data_dir / "workers.log").read_text(errors="replace")[-4000:]
-    raise AssertionError(f"studies not done in {timeout} s: {[(r['id'], r['state']) for r in rows.values()]}\n{workers_log}")
+    raise AssertionError(
+        f"studies not done in {timeout} s: {[(r['id'], r['state']) for r in rows.values()]}\n{workers_log}"
+    )
 
 
 def results_of(listener, study_id: int) -> list[dict]:
@@ -99,7 +99,10 @@ def results_of(listener, study_id: int) -> list[dict]:
 
 
 def timeline(listener, study_id: int) -> list[str]:
-    return [e["kind"] for e in listener.query("SELECT kind FROM routing_studyevent WHERE study_id = ? ORDER BY at, id", (study_id,))]
+    return [
+        e["kind"]
+        for e in listener.query("SELECT kind FROM routing_studyevent WHERE study_id = ? ORDER BY at, id", (study_id,))
+    ]
 
 
 def test_generated_studies_sent_with_storescu_are_routed_and_inferred(site, tmp_path):

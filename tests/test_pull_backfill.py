@@ -33,8 +33,17 @@ class TestBackfill:
     def test_dry_run_counts_and_changes_nothing(self, history):
         source, inside, _ = history
         out = io.StringIO()
-        call_command("backfill", source.name, "--from", "2024-01-01", "--to", "2024-01-05", "--dry-run",
-                     stdout=out, stderr=io.StringIO())
+        call_command(
+            "backfill",
+            source.name,
+            "--from",
+            "2024-01-01",
+            "--to",
+            "2024-01-05",
+            "--dry-run",
+            stdout=out,
+            stderr=io.StringIO(),
+        )
         assert "5/5 days queried, would consider 3 studies" in out.getvalue()
         assert not StudyRetrieve.objects.exists() and not Backfill.objects.exists() and not Study.objects.exists()
 
@@ -45,16 +54,22 @@ class TestBackfill:
         def report(progress):
             stop["now"] = progress.retrieved >= 1  # as if Ctrl-C arrived after the first study
 
-        first = backfill_run(source=source, date_from=date(2024, 1, 1), date_to=date(2024, 1, 5),
-                             should_stop=lambda: stop["now"], report=report)
+        first = backfill_run(
+            source=source,
+            date_from=date(2024, 1, 1),
+            date_to=date(2024, 1, 5),
+            should_stop=lambda: stop["now"],
+            report=report,
+        )
 
         assert (first.interrupted, first.retrieved) == (True, 1)
         backfill = Backfill.objects.get()
         assert backfill.finished_at is None and backfill.next_date == date(2024, 1, 2)
 
         out = io.StringIO()
-        call_command("backfill", source.name, "--from", "2024-01-01", "--to", "2024-01-05", stdout=out,
-                     stderr=io.StringIO())
+        call_command(
+            "backfill", source.name, "--from", "2024-01-01", "--to", "2024-01-05", stdout=out, stderr=io.StringIO()
+        )
 
         assert "retrieved 2, failed 0" in out.getvalue()
         backfill.refresh_from_db()
@@ -66,8 +81,9 @@ class TestBackfill:
         assert Poll.objects.filter(kind="backfill").count() == 5  # day 1 queried once: the cursor moved on
 
         again = io.StringIO()
-        call_command("backfill", source.name, "--from", "2024-01-01", "--to", "2024-01-05", stdout=again,
-                     stderr=io.StringIO())
+        call_command(
+            "backfill", source.name, "--from", "2024-01-01", "--to", "2024-01-05", stdout=again, stderr=io.StringIO()
+        )
         assert "found 3 studies (0 new), retrieved 0" in again.getvalue()
         assert Instance.objects.count() == 6
 

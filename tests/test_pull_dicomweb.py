@@ -16,8 +16,13 @@ pytestmark = [pytest.mark.interop]
 def web_source(transactional_db, data_dir, orthanc, settings):
     settings.AE_TITLE = "PACSLENS"
     orthanc.clear()
-    source = PollSource(name="orthanc-web", kind="dicomweb", dicomweb_url=orthanc.dicomweb_url,
-                        interval_seconds=2, min_query_spacing_seconds=0)
+    source = PollSource(
+        name="orthanc-web",
+        kind="dicomweb",
+        dicomweb_url=orthanc.dicomweb_url,
+        interval_seconds=2,
+        min_query_spacing_seconds=0,
+    )
     source.full_clean()
     source.save()
     return source

@@ -8,13 +8,14 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from routing.receive.listener import DicomListener
 from routing.models import ApplicationEntity, Instance, Poll, PollSource, StoreAssociation, Study, StudyRetrieve
 from routing.pull.poll import poll_due_once, poll_due_sources, source_claim
+from routing.receive.listener import DicomListener
 from tests.support.net import free_port
 from tests.support.pull import OUR_AE, assert_no_patient_data, make_source, orthanc_study, poll_now, route_study_tasks
 
 pytestmark = [pytest.mark.interop]
+
 
 @pytest.fixture
 def listener(pacs, orthanc):
@@ -132,8 +133,9 @@ class TestFailuresAndLimits:
     def test_studies_per_poll_and_query_spacing_hold(self, pacs, orthanc):
         for _ in range(3):
             orthanc_study(orthanc, 1)
-        source = make_source(pacs, retrieve_mode="c-get", max_studies_per_poll=2, min_query_spacing_seconds=60,
-                             interval_seconds=1)
+        source = make_source(
+            pacs, retrieve_mode="c-get", max_studies_per_poll=2, min_query_spacing_seconds=60, interval_seconds=1
+        )
 
         first = poll_now(source)
         assert (first.matches, first.new, first.retrieved) == (3, 3, 2)

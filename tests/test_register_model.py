@@ -142,7 +142,12 @@ class TestManifestValidation:
         del data["series"]
         del data["input"]["resize"]
         normal = manifest_normalize(data)
-        assert normal["series"] == {"orientation": "axial", "min_slices": 1, "max_slices": 10000, "choose": "most_slices"}
+        assert normal["series"] == {
+            "orientation": "axial",
+            "min_slices": 1,
+            "max_slices": 10000,
+            "choose": "most_slices",
+        }
         assert normal["input"]["resize"] == "linear"
 
     def test_manifest_error_lists_fields(self):

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from results.deliver.ledger import deliveries_create, deliveries_run_pending
-from results.models import Delivery, DeliveryAttempt, InferenceResult
 from pacslens.ops.retention import (
     retention_sweep,
     studies_retention_run,
     study_pixels_delete,
 )
+from results.deliver.ledger import deliveries_create, deliveries_run_pending
+from results.models import Delivery, DeliveryAttempt, InferenceResult
 from routing.models import Study, StudyEvent, StudyState
 from tests.support.factories import hl7_destination, inferred_study, receive
 from tests.support.net import free_port
@@ -62,7 +62,9 @@ class TestWhatIsDeleted:
         assert study.events.filter(kind="delivered").exists()
         assert retention_sweep() == 0  # nothing left to do
 
-    def test_an_instance_sent_again_after_retention_is_stored_and_reopens_the_study(self, data_dir, rule, mllp, settings):
+    def test_an_instance_sent_again_after_retention_is_stored_and_reopens_the_study(
+        self, data_dir, rule, mllp, settings
+    ):
         from pydicom import dcmread
 
         hl7_destination(rule, mllp.port)
@@ -135,8 +137,14 @@ class TestWhatIsKept:
 
     def test_a_receiving_or_inferring_study_is_never_touched(self, data_dir, settings):
         settings.RETENTION_DAYS = 0
-        for state in (StudyState.RECEIVING, StudyState.COMPLETE, StudyState.ROUTED, StudyState.INFERRING,
-                      StudyState.DELIVERING, StudyState.FAILED):
+        for state in (
+            StudyState.RECEIVING,
+            StudyState.COMPLETE,
+            StudyState.ROUTED,
+            StudyState.INFERRING,
+            StudyState.DELIVERING,
+            StudyState.FAILED,
+        ):
             study, _ = inferred_study(data_dir, slices=1)
             Study.objects.filter(pk=study.pk).update(state=state)
             age(study, 365)

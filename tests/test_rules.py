@@ -190,7 +190,9 @@ class TestExplain:
         [verdict] = study_explain_routing(study=study).verdicts
         assert not verdict.matched
         assert [(c.holds, c.seen) for c in verdict.conditions] == [(True, ["CT"]), (False, ["CHEST"])]
-        assert "BodyPartExamined is one of 'HEAD\\\\BRAIN': no (saw 'CHEST')" in study_explain_routing(study=study).reason
+        assert (
+            "BodyPartExamined is one of 'HEAD\\\\BRAIN': no (saw 'CHEST')" in study_explain_routing(study=study).reason
+        )
 
 
 class TestRoute:
@@ -278,7 +280,10 @@ class TestYamlConfig:
 
         first = config_export()
         document = yaml.safe_load(first)
-        assert [r["name"] for r in document["routing_rules"]] == ["stat trauma", "Demo: CT head to the demonstration model"]
+        assert [r["name"] for r in document["routing_rules"]] == [
+            "stat trauma",
+            "Demo: CT head to the demonstration model",
+        ]
         stat = document["routing_rules"][0]
         assert stat["priority"] == "stat" and stat["stop_at_first_match"] is False
         assert stat["models"] == [{"name": "demo-hyperdense-head-ct", "version": "1.0"}]

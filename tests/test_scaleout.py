@@ -24,8 +24,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from results.inference.demo_model import RULE_NAME
 from pacslens.demo_study import demo_study_write
+from results.inference.demo_model import RULE_NAME
 from tests.support.listener_proc import DB_NAME, PYTHON, REPO, base_env, dcmtk_env
 from tests.support.mllp import MLLPListener
 from tests.support.net import free_port, require_program
@@ -119,22 +119,36 @@ class Site:
         return Database(self.database_url or sqlite_url(self.data_dir / DB_NAME))
 
     def manage(self, *args: str) -> None:
-        done = subprocess.run([PYTHON, "manage.py", *args], cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=180, check=False)
+        done = subprocess.run(
+            [PYTHON, "manage.py", *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
         assert done.returncode == 0, f"manage.py {' '.join(args)}: {done.stderr[-3000:]}"
 
     def start(self, name: str, *args: str, role: str) -> Proc:
         log_path = self.data_dir / f"{name}.log"
         with open(log_path, "ab") as log:
-            popen = subprocess.Popen([PYTHON, "manage.py", *args], cwd=REPO, env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+            popen = subprocess.Popen(
+                [PYTHON, "manage.py", *args],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
         # Ready once its heartbeat row exists: written after the listener's socket is bound,
         # and after the worker cluster started.
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.db.query("SELECT id FROM routing_heartbeat WHERE role = %s AND identity LIKE %s",
-                                (role, f"%:{popen.pid}")):
+        while not self.db.query(
+            "SELECT id FROM routing_heartbeat WHERE role = %s AND identity LIKE %s", (role, f"%:{popen.pid}")
+        ):
             assert proc.running(), f"{name} exited with {popen.returncode}:\n{proc.log()}"
             assert time.monotonic() < deadline, f"{name} did not start within {START_TIMEOUT_S} s:\n{proc.log()}"
             time.sleep(0.2)
@@ -185,8 +199,13 @@ def test_two_listeners_and_two_worker_clusters_survive_a_kill_and_do_everything_
     storescu = require_program("storescu")
     site.manage("setup_site")
     config = tmp_path / "destinations.yaml"
-    config.write_text(DESTINATIONS.format(entries="".join(
-        DESTINATION.format(name=f"ris-{i}", port=server.port, rule=RULE_NAME) for i, server in enumerate(ris))))
+    config.write_text(
+        DESTINATIONS.format(
+            entries="".join(
+                DESTINATION.format(name=f"ris-{i}", port=server.port, rule=RULE_NAME) for i, server in enumerate(ris)
+            )
+        )
+    )
     site.manage("import_config", str(config))
     listeners = [site.listener_start("listener-1"), site.listener_start("listener-2")]
     started = time.monotonic()
@@ -208,15 +227,20 @@ def test_two_listeners_and_two_worker_clusters_survive_a_kill_and_do_everything_
     # Kill -9 the listener holding H's open association and one worker cluster, mid-run.
     holder = site.db.query(
         "SELECT DISTINCT a.listener FROM routing_storeassociation a JOIN routing_instance i ON i.association_id = a.id "
-        "WHERE i.sop_instance_uid = %s", (acked[0],))[0]["listener"]
+        "WHERE i.sop_instance_uid = %s",
+        (acked[0],),
+    )[0]["listener"]
     [victim] = [p for p in listeners if holder.endswith(f":{p.pid}")]
     victim.kill9()
     workers[0].kill9()
     assert not store_rest(association, held), "a killed listener acknowledged an instance"
 
     # Nothing acknowledged is lost: H's first half is recorded and on disk.
-    rows = site.db.query("SELECT sop_instance_uid, path FROM routing_instance WHERE sop_instance_uid IN "
-                         f"({', '.join(['%s'] * len(acked))})", acked)
+    rows = site.db.query(
+        "SELECT sop_instance_uid, path FROM routing_instance WHERE sop_instance_uid IN "
+        f"({', '.join(['%s'] * len(acked))})",
+        acked,
+    )
     assert sorted(r["sop_instance_uid"] for r in rows) == sorted(acked)
     assert all((site.data_dir / r["path"]).is_file() for r in rows)
 
@@ -236,7 +260,9 @@ def test_two_listeners_and_two_worker_clusters_survive_a_kill_and_do_everything_
     # Every instance sent is stored exactly once, with its file.
     for name, paths in expected.items():
         study = rows[uids[name]]
-        stored = site.db.query("SELECT sop_instance_uid, path FROM routing_instance WHERE study_id = %s", (study["id"],))
+        stored = site.db.query(
+            "SELECT sop_instance_uid, path FROM routing_instance WHERE study_id = %s", (study["id"],)
+        )
         assert sorted(r["sop_instance_uid"] for r in stored) == sorted(sop_uid(p) for p in paths), name
         assert all((site.data_dir / r["path"]).is_file() for r in stored), name
 
@@ -247,15 +273,17 @@ def test_two_listeners_and_two_worker_clusters_survive_a_kill_and_do_everything_
         assert moves["complete"] == moves["routed"] == moves["inferred"] == moves["delivered"] == 1, (name, events)
         assert not any(e["kind"] == "amended" for e in events), name
         assert site.db.scalar("SELECT COUNT(*) FROM routing_routingdecision WHERE study_id = %s", (study["id"],)) == 1
-        results = site.db.query("SELECT model_name, status FROM results_inferenceresult WHERE study_id = %s",
-                                (study["id"],))
+        results = site.db.query(
+            "SELECT model_name, status FROM results_inferenceresult WHERE study_id = %s", (study["id"],)
+        )
         assert [r["status"] for r in results] == ["succeeded"], (name, results)
 
     # Each delivery reached its RIS; a message is repeated only when its worker died holding it
     # (the same MSH-10 again, so the RIS keeps one).
     deliveries = site.db.query(
         "SELECT d.id, d.idempotency_key, d.state, dest.port FROM results_delivery d "
-        "JOIN results_destination dest ON dest.id = d.destination_id")
+        "JOIN results_destination dest ON dest.id = d.destination_id"
+    )
     assert len(deliveries) == 2 * len(expected)
     assert {d["state"] for d in deliveries} == {"delivered"}
     for server in ris:
@@ -266,15 +294,17 @@ def test_two_listeners_and_two_worker_clusters_survive_a_kill_and_do_everything_
                 [delivery] = [d for d in deliveries if d["idempotency_key"] == key]
                 lease_expired = site.db.scalar(
                     "SELECT COUNT(*) FROM results_deliveryattempt WHERE delivery_id = %s AND message LIKE %s",
-                    (delivery["id"], "%lease expired%"))
+                    (delivery["id"], "%lease expired%"),
+                )
                 assert lease_expired == count - 1, (key, count)
 
     # Two clusters ensured and ran the schedules: one row per schedule, and no schedule ran more
     # often than its one-minute period allows since the first cluster started.
     names = [r["name"] for r in site.db.query("SELECT name FROM django_q_schedule WHERE name LIKE %s", ("pacslens:%",))]
     assert names and len(names) == len(set(names))
-    runs = Counter(r["group"] for r in site.db.query('SELECT "group" FROM django_q_task WHERE "group" LIKE %s',
-                                                     ("pacslens:%",)))
+    runs = Counter(
+        r["group"] for r in site.db.query('SELECT "group" FROM django_q_task WHERE "group" LIKE %s', ("pacslens:%",))
+    )
     assert runs["pacslens:pacslens.ops.heartbeat.tasks_heartbeat"] >= 1
     assert max(runs.values()) <= 1 + int((time.monotonic() - started) // 60), runs
 
@@ -300,7 +330,8 @@ def test_concurrent_associations_to_two_listeners_create_each_study_once(site, t
         stored = site.db.query("SELECT sop_instance_uid FROM routing_instance WHERE study_id = %s", (study["id"],))
         assert sorted(r["sop_instance_uid"] for r in stored) == sorted(sop_uid(p) for paths in series for p in paths)
         receiving = site.db.scalar(
-            "SELECT COUNT(*) FROM routing_studyevent WHERE study_id = %s AND kind = 'receiving'", (study["id"],))
+            "SELECT COUNT(*) FROM routing_studyevent WHERE study_id = %s AND kind = 'receiving'", (study["id"],)
+        )
         assert receiving == 1
     listeners_used = site.db.scalar("SELECT COUNT(DISTINCT listener) FROM routing_storeassociation")
     assert listeners_used in (1, 2)  # the kernel spreads connections by hash: usually both
@@ -354,13 +385,23 @@ def sop_uid(path: Path) -> str:
 
 
 def storescu_start(program: str, port: int, paths: list[Path]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([program, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port), *map(str, paths)],
-                            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [program, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port), *map(str, paths)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def storescu_run(program: str, port: int, paths: list[Path]) -> None:
-    done = subprocess.run([program, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port), *map(str, paths)],
-                          env=dcmtk_env(), capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [program, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port), *map(str, paths)],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -405,7 +446,9 @@ def wait_delivered(site: Site, study_uids: list[str]) -> dict[str, dict]:
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     rows: dict[str, dict] = {}
     while time.monotonic() < deadline:
-        rows = {r["study_instance_uid"]: r for r in site.db.query("SELECT id, study_instance_uid, state FROM routing_study")}
+        rows = {
+            r["study_instance_uid"]: r for r in site.db.query("SELECT id, study_instance_uid, state FROM routing_study")
+        }
         if all(uid in rows and rows[uid]["state"] == "delivered" for uid in study_uids):
             return rows
         time.sleep(0.5)

@@ -61,12 +61,19 @@ def test_it_round_trips_through_highdicom():
 
 
 def test_it_copies_patient_and_study_modules():
-    sources = make_ct_slices(2, patient_name=PATIENT_NAME, patient_id="PID-9",
-                             accession_number="ACC-9")
+    sources = make_ct_slices(2, patient_name=PATIENT_NAME, patient_id="PID-9", accession_number="ACC-9")
     sr = build_sr(make_payload(sources))
 
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                    "StudyDate", "StudyTime", "StudyID", "AccessionNumber"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+    ):
         assert sr[keyword].value == sources[0][keyword].value, keyword
 
 
@@ -107,16 +114,17 @@ def test_it_references_every_source_image():
 
     (study_item,) = sr.CurrentRequestedProcedureEvidenceSequence
     assert study_item.StudyInstanceUID == sources[0].StudyInstanceUID
-    evidence = {item.ReferencedSOPInstanceUID
-                for series in study_item.ReferencedSeriesSequence
-                for item in series.ReferencedSOPSequence}
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for series in study_item.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
     assert evidence == source_uids
 
     parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
     (group,) = parsed.content.get_image_measurement_groups()
     assert {image.referenced_sop_instance_uid for image in group.source_images} == source_uids
-    (library,) = [item for item in parsed.ContentSequence
-                  if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    (library,) = [item for item in parsed.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
     assert image_references(library) == source_uids
 
 
@@ -127,8 +135,7 @@ def test_it_declares_the_private_coding_scheme():
 
 
 def test_it_uses_site_codes():
-    site_codes = SRCodes(scheme_designator="99STMARY", score_code="S1",
-                         score_meaning="Haemorrhage triage score")
+    site_codes = SRCodes(scheme_designator="99STMARY", score_code="S1", score_meaning="Haemorrhage triage score")
     sr = build_sr(make_payload(make_ct_slices(1)), sr_codes=site_codes)
     parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
     (group,) = parsed.content.get_image_measurement_groups()
@@ -162,8 +169,7 @@ def test_it_reads_source_instances_from_files(tmp_path):
         path.write_bytes(part10_bytes(ds))
         paths.append(path)
     sr = build_sr(make_payload(sources, source_instances=tuple(paths)))
-    assert len(sr.CurrentRequestedProcedureEvidenceSequence[0]
-               .ReferencedSeriesSequence[0].ReferencedSOPSequence) == 2
+    assert len(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence) == 2
 
 
 def test_it_refuses_sources_from_another_study_without_patient_data():

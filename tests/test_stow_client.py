@@ -29,6 +29,7 @@ pytestmark = pytest.mark.interop
 
 # --- Orthanc ---------------------------------------------------------------------------------
 
+
 def test_it_stores_the_sr_in_the_source_study_at_orthanc(orthanc):
     sources = make_ct_slices(3)
     payload = make_payload(sources, identity=identity("result-stow-1"))
@@ -76,12 +77,11 @@ class StowServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 length = int(self.headers["Content-Length"])
                 body = self.rfile.read(length)
                 uids = parse_stow_request(self.headers["Content-Type"], body)
-                server.requests.append({"path": self.path, "headers": dict(self.headers),
-                                        "uids": uids})
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "uids": uids})
                 if server.hang.is_set():
                     server.release.wait(30)
                     return
@@ -108,8 +108,7 @@ class StowServer:
 
 
 def parse_stow_request(content_type: str, body: bytes) -> list[str]:
-    message = BytesParser(policy=HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
     assert message.get_content_type() == "multipart/related"
     assert message.get_param("type") == "application/dicom"
     uids = []
@@ -119,20 +118,30 @@ def parse_stow_request(content_type: str, body: bytes) -> list[str]:
     return uids
 
 
-def stow_body(*, stored: list[str] = (), failed: dict[str, int] | None = None,
-              warned: dict[str, int] | None = None) -> dict[str, Any]:
+def stow_body(
+    *, stored: list[str] = (), failed: dict[str, int] | None = None, warned: dict[str, int] | None = None
+) -> dict[str, Any]:
     def item(uid: str, extra: dict[str, Any]) -> dict[str, Any]:
-        return {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.34"]},
-                "00081155": {"vr": "UI", "Value": [uid]}, **extra}
+        return {
+            "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.34"]},
+            "00081155": {"vr": "UI", "Value": [uid]},
+            **extra,
+        }
+
     body: dict[str, Any] = {}
     if stored:
-        body["00081199"] = {"vr": "SQ", "Value": [
-            item(uid, {"00081196": {"vr": "US", "Value": [(warned or {})[uid]]}}
-                 if uid in (warned or {}) else {}) for uid in stored]}
+        body["00081199"] = {
+            "vr": "SQ",
+            "Value": [
+                item(uid, {"00081196": {"vr": "US", "Value": [(warned or {})[uid]]}} if uid in (warned or {}) else {})
+                for uid in stored
+            ],
+        }
     if failed:
-        body["00081198"] = {"vr": "SQ", "Value": [
-            item(uid, {"00081197": {"vr": "US", "Value": [reason]}})
-            for uid, reason in failed.items()]}
+        body["00081198"] = {
+            "vr": "SQ",
+            "Value": [item(uid, {"00081197": {"vr": "US", "Value": [reason]}}) for uid, reason in failed.items()],
+        }
     return body
 
 
@@ -148,8 +157,7 @@ def stow_server() -> Iterator[StowServer]:
 @pytest.fixture(scope="module")
 def three_srs():
     sources = make_ct_slices(1, patient_name="Doe^Jane")
-    return [build_sr(make_payload(sources, identity=identity(f"result-s{n}")))
-            for n in range(3)]
+    return [build_sr(make_payload(sources, identity=identity(f"result-s{n}"))) for n in range(3)]
 
 
 def kinds(outcomes) -> list[OutcomeKind]:
@@ -168,8 +176,7 @@ def test_it_posts_one_multipart_request_to_studies(stow_server, three_srs):
 
 def test_202_is_read_per_instance(stow_server, three_srs):
     ok, out_of_space, mismatch = (str(sr.SOPInstanceUID) for sr in three_srs)
-    stow_server.respond = lambda uids: (202, stow_body(
-        stored=[ok], failed={out_of_space: 0xA700, mismatch: 0xA900}))
+    stow_server.respond = lambda uids: (202, stow_body(stored=[ok], failed={out_of_space: 0xA700, mismatch: 0xA900}))
 
     outcomes = stow_datasets(stow_server.url, three_srs)
 
@@ -187,22 +194,24 @@ def test_a_warning_reason_is_a_success_with_a_note(stow_server, three_srs):
 
 
 def test_409_none_stored_follows_each_failure_reason(stow_server, three_srs):
-    stow_server.respond = lambda uids: (409, stow_body(
-        failed={uids[0]: 0xC000, uids[1]: 0xC122, uids[2]: 0x0110}))
+    stow_server.respond = lambda uids: (409, stow_body(failed={uids[0]: 0xC000, uids[1]: 0xC122, uids[2]: 0x0110}))
     outcomes = stow_datasets(stow_server.url, three_srs)
     assert kinds(outcomes) == [OutcomeKind.PERMANENT, OutcomeKind.PERMANENT, OutcomeKind.TRANSIENT]
 
 
-@pytest.mark.parametrize(("status", "kind"), [
-    (400, OutcomeKind.PERMANENT),
-    (415, OutcomeKind.CONFIG_ERROR),
-    (401, OutcomeKind.CONFIG_ERROR),
-    (403, OutcomeKind.CONFIG_ERROR),
-    (404, OutcomeKind.CONFIG_ERROR),
-    (429, OutcomeKind.TRANSIENT),
-    (500, OutcomeKind.TRANSIENT),
-    (503, OutcomeKind.TRANSIENT),
-])
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, OutcomeKind.PERMANENT),
+        (415, OutcomeKind.CONFIG_ERROR),
+        (401, OutcomeKind.CONFIG_ERROR),
+        (403, OutcomeKind.CONFIG_ERROR),
+        (404, OutcomeKind.CONFIG_ERROR),
+        (429, OutcomeKind.TRANSIENT),
+        (500, OutcomeKind.TRANSIENT),
+        (503, OutcomeKind.TRANSIENT),
+    ],
+)
 def test_http_statuses_are_classified(stow_server, three_srs, status, kind):
     stow_server.respond = lambda uids: (status, None)
     outcomes = stow_datasets(stow_server.url, three_srs)
@@ -212,8 +221,7 @@ def test_http_statuses_are_classified(stow_server, three_srs, status, kind):
 
 
 def test_basic_auth(stow_server, three_srs):
-    stow_datasets(stow_server.url, three_srs[:1],
-                  auth=HttpAuth(kind="basic", username="pacs", password="s3cret"))
+    stow_datasets(stow_server.url, three_srs[:1], auth=HttpAuth(kind="basic", username="pacs", password="s3cret"))
     header = stow_server.requests[0]["headers"]["Authorization"]
     assert header == "Basic " + base64.b64encode(b"pacs:s3cret").decode()
 

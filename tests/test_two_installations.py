@@ -44,36 +44,55 @@ class Gateway:
     def __init__(self, folder: Path, config: str) -> None:
         template_db_create(folder)  # migrates a new database in `folder`: a new installation
         port = free_port()
-        env = base_env(folder, PACSLENS_DICOM_PORT=str(port), PACSLENS_STUDY_RELEASE_GRACE="0.5",
-                       PACSLENS_STUDY_QUIET_PERIOD="30")
+        env = base_env(
+            folder, PACSLENS_DICOM_PORT=str(port), PACSLENS_STUDY_RELEASE_GRACE="0.5", PACSLENS_STUDY_QUIET_PERIOD="30"
+        )
         (folder / "site.yaml").write_text(config)
         for command in (["setup_site"], ["import_config", str(folder / "site.yaml")]):
             self.manage(env, *command)
         self.env = env
         self.listener = ListenerProcess(data_dir=folder, port=port, env=env).start()
         log = open(folder / "workers.log", "ab")  # noqa: SIM115 - handed to the child, closed below
-        self.workers = subprocess.Popen([PYTHON, "manage.py", "run_workers"], cwd=REPO, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.workers = subprocess.Popen(
+            [PYTHON, "manage.py", "run_workers"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
 
     @staticmethod
     def manage(env: dict[str, str], *command: str) -> str:
-        done = subprocess.run([PYTHON, "manage.py", *command], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=180)
+        done = subprocess.run(
+            [PYTHON, "manage.py", *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
     def send(self, paths: list[Path]) -> None:
         listener = self.listener
         done = subprocess.run(
-            [require_program("storescu"), "-aec", listener.ae_title, listener.host, str(listener.port), *map(str, paths)],
-            env=dcmtk_env(), capture_output=True, text=True, timeout=120,
+            [
+                require_program("storescu"),
+                "-aec",
+                listener.ae_title,
+                listener.host,
+                str(listener.port),
+                *map(str, paths),
+            ],
+            env=dcmtk_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert done.returncode == 0, done.stderr
 
     def deliveries(self) -> list[dict]:
         return self.listener.query(
-            "SELECT d.id, d.kind, d.state, d.idempotency_key, d.last_error, d.result_id FROM results_delivery d ORDER BY d.kind")
+            "SELECT d.id, d.kind, d.state, d.idempotency_key, d.last_error, d.result_id FROM results_delivery d ORDER BY d.kind"
+        )
 
     def wait_delivered(self, count: int, timeout: float = 120.0) -> list[dict]:
         deadline = time.monotonic() + timeout
@@ -124,11 +143,13 @@ def test_two_installations_never_share_an_identifier(peers, tmp_path):
         srs = orthanc.find_instances({"Modality": "SR"})
         assert len(srs) == 2
         assert {orthanc.instance_tags(sr["ID"])["StudyInstanceUID"] for sr in srs} == {
-            s.study_instance_uid for s in studies}
+            s.study_instance_uid for s in studies
+        }
         assert sorted(ris.received) == sorted(r["hl7"]["idempotency_key"] for r in rows)
         observations = fhir.resources["Observation"]
         assert sorted(o["identifier"][0]["value"] for o in observations) == sorted(
-            r["fhir"]["idempotency_key"] for r in rows)
+            r["fhir"]["idempotency_key"] for r in rows
+        )
         for study, row in zip(studies, rows, strict=True):
             [imaging_study] = fhir.matching("ImagingStudy", f"urn:dicom:uid|urn:oid:{study.study_instance_uid}")
             linked = [e["valueReference"]["identifier"]["value"] for e in imaging_study["extension"]]
@@ -139,7 +160,9 @@ def test_two_installations_never_share_an_identifier(peers, tmp_path):
         assert out.count("delivered") == 3, out
         assert len(orthanc.find_instances({"Modality": "SR"})) == 2
         assert len(fhir.resources["Observation"]) == 2
-        assert sorted(ris.received) == sorted([rows[0]["hl7"]["idempotency_key"]] * 2 + [rows[1]["hl7"]["idempotency_key"]])
+        assert sorted(ris.received) == sorted(
+            [rows[0]["hl7"]["idempotency_key"]] * 2 + [rows[1]["hl7"]["idempotency_key"]]
+        )
     finally:
         for gateway in gateways:
             gateway.stop()

@@ -135,9 +135,10 @@ class TestCSRF:
         client.force_login(users["superuser"])
         page = client.get("/failures/").content.decode()
         token = client.cookies["csrftoken"].value
-        assert "hx-headers='{\"X-CSRFToken\": \"" in page
-        response = client.post("/failures/retry/", {"delivery": pipeline["delivery"].pk}, HTTP_HX_REQUEST="true",
-                               HTTP_X_CSRFTOKEN=token)
+        assert 'hx-headers=\'{"X-CSRFToken": "' in page
+        response = client.post(
+            "/failures/retry/", {"delivery": pipeline["delivery"].pk}, HTTP_HX_REQUEST="true", HTTP_X_CSRFTOKEN=token
+        )
         assert response.status_code == 200
 
     def test_no_staff_view_is_csrf_exempt(self):

@@ -37,8 +37,11 @@ class TestApplicationEntityForm:
         assert not ApplicationEntity.objects.exists()
 
     def test_it_creates_audits_and_goes_back_to_the_list(self, admin):
-        response = admin.post("/endpoints/ae/new/", {"ae_title": "PACS1", "host": "10.0.0.5", "port": "104", "enabled": "on",
-                                                     "receives_results": "on"}, **HX)
+        response = admin.post(
+            "/endpoints/ae/new/",
+            {"ae_title": "PACS1", "host": "10.0.0.5", "port": "104", "enabled": "on", "receives_results": "on"},
+            **HX,
+        )
         assert response["HX-Redirect"] == "/endpoints/"
         entity = ApplicationEntity.objects.get(ae_title="PACS1")
         entry = AuditEntry.objects.get(action="create")
@@ -46,7 +49,9 @@ class TestApplicationEntityForm:
 
     def test_edit_records_before_and_after(self, admin):
         entity = ApplicationEntity.objects.create(ae_title="PACS1", host="10.0.0.5", port=104)
-        admin.post(f"/endpoints/ae/{entity.pk}/", {"ae_title": "PACS1", "host": "10.0.0.6", "port": "104", "enabled": "on"})
+        admin.post(
+            f"/endpoints/ae/{entity.pk}/", {"ae_title": "PACS1", "host": "10.0.0.6", "port": "104", "enabled": "on"}
+        )
         entry = AuditEntry.objects.get(action="update")
         assert entry.changed_fields[0][0] == "host" and ("host", "10.0.0.5", "10.0.0.6") in entry.changed_fields
 
@@ -90,15 +95,25 @@ class TestApplicationEntityForm:
 
 class TestDestinationForm:
     def test_kind_specific_validation_shows_inline(self, admin):
-        page = admin.post("/endpoints/destinations/new/", {"name": "ris", "kind": "hl7", "host": "ris.local",
-                                                           "hl7_message_type": "ORU^R01", **_defaults()}, **HX).content.decode()
+        page = admin.post(
+            "/endpoints/destinations/new/",
+            {"name": "ris", "kind": "hl7", "host": "ris.local", "hl7_message_type": "ORU^R01", **_defaults()},
+            **HX,
+        ).content.decode()
         assert 'id="id_port-errors"' in page and "needs the RIS MLLP port" in page
 
     def test_the_secret_is_write_only(self, admin):
-        destination = Destination.objects.create(name="web", kind="dicomweb", base_url="https://pacs.example/dicom-web",
-                                                 auth="bearer", secret="first-token")
-        data = {"name": "web", "kind": "dicomweb", "base_url": "https://pacs.example/dicom-web", "auth": "bearer",
-                "enabled": "on", **_defaults()}
+        destination = Destination.objects.create(
+            name="web", kind="dicomweb", base_url="https://pacs.example/dicom-web", auth="bearer", secret="first-token"
+        )
+        data = {
+            "name": "web",
+            "kind": "dicomweb",
+            "base_url": "https://pacs.example/dicom-web",
+            "auth": "bearer",
+            "enabled": "on",
+            **_defaults(),
+        }
         response = admin.post(f"/endpoints/destinations/{destination.pk}/", data, **HX)
         assert response["HX-Redirect"] == "/endpoints/"
         destination.refresh_from_db()
@@ -113,8 +128,9 @@ class TestDestinationForm:
     def test_the_test_button_connects_to_the_mllp_port(self, admin):
         server = MLLPListener()
         try:
-            destination = Destination.objects.create(name="ris", kind="hl7", host="127.0.0.1", port=server.port,
-                                                     hl7_message_type="ORU^R01")
+            destination = Destination.objects.create(
+                name="ris", kind="hl7", host="127.0.0.1", port=server.port, hl7_message_type="ORU^R01"
+            )
             page = admin.post(f"/endpoints/destinations/{destination.pk}/test/", **HX).content.decode()
             assert "success" in page and f"127.0.0.1:{server.port} accepted" in page
         finally:
@@ -132,7 +148,10 @@ class TestRules:
         data = _rule_form("Head CT", [("Modality", "equals", "CT"), ("BodyPartExamined", "one_of", "HEAD\\BRAIN")])
         assert admin.post("/rules/new/", data, **HX)["HX-Redirect"] == "/rules/"
         rule = RoutingRule.objects.get()
-        assert [str(c) for c in rule.conditions.all()] == ["Modality equals 'CT'", "BodyPartExamined is one of 'HEAD\\\\BRAIN'"]
+        assert [str(c) for c in rule.conditions.all()] == [
+            "Modality equals 'CT'",
+            "BodyPartExamined is one of 'HEAD\\\\BRAIN'",
+        ]
         assert AuditEntry.objects.get(action="create").after["conditions"][0] == "Modality equals 'CT'"
 
     def test_reorder_and_toggle(self, admin):
@@ -153,7 +172,10 @@ class TestFailureQueue:
         response = informaticist.post("/failures/retry/", {"delivery": delivery.pk}, **HX)
         page = response.content.decode()
         delivery.refresh_from_db()
-        assert delivery.state == "pending" and delivery.idempotency_key == f"PL{delivery.result_id}D{delivery.destination_id}"
+        assert (
+            delivery.state == "pending"
+            and delivery.idempotency_key == f"PL{delivery.result_id}D{delivery.destination_id}"
+        )
         assert f'id="delivery-{delivery.pk}" data-state="pending"' in page
         assert 'hx-trigger="every 2s"' in page
         assert response["HX-Push-Url"] == f"/failures/?watch={delivery.pk}"
@@ -182,15 +204,23 @@ class TestFailureQueue:
         assert "A reason is required" in page
         delivery.refresh_from_db()
         assert delivery.state == "failed"
-        response = informaticist.post(f"/failures/{delivery.pk}/discard/", {"reason": "Order cancelled in the RIS"}, **HX)
+        response = informaticist.post(
+            f"/failures/{delivery.pk}/discard/", {"reason": "Order cancelled in the RIS"}, **HX
+        )
         assert response["HX-Retarget"] == "#failure-table"
         delivery.refresh_from_db()
-        assert (delivery.state, delivery.discarded_by, delivery.discard_reason) == ("discarded", "informaticist", "Order cancelled in the RIS")
+        assert (delivery.state, delivery.discarded_by, delivery.discard_reason) == (
+            "discarded",
+            "informaticist",
+            "Order cancelled in the RIS",
+        )
         assert "Order cancelled" in AuditEntry.objects.get(action="discard").detail
 
 
 class TestStudyActions:
-    def test_rerun_sends_the_study_back_and_enqueues_it(self, informaticist, pipeline, django_capture_on_commit_callbacks):
+    def test_rerun_sends_the_study_back_and_enqueues_it(
+        self, informaticist, pipeline, django_capture_on_commit_callbacks
+    ):
         study = pipeline["done"]
         with django_capture_on_commit_callbacks() as callbacks:
             response = informaticist.post(f"/studies/{study.pk}/rerun/", **HX)
@@ -218,15 +248,38 @@ class TestStudyActions:
 
 
 def _defaults() -> dict:
-    return {"timeout_seconds": "10", "max_attempts": "8", "backoff_base_seconds": "10", "backoff_cap_seconds": "1800",
-            "breaker_threshold": "5", "breaker_cooldown_seconds": "60", "on_ack_error": "fail", "on_ack_reject": "retry",
-            "hl7_version": "2.5.1", "accession_field": "OBR-18", "auth": "none"}
+    return {
+        "timeout_seconds": "10",
+        "max_attempts": "8",
+        "backoff_base_seconds": "10",
+        "backoff_cap_seconds": "1800",
+        "breaker_threshold": "5",
+        "breaker_cooldown_seconds": "60",
+        "on_ack_error": "fail",
+        "on_ack_reject": "retry",
+        "hl7_version": "2.5.1",
+        "accession_field": "OBR-18",
+        "auth": "none",
+    }
 
 
 def _rule_form(name: str, conditions: list[tuple[str, str, str]]) -> dict:
-    data = {"name": name, "enabled": "on", "priority": "5", "stop_at_first_match": "on",
-            "conditions-TOTAL_FORMS": str(len(conditions)), "conditions-INITIAL_FORMS": "0",
-            "conditions-MIN_NUM_FORMS": "0", "conditions-MAX_NUM_FORMS": "1000"}
+    data = {
+        "name": name,
+        "enabled": "on",
+        "priority": "5",
+        "stop_at_first_match": "on",
+        "conditions-TOTAL_FORMS": str(len(conditions)),
+        "conditions-INITIAL_FORMS": "0",
+        "conditions-MIN_NUM_FORMS": "0",
+        "conditions-MAX_NUM_FORMS": "1000",
+    }
     for i, (attribute, operator, value) in enumerate(conditions):
-        data.update({f"conditions-{i}-attribute": attribute, f"conditions-{i}-operator": operator, f"conditions-{i}-value": value})
+        data.update(
+            {
+                f"conditions-{i}-attribute": attribute,
+                f"conditions-{i}-operator": operator,
+                f"conditions-{i}-value": value,
+            }
+        )
     return data

@@ -122,8 +122,9 @@ class TestStudies:
 
 class TestOtherPages:
     def test_endpoints_never_show_a_secret(self, root, pipeline):
-        Destination.objects.create(name="web", kind="dicomweb", base_url="https://pacs.example/dicom-web", auth="bearer",
-                                   secret="s3cr3t-token")
+        Destination.objects.create(
+            name="web", kind="dicomweb", base_url="https://pacs.example/dicom-web", auth="bearer", secret="s3cr3t-token"
+        )
         page = root.get("/endpoints/").content.decode()
         assert "web" in page and "secret set" in page and "s3cr3t-token" not in page
         form = root.get(f"/endpoints/destinations/{Destination.objects.get(name='web').pk}/").content.decode()
@@ -142,7 +143,13 @@ class TestOtherPages:
         assert "No study has this id" in page
 
     def test_audit_log_lists_entries(self, root, pipeline):
-        AuditEntry.record(actor="admin", action="update", obj=pipeline["rule"], object_repr="CT head",
-                          before={"enabled": True}, after={"enabled": False})
+        AuditEntry.record(
+            actor="admin",
+            action="update",
+            obj=pipeline["rule"],
+            object_repr="CT head",
+            before={"enabled": True},
+            after={"enabled": False},
+        )
         page = root.get("/audit/log/", {"action": "update"}, HTTP_HX_REQUEST="true").content.decode()
         assert "CT head" in page and "enabled" in page and "True → False" in page

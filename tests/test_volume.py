@@ -109,7 +109,8 @@ class TestPreprocessing:
         from results.inference.volume import volume_preprocess
 
         tensor = volume_preprocess(
-            volume=self.volume(), manifest=self.manifest(resize="linear", slices="mean", window={"center": 500, "width": 1000})
+            volume=self.volume(),
+            manifest=self.manifest(resize="linear", slices="mean", window={"center": 500, "width": 1000}),
         )
         hu = self.volume().stored.astype(np.float32) * 2 - 100
         # Linear 4→2 with aligned centres averages pixel pairs; mean slabs average slice pairs.

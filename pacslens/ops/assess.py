@@ -149,8 +149,9 @@ def node_endpoints(node: str) -> Endpoints:
         if ae.host and ae.port:
             found.dimse = DimseTarget(ae.ae_title, ae.host, ae.port, ae.tls)
     if not found.description:
-        raise UnknownNode(f"{node!r} is neither an AE title, a destination nor a poll source "
-                          "(manage.py export_config lists them)")
+        raise UnknownNode(
+            f"{node!r} is neither an AE title, a destination nor a poll source (manage.py export_config lists them)"
+        )
     return found
 
 
@@ -175,8 +176,11 @@ def _run_probes(endpoints: Endpoints, *, timeout: float) -> list[ProbeResult]:
             probes.append(probe_storage(target, timeout=timeout))
     if endpoints.dicomweb_url:
         kwargs = dict(headers=endpoints.dicomweb_headers, auth=endpoints.dicomweb_auth, timeout=timeout)
-        probes += [probe_qido(endpoints.dicomweb_url, **kwargs), probe_wado(endpoints.dicomweb_url, **kwargs),
-                   probe_stow(endpoints.dicomweb_url, **kwargs)]
+        probes += [
+            probe_qido(endpoints.dicomweb_url, **kwargs),
+            probe_wado(endpoints.dicomweb_url, **kwargs),
+            probe_stow(endpoints.dicomweb_url, **kwargs),
+        ]
     if endpoints.fhir_url:
         probes.append(probe_fhir(endpoints.fhir_url, token=endpoints.fhir_token, timeout=timeout))
     if endpoints.mllp:
@@ -194,32 +198,59 @@ def _patterns(endpoints: Endpoints, probes: dict[str, ProbeResult]) -> tuple[lis
     ingestion = []
     if endpoints.dimse:
         push_why = f"the PACS auto-forwards new studies to {ae}; " + (
-            "its AE title is on our allow-list" if endpoints.may_send else "its AE title is NOT yet on our allow-list")
+            "its AE title is on our allow-list" if endpoints.may_send else "its AE title is NOT yet on our allow-list"
+        )
         if move:
             push_why += f", and it already knows {ae} as a destination"
         # Whether the PACS will forward to us cannot be probed; its knowing us for C-MOVE is the best evidence.
         push = (True if move else None) if endpoints.may_send else False
         ingestion.append(Pattern("1. C-STORE push", push, push_why))
         find = ok("C-FIND STUDY level")
-        ingestion.append(Pattern("2a. Query/retrieve: C-FIND + C-MOVE", _all(find, move),
-                                 "C-FIND at study level, then C-MOVE of each new study to our listener"))
-        ingestion.append(Pattern("2b. Query/retrieve: C-FIND + C-GET", _all(find, ok("C-GET")),
-                                 "C-FIND at study level, then C-GET on the same association (no inbound connection)"))
+        ingestion.append(
+            Pattern(
+                "2a. Query/retrieve: C-FIND + C-MOVE",
+                _all(find, move),
+                "C-FIND at study level, then C-MOVE of each new study to our listener",
+            )
+        )
+        ingestion.append(
+            Pattern(
+                "2b. Query/retrieve: C-FIND + C-GET",
+                _all(find, ok("C-GET")),
+                "C-FIND at study level, then C-GET on the same association (no inbound connection)",
+            )
+        )
     if endpoints.dicomweb_url:
-        ingestion.append(Pattern("3. DICOMweb: QIDO-RS + WADO-RS", _all(ok("QIDO-RS"), ok("WADO-RS")),
-                                 "poll QIDO-RS for new studies, retrieve with WADO-RS"))
+        ingestion.append(
+            Pattern(
+                "3. DICOMweb: QIDO-RS + WADO-RS",
+                _all(ok("QIDO-RS"), ok("WADO-RS")),
+                "poll QIDO-RS for new studies, retrieve with WADO-RS",
+            )
+        )
     results = []
     if endpoints.dimse:
-        results.append(Pattern("SR write-back by C-STORE", ok("Storage SCP negotiation"),
-                               "Comprehensive 3D SR stored into the study"))
+        results.append(
+            Pattern(
+                "SR write-back by C-STORE", ok("Storage SCP negotiation"), "Comprehensive 3D SR stored into the study"
+            )
+        )
     if endpoints.dicomweb_url:
         results.append(Pattern("SR write-back by STOW-RS", ok("STOW-RS"), "the same SR over HTTP"))
     if endpoints.mllp:
-        results.append(Pattern("HL7 v2 over MLLP (ORU^R01 / ORM^O01)", ok("MLLP connect"),
-                               "the RIS re-ranks the worklist; ACK handling per destination"))
+        results.append(
+            Pattern(
+                "HL7 v2 over MLLP (ORU^R01 / ORM^O01)",
+                ok("MLLP connect"),
+                "the RIS re-ranks the worklist; ACK handling per destination",
+            )
+        )
     if endpoints.fhir_url:
-        results.append(Pattern("FHIR R4 (Observation + ImagingStudy)", ok("FHIR metadata"),
-                               "conditional create/update, bearer token"))
+        results.append(
+            Pattern(
+                "FHIR R4 (Observation + ImagingStudy)", ok("FHIR metadata"), "conditional create/update, bearer token"
+            )
+        )
     return ingestion, results
 
 
@@ -231,29 +262,39 @@ def _it_actions(endpoints: Endpoints, probes: dict[str, ProbeResult]) -> list[st
     if target and "C-ECHO" in failed:
         summary = probes["C-ECHO"].summary
         if "rejected" in summary:
-            actions.append(f"PACS: add AE title {ae} (this host, port {port}) to the known AE list and allow it to "
-                           "query, retrieve and store")
+            actions.append(
+                f"PACS: add AE title {ae} (this host, port {port}) to the known AE list and allow it to "
+                "query, retrieve and store"
+            )
         else:
-            actions.append(f"Network: open TCP {target.host}:{target.port} from this host (firewall, routing), "
-                           "and check the PACS's AE title and port")
+            actions.append(
+                f"Network: open TCP {target.host}:{target.port} from this host (firewall, routing), "
+                "and check the PACS's AE title and port"
+            )
     if target and endpoints.may_send is False:
         actions.append(f"PacsLens: put {target.ae_title} on the calling-AE allow-list ('may send') so it can push")
     if target:
-        actions.append(f"PACS: auto-forward rule sending new studies of the chosen modalities to {ae} at this host, "
-                       f"port {port} (pattern 1)")
+        actions.append(
+            f"PACS: auto-forward rule sending new studies of the chosen modalities to {ae} at this host, "
+            f"port {port} (pattern 1)"
+        )
     if f"C-MOVE to {ae}" in failed:
         actions.append(f"PACS: register {ae} (this host, port {port}) as a C-MOVE destination (pattern 2a)")
     if "Storage SCP negotiation" in failed and "C-ECHO" not in failed:
-        actions.append("PACS: accept Comprehensive 3D SR Storage (1.2.840.10008.5.1.4.1.1.88.34) from "
-                       f"{ae}, or use STOW-RS for results")
+        actions.append(
+            "PACS: accept Comprehensive 3D SR Storage (1.2.840.10008.5.1.4.1.1.88.34) from "
+            f"{ae}, or use STOW-RS for results"
+        )
     if {"QIDO-RS", "WADO-RS", "STOW-RS"} & failed:
         actions.append("PACS vendor: enable DICOMweb (QIDO-RS/WADO-RS/STOW-RS) and issue credentials for PacsLens")
     if "FHIR metadata" in failed or (probes.get("FHIR metadata") and probes["FHIR metadata"].ok is None):
         actions.append("RIS/FHIR server: grant Observation create and ImagingStudy update/search to PacsLens' token")
     if "MLLP connect" in failed and endpoints.mllp:
         host, mllp_port = endpoints.mllp
-        actions.append(f"RIS interface engine: open the MLLP inbound port {host}:{mllp_port} to this host and route "
-                       "ORU^R01 / ORM^O01 to the worklist")
+        actions.append(
+            f"RIS interface engine: open the MLLP inbound port {host}:{mllp_port} to this host and route "
+            "ORU^R01 / ORM^O01 to the worklist"
+        )
     if target and target.tls is False:
         actions.append("Decide whether DICOM TLS is required on this link; if so, exchange certificates")
     return actions
@@ -261,17 +302,23 @@ def _it_actions(endpoints: Endpoints, probes: dict[str, ProbeResult]) -> list[st
 
 def _answers() -> list[tuple[str, str]]:
     return [
-        ("Which DICOM services does PacsLens act as SCU vs SCP?",
-         f"SCP: Verification and Storage (AE {settings.AE_TITLE}, port {settings.DICOM_PORT}) for pushed or "
-         "C-MOVEd studies; STOW-RS origin server. SCU: Storage of the result SR, Study Root C-FIND/C-MOVE/C-GET for "
-         "pull, QIDO-RS/WADO-RS/STOW-RS, HL7 v2 MLLP client, FHIR client. `manage.py conformance_statement` has details."),
-        ("What does the hospital IT team configure, and what does PacsLens handle?",
-         "IT: the items listed above (AE entries, forwarding rule, firewall, DICOMweb/FHIR credentials, MLLP route). "
-         "PacsLens: study completion, routing, inference, result building, retries, failure queue, retention."),
-        ("How are processing failures surfaced and retried?",
-         "Every delivery is retried with exponential backoff per destination; a circuit breaker isolates a dead "
-         "peer; what cannot be delivered lands in the failure queue (UI and `manage.py deliver`), and /metrics "
-         "exposes it for the sample alerts in docs/operations.md."),
+        (
+            "Which DICOM services does PacsLens act as SCU vs SCP?",
+            f"SCP: Verification and Storage (AE {settings.AE_TITLE}, port {settings.DICOM_PORT}) for pushed or "
+            "C-MOVEd studies; STOW-RS origin server. SCU: Storage of the result SR, Study Root C-FIND/C-MOVE/C-GET for "
+            "pull, QIDO-RS/WADO-RS/STOW-RS, HL7 v2 MLLP client, FHIR client. `manage.py conformance_statement` has details.",
+        ),
+        (
+            "What does the hospital IT team configure, and what does PacsLens handle?",
+            "IT: the items listed above (AE entries, forwarding rule, firewall, DICOMweb/FHIR credentials, MLLP route). "
+            "PacsLens: study completion, routing, inference, result building, retries, failure queue, retention.",
+        ),
+        (
+            "How are processing failures surfaced and retried?",
+            "Every delivery is retried with exponential backoff per destination; a circuit breaker isolates a dead "
+            "peer; what cannot be delivered lands in the failure queue (UI and `manage.py deliver`), and /metrics "
+            "exposes it for the sample alerts in docs/operations.md.",
+        ),
         ("What is the expected latency from acquisition to worklist update?", _latency_answer()),
     ]
 
@@ -279,10 +326,13 @@ def _answers() -> list[tuple[str, str]]:
 def _latency_answer() -> str:
     rows = Delivery.objects.filter(kind__in=["hl7", "fhir"], state=DeliveryState.DELIVERED, delivered_at__isnull=False)
     seconds = sorted(
-        (d - r).total_seconds() for d, r in rows.order_by("-delivered_at").values_list("delivered_at", "study__last_received_at")[:1000]
+        (d - r).total_seconds()
+        for d, r in rows.order_by("-delivered_at").values_list("delivered_at", "study__last_received_at")[:1000]
     )
-    base = (f"After the last instance arrives: study completion ({settings.STUDY_RELEASE_GRACE:g} s after a normal "
-            f"release, at most {settings.STUDY_QUIET_PERIOD} s quiet period), then inference and delivery.")
+    base = (
+        f"After the last instance arrives: study completion ({settings.STUDY_RELEASE_GRACE:g} s after a normal "
+        f"release, at most {settings.STUDY_QUIET_PERIOD} s quiet period), then inference and delivery."
+    )
     if not seconds:
         return base + " No worklist update has been delivered on this site yet; `make bench` measures it."
     p50, p95 = seconds[len(seconds) // 2], seconds[min(len(seconds) - 1, int(len(seconds) * 0.95))]

@@ -66,7 +66,9 @@ class ConformanceStatement:
             for table in section.tables:
                 out.append("| " + " | ".join(table.headers) + " |")
                 out.append("|" + "---|" * len(table.headers))
-                out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table.display_rows]
+                out += [
+                    "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table.display_rows
+                ]
                 out.append("")
         return "\n".join(out)
 
@@ -84,7 +86,9 @@ class ConformanceStatement:
             out.append(f"<h2>{number}. {e(section.title)}</h2>")
             out += [f"<p>{e(paragraph)}</p>" for paragraph in section.paragraphs]
             for table in section.tables:
-                out.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in table.headers) + "</tr></thead><tbody>")
+                out.append(
+                    "<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in table.headers) + "</tr></thead><tbody>"
+                )
                 out += ["<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in table.display_rows]
                 out.append("</tbody></table>")
         out.append("</body></html>")
@@ -153,8 +157,10 @@ def _application_entity() -> Section:
         ["AE title", settings.AE_TITLE],
         ["Listening address", f"{settings.DICOM_HOST}:{settings.DICOM_PORT} (TCP)"],
         ["Listener processes", f"{processes} (sharing one listening socket)"],
-        ["Maximum concurrent associations",
-         f"{settings.DICOM_MAX_ASSOCIATIONS} per process, {settings.DICOM_MAX_ASSOCIATIONS * processes} in all"],
+        [
+            "Maximum concurrent associations",
+            f"{settings.DICOM_MAX_ASSOCIATIONS} per process, {settings.DICOM_MAX_ASSOCIATIONS * processes} in all",
+        ],
         ["Maximum PDU size received", f"{MAXIMUM_PDU_SIZE} bytes"],
         ["ARTIM / ACSE timeout", f"{settings.DICOM_ACSE_TIMEOUT:g} s"],
         ["DIMSE timeout", f"{settings.DICOM_DIMSE_TIMEOUT:g} s"],
@@ -175,15 +181,21 @@ def _association_policy() -> Section:
         ["Situation", "A-ASSOCIATE-RJ (result, source, reason)"],
         [
             ["Called AE title is not our AE title", "1 permanent, 1 service user, 7 called AE title not recognised"],
-            ["Calling AE title not on the allow-list (or wrong peer address)", "1 permanent, 1 service user, 3 calling AE title not recognised"],
+            [
+                "Calling AE title not on the allow-list (or wrong peer address)",
+                "1 permanent, 1 service user, 3 calling AE title not recognised",
+            ],
             ["Free disk space below the floor", "2 transient, 3 service provider, 1 temporary congestion"],
             ["Too many associations in this process", "2 transient, 3 service provider, 2 local limit exceeded"],
         ],
     )
     return Section(
         "Association acceptance policy",
-        [calling, "PacsLens never initiates associations to a sender in answer to a push; it proposes associations "
-                  "only as an SCU (results, query/retrieve, verification)."],
+        [
+            calling,
+            "PacsLens never initiates associations to a sender in answer to a push; it proposes associations "
+            "only as an SCU (results, query/retrieve, verification).",
+        ],
         [rejections, Table(["Allowed calling AE title", "Host", "Peer address checked", "Description"], rows)],
     )
 
@@ -221,9 +233,14 @@ def _storage_scp() -> Section:
 def _storage_scu() -> Section:
     destinations = Destination.objects.filter(kind="dicom", enabled=True).select_related("application_entity")
     rows = [
-        [d.name, d.application_entity.ae_title, f"{d.application_entity.host}:{d.application_entity.port}",
-         "yes" if d.application_entity.tls else "no"]
-        for d in destinations if d.application_entity
+        [
+            d.name,
+            d.application_entity.ae_title,
+            f"{d.application_entity.host}:{d.application_entity.port}",
+            "yes" if d.application_entity.tls else "no",
+        ]
+        for d in destinations
+        if d.application_entity
     ]
     return Section(
         "Storage SCU (results)",
@@ -240,8 +257,10 @@ def _storage_scu() -> Section:
 
 def _query_retrieve_scu() -> Section:
     sources = PollSource.objects.filter(enabled=True, kind="dimse").select_related("pacs")
-    rows = [[s.name, s.pacs.ae_title if s.pacs else "—", s.retrieve_mode,
-             s.move_destination or settings.AE_TITLE] for s in sources]
+    rows = [
+        [s.name, s.pacs.ae_title if s.pacs else "—", s.retrieve_mode, s.move_destination or settings.AE_TITLE]
+        for s in sources
+    ]
     return Section(
         "Query/Retrieve SCU (pull ingestion)",
         [
@@ -251,7 +270,8 @@ def _query_retrieve_scu() -> Section:
             "at STUDY level, proposing the storage SOP classes in the SCP role (SCP/SCU role selection) on the same "
             "association.",
             "Transfer syntaxes proposed for the query/retrieve models: "
-            + ", ".join(f"{_name(uid)} ({uid})" for uid in DEFAULT_TRANSFER_SYNTAXES) + ".",
+            + ", ".join(f"{_name(uid)} ({uid})" for uid in DEFAULT_TRANSFER_SYNTAXES)
+            + ".",
         ],
         [Table(["Poll source", "PACS AE title", "Retrieve", "Move destination"], rows)],
     )
@@ -260,25 +280,44 @@ def _query_retrieve_scu() -> Section:
 def _sr_template() -> Section:
     codes = DEFAULT_CODES
     rows = [
-        ["Document root", "TID 1500 Measurement Report", "(126000, DCM, \"Imaging Measurement Report\")"],
+        ["Document root", "TID 1500 Measurement Report", '(126000, DCM, "Imaging Measurement Report")'],
         ["Observation context", "TID 1001/1004 device observer", "model name and version as manufacturer model name"],
-        ["Procedure reported", "TID 1500", "(" + ", ".join([codes.procedure_reported.value,
-                                                             codes.procedure_reported.scheme_designator,
-                                                             f'"{codes.procedure_reported.meaning}"']) + ")"],
+        [
+            "Procedure reported",
+            "TID 1500",
+            "("
+            + ", ".join(
+                [
+                    codes.procedure_reported.value,
+                    codes.procedure_reported.scheme_designator,
+                    f'"{codes.procedure_reported.meaning}"',
+                ]
+            )
+            + ")",
+        ],
         ["Image library", "TID 1600", "every evaluated image of the series, by SOP Class/Instance UID"],
         ["Measurement group", "TID 1501", "tracking identifier and UID per result"],
-        ["Triage score", "TID 300 numeric measurement",
-         f"({codes.score_code}, {codes.scheme_designator}, \"{codes.score_meaning}\"), unit {codes.score_unit.value} (UCUM)"],
-        ["Finding flag", "TID 1501 qualitative evaluation",
-         f"({codes.flag_code}, {codes.scheme_designator}, \"{codes.flag_meaning}\"): present / absent"],
-        ["Private coding scheme", "Coding Scheme Identification Sequence",
-         f"{codes.scheme_designator} \"{codes.scheme_name}\" ({codes.scheme_organization})"],
+        [
+            "Triage score",
+            "TID 300 numeric measurement",
+            f'({codes.score_code}, {codes.scheme_designator}, "{codes.score_meaning}"), unit {codes.score_unit.value} (UCUM)',
+        ],
+        [
+            "Finding flag",
+            "TID 1501 qualitative evaluation",
+            f'({codes.flag_code}, {codes.scheme_designator}, "{codes.flag_meaning}"): present / absent',
+        ],
+        [
+            "Private coding scheme",
+            "Coding Scheme Identification Sequence",
+            f'{codes.scheme_designator} "{codes.scheme_name}" ({codes.scheme_organization})',
+        ],
     ]
     return Section(
         "Structured Report produced",
         [
             f"One Comprehensive 3D SR per result, in the source study (same Study Instance UID and Patient/Study modules), "
-            f"series number {SERIES_NUMBER}, series description \"{SERIES_DESCRIPTION}\". Completion flag COMPLETE, "
+            f'series number {SERIES_NUMBER}, series description "{SERIES_DESCRIPTION}". Completion flag COMPLETE, '
             "verification flag UNVERIFIED (no human signed it). Its SOP Instance UID derives from the result, so a "
             "re-send stores the same object again instead of a second copy.",
         ],
@@ -289,12 +328,16 @@ def _sr_template() -> Section:
 def _dicomweb() -> Section:
     paragraphs = []
     try:
-        paragraphs.append(f"STOW-RS origin server: POST {reverse('dicomweb:stow')} (bearer token per sender); the same "
-                          "checks and statuses as the Storage SCP, reported per instance.")
+        paragraphs.append(
+            f"STOW-RS origin server: POST {reverse('dicomweb:stow')} (bearer token per sender); the same "
+            "checks and statuses as the Storage SCP, reported per instance."
+        )
     except NoReverseMatch:
         pass
-    paragraphs.append("STOW-RS user agent: result SRs to DICOMweb destinations (application/dicom, multipart/related), "
-                      "reading the per-instance Referenced/Failed SOP Sequences.")
+    paragraphs.append(
+        "STOW-RS user agent: result SRs to DICOMweb destinations (application/dicom, multipart/related), "
+        "reading the per-instance Referenced/Failed SOP Sequences."
+    )
     paragraphs.append("QIDO-RS and WADO-RS user agent: pull ingestion from DICOMweb poll sources (study level).")
     return Section("DICOMweb", paragraphs)
 
@@ -303,19 +346,29 @@ def _security() -> Section:
     tls_peers = list(ApplicationEntity.objects.filter(enabled=True, tls=True).values_list("ae_title", flat=True))
     mode = settings.DICOM_TLS_MODE
     if mode != "off":
-        ports = f"port {settings.DICOM_PORT}" if mode == "tls" else (
-            f"port {settings.DICOM_TLS_PORT}, plain TCP on port {settings.DICOM_PORT}")
-        client_certs = ("client certificates signed by a trusted CA are required"
-                        if settings.DICOM_TLS_REQUIRE_CLIENT_CERT else "client certificates are optional")
+        ports = (
+            f"port {settings.DICOM_PORT}"
+            if mode == "tls"
+            else (f"port {settings.DICOM_TLS_PORT}, plain TCP on port {settings.DICOM_PORT}")
+        )
+        client_certs = (
+            "client certificates signed by a trusted CA are required"
+            if settings.DICOM_TLS_REQUIRE_CLIENT_CERT
+            else "client certificates are optional"
+        )
         listener = f"The listener accepts DICOM TLS (BCP 195 profile: TLS 1.2 or later) on {ports}; {client_certs}."
     else:
-        listener = ("The listener accepts plain TCP only in this configuration (no DICOM TLS configured); "
-                    "protect the link by network segmentation or a VPN.")
+        listener = (
+            "The listener accepts plain TCP only in this configuration (no DICOM TLS configured); "
+            "protect the link by network segmentation or a VPN."
+        )
     return Section(
         "Security profiles",
         [
             listener,
-            "Outbound TLS is used per remote AE title: " + (", ".join(tls_peers) if tls_peers else "none configured") + ".",
+            "Outbound TLS is used per remote AE title: "
+            + (", ".join(tls_peers) if tls_peers else "none configured")
+            + ".",
             "Association-level access control: called AE title check and calling AE title allow-list (section 4). "
             "Patient names, IDs and birth dates are never written to logs, task queues or error messages.",
         ],
@@ -341,4 +394,3 @@ def _character_sets() -> Section:
 
 def _name(uid: str) -> str:
     return UID(str(uid)).name
-

@@ -65,8 +65,11 @@ def check_heartbeat(role: str) -> dict:
         age = (timezone.now() - max(beat.beat_at for beat in fresh)).total_seconds()
         return {"status": "ok", "processes": len(fresh), "last_beat_seconds_ago": round(age, 1)}
     latest = Heartbeat.latest(role=role)
-    check: dict = {"status": "down", "processes": 0, "message": f"no {role} process has reported for "
-                   f"{HEARTBEAT_DOWN_AFTER.total_seconds():.0f} s"}
+    check: dict = {
+        "status": "down",
+        "processes": 0,
+        "message": f"no {role} process has reported for {HEARTBEAT_DOWN_AFTER.total_seconds():.0f} s",
+    }
     if latest:
         check["last_beat_seconds_ago"] = round((timezone.now() - latest.beat_at).total_seconds(), 1)
     return check

@@ -89,7 +89,9 @@ def registry() -> CollectorRegistry:
 
 def received() -> Iterator[Metric]:
     instances = CounterMetricFamily(
-        "pacslens_instances_received", "Instances received and recorded (C-STORE, retrieve, STOW-RS)", labels=["calling_ae_title"]
+        "pacslens_instances_received",
+        "Instances received and recorded (C-STORE, retrieve, STOW-RS)",
+        labels=["calling_ae_title"],
     )
     size = CounterMetricFamily("pacslens_received_bytes", "Bytes of instances received", labels=["calling_ae_title"])
     for row in Instance.objects.values("calling_ae_title").annotate(n=Count("pk"), b=Sum("size")).order_by():
@@ -105,7 +107,9 @@ def received() -> Iterator[Metric]:
     )
     yield _gauge("pacslens_instances_stored", "Instances whose pixel data is on disk", stored["kept"])
     yield _gauge("pacslens_instances_stored_bytes", "Bytes of instances on disk", stored["kept_bytes"] or 0)
-    yield _counter("pacslens_retention_deleted_instances", "Instances whose pixel data retention deleted", stored["deleted"])
+    yield _counter(
+        "pacslens_retention_deleted_instances", "Instances whose pixel data retention deleted", stored["deleted"]
+    )
 
     last = Study.objects.aggregate(at=Max("last_received_at"))["at"]
     yield _gauge(
@@ -126,7 +130,9 @@ def associations() -> Iterator[Metric]:
         metric.add_metric([result, reason], value)
     yield metric
     yield _counter(
-        "pacslens_store_associations", "Associations that stored at least one instance", StoreAssociation.objects.count()
+        "pacslens_store_associations",
+        "Associations that stored at least one instance",
+        StoreAssociation.objects.count(),
     )
 
 
@@ -142,13 +148,17 @@ def studies() -> Iterator[Metric]:
 
 
 def inference() -> Iterator[Metric]:
-    results = CounterMetricFamily("pacslens_inference_results", "Inference results by model and status", labels=["model", "status"])
+    results = CounterMetricFamily(
+        "pacslens_inference_results", "Inference results by model and status", labels=["model", "status"]
+    )
     for row in InferenceResult.objects.values("model_name", "status").annotate(n=Count("pk")).order_by():
         results.add_metric([row["model_name"], row["status"]], row["n"])
     yield results
 
-    total = Coalesce(F("load_seconds"), Value(0.0)) + Coalesce(F("preprocess_seconds"), Value(0.0)) + Coalesce(
-        F("infer_seconds"), Value(0.0)
+    total = (
+        Coalesce(F("load_seconds"), Value(0.0))
+        + Coalesce(F("preprocess_seconds"), Value(0.0))
+        + Coalesce(F("infer_seconds"), Value(0.0))
     )
     rows = (
         InferenceResult.objects.filter(infer_seconds__isnull=False)
@@ -169,12 +179,16 @@ def inference() -> Iterator[Metric]:
 
 
 def deliveries() -> Iterator[Metric]:
-    states = GaugeMetricFamily("pacslens_deliveries", "Deliveries by destination and state", labels=["destination", "kind", "state"])
+    states = GaugeMetricFamily(
+        "pacslens_deliveries", "Deliveries by destination and state", labels=["destination", "kind", "state"]
+    )
     counts = {
         (row["destination__name"], row["state"]): row["n"]
         for row in Delivery.objects.values("destination__name", "state").annotate(n=Count("pk")).order_by()
     }
-    breaker = GaugeMetricFamily("pacslens_destination_circuit_open", "1 while the destination's circuit breaker is open", labels=["destination"])
+    breaker = GaugeMetricFamily(
+        "pacslens_destination_circuit_open", "1 while the destination's circuit breaker is open", labels=["destination"]
+    )
     failures = GaugeMetricFamily(
         "pacslens_destination_consecutive_failures", "Transient failures in a row", labels=["destination"]
     )
@@ -192,11 +206,15 @@ def deliveries() -> Iterator[Metric]:
     attempts = CounterMetricFamily(
         "pacslens_delivery_attempts", "Delivery attempts by destination and outcome", labels=["destination", "outcome"]
     )
-    for row in DeliveryAttempt.objects.values("delivery__destination__name", "outcome").annotate(n=Count("pk")).order_by():
+    for row in (
+        DeliveryAttempt.objects.values("delivery__destination__name", "outcome").annotate(n=Count("pk")).order_by()
+    ):
         attempts.add_metric([row["delivery__destination__name"], row["outcome"]], row["n"])
     yield attempts
 
-    oldest = Delivery.objects.filter(state__in=[DeliveryState.PENDING, DeliveryState.IN_FLIGHT]).aggregate(at=Min("created_at"))["at"]
+    oldest = Delivery.objects.filter(state__in=[DeliveryState.PENDING, DeliveryState.IN_FLIGHT]).aggregate(
+        at=Min("created_at")
+    )["at"]
     yield _gauge(
         "pacslens_delivery_oldest_pending_age_seconds",
         "Age of the oldest delivery not yet delivered or failed (0: none)",
@@ -243,7 +261,9 @@ def queue() -> Iterator[Metric]:
         "How long the oldest waiting task has waited for a worker (0: none)",
         (now - oldest).total_seconds() if oldest else 0,
     )
-    yield _gauge("pacslens_queue_failed_tasks", "Tasks django-q2 recorded as failed", Task.objects.filter(success=False).count())
+    yield _gauge(
+        "pacslens_queue_failed_tasks", "Tasks django-q2 recorded as failed", Task.objects.filter(success=False).count()
+    )
 
 
 def disk() -> Iterator[Metric]:
@@ -251,11 +271,11 @@ def disk() -> Iterator[Metric]:
     yield _gauge("pacslens_disk_free_bytes", "Free space under the data dir", usage.free)
     yield _gauge("pacslens_disk_total_bytes", "Size of the filesystem holding the data dir", usage.total)
     yield _gauge(
-        "pacslens_disk_free_floor_bytes", "Below this the listener refuses new data (0xA700)", settings.DISK_FREE_FLOOR_MB * 2**20
+        "pacslens_disk_free_floor_bytes",
+        "Below this the listener refuses new data (0xA700)",
+        settings.DISK_FREE_FLOOR_MB * 2**20,
     )
-    yield _gauge(
-        "pacslens_disk_free_warning_bytes", "Below this /healthz warns", settings.DISK_FREE_WARNING_MB * 2**20
-    )
+    yield _gauge("pacslens_disk_free_warning_bytes", "Below this /healthz warns", settings.DISK_FREE_WARNING_MB * 2**20)
 
 
 def heartbeats() -> Iterator[Metric]:

@@ -52,7 +52,9 @@ def retention_sweep() -> int:
     return studies_retention_run().studies
 
 
-def studies_retention_run(*, now: datetime | None = None, days: float | None = None, batch: int = BATCH) -> RetentionSummary:
+def studies_retention_run(
+    *, now: datetime | None = None, days: float | None = None, batch: int = BATCH
+) -> RetentionSummary:
     now = now or timezone.now()
     days = settings.RETENTION_DAYS if days is None else days
     summary = RetentionSummary()
@@ -61,7 +63,9 @@ def studies_retention_run(*, now: datetime | None = None, days: float | None = N
     if summary.studies:
         logger.info(
             "retention: pixel data of %s studies deleted (%s instances, %.1f MiB)",
-            summary.studies, summary.instances, summary.bytes / 2**20,
+            summary.studies,
+            summary.instances,
+            summary.bytes / 2**20,
         )
     return summary
 
@@ -73,20 +77,20 @@ def studies_due(*, now: datetime, days: float):
     any_delivery = Delivery.objects.filter(study=OuterRef("pk"))
     files_left = Instance.objects.filter(study=OuterRef("pk"), deleted_at=None)
     settled = (
-        Q(state=StudyState.DELIVERED)
-        | Q(state=StudyState.IGNORED)
-        | Q(state=StudyState.INFERRED, has_deliveries=False)
+        Q(state=StudyState.DELIVERED) | Q(state=StudyState.IGNORED) | Q(state=StudyState.INFERRED, has_deliveries=False)
     )
     return (
-        Study.objects.alias(has_unresolved=Exists(unresolved), has_deliveries=Exists(any_delivery), has_files=Exists(files_left))
-        .filter(settled, has_unresolved=False, has_files=True, state_changed_at__lte=cutoff, last_received_at__lte=cutoff)
+        Study.objects.alias(
+            has_unresolved=Exists(unresolved), has_deliveries=Exists(any_delivery), has_files=Exists(files_left)
+        )
+        .filter(
+            settled, has_unresolved=False, has_files=True, state_changed_at__lte=cutoff, last_received_at__lte=cutoff
+        )
         .order_by("state_changed_at", "pk")
     )
 
 
-def study_pixels_delete(
-    *, study: Study, now: datetime, days: float, summary: RetentionSummary | None = None
-) -> int:
+def study_pixels_delete(*, study: Study, now: datetime, days: float, summary: RetentionSummary | None = None) -> int:
     """Mark the study's instances deleted and unlink their files; 0 if the study moved meanwhile."""
     summary = summary if summary is not None else RetentionSummary()
     with transaction.atomic():

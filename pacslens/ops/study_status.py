@@ -95,7 +95,9 @@ def study_routing_status(study: Study) -> dict | None:
         "decided_at": decision.decided_at.isoformat(),
         "matched_rules": [rule["name"] for rule in decision.matched_rules],
         "models": [f"{m.name} {m.version}" for m in decision.ai_models.order_by("name", "version")],
-        "priority": Priority(decision.priority).label.lower() if decision.priority in Priority.values else decision.priority,
+        "priority": Priority(decision.priority).label.lower()
+        if decision.priority in Priority.values
+        else decision.priority,
         "reason": decision.reason,
     }
 
@@ -185,13 +187,17 @@ def _pipeline_lines(data: dict) -> list[str]:
             body = f"not applicable: {r['message']}"
         timing = ""
         if r["load_seconds"] is not None and r["infer_seconds"] is not None:
-            timing = f"  load {r['load_seconds']:.2f}s prep {r['preprocess_seconds']:.2f}s infer {r['infer_seconds']:.2f}s"
+            timing = (
+                f"  load {r['load_seconds']:.2f}s prep {r['preprocess_seconds']:.2f}s infer {r['infer_seconds']:.2f}s"
+            )
         superseded = "" if r["current"] else "  [superseded]"
         lines.append(f"{head}: {body}{timing}{superseded}")
     deliveries = data.get("deliveries") or []
     lines.append("Deliveries" + ("" if deliveries else " none"))
     for d in deliveries:
-        lines.append(f"  #{d['id']} result #{d['result']} -> {d['destination']} ({d['kind']}): {d['state']}, {d['attempts']} attempt(s), key {d['idempotency_key']}")
+        lines.append(
+            f"  #{d['id']} result #{d['result']} -> {d['destination']} ({d['kind']}): {d['state']}, {d['attempts']} attempt(s), key {d['idempotency_key']}"
+        )
         for a in d["attempt_log"]:
             lines.append(f"      {a['started_at']}  {a['outcome']:<12} {a['code'] or '':<8} {a['message']}")
     return lines

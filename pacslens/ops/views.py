@@ -27,8 +27,11 @@ def healthz(request: HttpRequest) -> JsonResponse:
 def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus text format. From this host, or anywhere with `Authorization: Bearer <PACSLENS_METRICS_TOKEN>`."""
     if not _metrics_allowed(request):
-        return HttpResponse("metrics are served to this host, or with the bearer token PACSLENS_METRICS_TOKEN\n",
-                            status=403, content_type="text/plain")
+        return HttpResponse(
+            "metrics are served to this host, or with the bearer token PACSLENS_METRICS_TOKEN\n",
+            status=403,
+            content_type="text/plain",
+        )
     return HttpResponse(generate_latest(registry()), content_type=CONTENT_TYPE_LATEST)
 
 

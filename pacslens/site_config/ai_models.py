@@ -103,5 +103,3 @@ def _data_path(relative: str) -> Path:
 
 def _under_models(path: Path) -> bool:
     return path.resolve().is_relative_to((Path(settings.DATA_DIR) / "models").resolve())
-
-

@@ -63,7 +63,9 @@ class ModelSection:
 
     def validate(self, entries: list[Any]) -> list[str]:
         problems: list[str] = []
-        for label, entry in entries_labelled(self.name, entries, problems, key=lambda e: e.get(self.key), what=self.key):
+        for label, entry in entries_labelled(
+            self.name, entries, problems, key=lambda e: e.get(self.key), what=self.key
+        ):
             unknown = sorted(set(entry) - set(self.fields))
             if unknown:
                 problems.append(f"{label}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(self.fields)}")

@@ -28,10 +28,31 @@ from results.models import Destination
 from routing.models import ApplicationEntity, RoutingRule
 
 FIELDS = [
-    "name", "kind", "enabled", "description", "application_entity", "rules", "base_url", "auth", "username",
-    "host", "port", "hl7_message_type", "hl7_version", "sending_application", "sending_facility",
-    "receiving_application", "receiving_facility", "accession_field", "on_ack_error", "on_ack_reject",
-    "timeout_seconds", "max_attempts", "backoff_base_seconds", "backoff_cap_seconds", "breaker_threshold",
+    "name",
+    "kind",
+    "enabled",
+    "description",
+    "application_entity",
+    "rules",
+    "base_url",
+    "auth",
+    "username",
+    "host",
+    "port",
+    "hl7_message_type",
+    "hl7_version",
+    "sending_application",
+    "sending_facility",
+    "receiving_application",
+    "receiving_facility",
+    "accession_field",
+    "on_ack_error",
+    "on_ack_reject",
+    "timeout_seconds",
+    "max_attempts",
+    "backoff_base_seconds",
+    "backoff_cap_seconds",
+    "breaker_threshold",
     "breaker_cooldown_seconds",
 ]
 IMPORT_ONLY = {"secret"}
@@ -46,15 +67,21 @@ class DestinationsSection:
         entries = []
         for destination in Destination.objects.select_related("application_entity").prefetch_related("rules"):
             entry = {f: getattr(destination, f) for f in FIELDS if f not in REFERENCES}
-            entry["application_entity"] = destination.application_entity.ae_title if destination.application_entity else None
+            entry["application_entity"] = (
+                destination.application_entity.ae_title if destination.application_entity else None
+            )
             entry["rules"] = sorted(rule.name for rule in destination.rules.all())
             entries.append({f: entry[f] for f in FIELDS})
         return entries
 
     def validate(self, entries: list[Any], *, document: dict[str, Any] | None = None) -> list[str]:
         document = document or {}
-        known_aes = set(ApplicationEntity.objects.values_list("ae_title", flat=True)) | _names(document, "ae_titles", "ae_title")
-        known_rules = set(RoutingRule.objects.values_list("name", flat=True)) | _names(document, "routing_rules", "name")
+        known_aes = set(ApplicationEntity.objects.values_list("ae_title", flat=True)) | _names(
+            document, "ae_titles", "ae_title"
+        )
+        known_rules = set(RoutingRule.objects.values_list("name", flat=True)) | _names(
+            document, "routing_rules", "name"
+        )
         problems: list[str] = []
         for label, entry in entries_labelled(self.name, entries, problems, key=lambda e: e.get("name")):
             unknown = sorted(set(entry) - set(FIELDS) - IMPORT_ONLY)

@@ -30,9 +30,21 @@ from pacslens.site_config.checks import clean_problems, entries_labelled
 from routing.models import ApplicationEntity, PollSource
 
 FIELDS = [
-    "name", "kind", "enabled", "pacs", "retrieve_mode", "move_destination", "dicomweb_url", "dicomweb_token_env",
-    "interval_seconds", "modalities", "lookback_hours", "extra_filters", "max_studies_per_poll",
-    "max_concurrent_retrieves", "min_query_spacing_seconds",
+    "name",
+    "kind",
+    "enabled",
+    "pacs",
+    "retrieve_mode",
+    "move_destination",
+    "dicomweb_url",
+    "dicomweb_token_env",
+    "interval_seconds",
+    "modalities",
+    "lookback_hours",
+    "extra_filters",
+    "max_studies_per_poll",
+    "max_concurrent_retrieves",
+    "min_query_spacing_seconds",
 ]
 
 

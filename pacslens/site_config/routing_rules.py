@@ -1,16 +1,16 @@
 """The `routing_rules` section of the site YAML (after `models`, which the rules name).
 
-    routing_rules:
-    - name: CT head
-      enabled: true
-      position: 10
-      priority: stat            # stat | routine
-      stop_at_first_match: true
-      models: [{name: demo-hyperdense-head-ct, version: '1.0'}]
-      conditions:
-      - {attribute: Modality, operator: equals, value: CT}
-      - {attribute: BodyPartExamined, operator: one_of, value: [HEAD, BRAIN]}
-      - {attribute: ContrastBolusAgent, operator: absent}
+routing_rules:
+- name: CT head
+  enabled: true
+  position: 10
+  priority: stat            # stat | routine
+  stop_at_first_match: true
+  models: [{name: demo-hyperdense-head-ct, version: '1.0'}]
+  conditions:
+  - {attribute: Modality, operator: equals, value: CT}
+  - {attribute: BodyPartExamined, operator: one_of, value: [HEAD, BRAIN]}
+  - {attribute: ContrastBolusAgent, operator: absent}
 """
 
 from __future__ import annotations
@@ -161,5 +161,3 @@ def _condition_fields(condition: dict[str, Any]) -> dict[str, str]:
     if isinstance(value, list):
         value = ONE_OF_SEPARATOR.join(value)
     return {"attribute": condition.get("attribute", ""), "operator": condition.get("operator", ""), "value": value}
-
-

@@ -70,9 +70,15 @@ def dashboard_counts(*, now: datetime | None = None) -> dict:
     since = now - timedelta(hours=24)
     current = dict(Study.objects.values_list("state").annotate(n=Count("id")).values_list("state", "n"))
     recent = dict(
-        Study.objects.filter(first_received_at__gte=since).values_list("state").annotate(n=Count("id")).values_list("state", "n")
+        Study.objects.filter(first_received_at__gte=since)
+        .values_list("state")
+        .annotate(n=Count("id"))
+        .values_list("state", "n")
     )
-    states = [{"state": s.value, "label": s.label, "now": current.get(s.value, 0), "day": recent.get(s.value, 0)} for s in StudyState]
+    states = [
+        {"state": s.value, "label": s.label, "now": current.get(s.value, 0), "day": recent.get(s.value, 0)}
+        for s in StudyState
+    ]
     return {"states": states, "total_now": sum(current.values()), "total_day": sum(recent.values())}
 
 
@@ -87,7 +93,12 @@ def deliveries_by_destination() -> list[dict]:
         .order_by("destination__name")
     )
     return [
-        {"destination_id": r["destination_id"], "name": r["destination__name"], "pending": r["pending"], "failed": r["failed"]}
+        {
+            "destination_id": r["destination_id"],
+            "name": r["destination__name"],
+            "pending": r["pending"],
+            "failed": r["failed"],
+        }
         for r in rows
     ]
 
@@ -101,7 +112,9 @@ def stage_latencies(*, now: datetime | None = None) -> list[StageLatency]:
         .values_list("id", flat=True)[:LATENCY_MAX_STUDIES]
     )
     firsts: dict[int, dict[str, datetime]] = {}
-    events = StudyEvent.objects.filter(study_id__in=study_ids, to_state__in=STAGES).values_list("study_id", "to_state", "at")
+    events = StudyEvent.objects.filter(study_id__in=study_ids, to_state__in=STAGES).values_list(
+        "study_id", "to_state", "at"
+    )
     for study_id, state, at in events.order_by("at", "id"):
         firsts.setdefault(study_id, {}).setdefault(state, at)
     latencies = []
@@ -109,7 +122,9 @@ def stage_latencies(*, now: datetime | None = None) -> list[StageLatency]:
         # From the last stage before `after` that the study actually went through (inferred → delivered
         # skips nothing; a study without inference has no inferred stage and no delivered one either).
         samples = sorted(
-            (times[after] - times[before]).total_seconds() for times in firsts.values() if before in times and after in times
+            (times[after] - times[before]).total_seconds()
+            for times in firsts.values()
+            if before in times and after in times
         )
         latencies.append(
             StageLatency(before, after, len(samples), _percentile(samples, 0.50), _percentile(samples, 0.95))
@@ -124,7 +139,8 @@ def studies_stuck(*, now: datetime | None = None, limit: int = 20) -> list[dict]
         condition |= Q(state=state, state_changed_at__lt=now - allowed)
     rows = Study.objects.filter(condition).order_by("state_changed_at")[:limit]
     return [
-        {"study": s, "state": s.state, "for_text": duration_text((now - s.state_changed_at).total_seconds())} for s in rows
+        {"study": s, "state": s.state, "for_text": duration_text((now - s.state_changed_at).total_seconds())}
+        for s in rows
     ]
 
 
@@ -152,7 +168,9 @@ def health_workers() -> Health:
 def health_disk() -> Health:
     check = check_disk()
     detail = f"{check['free_mb']} MiB free (floor {check['floor_mb']} MiB)"
-    return Health("Disk", HEALTH_STATUS[check["status"]], detail + (f": {check['message']}" if check.get("message") else ""))
+    return Health(
+        "Disk", HEALTH_STATUS[check["status"]], detail + (f": {check['message']}" if check.get("message") else "")
+    )
 
 
 def health_destinations() -> list[dict]:

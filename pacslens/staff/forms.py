@@ -40,7 +40,9 @@ class StudyFilterForm(forms.Form):
     received_to = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
     calling_ae = forms.CharField(required=False, label="Sending AE")
     modality = forms.CharField(required=False)
-    flag = forms.ChoiceField(required=False, choices=[("", "any"), ("yes", "flagged"), ("no", "not flagged")], label="Finding")
+    flag = forms.ChoiceField(
+        required=False, choices=[("", "any"), ("yes", "flagged"), ("no", "not flagged")], label="Finding"
+    )
     sort = forms.ChoiceField(required=False, choices=[(k, k) for k in STUDY_SORTS], widget=forms.HiddenInput)
 
     def filter(self, studies: QuerySet[Study]) -> QuerySet[Study]:
@@ -56,7 +58,12 @@ class StudyFilterForm(forms.Form):
         if ae := (data.get("calling_ae") or "").strip():
             studies = studies.filter(calling_ae_title__iexact=ae)
         if modality := (data.get("modality") or "").strip().upper():
-            studies = studies.filter(Q(modalities=modality) | Q(modalities__startswith=modality + "\\") | Q(modalities__endswith="\\" + modality) | Q(modalities__contains="\\" + modality + "\\"))
+            studies = studies.filter(
+                Q(modalities=modality)
+                | Q(modalities__startswith=modality + "\\")
+                | Q(modalities__endswith="\\" + modality)
+                | Q(modalities__contains="\\" + modality + "\\")
+            )
         flag = data.get("flag")
         if flag:
             flagged = InferenceResult.objects.current().filter(study=OuterRef("pk"), flagged=True)
@@ -68,8 +75,17 @@ class ApplicationEntityForm(forms.ModelForm):
     class Meta:
         model = ApplicationEntity
         fields = [
-            "ae_title", "host", "port", "description", "enabled", "may_send", "check_peer_ip",
-            "receives_results", "may_query", "tls", "quiet_period_seconds",
+            "ae_title",
+            "host",
+            "port",
+            "description",
+            "enabled",
+            "may_send",
+            "check_peer_ip",
+            "receives_results",
+            "may_query",
+            "tls",
+            "quiet_period_seconds",
         ]
 
     def clean(self):
@@ -88,7 +104,10 @@ class ApplicationEntityForm(forms.ModelForm):
 class RoutingRuleForm(forms.ModelForm):
     # The relation lives on Destination (results app); the rule form edits it from this side.
     destinations = forms.ModelMultipleChoiceField(
-        queryset=None, required=False, widget=forms.CheckboxSelectMultiple, help_text="Where the results of this rule go"
+        queryset=None,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Where the results of this rule go",
     )
 
     class Meta:
@@ -125,14 +144,29 @@ class DryRunForm(forms.Form):
 
 
 class PollSourceForm(forms.ModelForm):
-    dicomweb_url = forms.URLField(required=False, assume_scheme="https", label="DICOMweb URL",
-                                  help_text="DICOMweb base URL, e.g. https://pacs/dicom-web")
+    dicomweb_url = forms.URLField(
+        required=False,
+        assume_scheme="https",
+        label="DICOMweb URL",
+        help_text="DICOMweb base URL, e.g. https://pacs/dicom-web",
+    )
 
     class Meta:
         model = PollSource
         fields = [
-            "name", "kind", "enabled", "pacs", "retrieve_mode", "move_destination", "dicomweb_url", "dicomweb_token_env",
-            "interval_seconds", "modalities", "lookback_hours", "max_studies_per_poll", "max_concurrent_retrieves",
+            "name",
+            "kind",
+            "enabled",
+            "pacs",
+            "retrieve_mode",
+            "move_destination",
+            "dicomweb_url",
+            "dicomweb_token_env",
+            "interval_seconds",
+            "modalities",
+            "lookback_hours",
+            "max_studies_per_poll",
+            "max_concurrent_retrieves",
             "min_query_spacing_seconds",
         ]
 
@@ -145,7 +179,8 @@ class DestinationForm(forms.ModelForm):
     The secret is write-only: it is never rendered back, and left empty on edit it stays as it was."""
 
     secret = forms.CharField(
-        required=False, label="Password or token",
+        required=False,
+        label="Password or token",
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
         help_text="Write-only: never shown again. Leave empty to keep the current one.",
     )
@@ -153,11 +188,33 @@ class DestinationForm(forms.ModelForm):
     class Meta:
         model = Destination
         fields = [
-            "name", "kind", "enabled", "description", "application_entity", "base_url", "auth", "username", "secret",
-            "host", "port", "hl7_message_type", "hl7_version", "sending_application", "sending_facility",
-            "receiving_application", "receiving_facility", "accession_field", "on_ack_error", "on_ack_reject",
-            "timeout_seconds", "max_attempts", "backoff_base_seconds", "backoff_cap_seconds",
-            "breaker_threshold", "breaker_cooldown_seconds", "rules",
+            "name",
+            "kind",
+            "enabled",
+            "description",
+            "application_entity",
+            "base_url",
+            "auth",
+            "username",
+            "secret",
+            "host",
+            "port",
+            "hl7_message_type",
+            "hl7_version",
+            "sending_application",
+            "sending_facility",
+            "receiving_application",
+            "receiving_facility",
+            "accession_field",
+            "on_ack_error",
+            "on_ack_reject",
+            "timeout_seconds",
+            "max_attempts",
+            "backoff_base_seconds",
+            "backoff_cap_seconds",
+            "breaker_threshold",
+            "breaker_cooldown_seconds",
+            "rules",
         ]
         widgets = {"rules": forms.CheckboxSelectMultiple}
 
@@ -173,7 +230,9 @@ class DestinationForm(forms.ModelForm):
 
 class DiscardForm(forms.Form):
     reason = forms.CharField(
-        max_length=2000, strip=True, widget=forms.TextInput(attrs={"placeholder": "Why this result will not be delivered"}),
+        max_length=2000,
+        strip=True,
+        widget=forms.TextInput(attrs={"placeholder": "Why this result will not be delivered"}),
         error_messages={"required": "A reason is required to discard a delivery."},
     )
 

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from django.urls import path
 
-from pacslens.staff.views import audit, auth, dashboard, destinations, endpoints, failures, models_page, rules, studies, study_actions, triage
+from pacslens.staff.views import (
+    audit,
+    auth,
+    dashboard,
+    destinations,
+    endpoints,
+    failures,
+    models_page,
+    rules,
+    studies,
+    study_actions,
+    triage,
+)
 
 urlpatterns = [
     path("", dashboard.dashboard, name="dashboard"),

@@ -49,8 +49,13 @@ def send_datasets(
         return []
     sop_classes = sorted({str(ds.SOPClassUID) for ds in datasets})
     session = StoreSession(
-        calling_ae_title=ae_title_calling, host=host, port=port, called_ae_title=called_ae,
-        sop_class_uids=sop_classes, timeout=timeout, tls=tls,
+        calling_ae_title=ae_title_calling,
+        host=host,
+        port=port,
+        called_ae_title=called_ae,
+        sop_class_uids=sop_classes,
+        timeout=timeout,
+        tls=tls,
     )
     failure = session.open()
     if failure is not None:
@@ -101,8 +106,7 @@ class StoreSession:
 
     def open(self) -> Outcome | None:
         ae = AE(ae_title=self.calling_ae_title)
-        for timeout_name in ("acse_timeout", "dimse_timeout", "network_timeout",
-                             "connection_timeout"):
+        for timeout_name in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
             setattr(ae, timeout_name, self.timeout)
         for sop_class in self.sop_class_uids:
             # Two contexts rather than one with two transfer syntaxes: offered both in one,
@@ -115,8 +119,11 @@ class StoreSession:
         handlers = [(evt.EVT_CONN_OPEN, _on_connection_open, [connected])]
         try:
             assoc = ae.associate(
-                self.host, self.port, ae_title=self.called_ae_title,
-                tls_args=self.tls, evt_handlers=handlers,
+                self.host,
+                self.port,
+                ae_title=self.called_ae_title,
+                tls_args=self.tls,
+                evt_handlers=handlers,
             )
         except (OSError, ValueError) as exc:
             # ValueError: pynetdicom rejects an invalid AE title or address up front.
@@ -148,18 +155,17 @@ class StoreSession:
             if failure is not None:
                 return _for_dataset(failure, dataset)
             outcome = self._store_once(dataset, key)
-        return outcome or _outcome(
-            OutcomeKind.TRANSIENT, None, f"C-STORE to {self.peer} failed twice", key
-        )
+        return outcome or _outcome(OutcomeKind.TRANSIENT, None, f"C-STORE to {self.peer} failed twice", key)
 
     def _store_once(self, dataset: Dataset, key: str) -> Outcome | None:
         """The Outcome of one C-STORE, or None if the connection broke while sending."""
         assert self._assoc is not None
-        if not any(cx.abstract_syntax == dataset.SOPClassUID
-                   for cx in self._assoc.accepted_contexts):
+        if not any(cx.abstract_syntax == dataset.SOPClassUID for cx in self._assoc.accepted_contexts):
             return _outcome(
-                OutcomeKind.PERMANENT, None,
-                f"{self.peer} did not accept SOP class {dataset.SOPClassUID}", key,
+                OutcomeKind.PERMANENT,
+                None,
+                f"{self.peer} did not accept SOP class {dataset.SOPClassUID}",
+                key,
             )
         self._message_id = self._message_id % 65535 + 1
         try:
@@ -169,11 +175,10 @@ class StoreSession:
         if "Status" not in status:
             # No response: DIMSE timeout, abort or a dropped connection after sending. Not
             # retried here, since a slow peer would make us wait twice; the ledger retries.
-            return _outcome(
-                OutcomeKind.TRANSIENT, None, f"no C-STORE response from {self.peer}", key
-            )
-        return classify_store_status(int(status.Status), peer=self.peer, key=key,
-                                     comment=str(status.get("ErrorComment", "")))
+            return _outcome(OutcomeKind.TRANSIENT, None, f"no C-STORE response from {self.peer}", key)
+        return classify_store_status(
+            int(status.Status), peer=self.peer, key=key, comment=str(status.get("ErrorComment", ""))
+        )
 
     def close(self) -> None:
         if self._assoc is not None and self._assoc.is_established:
@@ -186,8 +191,9 @@ class StoreSession:
             raise AssociationFailed(failure)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.close()
 
     def _association_failure(self, assoc: Association, *, connected: bool) -> Outcome:
@@ -195,7 +201,9 @@ class StoreSession:
             rsp = assoc.acceptor.primitive
             if rsp is not None:
                 return classify_rejection(
-                    int(rsp.result), int(rsp.result_source), int(rsp.diagnostic),
+                    int(rsp.result),
+                    int(rsp.result_source),
+                    int(rsp.diagnostic),
                     peer=self.peer,
                     description=f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}",
                 )
@@ -204,7 +212,8 @@ class StoreSession:
             problem = handshake_problem(self.tls, self.host, self.port, self.timeout)
             if problem:
                 return _outcome(
-                    OutcomeKind.CONFIG_ERROR, None,
+                    OutcomeKind.CONFIG_ERROR,
+                    None,
                     f"TLS handshake with {self.peer} failed ({problem}): check that PACSLENS_DICOM_TLS_CA holds the CA "
                     "that signed its certificate, and that it trusts ours",
                 )
@@ -212,11 +221,13 @@ class StoreSession:
             return _outcome(OutcomeKind.TRANSIENT, None, f"cannot connect to {self.peer}")
         if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
             return _outcome(
-                OutcomeKind.PERMANENT, None,
+                OutcomeKind.PERMANENT,
+                None,
                 f"{self.peer} accepted none of SOP classes {', '.join(self.sop_class_uids)}",
             )
         return _outcome(
-            OutcomeKind.TRANSIENT, None,
+            OutcomeKind.TRANSIENT,
+            None,
             f"association with {self.peer} aborted or timed out before acceptance",
         )
 
@@ -231,8 +242,7 @@ class AssociationFailed(Exception):
 _USER_CONFIG_REASONS = {3: "calling AE title not recognised", 7: "called AE title not recognised"}
 
 
-def classify_rejection(result: int, source: int, reason: int, *, peer: str,
-                       description: str = "") -> Outcome:
+def classify_rejection(result: int, source: int, reason: int, *, peer: str, description: str = "") -> Outcome:
     code = f"A-ASSOCIATE-RJ {result}/{source}/{reason}"
     text = f"{peer} rejected the association{' (' + description + ')' if description else ''}"
     # Provider congestion / local limit exceeded (e.g. too many associations) passes soon,
@@ -241,7 +251,8 @@ def classify_rejection(result: int, source: int, reason: int, *, peer: str,
         return _outcome(OutcomeKind.TRANSIENT, code, text)
     if source == 1 and reason in _USER_CONFIG_REASONS:
         return _outcome(
-            OutcomeKind.CONFIG_ERROR, code,
+            OutcomeKind.CONFIG_ERROR,
+            code,
             f"{text}: {_USER_CONFIG_REASONS[reason]}; fix the AE titles of the destination "
             "or register PacsLens at the PACS",
         )
@@ -255,8 +266,11 @@ def classify_store_status(status: int, *, peer: str, key: str = "", comment: str
         return _outcome(OutcomeKind.SUCCESS, status, f"stored at {peer}", key)
     if code_to_category(status) == "Warning" or 0xB000 <= status <= 0xBFFF:
         return Outcome(
-            kind=OutcomeKind.SUCCESS, protocol=Protocol.DICOM, code=status,
-            message=f"stored at {peer} with a warning", key=key,
+            kind=OutcomeKind.SUCCESS,
+            protocol=Protocol.DICOM,
+            code=status,
+            message=f"stored at {peer} with a warning",
+            key=key,
             warning=f"status 0x{status:04X}{note}",
         )
     text = f"{peer} refused the object{note}"
@@ -292,5 +306,10 @@ def _outcome(kind: OutcomeKind, code: int | str | None, message: str, key: str =
 
 
 def _for_dataset(outcome: Outcome, dataset: Dataset) -> Outcome:
-    return Outcome(kind=outcome.kind, protocol=outcome.protocol, code=outcome.code,
-                   message=outcome.message, key=str(dataset.SOPInstanceUID))
+    return Outcome(
+        kind=outcome.kind,
+        protocol=outcome.protocol,
+        code=outcome.code,
+        message=outcome.message,
+        key=str(dataset.SOPInstanceUID),
+    )

@@ -79,26 +79,30 @@ def build_observation(
         "resourceType": "Observation",
         "identifier": [{"system": system, "value": value}],
         "status": "final" if payload.is_final else "preliminary",
-        "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging",
-                                  "display": "Imaging"}]}],
+        "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}],
         "code": _concept(settings.code_system, settings.score_code, settings.score_display),
         "subject": _patient_reference(payload, settings),
         "effectiveDateTime": payload.created_at.isoformat(),
         "issued": payload.created_at.isoformat(),
-        "valueQuantity": {"value": round(payload.triage_score, 6), "unit": "score",
-                          "system": UCUM, "code": "{score}"},
-        "component": [{
-            "code": _concept(settings.code_system, settings.flag_code, settings.flag_display),
-            "valueBoolean": payload.finding_flag,
-        }],
-        "derivedFrom": [{"type": "ImagingStudy",
-                         "identifier": {"system": study_system, "value": study_value}}],
+        "valueQuantity": {"value": round(payload.triage_score, 6), "unit": "score", "system": UCUM, "code": "{score}"},
+        "component": [
+            {
+                "code": _concept(settings.code_system, settings.flag_code, settings.flag_display),
+                "valueBoolean": payload.finding_flag,
+            }
+        ],
+        "derivedFrom": [{"type": "ImagingStudy", "identifier": {"system": study_system, "value": study_value}}],
         # A Device resource per model would need managing at the RIS; the display names it.
-        "device": {"display": f"{model} (PacsLens)",
-                   "identifier": {"system": URI_SYSTEM, "value": "urn:oid:" + payload.identity.device_uid(
-                       payload.model_name, payload.model_version)}},
-        "note": [{"text": f"PacsLens AI triage result from model {model}; "
-                          "not a diagnosis, for worklist prioritisation."}],
+        "device": {
+            "display": f"{model} (PacsLens)",
+            "identifier": {
+                "system": URI_SYSTEM,
+                "value": "urn:oid:" + payload.identity.device_uid(payload.model_name, payload.model_version),
+            },
+        },
+        "note": [
+            {"text": f"PacsLens AI triage result from model {model}; not a diagnosis, for worklist prioritisation."}
+        ],
     }
     return _validated(Observation, body, payload)
 
@@ -117,10 +121,15 @@ def build_imaging_study(
     survive; we add only what we own and leave every other element as the RIS sent it."""
     study_system, study_value = study_identifier(payload)
     obs_system, obs_value = observation_identifier(payload, identifier)
-    body = dict(existing) if existing else {
-        "resourceType": "ImagingStudy", "status": "available",
-        "subject": _patient_reference(payload, settings),
-    }
+    body = (
+        dict(existing)
+        if existing
+        else {
+            "resourceType": "ImagingStudy",
+            "status": "available",
+            "subject": _patient_reference(payload, settings),
+        }
+    )
     # Server-managed version and time would only confuse the update; tags, profiles and
     # security labels are the RIS's and stay.
     meta = {k: v for k, v in body.get("meta", {}).items() if k not in ("versionId", "lastUpdated")}
@@ -131,8 +140,10 @@ def build_imaging_study(
     identifiers = list(body.get("identifier", []))
     wanted = [{"system": study_system, "value": study_value}]
     if payload.accession_number:
-        accession: dict[str, Any] = {"type": _concept(V2_0203, "ACSN", "Accession ID"),
-                                     "value": payload.accession_number}
+        accession: dict[str, Any] = {
+            "type": _concept(V2_0203, "ACSN", "Accession ID"),
+            "value": payload.accession_number,
+        }
         if settings.accession_identifier_system:
             accession["system"] = settings.accession_identifier_system
         # The RIS's own accession identifier, under whatever system it uses, is the same one.
@@ -142,16 +153,18 @@ def build_imaging_study(
         if not any(_same_identifier(wanted_identifier, other) for other in identifiers):
             identifiers.append(wanted_identifier)
     body["identifier"] = identifiers
-    reference: dict[str, Any] = {"type": "Observation",
-                                 "identifier": {"system": obs_system, "value": obs_value}}
+    reference: dict[str, Any] = {"type": "Observation", "identifier": {"system": obs_system, "value": obs_value}}
     if observation_id:
         reference["reference"] = f"Observation/{observation_id}"
-    extensions = [ext for ext in body.get("extension", [])
-                  if not (ext.get("url") == settings.result_extension_url
-                          and _same_identifier(ext.get("valueReference", {}).get("identifier", {}),
-                                               reference["identifier"]))]
-    body["extension"] = [*extensions, {"url": settings.result_extension_url,
-                                       "valueReference": reference}]
+    extensions = [
+        ext
+        for ext in body.get("extension", [])
+        if not (
+            ext.get("url") == settings.result_extension_url
+            and _same_identifier(ext.get("valueReference", {}).get("identifier", {}), reference["identifier"])
+        )
+    ]
+    body["extension"] = [*extensions, {"url": settings.result_extension_url, "valueReference": reference}]
     return _validated(ImagingStudy, body, payload)
 
 
@@ -180,15 +193,25 @@ def send_fhir_result(
         headers["Authorization"] = f"Bearer {bearer_token}"
     try:
         observation = build_observation(payload, settings, identifier=key_identifier)
-        response = _request(http, "POST", f"{base}/Observation", observation, timeout,
-                            {**headers, "If-None-Exist": f"identifier={system}|{value}"})
+        response = _request(
+            http,
+            "POST",
+            f"{base}/Observation",
+            observation,
+            timeout,
+            {**headers, "If-None-Exist": f"identifier={system}|{value}"},
+        )
         if isinstance(response, Outcome) or response.status_code not in (200, 201):
             return _failure(response, f"Observation create at {base}", key)
         if response.status_code == 200 and _derived_from_other_study(response, observation):
             # Never link this study to an Observation about another one (possibly another patient).
-            return _outcome(OutcomeKind.PERMANENT, 200, key,
-                            f"{base} already holds an Observation with identifier {value} for another "
-                            f"study than {payload.study_instance_uid}")
+            return _outcome(
+                OutcomeKind.PERMANENT,
+                200,
+                key,
+                f"{base} already holds an Observation with identifier {value} for another "
+                f"study than {payload.study_instance_uid}",
+            )
         observation_id = _resource_id(response, "Observation")
 
         study_system, study_value = study_identifier(payload)
@@ -199,14 +222,23 @@ def send_fhir_result(
             return _failure(found, f"ImagingStudy search at {base}", key)
         entries = _bundle_resources(found, "ImagingStudy")
         if entries is None:
-            return _outcome(OutcomeKind.PERMANENT, found.status_code, key,
-                            f"ImagingStudy search at {base} did not answer a Bundle")
+            return _outcome(
+                OutcomeKind.PERMANENT, found.status_code, key, f"ImagingStudy search at {base} did not answer a Bundle"
+            )
         if len(entries) > 1:
-            return _outcome(OutcomeKind.PERMANENT, 412, key,
-                            f"{base} holds {len(entries)} ImagingStudy resources for study "
-                            f"{payload.study_instance_uid}")
-        study = build_imaging_study(payload, settings, observation_id=observation_id,
-                                    existing=entries[0] if entries else None, identifier=key_identifier)
+            return _outcome(
+                OutcomeKind.PERMANENT,
+                412,
+                key,
+                f"{base} holds {len(entries)} ImagingStudy resources for study {payload.study_instance_uid}",
+            )
+        study = build_imaging_study(
+            payload,
+            settings,
+            observation_id=observation_id,
+            existing=entries[0] if entries else None,
+            identifier=key_identifier,
+        )
         updated = _request(http, "PUT", f"{base}/ImagingStudy", study, timeout, headers, search)
         if isinstance(updated, Outcome) or updated.status_code not in (200, 201):
             return _failure(updated, f"ImagingStudy update at {base}", key)
@@ -215,8 +247,7 @@ def send_fhir_result(
     finally:
         if session is None:
             http.close()
-    return _outcome(OutcomeKind.SUCCESS, updated.status_code, key,
-                    f"Observation and ImagingStudy written at {base}")
+    return _outcome(OutcomeKind.SUCCESS, updated.status_code, key, f"Observation and ImagingStudy written at {base}")
 
 
 def classify_http_status(status: int) -> OutcomeKind:
@@ -230,12 +261,19 @@ def classify_http_status(status: int) -> OutcomeKind:
     return OutcomeKind.PERMANENT  # 400, 409, 412, 422 and other client errors
 
 
-def _request(http: requests.Session, method: str, url: str, body: dict[str, Any] | None,
-             timeout: float, headers: dict[str, str], params: dict[str, str] | None = None,
-             ) -> requests.Response | Outcome:
+def _request(
+    http: requests.Session,
+    method: str,
+    url: str,
+    body: dict[str, Any] | None,
+    timeout: float,
+    headers: dict[str, str],
+    params: dict[str, str] | None = None,
+) -> requests.Response | Outcome:
     try:
-        return http.request(method, url, data=dumps(body) if body is not None else None,
-                            headers=headers, params=params, timeout=timeout)
+        return http.request(
+            method, url, data=dumps(body) if body is not None else None, headers=headers, params=params, timeout=timeout
+        )
     except requests.exceptions.SSLError:
         return _outcome(OutcomeKind.CONFIG_ERROR, None, "", f"TLS error talking to {url}")
     except requests.exceptions.RequestException as exc:
@@ -244,8 +282,9 @@ def _request(http: requests.Session, method: str, url: str, body: dict[str, Any]
 
 def _failure(response: requests.Response | Outcome, what: str, key: str) -> Outcome:
     if isinstance(response, Outcome):
-        return Outcome(kind=response.kind, protocol=Protocol.FHIR, code=None, key=key,
-                       message=f"{what}: {response.message}")
+        return Outcome(
+            kind=response.kind, protocol=Protocol.FHIR, code=None, key=key, message=f"{what}: {response.message}"
+        )
     # OperationOutcome issue codes only: diagnostics text may quote the resource.
     codes = ""
     try:
@@ -263,8 +302,11 @@ def _failure(response: requests.Response | Outcome, what: str, key: str) -> Outc
 def _bundle_resources(response: requests.Response, resource_type: str) -> list[dict[str, Any]] | None:
     try:
         bundle = loads(response)
-        return [entry["resource"] for entry in (bundle.get("entry") or [])
-                if entry.get("resource", {}).get("resourceType") == resource_type]
+        return [
+            entry["resource"]
+            for entry in (bundle.get("entry") or [])
+            if entry.get("resource", {}).get("resourceType") == resource_type
+        ]
     except (ValueError, AttributeError, KeyError, TypeError):
         return None
 
@@ -308,8 +350,9 @@ def _validated(model: Any, body: dict[str, Any], payload: ResultPayload) -> dict
         model.model_validate(body)
     except Exception as exc:
         # pydantic's message quotes input values; keep only the failing locations.
-        locations = sorted({".".join(str(part) for part in error["loc"])
-                            for error in getattr(exc, "errors", lambda: [])()})
+        locations = sorted(
+            {".".join(str(part) for part in error["loc"]) for error in getattr(exc, "errors", lambda: [])()}
+        )
         raise FHIRBuildError(
             f"{body['resourceType']} for study {payload.study_instance_uid} does not validate "
             f"({', '.join(locations) or type(exc).__name__})"

@@ -35,8 +35,13 @@ from results.deliver.payload import Outcome, OutcomeKind, Protocol, ResultPayloa
 
 MessageType = Literal["ORU^R01", "ORM^O01"]
 SUPPORTED_VERSIONS = ("2.3", "2.4", "2.5", "2.5.1")
-ACCESSION_FIELDS = {"OBR-18": ("OBR", 18), "OBR-2": ("OBR", 2), "OBR-3": ("OBR", 3),
-                    "ORC-2": ("ORC", 2), "ORC-3": ("ORC", 3)}
+ACCESSION_FIELDS = {
+    "OBR-18": ("OBR", 18),
+    "OBR-2": ("OBR", 2),
+    "OBR-3": ("OBR", 3),
+    "ORC-2": ("ORC", 2),
+    "ORC-3": ("ORC", 3),
+}
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
 
 
@@ -97,9 +102,7 @@ def build_hl7_message(
     except Exception as exc:
         # hl7apy's messages quote the offending value, which may be patient data.
         # `from None`: a chained cause would carry the value into tracebacks in the logs.
-        raise HL7BuildError(
-            f"cannot build {message_type} {control_id}: {type(exc).__name__}"
-        ) from None
+        raise HL7BuildError(f"cannot build {message_type} {control_id}: {type(exc).__name__}") from None
     validate_hl7(er7, version=version, control_id=control_id)
     return er7
 
@@ -119,9 +122,7 @@ def validate_hl7(er7: str, *, version: str, control_id: str = "") -> None:
     except HL7BuildError:
         raise
     except Exception as exc:
-        raise HL7BuildError(
-            f"HL7 {version} message {control_id} does not validate: {type(exc).__name__}"
-        ) from None
+        raise HL7BuildError(f"HL7 {version} message {control_id} does not validate: {type(exc).__name__}") from None
     if message.version != version or message.msh.msh_10.value != control_id:
         raise HL7BuildError(f"HL7 message {control_id} did not re-parse to what was built")
 
@@ -175,37 +176,32 @@ def send_mllp(
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(frame)
             raw = _read_frame(sock, ack_timeout)
-    except (TimeoutError, socket.timeout):
-        return _outcome(OutcomeKind.TRANSIENT, None, f"no ACK from {peer} in {ack_timeout:g} s",
-                        control_id)
+    except TimeoutError:
+        return _outcome(OutcomeKind.TRANSIENT, None, f"no ACK from {peer} in {ack_timeout:g} s", control_id)
     except OSError as exc:
-        return _outcome(OutcomeKind.TRANSIENT, None,
-                        f"MLLP to {peer} failed: {type(exc).__name__}", control_id)
+        return _outcome(OutcomeKind.TRANSIENT, None, f"MLLP to {peer} failed: {type(exc).__name__}", control_id)
     if raw is None:
-        return _outcome(OutcomeKind.TRANSIENT, None,
-                        f"{peer} closed the connection without an ACK", control_id)
+        return _outcome(OutcomeKind.TRANSIENT, None, f"{peer} closed the connection without an ACK", control_id)
     ack = parse_ack(raw)
     if ack is None:
-        return _outcome(OutcomeKind.TRANSIENT, None, f"{peer} answered without an MSA segment",
-                        control_id)
+        return _outcome(OutcomeKind.TRANSIENT, None, f"{peer} answered without an MSA segment", control_id)
     return classify_ack(ack, control_id=control_id, policy=policy, peer=peer)
 
 
 def classify_ack(ack: Ack, *, control_id: str, policy: AckPolicy, peer: str) -> Outcome:
     if ack.control_id != control_id:
         # An ACK for another message proves nothing about ours: count it as no ACK.
-        return _outcome(OutcomeKind.TRANSIENT, ack.code,
-                        f"{peer} acknowledged {ack.control_id!r}, not {control_id!r}", control_id)
+        return _outcome(
+            OutcomeKind.TRANSIENT, ack.code, f"{peer} acknowledged {ack.control_id!r}, not {control_id!r}", control_id
+        )
     detail = f" (error code {ack.error_code})" if ack.error_code else ""
     if ack.code in ("AA", "CA"):
         return _outcome(OutcomeKind.SUCCESS, ack.code, f"accepted by {peer}", control_id)
     if ack.code in ("AE", "CE"):
         return _outcome(policy.on_error, ack.code, f"{peer} answered error{detail}", control_id)
     if ack.code in ("AR", "CR"):
-        return _outcome(policy.on_reject, ack.code, f"{peer} rejected the message{detail}",
-                        control_id)
-    return _outcome(OutcomeKind.TRANSIENT, ack.code, f"{peer} sent an unknown ACK code",
-                    control_id)
+        return _outcome(policy.on_reject, ack.code, f"{peer} rejected the message{detail}", control_id)
+    return _outcome(OutcomeKind.TRANSIENT, ack.code, f"{peer} sent an unknown ACK code", control_id)
 
 
 def parse_ack(raw: bytes) -> Ack | None:
@@ -245,7 +241,7 @@ def _read_frame(sock: socket.socket, timeout: float) -> bytes | None:
             return None
         buffer += chunk
     start = buffer.find(START_BLOCK)
-    return buffer[start + 1 if start >= 0 else 0:buffer.index(END_BLOCK)]
+    return buffer[start + 1 if start >= 0 else 0 : buffer.index(END_BLOCK)]
 
 
 def _outcome(kind: OutcomeKind, code: str | None, message: str, key: str) -> Outcome:
@@ -254,8 +250,8 @@ def _outcome(kind: OutcomeKind, code: str | None, message: str, key: str) -> Out
 
 # --- Segments --------------------------------------------------------------------------------
 
-def _msh(payload: ResultPayload, message_type: MessageType, control_id: str,
-         settings: HL7Settings) -> Segment:
+
+def _msh(payload: ResultPayload, message_type: MessageType, control_id: str, settings: HL7Settings) -> Segment:
     msh = _segment("MSH", settings)
     # A standalone MSH (outside a Message) does not get the delimiters by itself.
     msh.msh_1 = "|"
@@ -377,9 +373,15 @@ def _timestamp(moment: dt.datetime) -> str:
 
 def _escape(value: str) -> str:
     # ER7 escape sequences (HL7 v2 2.7): the escape character first, then the delimiters.
-    return (value.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\")
-            .replace("&", "\\T\\").replace("~", "\\R\\").replace("\r", "\\X0D\\")
-            .replace("\n", "\\X0A\\"))
+    return (
+        value.replace("\\", "\\E\\")
+        .replace("|", "\\F\\")
+        .replace("^", "\\S\\")
+        .replace("&", "\\T\\")
+        .replace("~", "\\R\\")
+        .replace("\r", "\\X0D\\")
+        .replace("\n", "\\X0A\\")
+    )
 
 
 def _is_ascii(*values: str) -> bool:

@@ -67,12 +67,17 @@ def identity_file_sync(installation: Installation) -> str:
     if recorded is not None:
         logger.warning(
             "data dir named installation %s, the database is installation %s: the database's identity is kept",
-            recorded, installation.uuid,
+            recorded,
+            installation.uuid,
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"installation": str(installation.uuid),
-                                     "created_at": installation.created_at.isoformat()}, indent=2) + "\n")
+    temporary.write_text(
+        json.dumps(
+            {"installation": str(installation.uuid), "created_at": installation.created_at.isoformat()}, indent=2
+        )
+        + "\n"
+    )
     os.replace(temporary, path)
     if recorded is None:
         return f"installation {installation.uuid} (written to {path})"

@@ -144,7 +144,8 @@ def delivery_claim_next(*, worker: str, only_ids: list[int] | None = None) -> De
     """Compare-and-set claim of the most urgent due row; None when nothing is due."""
     now = timezone.now()
     due = Delivery.objects.filter(
-        Q(state=DeliveryState.PENDING, next_attempt_at__lte=now) | Q(state=DeliveryState.IN_FLIGHT, lease_until__lt=now),
+        Q(state=DeliveryState.PENDING, next_attempt_at__lte=now)
+        | Q(state=DeliveryState.IN_FLIGHT, lease_until__lt=now),
         destination__enabled=True,
     ).exclude(destination__circuit_open_until__gt=now)
     if only_ids is not None:
@@ -195,13 +196,19 @@ def delivery_send(*, delivery: Delivery, context: RunContext | None = None) -> O
     started = timezone.now()
     try:
         payload = result_payload(result=delivery.result)
-        outcome = senders.send(destination=delivery.destination, payload=payload, key=delivery_key(delivery), context=context)
+        outcome = senders.send(
+            destination=delivery.destination, payload=payload, key=delivery_key(delivery), context=context
+        )
     except senders.BuildError as exc:
         outcome = Outcome(OutcomeKind.PERMANENT, Protocol(delivery.kind), None, str(exc), delivery.idempotency_key)
     except Exception as exc:  # a bug or an unforeseen library error: retry, then fail visibly
         logger.exception("delivery %s: unexpected error", delivery.pk)
         outcome = Outcome(
-            OutcomeKind.TRANSIENT, Protocol(delivery.kind), None, f"internal error: {type(exc).__name__}", delivery.idempotency_key
+            OutcomeKind.TRANSIENT,
+            Protocol(delivery.kind),
+            None,
+            f"internal error: {type(exc).__name__}",
+            delivery.idempotency_key,
         )
     delivery_record(delivery=delivery, outcome=outcome, started=started, worker=context.worker)
     return outcome
@@ -217,7 +224,15 @@ def delivery_key(delivery: Delivery) -> str | tuple[str, str]:
 def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: str) -> None:
     now = timezone.now()
     destination = delivery.destination
-    code = "" if outcome.code is None else (f"0x{outcome.code:04X}" if outcome.protocol == Protocol.DICOM and isinstance(outcome.code, int) else str(outcome.code))
+    code = (
+        ""
+        if outcome.code is None
+        else (
+            f"0x{outcome.code:04X}"
+            if outcome.protocol == Protocol.DICOM and isinstance(outcome.code, int)
+            else str(outcome.code)
+        )
+    )
     message = outcome.describe()[:2000]
     fields: dict = {"lease_until": None, "lease_owner": ""}
     if outcome.ok:
@@ -225,18 +240,34 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: st
         event = ("delivered", f"{destination.name}: delivered ({delivery.kind}, key {delivery.idempotency_key})")
     elif outcome.kind is OutcomeKind.TRANSIENT and delivery.attempts < destination.max_attempts:
         retry_at = now + destination.backoff(delivery.attempts, random.random())
-        fields.update(state=DeliveryState.PENDING, next_attempt_at=retry_at, last_error=message, last_error_class=outcome.kind.value)
-        event = ("delivery_retry", f"{destination.name}: attempt {delivery.attempts} failed, retry at {retry_at:%H:%M:%S}: {message}")
+        fields.update(
+            state=DeliveryState.PENDING,
+            next_attempt_at=retry_at,
+            last_error=message,
+            last_error_class=outcome.kind.value,
+        )
+        event = (
+            "delivery_retry",
+            f"{destination.name}: attempt {delivery.attempts} failed, retry at {retry_at:%H:%M:%S}: {message}",
+        )
     else:
         fields.update(state=DeliveryState.FAILED, last_error=message, last_error_class=outcome.kind.value)
         event = ("delivery_failed", f"{destination.name}: failed after {delivery.attempts} attempt(s): {message}")
     with transaction.atomic():
         DeliveryAttempt.objects.create(
-            delivery=delivery, number=delivery.attempts, worker=worker, started_at=started, ended_at=now,
-            outcome=outcome.kind.value, code=code, message=message,
+            delivery=delivery,
+            number=delivery.attempts,
+            worker=worker,
+            started_at=started,
+            ended_at=now,
+            outcome=outcome.kind.value,
+            code=code,
+            message=message,
         )
         # Only the lease holder may settle the row: a worker that overran its lease lost it.
-        updated = Delivery.objects.filter(pk=delivery.pk, state=DeliveryState.IN_FLIGHT, lease_owner=worker).update(**fields)
+        updated = Delivery.objects.filter(pk=delivery.pk, state=DeliveryState.IN_FLIGHT, lease_owner=worker).update(
+            **fields
+        )
         if updated != 1:
             logger.warning("delivery %s: lease lost before recording attempt %s", delivery.pk, delivery.attempts)
             return
@@ -248,16 +279,25 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: st
 
 def _destination_health(destination: Destination, outcome: Outcome, now) -> None:
     if outcome.ok:
-        Destination.objects.filter(pk=destination.pk).update(consecutive_failures=0, circuit_open_until=None, last_success_at=now)
+        Destination.objects.filter(pk=destination.pk).update(
+            consecutive_failures=0, circuit_open_until=None, last_success_at=now
+        )
         return
     if outcome.kind is OutcomeKind.PERMANENT:
         return  # this object is refused; the destination itself is working
-    Destination.objects.filter(pk=destination.pk).update(consecutive_failures=F("consecutive_failures") + 1, last_failure_at=now)
+    Destination.objects.filter(pk=destination.pk).update(
+        consecutive_failures=F("consecutive_failures") + 1, last_failure_at=now
+    )
     destination.refresh_from_db(fields=["consecutive_failures"])
     if destination.consecutive_failures >= destination.breaker_threshold:
         until = now + timedelta(seconds=destination.breaker_cooldown_seconds)
         Destination.objects.filter(pk=destination.pk).update(circuit_open_until=until)
-        logger.warning("destination %s: circuit open until %s after %s failures", destination.name, until, destination.consecutive_failures)
+        logger.warning(
+            "destination %s: circuit open until %s after %s failures",
+            destination.name,
+            until,
+            destination.consecutive_failures,
+        )
 
 
 def study_delivery_settle(*, study: Study) -> None:
@@ -272,10 +312,19 @@ def study_delivery_settle(*, study: Study) -> None:
     delivered = states.count(DeliveryState.DELIVERED)
     failed = states.count(DeliveryState.FAILED)
     discarded = states.count(DeliveryState.DISCARDED)
-    summary = f"{delivered} of {len(states)} delivered" + (f", {failed} failed" if failed else "") + (f", {discarded} discarded" if discarded else "")
+    summary = (
+        f"{delivered} of {len(states)} delivered"
+        + (f", {failed} failed" if failed else "")
+        + (f", {discarded} discarded" if discarded else "")
+    )
     study.refresh_from_db(fields=["state"])
     if failed:
-        study.transition(StudyState.FAILED, from_states=[StudyState.DELIVERING], detail=f"partial delivery: {summary}", kind="delivery_incomplete")
+        study.transition(
+            StudyState.FAILED,
+            from_states=[StudyState.DELIVERING],
+            detail=f"partial delivery: {summary}",
+            kind="delivery_incomplete",
+        )
     else:
         study.transition(StudyState.DELIVERED, from_states=[StudyState.DELIVERING, StudyState.FAILED], detail=summary)
 
@@ -285,15 +334,27 @@ def study_delivery_settle(*, study: Study) -> None:
 
 def delivery_retry(*, deliveries, actor: str) -> int:
     """Put failed (or, on request, delivered) rows back in the queue with the same idempotency key."""
-    ids = list(deliveries.filter(state__in=[DeliveryState.FAILED, DeliveryState.DELIVERED]).values_list("pk", flat=True))
+    ids = list(
+        deliveries.filter(state__in=[DeliveryState.FAILED, DeliveryState.DELIVERED]).values_list("pk", flat=True)
+    )
     now = timezone.now()
     with transaction.atomic():
         count = Delivery.objects.filter(pk__in=ids, state__in=[DeliveryState.FAILED, DeliveryState.DELIVERED]).update(
-            state=DeliveryState.PENDING, attempts=0, next_attempt_at=now, lease_until=None, lease_owner="",
-            last_error_class="", delivered_at=None,
+            state=DeliveryState.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            lease_until=None,
+            lease_owner="",
+            last_error_class="",
+            delivered_at=None,
         )
         for study in Study.objects.filter(deliveries__pk__in=ids).distinct():
-            study.transition(StudyState.DELIVERING, from_states=[StudyState.FAILED, StudyState.DELIVERED], detail=f"re-delivery requested by {actor}", kind="delivery_requeued")
+            study.transition(
+                StudyState.DELIVERING,
+                from_states=[StudyState.FAILED, StudyState.DELIVERED],
+                detail=f"re-delivery requested by {actor}",
+                kind="delivery_requeued",
+            )
         Destination.objects.filter(deliveries__pk__in=ids).update(circuit_open_until=None)
         transaction.on_commit(enqueue_delivery)
     return count
@@ -326,9 +387,9 @@ def delivery_discard(*, delivery: Delivery, actor: str, reason: str) -> bool:
     if not reason:
         raise DiscardReasonRequired("A reason is required to discard a delivery.")
     with transaction.atomic():
-        updated = Delivery.objects.filter(pk=delivery.pk, state__in=[DeliveryState.FAILED, DeliveryState.PENDING]).update(
-            state=DeliveryState.DISCARDED, discarded_by=actor, discard_reason=reason[:2000], lease_until=None
-        )
+        updated = Delivery.objects.filter(
+            pk=delivery.pk, state__in=[DeliveryState.FAILED, DeliveryState.PENDING]
+        ).update(state=DeliveryState.DISCARDED, discarded_by=actor, discard_reason=reason[:2000], lease_until=None)
         if updated:
             delivery.study.log_event("delivery_discarded", f"{delivery.destination.name}: discarded by {actor}")
             study_delivery_settle(study=delivery.study)
@@ -347,7 +408,8 @@ def result_payload(*, result: InferenceResult) -> ResultPayload:
         if result.evaluated_instances:
             instances = instances.filter(pk__in=result.evaluated_instances)
         sources = [
-            Path(settings.DATA_DIR) / path for path in instances.order_by("instance_number", "pk").values_list("path", flat=True)
+            Path(settings.DATA_DIR) / path
+            for path in instances.order_by("instance_number", "pk").values_list("path", flat=True)
         ]
     return ResultPayload(
         study_instance_uid=study.study_instance_uid,

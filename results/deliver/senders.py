@@ -35,20 +35,30 @@ def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[s
         sr = build_sr(payload)
         if sr.SOPInstanceUID != key:
             # Keys are minted once; an SR under another UID would be a second copy at the PACS.
-            return Outcome(OutcomeKind.PERMANENT, Protocol(destination.kind), None,
-                           f"the SR built for this result has SOP Instance UID {sr.SOPInstanceUID}, "
-                           f"not the delivery's {key}", str(key))
+            return Outcome(
+                OutcomeKind.PERMANENT,
+                Protocol(destination.kind),
+                None,
+                f"the SR built for this result has SOP Instance UID {sr.SOPInstanceUID}, not the delivery's {key}",
+                str(key),
+            )
         if destination.kind == "dicom":
             return _send_dicom(destination, sr, context)
-        return stow_datasets(destination.base_url, [sr], auth=http_auth(destination), timeout=destination.timeout_seconds)[0]
+        return stow_datasets(
+            destination.base_url, [sr], auth=http_auth(destination), timeout=destination.timeout_seconds
+        )[0]
     if destination.kind == "hl7":
         assert isinstance(key, str)
         message = build_hl7_message(
             payload, message_type=destination.hl7_message_type, control_id=key, settings=hl7_settings(destination)
         )
         return send_mllp(
-            destination.host, destination.port, message, control_id=key,
-            policy=ack_policy(destination), ack_timeout=destination.timeout_seconds,
+            destination.host,
+            destination.port,
+            message,
+            control_id=key,
+            policy=ack_policy(destination),
+            ack_timeout=destination.timeout_seconds,
         )
     if destination.kind == "fhir":
         assert isinstance(key, tuple)
@@ -64,8 +74,12 @@ def _send_dicom(destination: Destination, sr, context) -> Outcome:
     if session is None or not session.is_open:
         ae = destination.application_entity
         session = StoreSession(
-            calling_ae_title=settings.AE_TITLE, host=ae.host, port=ae.port, called_ae_title=ae.ae_title,
-            timeout=destination.timeout_seconds, tls=dicom_tls.client_tls_args(tls=ae.tls, host=ae.host),
+            calling_ae_title=settings.AE_TITLE,
+            host=ae.host,
+            port=ae.port,
+            called_ae_title=ae.ae_title,
+            timeout=destination.timeout_seconds,
+            tls=dicom_tls.client_tls_args(tls=ae.tls, host=ae.host),
         )
         failure = session.open()
         if failure is not None:

@@ -53,9 +53,7 @@ class SRCodes:
     flag_code: str = "PL0002"
     flag_meaning: str = "AI triage finding"
     # A unitless UCUM annotation: the score is a model output in 0..1, not a probability.
-    score_unit: CodedConcept = field(
-        default_factory=lambda: CodedConcept("{score}", "UCUM", "score")
-    )
+    score_unit: CodedConcept = field(default_factory=lambda: CodedConcept("{score}", "UCUM", "score"))
     procedure_reported: CodedConcept = field(
         default_factory=lambda: CodedConcept.from_code(codes.LN.CTUnspecifiedBodyRegion)
     )
@@ -94,9 +92,7 @@ def build_sr(
         raise SRBuildError(f"no source instances for study {payload.study_instance_uid}")
     foreign = {ds.StudyInstanceUID for ds in sources} - {payload.study_instance_uid}
     if foreign:
-        raise SRBuildError(
-            f"source instances belong to other studies than {payload.study_instance_uid}"
-        )
+        raise SRBuildError(f"source instances belong to other studies than {payload.study_instance_uid}")
     try:
         report = _measurement_report(payload, sources, sr_codes)
         sr = hd.sr.Comprehensive3DSR(
@@ -130,9 +126,7 @@ def build_sr(
     except (ValueError, TypeError, AttributeError) as exc:
         # Only the exception type: pydicom/highdicom messages may quote attribute values, and
         # `from None` keeps them out of tracebacks in the logs too.
-        raise SRBuildError(
-            f"cannot build SR for study {payload.study_instance_uid}: {type(exc).__name__}"
-        ) from None
+        raise SRBuildError(f"cannot build SR for study {payload.study_instance_uid}: {type(exc).__name__}") from None
     encoded = sr_to_bytes(sr)
     validate_sr(encoded, payload=payload, sr_codes=sr_codes)
     return dcmread(io.BytesIO(encoded))
@@ -148,10 +142,7 @@ def sr_to_bytes(sr: Dataset) -> bytes:
 def load_source_instances(sources: Iterable[Dataset | Path]) -> list[Dataset]:
     # Only header attributes are needed for evidence and the image library; skipping pixel
     # data keeps a 300-slice CT study cheap to load.
-    return [
-        source if isinstance(source, Dataset) else dcmread(source, stop_before_pixels=True)
-        for source in sources
-    ]
+    return [source if isinstance(source, Dataset) else dcmread(source, stop_before_pixels=True) for source in sources]
 
 
 def _measurement_report(
@@ -171,13 +162,8 @@ def _measurement_report(
             observer_identifying_attributes=device,
         )
     )
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=payload.model_name, version=payload.model_version
-    )
-    evaluated = [
-        hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
-        for ds in sources
-    ]
+    algorithm = hd.sr.AlgorithmIdentification(name=payload.model_name, version=payload.model_version)
+    evaluated = [hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID) for ds in sources]
     score = hd.sr.Measurement(
         name=sr_codes.score_concept,
         value=round(float(payload.triage_score), 6),
@@ -229,15 +215,17 @@ def _image_library(sources: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
             name=codes.DCM.ImageLibraryGroup,
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
-        group.ContentSequence = hd.sr.ContentSequence([
-            hd.sr.ImageContentItem(
-                name=CodedConcept("260753009", "SCT", "Source"),
-                referenced_sop_class_uid=ds.SOPClassUID,
-                referenced_sop_instance_uid=ds.SOPInstanceUID,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-            for ds in series
-        ])
+        group.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.ImageContentItem(
+                    name=CodedConcept("260753009", "SCT", "Source"),
+                    referenced_sop_class_uid=ds.SOPClassUID,
+                    referenced_sop_instance_uid=ds.SOPInstanceUID,
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+                for ds in series
+            ]
+        )
         library.ContentSequence.append(group)
     return library
 
@@ -246,21 +234,39 @@ def _image_library(sources: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
 # Patient, General Study, SR Document Series, General Equipment, SR Document General,
 # SR Document Content, SOP Common.
 REQUIRED_ATTRIBUTES = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
     "AccessionNumber",
-    "Modality", "SeriesInstanceUID", "SeriesNumber", "ReferencedPerformedProcedureStepSequence",
+    "Modality",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "ReferencedPerformedProcedureStepSequence",
     "Manufacturer",
-    "InstanceNumber", "CompletionFlag", "VerificationFlag", "ContentDate", "ContentTime",
-    "PerformedProcedureCodeSequence", "CurrentRequestedProcedureEvidenceSequence",
-    "ValueType", "ConceptNameCodeSequence", "ContinuityOfContent", "ContentSequence",
-    "SOPClassUID", "SOPInstanceUID", "CodingSchemeIdentificationSequence",
+    "InstanceNumber",
+    "CompletionFlag",
+    "VerificationFlag",
+    "ContentDate",
+    "ContentTime",
+    "PerformedProcedureCodeSequence",
+    "CurrentRequestedProcedureEvidenceSequence",
+    "ValueType",
+    "ConceptNameCodeSequence",
+    "ContinuityOfContent",
+    "ContentSequence",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "CodingSchemeIdentificationSequence",
 )
 
 
-def validate_sr(
-    encoded: bytes, *, payload: ResultPayload, sr_codes: SRCodes = DEFAULT_CODES
-) -> None:
+def validate_sr(encoded: bytes, *, payload: ResultPayload, sr_codes: SRCodes = DEFAULT_CODES) -> None:
     """Check the encoded SR the way a receiver will see it; raise SRBuildError if not sound.
 
     The Part 10 bytes are re-read with pydicom, checked for the IOD's required attributes
@@ -270,9 +276,7 @@ def validate_sr(
     try:
         reread = dcmread(io.BytesIO(encoded))
     except Exception as exc:
-        raise SRBuildError(
-            f"SR for study {study} does not re-read: {type(exc).__name__}"
-        ) from None
+        raise SRBuildError(f"SR for study {study} does not re-read: {type(exc).__name__}") from None
     missing = [keyword for keyword in REQUIRED_ATTRIBUTES if keyword not in reread]
     if missing:
         raise SRBuildError(f"SR for study {study} lacks {', '.join(missing)}")
@@ -295,9 +299,7 @@ def validate_sr(
         parsed = hd.sr.Comprehensive3DSR.from_dataset(reread)
         groups = parsed.content.get_image_measurement_groups()
     except Exception as exc:
-        raise SRBuildError(
-            f"highdicom cannot parse the SR for study {study}: {type(exc).__name__}"
-        ) from None
+        raise SRBuildError(f"highdicom cannot parse the SR for study {study}: {type(exc).__name__}") from None
     if len(groups) != 1:
         raise SRBuildError(f"SR for study {study} has {len(groups)} measurement groups, not 1")
     if not groups[0].get_measurements(name=sr_codes.score_concept):

@@ -76,15 +76,13 @@ def stow_datasets(
     body = _multipart(boundary, [_part10(ds) for ds in datasets])
     http = session or requests.Session()
     try:
-        response = http.post(url, data=body, headers=headers, auth=basic, timeout=timeout,
-                             verify=verify)
+        response = http.post(url, data=body, headers=headers, auth=basic, timeout=timeout, verify=verify)
     except requests.exceptions.SSLError as exc:
         return _all(keys, OutcomeKind.CONFIG_ERROR, None, f"TLS error talking to {url}: {exc}")
     except requests.exceptions.RequestException as exc:
         # Refused, reset, DNS, timeouts: the server may come back. A re-send is harmless
         # because SOP Instance UIDs are deterministic.
-        return _all(keys, OutcomeKind.TRANSIENT, None,
-                    f"STOW-RS to {url} failed: {type(exc).__name__}")
+        return _all(keys, OutcomeKind.TRANSIENT, None, f"STOW-RS to {url} failed: {type(exc).__name__}")
     finally:
         if session is None:
             http.close()
@@ -94,13 +92,18 @@ def stow_datasets(
 def classify_stow_response(url: str, status: int, body: Any, keys: Sequence[str]) -> list[Outcome]:
     """Outcomes per instance from the HTTP status and the DICOM JSON body (if any)."""
     if status in (401, 403):
-        return _all(keys, OutcomeKind.CONFIG_ERROR, status,
-                    f"{url} refused our credentials; fix the destination's authentication")
+        return _all(
+            keys,
+            OutcomeKind.CONFIG_ERROR,
+            status,
+            f"{url} refused our credentials; fix the destination's authentication",
+        )
     if status in (404, 405, 415):
         # The URL is not a STOW-RS endpoint or does not take application/dicom: no object
         # will ever get through until the destination is configured properly.
-        return _all(keys, OutcomeKind.CONFIG_ERROR, status,
-                    f"{url} is not a STOW-RS endpoint accepting application/dicom")
+        return _all(
+            keys, OutcomeKind.CONFIG_ERROR, status, f"{url} is not a STOW-RS endpoint accepting application/dicom"
+        )
     if status in (408, 429) or status >= 500:
         return _all(keys, OutcomeKind.TRANSIENT, status, f"{url} is unavailable")
     if status not in (200, 202, 409):
@@ -111,23 +114,39 @@ def classify_stow_response(url: str, status: int, body: Any, keys: Sequence[str]
     for key in keys:
         if key in stored:
             warning = stored[key]
-            outcomes.append(Outcome(
-                kind=OutcomeKind.SUCCESS, protocol=Protocol.DICOMWEB, code=status,
-                message=f"stored at {url}", key=key,
-                warning=f"warning reason 0x{warning:04X}" if warning is not None else "",
-            ))
+            outcomes.append(
+                Outcome(
+                    kind=OutcomeKind.SUCCESS,
+                    protocol=Protocol.DICOMWEB,
+                    code=status,
+                    message=f"stored at {url}",
+                    key=key,
+                    warning=f"warning reason 0x{warning:04X}" if warning is not None else "",
+                )
+            )
         elif key in failed:
             outcomes.append(_failed_instance(url, status, key, failed[key]))
         elif status == 200:
             # 200 means every instance was stored, even if the body does not list them.
-            outcomes.append(Outcome(kind=OutcomeKind.SUCCESS, protocol=Protocol.DICOMWEB,
-                                    code=status, message=f"stored at {url}", key=key))
+            outcomes.append(
+                Outcome(
+                    kind=OutcomeKind.SUCCESS,
+                    protocol=Protocol.DICOMWEB,
+                    code=status,
+                    message=f"stored at {url}",
+                    key=key,
+                )
+            )
         else:
-            outcomes.append(Outcome(
-                kind=OutcomeKind.TRANSIENT if status == 202 else OutcomeKind.PERMANENT,
-                protocol=Protocol.DICOMWEB, code=status, key=key,
-                message=f"{url} answered {status} without a result for this instance",
-            ))
+            outcomes.append(
+                Outcome(
+                    kind=OutcomeKind.TRANSIENT if status == 202 else OutcomeKind.PERMANENT,
+                    protocol=Protocol.DICOMWEB,
+                    code=status,
+                    key=key,
+                    message=f"{url} answered {status} without a result for this instance",
+                )
+            )
     return outcomes
 
 
@@ -148,8 +167,9 @@ def _failed_instance(url: str, status: int, key: str, reason: int | None) -> Out
     else:
         kind, detail = OutcomeKind.PERMANENT, "failure"
     reason_text = f"failure reason 0x{reason:04X}: " if reason is not None else ""
-    return Outcome(kind=kind, protocol=Protocol.DICOMWEB, code=status, key=key,
-                   message=f"{text} ({reason_text}{detail})")
+    return Outcome(
+        kind=kind, protocol=Protocol.DICOMWEB, code=status, key=key, message=f"{text} ({reason_text}{detail})"
+    )
 
 
 def _instance_results(body: Any) -> tuple[dict[str, int | None], dict[str, int | None]]:
@@ -207,5 +227,4 @@ def _part10(ds: Dataset) -> bytes:
 
 
 def _all(keys: Sequence[str], kind: OutcomeKind, code: int | None, message: str) -> list[Outcome]:
-    return [Outcome(kind=kind, protocol=Protocol.DICOMWEB, code=code, message=message, key=key)
-            for key in keys]
+    return [Outcome(kind=kind, protocol=Protocol.DICOMWEB, code=code, message=message, key=key) for key in keys]

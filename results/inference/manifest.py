@@ -40,7 +40,18 @@ CHOOSERS = ("most_slices",)
 RESCALES = ("hu", "none")
 RESIZES = ("nearest", "linear")
 SLICE_SAMPLINGS = ("nearest", "mean")
-TOP_LEVEL = {"name", "version", "file", "sha256", "intended_use", "demonstration", "accepts", "series", "input", "output"}
+TOP_LEVEL = {
+    "name",
+    "version",
+    "file",
+    "sha256",
+    "intended_use",
+    "demonstration",
+    "accepts",
+    "series",
+    "input",
+    "output",
+}
 
 
 class ManifestError(Exception):
@@ -210,7 +221,9 @@ def _check_output(out: Any, p: dict[str, str]) -> None:
         p["output.threshold"] = "required: a number; a score at or above it is flagged"
     labels = out.get("labels")
     if labels is not None and not (
-        isinstance(labels, dict) and set(labels) <= {"positive", "negative"} and all(isinstance(v, str) for v in labels.values())
+        isinstance(labels, dict)
+        and set(labels) <= {"positive", "negative"}
+        and all(isinstance(v, str) for v in labels.values())
     ):
         p["output.labels"] = "must be {positive: text, negative: text}"
     for key in sorted(set(out) - {"score", "threshold", "labels"}):

@@ -95,7 +95,9 @@ def model_file_problems(*, manifest: dict[str, Any], path: Path) -> dict[str, st
         problems.setdefault("input.name", f"the model has {len(inputs)} inputs; PacsLens feeds exactly one")
     outputs = [o.name for o in session.get_outputs()]
     if manifest["output"]["score"] not in outputs:
-        problems["output.score"] = f"the model has no output {manifest['output']['score']!r} (it has {', '.join(outputs)})"
+        problems["output.score"] = (
+            f"the model has no output {manifest['output']['score']!r} (it has {', '.join(outputs)})"
+        )
     return problems
 
 

@@ -113,7 +113,8 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
 def result_current(*, study: Study, model_name: str) -> InferenceResult | None:
     """The result of `model_name` for `study` that no later result supersedes."""
     return (
-        InferenceResult.objects.current().filter(study=study, model_name=model_name)
+        InferenceResult.objects.current()
+        .filter(study=study, model_name=model_name)
         .order_by("-created_at", "-id")
         .first()
     )
@@ -198,15 +199,24 @@ def studies_inferring_stale(*, older_than: timedelta) -> int:
         message = f"inference did not finish within {int(older_than.total_seconds())} s (worker stopped or killed)"
         if not _inference_retried(study):
             study.transition(
-                StudyState.ROUTED, from_states=[StudyState.INFERRING], kind=INFERENCE_RETRY, detail=f"{message}; inferring again"
+                StudyState.ROUTED,
+                from_states=[StudyState.INFERRING],
+                kind=INFERENCE_RETRY,
+                detail=f"{message}; inferring again",
             )
             continue
         with transaction.atomic():
-            if not study.transition(StudyState.FAILED, from_states=[StudyState.INFERRING], detail=f"timeout: {message}"):
+            if not study.transition(
+                StudyState.FAILED, from_states=[StudyState.INFERRING], detail=f"timeout: {message}"
+            ):
                 continue
             for model in models:
                 result = InferenceResult(
-                    study=study, model=model, model_name=model.name, model_version=model.version, model_sha256=model.sha256
+                    study=study,
+                    model=model,
+                    model_name=model.name,
+                    model_version=model.version,
+                    model_sha256=model.sha256,
                 )
                 _fail(result, FailureReason.TIMEOUT, message)
                 result.supersedes = result_current(study=study, model_name=model.name)

@@ -204,7 +204,9 @@ def _read_pixels(item: Slice, *, rows: int, cols: int, dtype: np.dtype) -> np.nd
     if header.pixel_offset is not None:
         # Uncompressed, located by the fast header reader: one read straight into numpy.
         if (header.rows, header.columns) != (rows, cols):
-            raise UnreadablePixels(f"instance {item.instance_id} is {header.rows}x{header.columns}, the series is {rows}x{cols}")
+            raise UnreadablePixels(
+                f"instance {item.instance_id} is {header.rows}x{header.columns}, the series is {rows}x{cols}"
+            )
         if (header.pixel_length or 0) < expected:
             raise UnreadablePixels(
                 f"instance {item.instance_id}: Pixel Data has {header.pixel_length} bytes, {expected} expected"

@@ -16,8 +16,6 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-
-
 # Where an HL7 destination's RIS keeps the accession number; results/deliver/hl7.py maps each to
 # its segment and field (tests/test_hl7.py keeps the two lists equal). Kept here so the models
 # never import the delivery code that imports them.
@@ -82,7 +80,10 @@ class Destination(models.Model):
         max_length=5, choices=AckAction.choices, default=AckAction.FAIL, help_text="What an AE/CE acknowledgement means"
     )
     on_ack_reject = models.CharField(
-        max_length=5, choices=AckAction.choices, default=AckAction.RETRY, help_text="What an AR/CR acknowledgement means"
+        max_length=5,
+        choices=AckAction.choices,
+        default=AckAction.RETRY,
+        help_text="What an AR/CR acknowledgement means",
     )
     # Retry policy
     timeout_seconds = models.FloatField(default=10.0, validators=[MinValueValidator(0.5)])

@@ -116,10 +116,17 @@ class InferenceResult(models.Model):
     # installation's (results/deliver/identity.py); the other two fields pin how they were derived.
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     uid_root = models.CharField(
-        max_length=32, blank=True, editable=False, default=uid_root_current, help_text="DICOM org root in force when made; blank: 2.25"
+        max_length=32,
+        blank=True,
+        editable=False,
+        default=uid_root_current,
+        help_text="DICOM org root in force when made; blank: 2.25",
     )
     legacy_uid_seed = models.CharField(
-        max_length=64, blank=True, default="", editable=False,
+        max_length=64,
+        blank=True,
+        default="",
+        editable=False,
         help_text="Results delivered before identities existed keep deriving their first identifiers",
     )
 

@@ -87,7 +87,9 @@ class AuditEntry(models.Model):
     def changed_fields(self) -> list[tuple[str, object, object]]:
         """(field, before, after) for each field whose value differs."""
         before, after = self.before or {}, self.after or {}
-        return [(k, before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+        return [
+            (k, before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
+        ]
 
 
 def config_snapshot(obj: models.Model) -> dict:

@@ -111,9 +111,7 @@ class Study(models.Model):
         verbose_name_plural = "studies"
         indexes = [
             models.Index(fields=["state", "priority", "state_changed_at"]),
-            models.Index(
-                fields=["last_received_at"], name="study_receiving_idx", condition=Q(state="receiving")
-            ),
+            models.Index(fields=["last_received_at"], name="study_receiving_idx", condition=Q(state="receiving")),
         ]
 
     def __str__(self) -> str:

@@ -246,11 +246,17 @@ class StowSender(models.Model):
         return self.name
 
     @classmethod
-    def create_with_token(cls, *, name: str, application_entity: ApplicationEntity | None = None) -> tuple[StowSender, str]:
+    def create_with_token(
+        cls, *, name: str, application_entity: ApplicationEntity | None = None
+    ) -> tuple[StowSender, str]:
         """A new sender and its token. The token is shown once: only its hash is kept."""
         token = cls.TOKEN_PREFIX + secrets.token_urlsafe(32)
-        sender = cls(name=name, application_entity=application_entity, token_hash=token_hash(token),
-                     token_hint=token[: len(cls.TOKEN_PREFIX) + 4])
+        sender = cls(
+            name=name,
+            application_entity=application_entity,
+            token_hash=token_hash(token),
+            token_hint=token[: len(cls.TOKEN_PREFIX) + 4],
+        )
         sender.full_clean()
         sender.save()
         return sender, token

@@ -128,15 +128,15 @@ class RuleCondition(models.Model):
             return f"{self.attribute} {self.get_operator_display()}"
         return f"{self.attribute} {self.get_operator_display()} {self.value!r}"
 
-    def clean(self) -> None:
-        problems = condition_problems(attribute=self.attribute, operator=self.operator, value=self.value)
-        if problems:
-            raise ValidationError(problems)
-
     def save(self, *args, **kwargs) -> None:
         # Validated on every save, not only in forms: a bad regex must never reach the matcher.
         self.clean()
         super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        problems = condition_problems(attribute=self.attribute, operator=self.operator, value=self.value)
+        if problems:
+            raise ValidationError(problems)
 
     @property
     def options(self) -> list[str]:

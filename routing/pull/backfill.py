@@ -47,11 +47,17 @@ def backfill_run(
     record = None
     start = date_from
     if not dry_run:
-        record = Backfill.objects.filter(source=source, date_from=date_from, date_to=date_to, modality=modality,
-                                         finished_at=None).order_by("-started_at").first()
+        record = (
+            Backfill.objects.filter(
+                source=source, date_from=date_from, date_to=date_to, modality=modality, finished_at=None
+            )
+            .order_by("-started_at")
+            .first()
+        )
         if record is None:
-            record = Backfill.objects.create(source=source, date_from=date_from, date_to=date_to,
-                                             modality=modality, next_date=date_from)
+            record = Backfill.objects.create(
+                source=source, date_from=date_from, date_to=date_to, modality=modality, next_date=date_from
+            )
         start = record.next_date
     progress = BackfillProgress(days_total=(date_to - date_from).days + 1, days_done=(start - date_from).days)
     day = start
@@ -67,21 +73,29 @@ def backfill_run(
             break
         progress.studies_found += len(found)
         if not dry_run:
-            poll = Poll.objects.create(source=source, kind="backfill", matches=len(found),
-                                       window_from=_aware(day), window_to=_aware(day + timedelta(days=1)))
+            poll = Poll.objects.create(
+                source=source,
+                kind="backfill",
+                matches=len(found),
+                window_from=_aware(day),
+                window_to=_aware(day + timedelta(days=1)),
+            )
             poll.new = retrieves_record(source=source, found=found, origin="backfill")
             progress.studies_new += poll.new
             poll.retrieved, poll.retrieve_failures = _retrieve_day(
-                source, [f.study_instance_uid for f in found], progress, should_stop, report)
+                source, [f.study_instance_uid for f in found], progress, should_stop, report
+            )
             poll.status = Poll.Status.PARTIAL if poll.retrieve_failures else Poll.Status.OK
             poll.finished_at = timezone.now()
             poll.save()
             if progress.interrupted:
                 break  # this day is not done: the next run queries it again
             Backfill.objects.filter(pk=record.pk).update(
-                next_date=day + timedelta(days=1), queried_through=day,
+                next_date=day + timedelta(days=1),
+                queried_through=day,
                 studies_found=record.studies_found + progress.studies_found,
-                studies_retrieved=record.studies_retrieved + progress.retrieved)
+                studies_retrieved=record.studies_retrieved + progress.retrieved,
+            )
         day += timedelta(days=1)
         progress.days_done += 1
         report(progress)
@@ -90,8 +104,13 @@ def backfill_run(
     return progress
 
 
-def _retrieve_day(source: PollSource, uids: list[str], progress: BackfillProgress,
-                  should_stop: Callable[[], bool], report: Callable[[BackfillProgress], None]) -> tuple[int, int]:
+def _retrieve_day(
+    source: PollSource,
+    uids: list[str],
+    progress: BackfillProgress,
+    should_stop: Callable[[], bool],
+    report: Callable[[BackfillProgress], None],
+) -> tuple[int, int]:
     retrieved = failed = 0
     while True:
         ok, bad = retrieves_run(source=source, limit=source.max_concurrent_retrieves, study_instance_uids=uids)
@@ -103,8 +122,11 @@ def _retrieve_day(source: PollSource, uids: list[str], progress: BackfillProgres
         if should_stop():
             # Stopped with work left on this day: it is not done (the next run queries it again).
             progress.interrupted = StudyRetrieve.objects.filter(
-                source=source, study_instance_uid__in=uids, state=StudyRetrieve.State.PENDING,
-                next_attempt_at__lte=timezone.now()).exists()
+                source=source,
+                study_instance_uid__in=uids,
+                state=StudyRetrieve.State.PENDING,
+                next_attempt_at__lte=timezone.now(),
+            ).exists()
             break
     return retrieved, failed
 

@@ -47,7 +47,9 @@ HTTP_TIMEOUT = (10.0, 120.0)  # connect, read
 def query_studies(
     source: PollSource, *, date_from: date, date_to: date | None, modalities: list[str]
 ) -> list[FoundStudy]:
-    filters: dict[str, str] = {"StudyDate": f"{date_from:%Y%m%d}-{date_to:%Y%m%d}" if date_to else f"{date_from:%Y%m%d}-"}
+    filters: dict[str, str] = {
+        "StudyDate": f"{date_from:%Y%m%d}-{date_to:%Y%m%d}" if date_to else f"{date_from:%Y%m%d}-"
+    }
     if len(modalities) == 1:
         filters["ModalitiesInStudy"] = modalities[0]
     filters.update(source.extra_filters or {})
@@ -56,15 +58,16 @@ def query_studies(
     offset = 0
     with _http_errors(source, "QIDO-RS"):
         while True:
-            page = client.search_for_studies(search_filters=filters, fields=QIDO_FIELDS, limit=QIDO_PAGE,
-                                             offset=offset)
+            page = client.search_for_studies(search_filters=filters, fields=QIDO_FIELDS, limit=QIDO_PAGE, offset=offset)
             found.extend(_found(item) for item in page)
             if len(page) < QIDO_PAGE:
                 break
             offset += len(page)
             if offset >= MAX_MATCHES:
-                raise PullError(f"QIDO-RS to {_host(source)}: more than {MAX_MATCHES} matches; "
-                                "narrow the look-back window or the filters")
+                raise PullError(
+                    f"QIDO-RS to {_host(source)}: more than {MAX_MATCHES} matches; "
+                    "narrow the look-back window or the filters"
+                )
     if modalities:
         found = [f for f in found if not f.modalities or set(f.modalities) & set(modalities)]
     return [f for f in found if f.study_instance_uid]
@@ -96,11 +99,22 @@ def retrieve_study(source: PollSource, study_instance_uid: str, *, association_i
                     failed += 1
                     last_refusal = result.status
     except PullError as exc:
-        return RetrieveOutcome(ok=False, status=exc.status, completed=completed, failed=failed,
-                               error=f"{exc} after {completed} instance(s)", permanent=exc.permanent)
+        return RetrieveOutcome(
+            ok=False,
+            status=exc.status,
+            completed=completed,
+            failed=failed,
+            error=f"{exc} after {completed} instance(s)",
+            permanent=exc.permanent,
+        )
     if failed:
-        return RetrieveOutcome(ok=False, status=last_refusal, completed=completed, failed=failed,
-                               error=f"WADO-RS: we refused {failed} instance(s), last status 0x{last_refusal:04X}")
+        return RetrieveOutcome(
+            ok=False,
+            status=last_refusal,
+            completed=completed,
+            failed=failed,
+            error=f"WADO-RS: we refused {failed} instance(s), last status 0x{last_refusal:04X}",
+        )
     if completed == 0:
         return RetrieveOutcome(ok=False, status=None, error=f"WADO-RS from {_host(source)} returned no instances")
     return RetrieveOutcome(ok=True, status=200, completed=completed)
@@ -111,8 +125,9 @@ def _client(source: PollSource) -> DICOMwebClient:
     if source.dicomweb_token_env:
         token = os.environ.get(source.dicomweb_token_env, "")
         if not token:
-            raise PullError(f"environment variable {source.dicomweb_token_env} (the DICOMweb token) is not set",
-                            permanent=True)
+            raise PullError(
+                f"environment variable {source.dicomweb_token_env} (the DICOMweb token) is not set", permanent=True
+            )
         headers["Authorization"] = f"Bearer {token}"
     client = DICOMwebClient(url=source.dicomweb_url.rstrip("/"), headers=headers, timeout=HTTP_TIMEOUT)
     # Its retry loop also retries refused connections, for 30 s; our backoff is per source and retrieve.
@@ -135,8 +150,11 @@ class _http_errors:
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
             code = exc.response.status_code
             hint = {401: "check the token", 403: "check the token's permissions", 404: "check the base URL"}.get(code)
-            raise PullError(f"{self.where}: HTTP {code}" + (f" ({hint})" if hint else ""), status=code,
-                            permanent=code in (401, 403, 404)) from None
+            raise PullError(
+                f"{self.where}: HTTP {code}" + (f" ({hint})" if hint else ""),
+                status=code,
+                permanent=code in (401, 403, 404),
+            ) from None
         if isinstance(exc, requests.ConnectionError):
             raise PullError(f"cannot reach {self.where}: connection refused or reset") from None
         if isinstance(exc, requests.Timeout):
@@ -161,8 +179,9 @@ def _found(item: dict) -> FoundStudy:
     study_time = _value(item, STUDY_TIME)
     return FoundStudy(
         study_instance_uid=str(uid[0]) if uid else "",
-        study_datetime=parse_study_datetime(str(study_date[0]) if study_date else "",
-                                            str(study_time[0]) if study_time else ""),
+        study_datetime=parse_study_datetime(
+            str(study_date[0]) if study_date else "", str(study_time[0]) if study_time else ""
+        ),
         instances=int(count[0]) if count else None,
         modalities=[str(m).upper() for m in _value(item, MODALITIES_IN_STUDY)],
     )

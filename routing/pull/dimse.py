@@ -74,13 +74,17 @@ def query_studies(
         for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
             code = _status_code(status)
             if code is None:
-                raise PullError(f"C-FIND to {source.pacs.ae_title}: no response (aborted or timed out); check that "
-                                f"the PACS lists our AE title {settings.AE_TITLE} as allowed to query")
+                raise PullError(
+                    f"C-FIND to {source.pacs.ae_title}: no response (aborted or timed out); check that "
+                    f"the PACS lists our AE title {settings.AE_TITLE} as allowed to query"
+                )
             if code in (0xFF00, 0xFF01) and answer is not None:
                 found.append(_found(answer))
                 if len(found) > MAX_MATCHES:
-                    raise PullError(f"C-FIND to {source.pacs.ae_title}: more than {MAX_MATCHES} matches; "
-                                    "narrow the look-back window or the filters")
+                    raise PullError(
+                        f"C-FIND to {source.pacs.ae_title}: more than {MAX_MATCHES} matches; "
+                        "narrow the look-back window or the filters"
+                    )
             elif code != 0x0000:
                 raise PullError(f"C-FIND to {source.pacs.ae_title} failed: {_describe(code)}", status=code)
     finally:
@@ -91,9 +95,7 @@ def query_studies(
     return found
 
 
-def retrieve_study(
-    source: PollSource, study_instance_uid: str, *, association_id: int | None
-) -> RetrieveOutcome:
+def retrieve_study(source: PollSource, study_instance_uid: str, *, association_id: int | None) -> RetrieveOutcome:
     if source.retrieve_mode == PollSource.RetrieveMode.C_GET:
         return _c_get(source, study_instance_uid, association_id=association_id)
     return _c_move(source, study_instance_uid)
@@ -122,18 +124,23 @@ def _c_get(source: PollSource, study_instance_uid: str, *, association_id: int |
     assoc = _associate(source, contexts, storage=storage, handlers=handlers)
     try:
         last: tuple[int | None, Dataset | None] = (None, None)
-        for status, _ in assoc.send_c_get(_retrieve_identifier(study_instance_uid),
-                                          StudyRootQueryRetrieveInformationModelGet):
+        for status, _ in assoc.send_c_get(
+            _retrieve_identifier(study_instance_uid), StudyRootQueryRetrieveInformationModelGet
+        ):
             last = (_status_code(status), status)
     finally:
         _close(assoc)
     outcome = _outcome("C-GET", source, *last)
     if receiver.refused and outcome.ok:
         # We refused some sub-operations ourselves (disk full, unreadable): not a complete retrieve.
-        return RetrieveOutcome(ok=False, status=receiver.last_refusal, completed=outcome.completed,
-                               failed=receiver.refused, warning=outcome.warning,
-                               error=f"C-GET: we refused {receiver.refused} instance(s), last status "
-                                     f"0x{receiver.last_refusal:04X}")
+        return RetrieveOutcome(
+            ok=False,
+            status=receiver.last_refusal,
+            completed=outcome.completed,
+            failed=receiver.refused,
+            warning=outcome.warning,
+            error=f"C-GET: we refused {receiver.refused} instance(s), last status 0x{receiver.last_refusal:04X}",
+        )
     return outcome
 
 
@@ -189,22 +196,36 @@ def _retrieve_identifier(study_instance_uid: str) -> Dataset:
 
 def _outcome(service: str, source: PollSource, code: int | None, status: Dataset | None) -> RetrieveOutcome:
     if code is None or status is None:
-        return RetrieveOutcome(ok=False, status=None, error=f"{service} from {source.pacs.ae_title}: "
-                                                             "no final response (association aborted or timed out)")
+        return RetrieveOutcome(
+            ok=False,
+            status=None,
+            error=f"{service} from {source.pacs.ae_title}: no final response (association aborted or timed out)",
+        )
     completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
     failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
     warning = int(status.get("NumberOfWarningSuboperations", 0) or 0)
     if code == 0x0000 and failed == 0:
         return RetrieveOutcome(ok=True, status=code, completed=completed, failed=failed, warning=warning)
-    error = f"{service} from {source.pacs.ae_title}: {_describe(code)} (completed {completed}, failed {failed}, " \
-            f"warning {warning})"
+    error = (
+        f"{service} from {source.pacs.ae_title}: {_describe(code)} (completed {completed}, failed {failed}, "
+        f"warning {warning})"
+    )
     if failed and code in (0xB000, 0xA702, 0xC000):
         error += "; if every sub-operation failed, check that the PACS may store to us (AE allow-list)"
     elif service == "C-MOVE" and not completed and not failed:
-        error += (f"; check that the PACS knows the move destination {source.move_destination or settings.AE_TITLE} "
-                  "and that our listener accepted its stores (listener log)")
-    return RetrieveOutcome(ok=False, status=code, completed=completed, failed=failed, warning=warning, error=error,
-                           permanent=code in PERMANENT_MOVE_STATUSES)
+        error += (
+            f"; check that the PACS knows the move destination {source.move_destination or settings.AE_TITLE} "
+            "and that our listener accepted its stores (listener log)"
+        )
+    return RetrieveOutcome(
+        ok=False,
+        status=code,
+        completed=completed,
+        failed=failed,
+        warning=warning,
+        error=error,
+        permanent=code in PERMANENT_MOVE_STATUSES,
+    )
 
 
 def _associate(source: PollSource, models: list, *, storage: list[str] | None = None, handlers=None):
@@ -226,14 +247,23 @@ def _associate(source: PollSource, models: list, *, storage: list[str] | None = 
         ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
         roles.append(build_role(sop_class, scp_role=True))
     tls_args = dicom_tls.client_tls_args(tls=pacs.tls, host=pacs.host)
-    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title, ext_neg=roles or None,
-                         evt_handlers=handlers or [], tls_args=tls_args)
+    assoc = ae.associate(
+        pacs.host,
+        pacs.port,
+        ae_title=pacs.ae_title,
+        ext_neg=roles or None,
+        evt_handlers=handlers or [],
+        tls_args=tls_args,
+    )
     if assoc.is_established:
         return assoc
     where = f"{pacs.ae_title} at {pacs.host}:{pacs.port}"
     if assoc.is_rejected:
-        raise PullError(f"association rejected by {where}: check that it knows our AE title "
-                        f"{settings.AE_TITLE} and allows it to query", permanent=True)
+        raise PullError(
+            f"association rejected by {where}: check that it knows our AE title "
+            f"{settings.AE_TITLE} and allows it to query",
+            permanent=True,
+        )
     raise PullError(f"cannot reach {where}: connection refused, aborted or timed out")
 
 
@@ -264,4 +294,3 @@ def _found(answer: Dataset) -> FoundStudy:
         instances=int(count) if count not in (None, "") else None,
         modalities=[str(m).upper() for m in modalities if m],
     )
-

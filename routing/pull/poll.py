@@ -64,8 +64,12 @@ def poll_due_sources(*, sweep_seconds: float = SWEEP_SECONDS) -> int:
         close_old_connections()
         polled += poll_due_once(deadline=deadline)
         remaining = deadline - time.monotonic()
-        next_due = PollSource.objects.filter(enabled=True).order_by("next_poll_at").values_list(
-            "next_poll_at", flat=True).first()
+        next_due = (
+            PollSource.objects.filter(enabled=True)
+            .order_by("next_poll_at")
+            .values_list("next_poll_at", flat=True)
+            .first()
+        )
         if next_due is None or remaining <= 0:
             return polled
         wait = (next_due - timezone.now()).total_seconds() - DUE_SLACK
@@ -81,8 +85,9 @@ def poll_due_once(*, now: datetime | None = None, deadline: float | None = None)
     # A little early is fine: otherwise a run of the 1-minute schedule landing just before a
     # 60 s source falls due would skip it and double its interval.
     due = PollSource.objects.filter(enabled=True, next_poll_at__lte=now + timedelta(seconds=DUE_SLACK))
-    for source_id, next_poll_at, interval in list(due.order_by("next_poll_at").values_list(
-            "pk", "next_poll_at", "interval_seconds")):
+    for source_id, next_poll_at, interval in list(
+        due.order_by("next_poll_at").values_list("pk", "next_poll_at", "interval_seconds")
+    ):
         if next_poll_at > now + timedelta(seconds=min(DUE_SLACK, interval / 10)):
             continue
         source = source_claim(source_id=source_id)
@@ -159,9 +164,13 @@ def retrieves_record(*, source: PollSource, found: list[FoundStudy], origin: str
     uids = [f.study_instance_uid for f in found]
     held = dict(
         Instance.objects.filter(study__study_instance_uid__in=uids)
-        .values_list("study__study_instance_uid").annotate(n=Count("pk")).values_list("study__study_instance_uid", "n")
+        .values_list("study__study_instance_uid")
+        .annotate(n=Count("pk"))
+        .values_list("study__study_instance_uid", "n")
     )
-    existing = {r.study_instance_uid: r for r in StudyRetrieve.objects.filter(source=source, study_instance_uid__in=uids)}
+    existing = {
+        r.study_instance_uid: r for r in StudyRetrieve.objects.filter(source=source, study_instance_uid__in=uids)
+    }
     new = 0
     now = timezone.now()
     for study in found:
@@ -171,24 +180,36 @@ def retrieves_record(*, source: PollSource, found: list[FoundStudy], origin: str
             new += 1
             already = study.instances is not None and have >= study.instances > 0
             StudyRetrieve.objects.get_or_create(
-                source=source, study_instance_uid=study.study_instance_uid,
+                source=source,
+                study_instance_uid=study.study_instance_uid,
                 defaults={
-                    "origin": origin, "study_datetime": study.study_datetime, "instances_expected": study.instances,
+                    "origin": origin,
+                    "study_datetime": study.study_datetime,
+                    "instances_expected": study.instances,
                     "state": StudyRetrieve.State.DONE if already else StudyRetrieve.State.PENDING,
                     "last_error": "already held: not retrieved" if already else "",
-                    "study": Study.objects.filter(study_instance_uid=study.study_instance_uid).first() if already else None,
+                    "study": Study.objects.filter(study_instance_uid=study.study_instance_uid).first()
+                    if already
+                    else None,
                 },
             )
         elif record.state == StudyRetrieve.State.DONE and study.instances and study.instances > have:
             StudyRetrieve.objects.filter(pk=record.pk, state=StudyRetrieve.State.DONE).update(
-                state=StudyRetrieve.State.PENDING, attempts=0, next_attempt_at=now, instances_expected=study.instances,
+                state=StudyRetrieve.State.PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                instances_expected=study.instances,
                 last_error=f"PACS now reports {study.instances} instances, we hold {have}: retrieving again",
             )
     return new
 
 
 def retrieves_run(
-    *, source: PollSource, limit: int, deadline: float | None = None, study_instance_uids: list[str] | None = None,
+    *,
+    source: PollSource,
+    limit: int,
+    deadline: float | None = None,
+    study_instance_uids: list[str] | None = None,
     on_done: Callable[[StudyRetrieve, RetrieveOutcome], None] | None = None,
 ) -> tuple[int, int]:
     """Claim and run up to `limit` due retrieves of `source`. Returns (succeeded, failed)."""
@@ -209,7 +230,8 @@ def retrieves_run(
         try:
             if deadline is not None and time.monotonic() > deadline:
                 StudyRetrieve.objects.filter(pk=record.pk).update(
-                    state=StudyRetrieve.State.PENDING, lease_until=None, attempts=F("attempts") - 1)
+                    state=StudyRetrieve.State.PENDING, lease_until=None, attempts=F("attempts") - 1
+                )
                 return False
             outcome = retrieve(record=record, source=source)
             if on_done:
@@ -236,13 +258,15 @@ def retrieve(*, record: StudyRetrieve, source: PollSource) -> RetrieveOutcome:
         # C-GET and WADO-RS deliver on our own connection: an association row ties the instances
         # to this retrieve. (A C-MOVE delivers through the listener, which records its own.)
         association = StoreAssociation.objects.create(
-            calling_ae_title=source.label, called_ae_title=settings.AE_TITLE,
+            calling_ae_title=source.label,
+            called_ae_title=settings.AE_TITLE,
             peer_address=source.pacs.host if source.pacs_id else source.dicomweb_url[:64],
             listener=f"pull:retrieve:{record.pk}",
         )
     try:
-        outcome = _protocol(source).retrieve_study(source, record.study_instance_uid,
-                                                   association_id=association.pk if association else None)
+        outcome = _protocol(source).retrieve_study(
+            source, record.study_instance_uid, association_id=association.pk if association else None
+        )
     except PullError as exc:
         outcome = RetrieveOutcome(ok=False, status=exc.status, error=str(exc), permanent=exc.permanent)
     except Exception as exc:
@@ -251,35 +275,53 @@ def retrieve(*, record: StudyRetrieve, source: PollSource) -> RetrieveOutcome:
     now = timezone.now()
     study = Study.objects.filter(study_instance_uid=record.study_instance_uid).first()
     if outcome.ok and study is None:
-        outcome = RetrieveOutcome(ok=False, status=outcome.status, completed=outcome.completed,
-                                  error="the PACS reported success but no instance of the study reached us")
+        outcome = RetrieveOutcome(
+            ok=False,
+            status=outcome.status,
+            completed=outcome.completed,
+            error="the PACS reported success but no instance of the study reached us",
+        )
     if association is not None:
         StoreAssociation.objects.filter(pk=association.pk).update(
-            ended_at=now, released_normally=outcome.ok,
-            instances_received=Instance.objects.filter(association=association).count())
-    fields = {"completed": outcome.completed, "failed": outcome.failed, "warning": outcome.warning,
-              "last_status": outcome.status, "last_error": outcome.error[:2000], "lease_until": None,
-              "study": study, "finished_at": now}
+            ended_at=now,
+            released_normally=outcome.ok,
+            instances_received=Instance.objects.filter(association=association).count(),
+        )
+    fields = {
+        "completed": outcome.completed,
+        "failed": outcome.failed,
+        "warning": outcome.warning,
+        "last_status": outcome.status,
+        "last_error": outcome.error[:2000],
+        "lease_until": None,
+        "study": study,
+        "finished_at": now,
+    }
     if outcome.ok:
         fields["state"] = StudyRetrieve.State.DONE
     elif outcome.permanent or record.attempts >= MAX_RETRIEVE_ATTEMPTS:
         fields["state"] = StudyRetrieve.State.FAILED
     else:
         fields["state"] = StudyRetrieve.State.PENDING
-        fields["next_attempt_at"] = now + timedelta(seconds=_backoff(record.attempts, RETRIEVE_BACKOFF_BASE,
-                                                                     RETRIEVE_BACKOFF_CAP))
+        fields["next_attempt_at"] = now + timedelta(
+            seconds=_backoff(record.attempts, RETRIEVE_BACKOFF_BASE, RETRIEVE_BACKOFF_CAP)
+        )
     StudyRetrieve.objects.filter(pk=record.pk).update(**fields)
     for name, value in fields.items():
         setattr(record, name, value)
     method = "WADO-RS" if source.kind == PollSource.Kind.DICOMWEB else source.retrieve_mode.upper()
     if study is not None and outcome.ok:
-        study_complete(study=study, detail=f"retrieve finished: {method} from {source.name}, "
-                                           f"{outcome.completed} instance(s), status {_status_text(source, outcome.status)}")
+        study_complete(
+            study=study,
+            detail=f"retrieve finished: {method} from {source.name}, "
+            f"{outcome.completed} instance(s), status {_status_text(source, outcome.status)}",
+        )
     elif study is not None:
         study.log_event("retrieve_failed", f"{method} from {source.name}: {outcome.error}"[:1000])
     if not outcome.ok:
-        logger.warning("retrieve %s from source %s failed (attempt %s): %s", record.pk, source.pk,
-                       record.attempts, outcome.error)
+        logger.warning(
+            "retrieve %s from source %s failed (attempt %s): %s", record.pk, source.pk, record.attempts, outcome.error
+        )
     return outcome
 
 

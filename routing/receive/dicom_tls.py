@@ -79,8 +79,10 @@ def handshake_problem(tls_args: tuple[ssl.SSLContext, str], host: str, port: int
     """
     context, server_hostname = tls_args
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw, \
-                context.wrap_socket(raw, server_hostname=server_hostname):
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=server_hostname),
+        ):
             return None
     except ssl.SSLError as exc:
         return exc.reason or type(exc).__name__

@@ -237,8 +237,11 @@ class DicomListener:
         for index, (port, uses_tls) in enumerate(self.endpoints()):
             extra = {"listening_socket": self.listening_sockets[index]} if self.listening_sockets else {}
             server = ae.make_server(
-                (self.host, port), evt_handlers=handlers, server_class=ReusePortServer,
-                ssl_context=tls_context if uses_tls else None, **extra,
+                (self.host, port),
+                evt_handlers=handlers,
+                server_class=ReusePortServer,
+                ssl_context=tls_context if uses_tls else None,
+                **extra,
             )
             ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
             self.servers.append(server)
@@ -246,7 +249,11 @@ class DicomListener:
             threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
             logger.info(
                 "DICOM listener %s on %s:%s%s (%s)",
-                self.ae_title, self.host, server.server_address[1], " (TLS)" if uses_tls else "", self.identity,
+                self.ae_title,
+                self.host,
+                server.server_address[1],
+                " (TLS)" if uses_tls else "",
+                self.identity,
             )
         self.server = self.servers[0]
         self.port = self.server.server_address[1]

@@ -88,8 +88,9 @@ class _Reader:
         buffer += chunk
         return True
 
-    def fill_until(self, buffer: bytearray, marker: bytes, *, limit: int | None = None,
-                   allow_at_start: bool = False) -> bool:
+    def fill_until(
+        self, buffer: bytearray, marker: bytes, *, limit: int | None = None, allow_at_start: bool = False
+    ) -> bool:
         """Read until `marker` is in `buffer` (False at end of body or past `limit` bytes)."""
         start = 0
         while True:

@@ -139,7 +139,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                     pass
                 elif self._is_transport_event():
                     self._idle_timer.restart()
-            except Exception as exc:  # noqa: BLE001 - as pynetdicom: any failure aborts the association
+            except Exception as exc:
                 # As pynetdicom: bypass the state machine, send an A-ABORT and stop both reactors.
                 logger.error("Exception in the DUL reactor, aborting association: %s", type(exc).__name__)
                 abort_pdu = A_ABORT_RQ()

@@ -56,18 +56,22 @@ def stow_studies(request: HttpRequest, study_instance_uid: str | None = None) ->
     if problem:
         return problem
     association = StoreAssociation.objects.create(
-        calling_ae_title=sender.name, called_ae_title=settings.AE_TITLE,
-        peer_address=request.META.get("REMOTE_ADDR", "")[:64], listener="stow-rs",
+        calling_ae_title=sender.name,
+        called_ae_title=settings.AE_TITLE,
+        peer_address=request.META.get("REMOTE_ADDR", "")[:64],
+        listener="stow-rs",
     )
     items: list[StowItem] = []
     error: HttpResponse | None = None
     try:
         for part in iter_parts(stream, boundary=boundary, directory=incoming_dir(), max_bytes=settings.STOW_MAX_BYTES):
-            items.append(_store_part(part, sender=sender, association_id=association.pk,
-                                     study_instance_uid=study_instance_uid))
+            items.append(
+                _store_part(part, sender=sender, association_id=association.pk, study_instance_uid=study_instance_uid)
+            )
     except BodyTooLarge:
-        error = _plain(413, f"Request body larger than {settings.STOW_MAX_BYTES} bytes; send fewer instances "
-                            "per request")
+        error = _plain(
+            413, f"Request body larger than {settings.STOW_MAX_BYTES} bytes; send fewer instances per request"
+        )
     except MultipartError as exc:
         if not items:
             error = _plain(400, f"Not a valid multipart/related body: {exc}")
@@ -89,9 +93,12 @@ def _store_part(part: Part, *, sender: StowSender, association_id: int, study_in
         _ensure_preamble(part.path)
         meta = _part_header(part.path)
         if study_instance_uid and meta.get("study") and meta["study"] != study_instance_uid:
-            return StowItem(status=DATASET_MISMATCH, sop_class_uid=meta["sop_class"],
-                            sop_instance_uid=meta["sop_instance"],
-                            message="Study Instance UID differs from the one in the request URL")
+            return StowItem(
+                status=DATASET_MISMATCH,
+                sop_class_uid=meta["sop_class"],
+                sop_instance_uid=meta["sop_instance"],
+                message="Study Instance UID differs from the one in the request URL",
+            )
         result: StoreResult = instance_store(
             temp_path=part.path,
             request_sop_class_uid=meta.get("sop_class", ""),
@@ -102,8 +109,12 @@ def _store_part(part: Part, *, sender: StowSender, association_id: int, study_in
             association_id=association_id,
             sender_id=sender.application_entity_id,
         )
-        return StowItem(status=result.status, sop_class_uid=meta.get("sop_class", ""),
-                        sop_instance_uid=meta.get("sop_instance", ""), message=result.message)
+        return StowItem(
+            status=result.status,
+            sop_class_uid=meta.get("sop_class", ""),
+            sop_instance_uid=meta.get("sop_instance", ""),
+            message=result.message,
+        )
     finally:
         part.path.unlink(missing_ok=True)
 
@@ -131,8 +142,7 @@ def _part_header(path: Path) -> dict[str, str]:
     An unreadable part yields {}: instance_store then answers "cannot understand" (0xC000).
     """
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPClassUID",
-                                                                   "SOPInstanceUID"])
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPClassUID", "SOPInstanceUID"])
         meta = ds.file_meta
         return {
             "sop_class": str(meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID", "")),
@@ -147,7 +157,8 @@ def _part_header(path: Path) -> dict[str, str]:
 def _association_end(association: StoreAssociation, *, stored: int, released: bool) -> None:
     with transaction.atomic():
         StoreAssociation.objects.filter(pk=association.pk).update(
-            ended_at=timezone.now(), released_normally=released, instances_received=stored)
+            ended_at=timezone.now(), released_normally=released, instances_received=stored
+        )
         if stored:
             enqueue_completion_check(association.pk)
 
@@ -161,8 +172,9 @@ def _unauthorized(request: HttpRequest) -> HttpResponse:
     response = _plain(401, "A valid bearer token for this sender is required (manage.py stow_token)")
     given = bool(request.headers.get("Authorization"))
     response["WWW-Authenticate"] = REALM + (', error="invalid_token"' if given else "")
-    logger.info("STOW-RS request from %s refused: %s token", request.META.get("REMOTE_ADDR"),
-                "invalid" if given else "no")
+    logger.info(
+        "STOW-RS request from %s refused: %s token", request.META.get("REMOTE_ADDR"), "invalid" if given else "no"
+    )
     return response
 
 
@@ -188,8 +200,9 @@ def _body_stream(request: HttpRequest):
         except ValueError:
             return None, _plain(400, "Content-Length is not a number")
         if size > settings.STOW_MAX_BYTES:
-            return None, _plain(413, f"Request body larger than {settings.STOW_MAX_BYTES} bytes; send fewer "
-                                     "instances per request")
+            return None, _plain(
+                413, f"Request body larger than {settings.STOW_MAX_BYTES} bytes; send fewer instances per request"
+            )
         return request, None
     if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
         # Django reads nothing without Content-Length; a server that de-chunks (gunicorn) hands

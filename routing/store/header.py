@@ -36,8 +36,27 @@ _NOT_LITTLE_EXPLICIT = {IMPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.2", "1.2.8
 # Explicit VRs with a 4-byte length (PS3.5 7.1.2); every other VR has a 2-byte one.
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 VRS = LONG_VRS | {
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
-    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FD",
+    b"FL",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SS",
+    b"ST",
+    b"TM",
+    b"UI",
+    b"UL",
+    b"US",
 }
 UNDEFINED = 0xFFFFFFFF
 PIXEL_DATA = 0x7FE00010
@@ -182,8 +201,12 @@ def _instance_parse(data: bytes, whole_file: bool) -> dict[str, str] | None:
     if syntax in _NOT_LITTLE_EXPLICIT and syntax != IMPLICIT_VR_LITTLE_ENDIAN:
         return None
     raw, _, _, _ = _walk(
-        data, pos, implicit=syntax == IMPLICIT_VR_LITTLE_ENDIAN, wanted=_HEADER_KEYWORD_BY_TAG,
-        stop=_LAST_HEADER_TAG + 1, whole_file=whole_file,
+        data,
+        pos,
+        implicit=syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+        wanted=_HEADER_KEYWORD_BY_TAG,
+        stop=_LAST_HEADER_TAG + 1,
+        whole_file=whole_file,
     )
     try:
         charset = raw.get(_SPECIFIC_CHARACTER_SET, b"").decode("ascii").strip(" \0")
@@ -210,7 +233,11 @@ def _slice_parse(data: bytes, whole_file: bool) -> SliceHeader | None:
     if syntax not in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN):
         return None  # compressed pixels (or not little endian): pydicom's job
     raw, tag, length, value_at = _walk(
-        data, pos, implicit=syntax == IMPLICIT_VR_LITTLE_ENDIAN, wanted=SLICE_TAGS, stop=PIXEL_DATA,
+        data,
+        pos,
+        implicit=syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+        wanted=SLICE_TAGS,
+        stop=PIXEL_DATA,
         whole_file=whole_file,
     )
     if tag != PIXEL_DATA or length == UNDEFINED:

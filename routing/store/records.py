@@ -53,8 +53,14 @@ def instance_record(
         with transaction.atomic():
             if _study_touch(known, now):
                 return _instance_insert(Instance(study_id=known.study_id, series_id=known.series_id, **fields))
-    instance = _record_first(header=header, fields=fields, calling_ae_title=calling_ae_title,
-                             called_ae_title=called_ae_title, sender_id=sender_id, now=now)
+    instance = _record_first(
+        header=header,
+        fields=fields,
+        calling_ae_title=calling_ae_title,
+        called_ae_title=called_ae_title,
+        sender_id=sender_id,
+        now=now,
+    )
     if association_id is not None:
         _series_seen_add(key, instance)
     return instance
@@ -86,7 +92,12 @@ def _study_touch(known: _SeenSeries, now) -> bool:
     with connection.cursor() as cursor:
         cursor.execute(
             _sql_statements()["study_touch"],
-            [field.get_db_prep_save(now, connection), known.study_id, known.study_instance_uid, StudyState.RECEIVING.value],
+            [
+                field.get_db_prep_save(now, connection),
+                known.study_id,
+                known.study_instance_uid,
+                StudyState.RECEIVING.value,
+            ],
         )
         return cursor.rowcount == 1
 

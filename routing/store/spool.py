@@ -105,7 +105,9 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
         header = instance_header_read(temp_path)
     except Exception as exc:  # pydicom raises many types on malformed input; all mean "cannot understand"
         logger.info("cannot parse instance %s: %s", _safe_uid(request_sop_instance_uid), type(exc).__name__)
-        return StoreResult(CANNOT_UNDERSTAND, f"Cannot understand: the dataset could not be parsed ({type(exc).__name__})")
+        return StoreResult(
+            CANNOT_UNDERSTAND, f"Cannot understand: the dataset could not be parsed ({type(exc).__name__})"
+        )
     if not header["SOPClassUID"] and not header["SOPInstanceUID"]:
         return StoreResult(CANNOT_UNDERSTAND, "Cannot understand: no SOP Class or Instance UID could be read")
 
@@ -131,8 +133,9 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
         existing = Instance.objects.filter(sop_instance_uid=header["SOPInstanceUID"]).first()
         if existing is not None and existing.deleted_at is not None:
             # Sent again after retention removed its pixel data: keep this copy (not a duplicate).
-            instance_restore(existing, relative=relative, size=final_path.stat().st_size,
-                             association_id=kwargs.get("association_id"))
+            instance_restore(
+                existing, relative=relative, size=final_path.stat().st_size, association_id=kwargs.get("association_id")
+            )
             return StoreResult(SUCCESS, "", existing.pk, existing.study_id)
         try:
             if existing is None:

@@ -29,9 +29,13 @@ def make_ct(study_uid: str | None = None, series_uid: str | None = None, sop_uid
     return ds
 
 
-def make_ct_slices(count: int = 3, *, patient_name: str = "Test^Patient",
-                   patient_id: str = "PL-TEST-1", accession_number: str = "ACC0001",
-                   ) -> list[Dataset]:
+def make_ct_slices(
+    count: int = 3,
+    *,
+    patient_name: str = "Test^Patient",
+    patient_id: str = "PL-TEST-1",
+    accession_number: str = "ACC0001",
+) -> list[Dataset]:
     """`count` 16x16 CT slices of one new study/series, as pydicom datasets with file meta."""
     attributes = {"PatientName": patient_name, "PatientID": patient_id, "AccessionNumber": accession_number}
     return demo_study_write(outdir=None, slices=count, size=16, attributes=attributes).datasets
@@ -48,6 +52,7 @@ def ct_series_write(
 ) -> list[Path]:
     """Write a synthetic CT series (noise pixels, Explicit VR Little Endian), one file per slice."""
     attributes = {"StudyInstanceUID": study_instance_uid} if study_instance_uid else None
-    study = demo_study_write(outdir=folder, slices=count, rows=rows, columns=columns, pixels="noise",
-                             seed=seed, attributes=attributes)
+    study = demo_study_write(
+        outdir=folder, slices=count, rows=rows, columns=columns, pixels="noise", seed=seed, attributes=attributes
+    )
     return study.paths

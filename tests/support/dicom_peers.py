@@ -23,11 +23,17 @@ SCP_AE = "TESTSCP"
 class StubSCP:
     """A pynetdicom storage SCP on a free port answering C-STOREs with `status`."""
 
-    def __init__(self, *, status: int = 0x0000, require_calling_aet: list[str] | None = None,
-                 require_called_aet: bool = False, sop_classes: tuple[str, ...] = (
-                     Comprehensive3DSRStorage,), max_associations: int = 10,
-                 reply_delay: threading.Event | None = None, drop_after_store: bool = False,
-                 ) -> None:
+    def __init__(
+        self,
+        *,
+        status: int = 0x0000,
+        require_calling_aet: list[str] | None = None,
+        require_called_aet: bool = False,
+        sop_classes: tuple[str, ...] = (Comprehensive3DSRStorage,),
+        max_associations: int = 10,
+        reply_delay: threading.Event | None = None,
+        drop_after_store: bool = False,
+    ) -> None:
         self.status = status
         self.drop_after_store = drop_after_store
         self.received: list[str] = []
@@ -39,8 +45,9 @@ class StubSCP:
         ae.maximum_associations = max_associations
         for sop_class in sop_classes:
             ae.add_supported_context(sop_class)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
 
     def _on_store(self, event: Any) -> int:
         if self._hold is not None:

@@ -14,6 +14,7 @@ import pytest
 from django.contrib.auth.models import Group, User
 from django.utils import timezone
 
+from pacslens.demo_study import demo_study_write
 from results.models import (
     AIModel,
     Delivery,
@@ -21,8 +22,6 @@ from results.models import (
     Destination,
     InferenceResult,
 )
-from pacslens.demo_study import demo_study_write
-from routing.store.spool import instance_store
 from routing.models import (
     ApplicationEntity,
     RoutingRule,
@@ -31,6 +30,7 @@ from routing.models import (
     StudyEvent,
     StudyState,
 )
+from routing.store.spool import instance_store
 
 PASSWORD = "correct horse battery staple"
 ROLES = ("admin", "informaticist", "superuser", "nobody")
@@ -42,7 +42,10 @@ def plain_static_storage(settings, tmp_path):
     # The manifest storage needs collectstatic; tests serve static files from the finders.
     settings.STATIC_ROOT = tmp_path / "static"
     settings.STATIC_ROOT.mkdir()
-    settings.STORAGES = {**settings.STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
     # Real password hashing costs ~0.3 s per user; the tests create several per test.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
@@ -74,31 +77,69 @@ def users(db) -> dict[str, User]:
     return {role: make_user(role) for role in ROLES}
 
 
-def make_study(*, accession: str = "ACC100", state: str = StudyState.DELIVERED, patient_name: str = "ZZTEST^UI",
-               modality: str = "CT", calling: str = "MODALITY1", minutes_ago: int = 10) -> Study:
+def make_study(
+    *,
+    accession: str = "ACC100",
+    state: str = StudyState.DELIVERED,
+    patient_name: str = "ZZTEST^UI",
+    modality: str = "CT",
+    calling: str = "MODALITY1",
+    minutes_ago: int = 10,
+) -> Study:
     start = timezone.now() - timedelta(minutes=minutes_ago)
     study = Study.objects.create(
         study_instance_uid=f"1.2.826.0.1.3680043.8.498.{Study.objects.count() + 1}{int(start.timestamp())}",
-        state=state, patient_id="ZZ0001", patient_name=patient_name, accession_number=accession,
-        study_description="CT HEAD", modalities=modality, calling_ae_title=calling, called_ae_title="PACSLENS",
-        first_received_at=start, last_received_at=start, state_changed_at=start + timedelta(seconds=40),
+        state=state,
+        patient_id="ZZ0001",
+        patient_name=patient_name,
+        accession_number=accession,
+        study_description="CT HEAD",
+        modalities=modality,
+        calling_ae_title=calling,
+        called_ae_title="PACSLENS",
+        first_received_at=start,
+        last_received_at=start,
+        state_changed_at=start + timedelta(seconds=40),
     )
-    Series.objects.create(study=study, series_instance_uid=study.study_instance_uid + ".1", modality=modality,
-                          body_part_examined="HEAD", series_number=1)
-    steps = [("receiving", 0), ("complete", 20), ("routed", 21), ("inferring", 22), ("inferred", 30), ("delivering", 31)]
+    Series.objects.create(
+        study=study,
+        series_instance_uid=study.study_instance_uid + ".1",
+        modality=modality,
+        body_part_examined="HEAD",
+        series_number=1,
+    )
+    steps = [
+        ("receiving", 0),
+        ("complete", 20),
+        ("routed", 21),
+        ("inferring", 22),
+        ("inferred", 30),
+        ("delivering", 31),
+    ]
     if state in (StudyState.DELIVERED, StudyState.FAILED):
         steps.append((state, 40))
     for to_state, seconds in steps:
-        StudyEvent.objects.create(study=study, at=start + timedelta(seconds=seconds), kind=to_state, to_state=to_state,
-                                  detail=f"step {to_state}")
+        StudyEvent.objects.create(
+            study=study,
+            at=start + timedelta(seconds=seconds),
+            kind=to_state,
+            to_state=to_state,
+            detail=f"step {to_state}",
+        )
     return study
 
 
 def make_model(*, demonstration: bool = True) -> AIModel:
     model, _ = AIModel.objects.get_or_create(
-        name="demo-bleed", version="1.0",
-        defaults={"file": "models/demo.onnx", "sha256": "ab" * 32, "demonstration": demonstration,
-                  "intended_use": "Demonstration only", "manifest": {"output": {"threshold": 0.5}, "accepts": {"modalities": ["CT"]}}},
+        name="demo-bleed",
+        version="1.0",
+        defaults={
+            "file": "models/demo.onnx",
+            "sha256": "ab" * 32,
+            "demonstration": demonstration,
+            "intended_use": "Demonstration only",
+            "manifest": {"output": {"threshold": 0.5}, "accepts": {"modalities": ["CT"]}},
+        },
     )
     return model
 
@@ -106,28 +147,61 @@ def make_model(*, demonstration: bool = True) -> AIModel:
 def make_result(study: Study, *, score: float = 0.83, supersedes: InferenceResult | None = None) -> InferenceResult:
     model = make_model()
     return InferenceResult.objects.create(
-        study=study, model=model, model_name=model.name, model_version=model.version, model_sha256=model.sha256,
-        status="succeeded", score=score, flagged=score >= 0.5, label="bleed" if score >= 0.5 else "", supersedes=supersedes,
-        series=study.series.first(), instance_count=3,
+        study=study,
+        model=model,
+        model_name=model.name,
+        model_version=model.version,
+        model_sha256=model.sha256,
+        status="succeeded",
+        score=score,
+        flagged=score >= 0.5,
+        label="bleed" if score >= 0.5 else "",
+        supersedes=supersedes,
+        series=study.series.first(),
+        instance_count=3,
     )
 
 
 def make_destination(name: str = "ris", port: int = 2575, **overrides) -> Destination:
-    values = dict(name=name, kind="hl7", host="127.0.0.1", port=port, hl7_message_type="ORU^R01", timeout_seconds=2,
-                  backoff_base_seconds=1, backoff_cap_seconds=5)
+    values = dict(
+        name=name,
+        kind="hl7",
+        host="127.0.0.1",
+        port=port,
+        hl7_message_type="ORU^R01",
+        timeout_seconds=2,
+        backoff_base_seconds=1,
+        backoff_cap_seconds=5,
+    )
     values.update(overrides)
     return Destination.objects.create(**values)
 
 
-def make_failed_delivery(study: Study, result: InferenceResult, destination: Destination,
-                         error_class: str = "permanent") -> Delivery:
+def make_failed_delivery(
+    study: Study, result: InferenceResult, destination: Destination, error_class: str = "permanent"
+) -> Delivery:
     delivery = Delivery.objects.create(
-        result=result, destination=destination, study=study, kind=destination.kind, idempotency_key=f"PL{result.pk}D{destination.pk}",
-        state="failed", attempts=1, last_error="RIS answered AE: application error", last_error_class=error_class,
+        result=result,
+        destination=destination,
+        study=study,
+        kind=destination.kind,
+        idempotency_key=f"PL{result.pk}D{destination.pk}",
+        state="failed",
+        attempts=1,
+        last_error="RIS answered AE: application error",
+        last_error_class=error_class,
     )
     now = timezone.now()
-    DeliveryAttempt.objects.create(delivery=delivery, number=1, worker="test:1", started_at=now - timedelta(seconds=1),
-                                   ended_at=now, outcome=error_class, code="AE", message="RIS answered AE")
+    DeliveryAttempt.objects.create(
+        delivery=delivery,
+        number=1,
+        worker="test:1",
+        started_at=now - timedelta(seconds=1),
+        ended_at=now,
+        outcome=error_class,
+        code="AE",
+        message="RIS answered AE",
+    )
     return delivery
 
 
@@ -144,7 +218,14 @@ def pipeline(db) -> dict:
     failed = make_study(accession="ACC200", state=StudyState.FAILED, patient_name="ZZTEST^<b>ESCAPE</b>")
     failed_result = make_result(failed)
     delivery = make_failed_delivery(failed, failed_result, destination)
-    return {"done": done, "failed": failed, "delivery": delivery, "destination": destination, "rule": rule, "entity": entity}
+    return {
+        "done": done,
+        "failed": failed,
+        "delivery": delivery,
+        "destination": destination,
+        "rule": rule,
+        "entity": entity,
+    }
 
 
 @pytest.fixture
@@ -175,14 +256,24 @@ def inferred_study(data_dir, *, slices=3, flagged=True) -> tuple[Study, Inferenc
     for ds in demo_study_write(outdir=None, slices=slices, size=16, lesion=flagged).datasets:
         study = receive(data_dir, ds)
     model, _ = AIModel.objects.get_or_create(
-        name="demo", version="1", defaults={"file": "x.onnx", "sha256": "0" * 64, "manifest": {"output": {"threshold": 0.5}}}
+        name="demo",
+        version="1",
+        defaults={"file": "x.onnx", "sha256": "0" * 64, "manifest": {"output": {"threshold": 0.5}}},
     )
     Study.objects.filter(pk=study.pk).update(state=StudyState.INFERRED)
     study.refresh_from_db()
     result = InferenceResult.objects.create(
-        study=study, model=model, model_name="demo", model_version="1", model_sha256="0" * 64,
-        status="succeeded", score=0.83 if flagged else 0.1, flagged=flagged,
-        series=study.series.get(), series_instance_uid=ds.SeriesInstanceUID, instance_count=slices,
+        study=study,
+        model=model,
+        model_name="demo",
+        model_version="1",
+        model_sha256="0" * 64,
+        status="succeeded",
+        score=0.83 if flagged else 0.1,
+        flagged=flagged,
+        series=study.series.get(),
+        series_instance_uid=ds.SeriesInstanceUID,
+        instance_count=slices,
     )
     return study, result
 
@@ -197,7 +288,9 @@ def hl7_destination(rule, port, **overrides) -> Destination:
 
 def dicom_destination(rule, port, name="pacs", ae_title="STORESCP", **overrides) -> Destination:
     ae = ApplicationEntity.objects.create(ae_title=ae_title, host="127.0.0.1", port=port, receives_results=True)
-    destination = Destination.objects.create(name=name, kind="dicom", application_entity=ae, timeout_seconds=3, **overrides)
+    destination = Destination.objects.create(
+        name=name, kind="dicom", application_entity=ae, timeout_seconds=3, **overrides
+    )
     destination.full_clean()
     destination.rules.add(rule)
     return destination

@@ -43,13 +43,13 @@ class FHIRServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 server.handle(self, "GET")
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 server.handle(self, "POST")
 
-            def do_PUT(self) -> None:  # noqa: N802
+            def do_PUT(self) -> None:
                 server.handle(self, "PUT")
 
             def log_message(self, format: str, *args: Any) -> None:
@@ -74,14 +74,15 @@ class FHIRServer:
 
     def matching(self, resource_type: str, token: str) -> list[dict[str, Any]]:
         system, _, value = token.partition("|")
-        return [r for r in self.resources[resource_type]
-                if any(i.get("system") == system and i.get("value") == value
-                       for i in r.get("identifier", []))]
+        return [
+            r
+            for r in self.resources[resource_type]
+            if any(i.get("system") == system and i.get("value") == value for i in r.get("identifier", []))
+        ]
 
     def seed(self, resource: dict[str, Any]) -> dict[str, Any]:
         kind = resource["resourceType"]
-        stored = {**resource, "id": f"{kind[:3].lower()}{len(self.resources[kind]) + 1}",
-                  "meta": {"versionId": "1"}}
+        stored = {**resource, "id": f"{kind[:3].lower()}{len(self.resources[kind]) + 1}", "meta": {"versionId": "1"}}
         self.resources[kind].append(stored)
         return stored
 
@@ -109,9 +110,16 @@ class FHIRServer:
         with self.lock:
             if method == "GET":
                 found = self.matching(resource_type, query["identifier"])
-                return self.reply(request, 200, {"resourceType": "Bundle", "type": "searchset",
-                                                 "total": len(found),
-                                                 "entry": [{"resource": r} for r in found]})
+                return self.reply(
+                    request,
+                    200,
+                    {
+                        "resourceType": "Bundle",
+                        "type": "searchset",
+                        "total": len(found),
+                        "entry": [{"resource": r} for r in found],
+                    },
+                )
             if method == "POST":
                 condition = dict(urllib.parse.parse_qsl(request.headers["If-None-Exist"]))
                 found = self.matching(resource_type, condition["identifier"])
@@ -120,8 +128,9 @@ class FHIRServer:
                 if found:
                     return self.reply(request, 200, found[0])
                 stored = self.seed(body)
-                return self.reply(request, 201, stored,
-                                  {"Location": f"{self.url}/{resource_type}/{stored['id']}/_history/1"})
+                return self.reply(
+                    request, 201, stored, {"Location": f"{self.url}/{resource_type}/{stored['id']}/_history/1"}
+                )
             found = self.matching(resource_type, query["identifier"])  # PUT: conditional update
             if len(found) > 1:
                 return self.reply(request, 412, outcome("multiple-matches"))
@@ -133,8 +142,12 @@ class FHIRServer:
             return self.reply(request, 200, found[0])
 
     @staticmethod
-    def reply(request: http.server.BaseHTTPRequestHandler, status: int, body: dict[str, Any],
-              headers: dict[str, str] | None = None) -> None:
+    def reply(
+        request: http.server.BaseHTTPRequestHandler,
+        status: int,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> None:
         raw = json.dumps(body).encode()
         request.send_response(status)
         request.send_header("Content-Type", "application/fhir+json")
@@ -147,8 +160,10 @@ class FHIRServer:
 
 def outcome(code: str) -> dict[str, Any]:
     # Diagnostics echo the patient, as some servers do: the client must not repeat them.
-    return {"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": code, "diagnostics": "Patient Doe^Jane"}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": "Patient Doe^Jane"}],
+    }
 
 
 @pytest.fixture
@@ -160,15 +175,21 @@ def fhir_server() -> Iterator[FHIRServer]:
 
 def make_payload(**overrides: Any) -> ResultPayload:
     values: dict[str, Any] = dict(
-        study_instance_uid="1.2.826.0.1.3680043.8.498.77", accession_number="ACC0077",
-        patient_id="PID-77", patient_name="Doe^Jane", triage_score=0.8731, finding_flag=True,
-        model_name="demo-ich", model_version="1.2.0", identity=identity("result-77"),
-        created_at=dt.datetime(2024, 1, 1, 12, 5, 30, tzinfo=dt.UTC), priority=Priority.STAT,
+        study_instance_uid="1.2.826.0.1.3680043.8.498.77",
+        accession_number="ACC0077",
+        patient_id="PID-77",
+        patient_name="Doe^Jane",
+        triage_score=0.8731,
+        finding_flag=True,
+        model_name="demo-ich",
+        model_version="1.2.0",
+        identity=identity("result-77"),
+        created_at=dt.datetime(2024, 1, 1, 12, 5, 30, tzinfo=dt.UTC),
+        priority=Priority.STAT,
     )
     values.update(overrides)
     return ResultPayload(**values)
 
 
 def send(server: FHIRServer, payload: ResultPayload | None = None, **kwargs: Any):
-    return send_fhir_result(server.url, payload or make_payload(),
-                            bearer_token=kwargs.pop("token", TOKEN), **kwargs)
+    return send_fhir_result(server.url, payload or make_payload(), bearer_token=kwargs.pop("token", TOKEN), **kwargs)

@@ -37,8 +37,7 @@ class MLLPListener:
                     return
                 assert framed.startswith(b"\x0b")
                 er7 = framed[1:-2].decode("utf-8")
-                message = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT,
-                                        find_groups=True)
+                message = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
                 control_id = message.msh.msh_10.value
                 listener.received.append(control_id)
                 mode = listener.mode
@@ -48,13 +47,13 @@ class MLLPListener:
                 if mode == "close":
                     return
                 code, acked = ("AA", "SOMEONE-ELSE") if mode == "wrong-id" else (mode, control_id)
-                ack = "\r".join([
-                    f"MSH|^~\\&|RIS|HOSP|PACSLENS||20240101120531||ACK^R01|A{control_id}|P|"
-                    f"{message.version}",
-                    f"MSA|{code}|{acked}|free text that may name the patient Doe",
-                    *(["ERR|||207^Application internal error^HL70357|E"]
-                      if code not in ("AA", "CA") else []),
-                ])
+                ack = "\r".join(
+                    [
+                        f"MSH|^~\\&|RIS|HOSP|PACSLENS||20240101120531||ACK^R01|A{control_id}|P|{message.version}",
+                        f"MSA|{code}|{acked}|free text that may name the patient Doe",
+                        *(["ERR|||207^Application internal error^HL70357|E"] if code not in ("AA", "CA") else []),
+                    ]
+                )
                 self.request.sendall(b"\x0b" + ack.encode() + b"\x1c\r")
 
         self.port = port or free_port()

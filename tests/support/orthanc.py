@@ -51,12 +51,21 @@ class OrthancPeer:
         """The STOW/QIDO/WADO root (`{dicomweb_url}/studies`)."""
         return f"{self.http_url}/dicom-web"
 
-    def rest(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-             content_type: str = "application/json") -> Any:
+    def rest(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
         """Call Orthanc's REST API; JSON in and out unless `raw` is given."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         request = urllib.request.Request(
-            self.http_url + path, data=data, method=method,
+            self.http_url + path,
+            data=data,
+            method=method,
             headers={"Content-Type": content_type} if data is not None else {},
         )
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -156,8 +165,13 @@ def orthanc_start(root: Path, *, program: str, plugin: Path, config: Mapping[str
         # Allow tests to add C-MOVE destinations at run time through PUT /modalities/NAME.
         "DicomModalitiesInDatabase": False,
         "Plugins": [str(plugin)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
-                     "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "EnableWado": True,
+            "StudiesMetadata": "Full",
+            "SeriesMetadata": "Full",
+        },
         "StableAge": 1,
         "HttpTimeout": 30,
         "DicomScuTimeout": 10,
@@ -171,15 +185,22 @@ def orthanc_start(root: Path, *, program: str, plugin: Path, config: Mapping[str
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [program, "--no-jobs", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             # DCMTK (Orthanc's DICOM stack) disables Nagle only when TCP_NODELAY is set in
             # its environment; without it every DIMSE round trip, even a C-ECHO, took ~44 ms
             # here instead of ~2.5 ms (and a CT C-STORE ~48 ms instead of ~4 ms).
             env={**os.environ, "TCP_NODELAY": "1"},
         )
     peer = OrthancPeer(
-        aet=ORTHANC_AET, host="127.0.0.1", dicom_port=dicom_port, http_port=http_port,
-        storage_dir=storage, log_path=log_path, process=process,
+        aet=ORTHANC_AET,
+        host="127.0.0.1",
+        dicom_port=dicom_port,
+        http_port=http_port,
+        storage_dir=storage,
+        log_path=log_path,
+        process=process,
     )
     try:
         _wait_until_up(peer)

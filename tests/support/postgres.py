@@ -94,7 +94,15 @@ class PostgresCluster:
 
     def start(self) -> PostgresCluster:
         self._run(
-            "initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8",
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
             "--no-sync",
         )
         settings = [
@@ -110,7 +118,9 @@ class PostgresCluster:
             settings += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write("\n# pacslens test cluster\n" + "\n".join(settings) + "\n")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", str(int(START_TIMEOUT_S)), "start")
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", str(int(START_TIMEOUT_S)), "start"
+        )
         return self
 
     def stop(self) -> None:

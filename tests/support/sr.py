@@ -40,19 +40,25 @@ def assert_orthanc_holds_the_sr(orthanc, sources, payload) -> None:
     assert parent_study["ID"] == study["ID"], "the SR sits in the source study"
     tags = orthanc.instance_tags(instance["ID"])
     assert tags["SeriesDescription"] == "PacsLens AI result"
-    referenced = {item["ReferencedSOPInstanceUID"]
-                  for study_item in tags["CurrentRequestedProcedureEvidenceSequence"]
-                  for series in study_item["ReferencedSeriesSequence"]
-                  for item in series["ReferencedSOPSequence"]}
+    referenced = {
+        item["ReferencedSOPInstanceUID"]
+        for study_item in tags["CurrentRequestedProcedureEvidenceSequence"]
+        for series in study_item["ReferencedSeriesSequence"]
+        for item in series["ReferencedSOPSequence"]
+    }
     assert referenced == {str(ds.SOPInstanceUID) for ds in sources}
     content = list(walk_content(tags["ContentSequence"]))
-    scores = [float(item["MeasuredValueSequence"][0]["NumericValue"]) for item in content
-              if item.get("ValueType") == "NUM"
-              and item["ConceptNameCodeSequence"][0]["CodeValue"] == "PL0001"]
+    scores = [
+        float(item["MeasuredValueSequence"][0]["NumericValue"])
+        for item in content
+        if item.get("ValueType") == "NUM" and item["ConceptNameCodeSequence"][0]["CodeValue"] == "PL0001"
+    ]
     assert scores == [pytest.approx(payload.triage_score)]
-    flags = [item["ConceptCodeSequence"][0]["CodeValue"] for item in content
-             if item.get("ValueType") == "CODE"
-             and item["ConceptNameCodeSequence"][0]["CodeValue"] == "PL0002"]
+    flags = [
+        item["ConceptCodeSequence"][0]["CodeValue"]
+        for item in content
+        if item.get("ValueType") == "CODE" and item["ConceptNameCodeSequence"][0]["CodeValue"] == "PL0002"
+    ]
     assert flags == ["52101004" if payload.finding_flag else "272519000"]
 
 

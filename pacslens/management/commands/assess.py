@@ -10,8 +10,10 @@ from pacslens.ops.assess import DEFAULT_TIMEOUT, UnknownNode, node_assess
 
 
 class Command(BaseCommand):
-    help = ("Probe a configured PACS or RIS (AE title, destination or poll source name) without storing anything: "
-            "C-ECHO, C-FIND, C-MOVE, C-GET, storage negotiation, DICOMweb, FHIR, MLLP.")
+    help = (
+        "Probe a configured PACS or RIS (AE title, destination or poll source name) without storing anything: "
+        "C-ECHO, C-FIND, C-MOVE, C-GET, storage negotiation, DICOMweb, FHIR, MLLP."
+    )
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("node", help="An AE title, a destination name or a poll source name")
@@ -21,9 +23,13 @@ class Command(BaseCommand):
         parser.add_argument("--mllp", default="", help="Also probe this MLLP HOST:PORT")
         parser.add_argument("--json", action="store_true", help="Machine-readable output")
 
-    def handle(self, *args, node: str, timeout: float, dicomweb: str, fhir: str, mllp: str, json: bool, **options) -> None:
+    def handle(
+        self, *args, node: str, timeout: float, dicomweb: str, fhir: str, mllp: str, json: bool, **options
+    ) -> None:
         try:
-            report = node_assess(node=node, timeout=timeout, dicomweb_url=dicomweb, fhir_url=fhir, mllp=_host_port(mllp))
+            report = node_assess(
+                node=node, timeout=timeout, dicomweb_url=dicomweb, fhir_url=fhir, mllp=_host_port(mllp)
+            )
         except UnknownNode as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(_json_dump(report.as_dict()) if json else report.as_text())

@@ -24,11 +24,14 @@ class Command(BaseCommand):
         parser.add_argument("--size", type=int, default=512, help="rows and columns (default 512)")
         parser.add_argument("--body-part", default="HEAD", help="Body Part Examined (default HEAD)")
         parser.add_argument(
-            "--transfer-syntax", choices=sorted(TRANSFER_SYNTAXES), default="explicit",
+            "--transfer-syntax",
+            choices=sorted(TRANSFER_SYNTAXES),
+            default="explicit",
             help="explicit (Explicit VR Little Endian, default) or a lossless compressed syntax",
         )
         parser.add_argument(
-            "--corrupt-pixels", action="store_true",
+            "--corrupt-pixels",
+            action="store_true",
             help="truncate the pixel data (headers stay valid): exercises the failure path",
         )
         parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable studies")

@@ -12,8 +12,8 @@ from django.core.management.base import BaseCommand
 from django.utils.crypto import get_random_string
 
 from pacslens.ops.schedules import schedules_ensure
-from results.inference.demo_model import ensure_demo_setup
 from results.deliver.identity import identity_file_sync, installation_row
+from results.inference.demo_model import ensure_demo_setup
 from routing.models import ApplicationEntity
 from routing.store.spool import incoming_dir
 

@@ -31,7 +31,21 @@ from pacslens.ops.probes.web import (
 )
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "DimseTarget", "ProbeResult", "probe_destination", "probe_dicom_echo", "probe_echo",
-    "probe_fhir", "probe_find", "probe_get", "probe_http", "probe_mllp", "probe_move", "probe_qido", "probe_storage",
-    "probe_stow", "probe_tcp", "probe_wado",
+    "DEFAULT_TIMEOUT",
+    "DimseTarget",
+    "ProbeResult",
+    "probe_destination",
+    "probe_dicom_echo",
+    "probe_echo",
+    "probe_fhir",
+    "probe_find",
+    "probe_get",
+    "probe_http",
+    "probe_mllp",
+    "probe_move",
+    "probe_qido",
+    "probe_storage",
+    "probe_stow",
+    "probe_tcp",
+    "probe_wado",
 ]

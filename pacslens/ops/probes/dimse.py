@@ -48,8 +48,12 @@ PROBE_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 SR_CLASS = STORAGE_SOP_CLASSES[0]
-REJECT_REASONS = {1: "no reason given", 2: "application context not supported", 3: "calling AE title not recognised",
-                  7: "called AE title not recognised"}
+REJECT_REASONS = {
+    1: "no reason given",
+    2: "application context not supported",
+    3: "calling AE title not recognised",
+    7: "called AE title not recognised",
+}
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,11 @@ def associate(target: DimseTarget, contexts: list[tuple[str, list[str]]], *, tim
         return assoc
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
-        reason = REJECT_REASONS.get(rj.diagnostic, f"reason {rj.diagnostic}") if rj.result_source == 1 else \
-            f"source {rj.result_source} reason {rj.diagnostic}"
+        reason = (
+            REJECT_REASONS.get(rj.diagnostic, f"reason {rj.diagnostic}")
+            if rj.result_source == 1
+            else f"source {rj.result_source} reason {rj.diagnostic}"
+        )
         kind = "permanently" if rj.result == 1 else "transiently"
         raise AssociationRefused(f"association rejected {kind}: {reason} (our AE title {settings.AE_TITLE})")
     raise AssociationRefused("no association: connection refused, aborted or timed out")
@@ -154,20 +161,34 @@ def probe_move(target: DimseTarget, *, timeout: float, move_destination: str) ->
     if final in (0x0000, 0xFF00):
         return ProbeResult(name, True, f"accepted: the PACS knows {move_destination} as a move destination")
     if final == 0xA801:
-        return ProbeResult(name, False, f"refused 0xA801: the PACS does not know {move_destination} as a move destination")
+        return ProbeResult(
+            name, False, f"refused 0xA801: the PACS does not know {move_destination} as a move destination"
+        )
     if final in (0x0122, 0x0124):
-        return ProbeResult(name, False, f"refused {_hex(final)}: C-MOVE not supported or not authorised for our AE title")
+        return ProbeResult(
+            name, False, f"refused {_hex(final)}: C-MOVE not supported or not authorised for our AE title"
+        )
     if final is None:
         # Orthanc, for one, aborts a C-MOVE to a destination it does not know.
-        return ProbeResult(name, False, f"the PACS aborted the C-MOVE without a status: most likely it does not know "
-                                  f"{move_destination} as a move destination")
-    return ProbeResult(name, None, f"request accepted, answered {_hex(final)} for the probe's (non-existent) study; "
-                             f"whether the PACS knows {move_destination} is not confirmed until a real retrieve")
+        return ProbeResult(
+            name,
+            False,
+            f"the PACS aborted the C-MOVE without a status: most likely it does not know "
+            f"{move_destination} as a move destination",
+        )
+    return ProbeResult(
+        name,
+        None,
+        f"request accepted, answered {_hex(final)} for the probe's (non-existent) study; "
+        f"whether the PACS knows {move_destination} is not confirmed until a real retrieve",
+    )
 
 
 def probe_get(target: DimseTarget, *, timeout: float) -> ProbeResult:
     model = StudyRootQueryRetrieveInformationModelGet
-    contexts = [(model, PROBE_TRANSFER_SYNTAXES[:2])] + [(uid, PROBE_TRANSFER_SYNTAXES[:2]) for uid in STORAGE_SOP_CLASSES]
+    contexts = [(model, PROBE_TRANSFER_SYNTAXES[:2])] + [
+        (uid, PROBE_TRANSFER_SYNTAXES[:2]) for uid in STORAGE_SOP_CLASSES
+    ]
     roles = [build_role(uid, scp_role=True) for uid in STORAGE_SOP_CLASSES]
     try:
         assoc = associate(target, contexts, timeout=timeout, roles=roles)
@@ -183,12 +204,18 @@ def probe_get(target: DimseTarget, *, timeout: float) -> ProbeResult:
     final = codes[-1] if codes else None
     details = [f"storage SCP role accepted for: {', '.join(scp_roles) or 'none'}"]
     if final is None:
-        return ProbeResult("C-GET", False, "the PACS aborted the C-GET without a status (it may require our AE title "
-                                     "to be registered for retrieval)", details)
+        return ProbeResult(
+            "C-GET",
+            False,
+            "the PACS aborted the C-GET without a status (it may require our AE title to be registered for retrieval)",
+            details,
+        )
     if final in (0x0000, 0xFF00, 0xA701, 0xA702, 0xC000) and scp_roles:
         return ProbeResult("C-GET", True, f"supported (answered {_hex(final)} for the probe's study)", details)
     if not scp_roles:
-        return ProbeResult("C-GET", False, "the PACS would not send instances back on our association (no SCP role accepted)", details)
+        return ProbeResult(
+            "C-GET", False, "the PACS would not send instances back on our association (no SCP role accepted)", details
+        )
     return ProbeResult("C-GET", None, f"answered {_hex(final)}", details)
 
 
@@ -208,23 +235,39 @@ def probe_storage(target: DimseTarget, *, timeout: float) -> ProbeResult:
     details = [f"{UID(uid).name}: {_syntaxes(accepted.get(uid, []))}" for uid in STORAGE_SOP_CLASSES]
     if SR_CLASS in accepted:
         return ProbeResult("Storage SCP negotiation", True, "accepts Comprehensive 3D SR (our result object)", details)
-    return ProbeResult("Storage SCP negotiation", False, "does not accept Comprehensive 3D SR: SR write-back by C-STORE "
-                                                    "will be refused", details)
+    return ProbeResult(
+        "Storage SCP negotiation",
+        False,
+        "does not accept Comprehensive 3D SR: SR write-back by C-STORE will be refused",
+        details,
+    )
 
 
 # --- the endpoint Test button ----------------------------------------------------------------
 
 
-def probe_dicom_echo(*, host: str, port: int, called_ae_title: str, calling_ae_title: str | None = None,
-                     timeout: float = DEFAULT_TIMEOUT, tls: bool = False) -> ProbeResult:
+def probe_dicom_echo(
+    *,
+    host: str,
+    port: int,
+    called_ae_title: str,
+    calling_ae_title: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    tls: bool = False,
+) -> ProbeResult:
     """One association with a C-ECHO: what a PACS administrator means by "can we reach it"."""
     ae = AE(ae_title=calling_ae_title or settings.AE_TITLE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     connected: list[bool] = []
     started = time.perf_counter()
-    assoc = ae.associate(host, port, ae_title=called_ae_title, tls_args=dicom_tls.client_tls_args(tls=tls, host=host),
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay, [connected])])
+    assoc = ae.associate(
+        host,
+        port,
+        ae_title=called_ae_title,
+        tls_args=dicom_tls.client_tls_args(tls=tls, host=host),
+        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay, [connected])],
+    )
     seconds = 0.0
 
     def answer(ok: bool, summary: str, code: str = "", reason: str = "") -> ProbeResult:
@@ -243,15 +286,24 @@ def probe_dicom_echo(*, host: str, port: int, called_ae_title: str, calling_ae_t
         seconds = time.perf_counter() - started  # before the TLS diagnosis below, which connects again
         if assoc.is_rejected and assoc.acceptor.primitive is not None:
             rsp = assoc.acceptor.primitive
-            outcome = classify_rejection(int(rsp.result), int(rsp.result_source), int(rsp.diagnostic),
-                                         peer=f"{called_ae_title}@{host}:{port}",
-                                         description=f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}")
+            outcome = classify_rejection(
+                int(rsp.result),
+                int(rsp.result_source),
+                int(rsp.diagnostic),
+                peer=f"{called_ae_title}@{host}:{port}",
+                description=f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}",
+            )
             return answer(False, "association rejected", str(outcome.code), outcome.message)
         tls_args = dicom_tls.client_tls_args(tls=tls, host=host)
         problem = dicom_tls.handshake_problem(tls_args, host, port, timeout) if tls_args and not connected else None
         if problem:
-            return answer(False, "TLS handshake failed", "", f"{problem}: check the CA file and the certificates "
-                          "on both sides (PACSLENS_DICOM_TLS_CA, PACSLENS_DICOM_TLS_CERT)")
+            return answer(
+                False,
+                "TLS handshake failed",
+                "",
+                f"{problem}: check the CA file and the certificates "
+                "on both sides (PACSLENS_DICOM_TLS_CA, PACSLENS_DICOM_TLS_CERT)",
+            )
         if not connected:
             return answer(False, "cannot connect", "", f"nothing answers on {host}:{port} (refused or timed out)")
         return answer(False, "association aborted", "", "the peer aborted or did not answer the association request")

@@ -18,16 +18,29 @@ from results.deliver.senders import http_auth
 
 def probe_qido(base_url: str, *, headers: dict, auth, timeout: float) -> ProbeResult:
     url = f"{base_url.rstrip('/')}/studies"
-    return _http_probe("QIDO-RS", "GET", url, timeout=timeout, headers={**headers, "Accept": "application/dicom+json"},
-                       auth=auth, params={"StudyInstanceUID": generate_uid(), "limit": "1"},
-                       ok_statuses={200: "answers (no match for the probe's study)", 204: "answers (no match)"})
+    return _http_probe(
+        "QIDO-RS",
+        "GET",
+        url,
+        timeout=timeout,
+        headers={**headers, "Accept": "application/dicom+json"},
+        auth=auth,
+        params={"StudyInstanceUID": generate_uid(), "limit": "1"},
+        ok_statuses={200: "answers (no match for the probe's study)", 204: "answers (no match)"},
+    )
 
 
 def probe_wado(base_url: str, *, headers: dict, auth, timeout: float) -> ProbeResult:
     url = f"{base_url.rstrip('/')}/studies/{generate_uid()}/metadata"
-    return _http_probe("WADO-RS", "GET", url, timeout=timeout, headers={**headers, "Accept": "application/dicom+json"},
-                       auth=auth, ok_statuses={404: "answers (404 for a study that does not exist, as expected)",
-                                               200: "answers", 204: "answers"})
+    return _http_probe(
+        "WADO-RS",
+        "GET",
+        url,
+        timeout=timeout,
+        headers={**headers, "Accept": "application/dicom+json"},
+        auth=auth,
+        ok_statuses={404: "answers (404 for a study that does not exist, as expected)", 200: "answers", 204: "answers"},
+    )
 
 
 def probe_stow(base_url: str, *, headers: dict, auth, timeout: float) -> ProbeResult:
@@ -42,8 +55,12 @@ def probe_stow(base_url: str, *, headers: dict, auth, timeout: float) -> ProbeRe
         return ProbeResult("STOW-RS", True, f"OPTIONS allows POST on {url}")
     if response.status_code in (401, 403):
         return ProbeResult("STOW-RS", False, f"HTTP {response.status_code}: credentials refused")
-    return ProbeResult("STOW-RS", None, f"not confirmed without storing (OPTIONS answered HTTP {response.status_code}); "
-                                   "confirm with the PACS administrator or a test delivery to a test study")
+    return ProbeResult(
+        "STOW-RS",
+        None,
+        f"not confirmed without storing (OPTIONS answered HTTP {response.status_code}); "
+        "confirm with the PACS administrator or a test delivery to a test study",
+    )
 
 
 def probe_fhir(base_url: str, *, token: str, timeout: float) -> ProbeResult:
@@ -65,12 +82,16 @@ def probe_fhir(base_url: str, *, token: str, timeout: float) -> ProbeResult:
         return ProbeResult("FHIR metadata", False, "answer is not a CapabilityStatement")
     interactions = _fhir_interactions(body)
     needed = {"Observation": ["create"], "ImagingStudy": ["update", "search-type"]}
-    missing = [f"{kind} {i}" for kind, wanted in needed.items() for i in wanted if i not in interactions.get(kind, set())]
+    missing = [
+        f"{kind} {i}" for kind, wanted in needed.items() for i in wanted if i not in interactions.get(kind, set())
+    ]
     details = [f"FHIR {body.get('fhirVersion', '?')}, software {body.get('software', {}).get('name', '?')}"]
     details += [f"{kind}: {', '.join(sorted(interactions.get(kind, set()))) or 'not listed'}" for kind in needed]
     if missing:
         return ProbeResult("FHIR metadata", None, f"answers, but does not list: {', '.join(missing)}", details)
-    return ProbeResult("FHIR metadata", True, "CapabilityStatement lists Observation create and ImagingStudy update", details)
+    return ProbeResult(
+        "FHIR metadata", True, "CapabilityStatement lists Observation create and ImagingStudy update", details
+    )
 
 
 def probe_mllp(host: str, port: int, *, timeout: float) -> ProbeResult:
@@ -99,8 +120,14 @@ def probe_destination(destination) -> ProbeResult:
     return probe_tcp(host=destination.host, port=destination.port, timeout=timeout)
 
 
-def probe_http(*, url: str, kind: str, auth: tuple[str, str] | None = None, headers: dict | None = None,
-               timeout: float = DEFAULT_TIMEOUT) -> ProbeResult:
+def probe_http(
+    *,
+    url: str,
+    kind: str,
+    auth: tuple[str, str] | None = None,
+    headers: dict | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> ProbeResult:
     """GET a cheap, authenticated resource: QIDO-RS `studies?limit=1` or FHIR `metadata`."""
     base = url.rstrip("/")
     if kind == "fhir":
@@ -135,17 +162,32 @@ def probe_tcp(*, host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> Prob
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
-        return ProbeResult("TCP connect", False, "cannot connect", reason=f"{host}:{port}: {exc.strerror or type(exc).__name__}",
-                           seconds=time.perf_counter() - started)
-    return ProbeResult("TCP connect", True, f"TCP connection to {host}:{port} accepted",
-                       seconds=time.perf_counter() - started)
+        return ProbeResult(
+            "TCP connect",
+            False,
+            "cannot connect",
+            reason=f"{host}:{port}: {exc.strerror or type(exc).__name__}",
+            seconds=time.perf_counter() - started,
+        )
+    return ProbeResult(
+        "TCP connect", True, f"TCP connection to {host}:{port} accepted", seconds=time.perf_counter() - started
+    )
 
 
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _http_probe(name: str, method: str, url: str, *, timeout: float, headers: dict, auth, ok_statuses: dict[int, str],
-                params: dict | None = None) -> ProbeResult:
+def _http_probe(
+    name: str,
+    method: str,
+    url: str,
+    *,
+    timeout: float,
+    headers: dict,
+    auth,
+    ok_statuses: dict[int, str],
+    params: dict | None = None,
+) -> ProbeResult:
     try:
         response = requests.request(method, url, headers=headers, auth=auth, params=params, timeout=timeout)
     except requests.RequestException as exc:

@@ -44,7 +44,9 @@ def staff_view(*permissions: str, superuser: bool = False) -> Callable[[ViewFunc
     return decorator
 
 
-def render_page(request: HttpRequest, template: str, context: dict, *, fragment: str, status: int = 200) -> HttpResponse:
+def render_page(
+    request: HttpRequest, template: str, context: dict, *, fragment: str, status: int = 200
+) -> HttpResponse:
     """The whole page, or only its `fragment` partial for an htmx request (NetBox's pattern)."""
     htmx = getattr(request, "htmx", None)
     if htmx and not htmx.boosted:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from django.core.paginator import Paginator
 from django.http import HttpResponse
 
-from routing.models import AuditAction, AuditEntry
 from pacslens.staff.views.access import render_page, staff_view
+from routing.models import AuditAction, AuditEntry
 
 PAGE_SIZE = 50
 
@@ -23,5 +23,12 @@ def audit_log(request) -> HttpResponse:
     page = Paginator(entries, PAGE_SIZE).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
-    context = {"nav": "audit", "page": page, "actions": AuditAction.choices, "action": action, "actor": who, "query": query.urlencode()}
+    context = {
+        "nav": "audit",
+        "page": page,
+        "actions": AuditAction.choices,
+        "action": action,
+        "actor": who,
+        "query": query.urlencode(),
+    }
     return render_page(request, "ui/audit_log.html", context, fragment="table")

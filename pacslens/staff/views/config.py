@@ -12,13 +12,14 @@ from django.http import HttpResponse
 from django.shortcuts import redirect, render
 from django_htmx.http import HttpResponseClientRedirect
 
+from pacslens.staff.views.access import actor
 from routing.models import AuditAction, AuditEntry
 from routing.models.audit import config_snapshot
-from pacslens.staff.views.access import actor
 
 
-def config_edit(request, *, form_class, instance: models.Model | None, title: str, success_url: str,
-                form_kwargs: dict | None = None) -> HttpResponse:
+def config_edit(
+    request, *, form_class, instance: models.Model | None, title: str, success_url: str, form_kwargs: dict | None = None
+) -> HttpResponse:
     """GET: the form. POST: validate; errors inline in the same form (htmx swaps only the form),
     success saves, writes the audit row and goes back to the list."""
     creating = instance is None
@@ -28,14 +29,26 @@ def config_edit(request, *, form_class, instance: models.Model | None, title: st
         with transaction.atomic():
             saved = form.save()
             AuditEntry.record(
-                actor=actor(request), action=AuditAction.CREATE if creating else AuditAction.UPDATE, obj=saved,
-                object_repr=str(saved), before=before, after=config_snapshot(saved), request=request,
+                actor=actor(request),
+                action=AuditAction.CREATE if creating else AuditAction.UPDATE,
+                obj=saved,
+                object_repr=str(saved),
+                before=before,
+                after=config_snapshot(saved),
+                request=request,
             )
         messages.success(request, f"{title} {saved} {'created' if creating else 'saved'}.")
         if request.htmx:
             return HttpResponseClientRedirect(success_url)
         return redirect(success_url)
-    context = {"form": form, "title": title, "instance": instance, "creating": creating, "cancel_url": success_url, "nav": "endpoints"}
+    context = {
+        "form": form,
+        "title": title,
+        "instance": instance,
+        "creating": creating,
+        "cancel_url": success_url,
+        "nav": "endpoints",
+    }
     template = "ui/config_form.html#form" if request.htmx else "ui/config_form.html"
     return render(request, template, context)
 
@@ -46,6 +59,11 @@ def config_toggle(request, *, obj: models.Model, field: str = "enabled") -> None
     with transaction.atomic():
         obj.save(update_fields=[field])
         AuditEntry.record(
-            actor=actor(request), action=AuditAction.ENABLE if getattr(obj, field) else AuditAction.DISABLE, obj=obj,
-            object_repr=str(obj), before=before, after=config_snapshot(obj), request=request,
+            actor=actor(request),
+            action=AuditAction.ENABLE if getattr(obj, field) else AuditAction.DISABLE,
+            obj=obj,
+            object_repr=str(obj),
+            before=before,
+            after=config_snapshot(obj),
+            request=request,
         )

@@ -19,8 +19,13 @@ from routing.models import AuditAction, AuditEntry
 @staff_view("results.view_destination", "results.change_destination", "results.add_destination")
 def destination_edit(request, pk: int | None = None) -> HttpResponse:
     instance = get_object_or_404(Destination, pk=pk) if pk else None
-    return config_edit(request, form_class=DestinationForm, instance=instance, title="Destination",
-                       success_url=reverse("endpoint_list"))
+    return config_edit(
+        request,
+        form_class=DestinationForm,
+        instance=instance,
+        title="Destination",
+        success_url=reverse("endpoint_list"),
+    )
 
 
 @staff_view("results.change_destination")
@@ -41,7 +46,13 @@ def destination_test(request, pk: int) -> HttpResponse:
         problem = f"Fix the configuration first: {'; '.join(getattr(exc, 'messages', [str(exc)]))}"
     if not problem:
         result = probe_destination(destination)
-    AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=destination, object_repr=str(destination),
-                      detail=result.audit_text() if result else problem, request=request)
+    AuditEntry.record(
+        actor=actor(request),
+        action=AuditAction.TEST,
+        obj=destination,
+        object_repr=str(destination),
+        detail=result.audit_text() if result else problem,
+        request=request,
+    )
     what = {"dicom": "C-ECHO", "hl7": "MLLP connect"}.get(destination.kind, "HTTP probe")
     return render(request, "endpoints/probe.html", {"result": result, "problem": problem, "what": what})

@@ -34,7 +34,9 @@ def endpoint_list(request) -> HttpResponse:
     context = {
         "nav": "endpoints",
         "entities": ApplicationEntity.objects.all() if user.has_perm("routing.view_applicationentity") else None,
-        "destinations": Destination.objects.select_related("application_entity") if user.has_perm("results.view_destination") else None,
+        "destinations": Destination.objects.select_related("application_entity")
+        if user.has_perm("results.view_destination")
+        else None,
         "poll_sources": PollSource.objects.select_related("pacs") if user.has_perm("routing.view_pollsource") else None,
         "stow_senders": StowSender.objects.all() if user.has_perm("routing.view_stowsender") else None,
     }
@@ -44,8 +46,13 @@ def endpoint_list(request) -> HttpResponse:
 @staff_view("routing.view_applicationentity", "routing.change_applicationentity", "routing.add_applicationentity")
 def ae_edit(request, pk: int | None = None) -> HttpResponse:
     instance = get_object_or_404(ApplicationEntity, pk=pk) if pk else None
-    return config_edit(request, form_class=ApplicationEntityForm, instance=instance, title="AE title",
-                       success_url=reverse("endpoint_list"))
+    return config_edit(
+        request,
+        form_class=ApplicationEntityForm,
+        instance=instance,
+        title="AE title",
+        success_url=reverse("endpoint_list"),
+    )
 
 
 @staff_view("routing.change_applicationentity")
@@ -66,8 +73,14 @@ def ae_test(request, pk: int) -> HttpResponse:
     else:
         result = probe_dicom_echo(host=entity.host, port=entity.port, called_ae_title=entity.ae_title, tls=entity.tls)
         problem = ""
-    AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=entity, object_repr=str(entity),
-                      detail=result.audit_text() if result else problem, request=request)
+    AuditEntry.record(
+        actor=actor(request),
+        action=AuditAction.TEST,
+        obj=entity,
+        object_repr=str(entity),
+        detail=result.audit_text() if result else problem,
+        request=request,
+    )
     return render(request, "endpoints/probe.html", {"result": result, "problem": problem, "what": "C-ECHO"})
 
 
@@ -82,16 +95,23 @@ def ae_assess(request, pk: int) -> HttpResponse:
     """The integration assessment of `manage.py assess`, inline: what this node supports, nothing stored in it."""
     entity = get_object_or_404(ApplicationEntity, pk=pk)
     report = node_assess(node=entity.ae_title, timeout=ASSESS_PROBE_TIMEOUT)
-    AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=entity, object_repr=str(entity),
-                      detail="integration assessment", request=request)
+    AuditEntry.record(
+        actor=actor(request),
+        action=AuditAction.TEST,
+        obj=entity,
+        object_repr=str(entity),
+        detail="integration assessment",
+        request=request,
+    )
     return render(request, "endpoints/assessment.html", {"report": report.as_text()})
 
 
 @staff_view("routing.view_pollsource", "routing.change_pollsource", "routing.add_pollsource")
 def poll_source_edit(request, pk: int | None = None) -> HttpResponse:
     instance = get_object_or_404(PollSource, pk=pk) if pk else None
-    return config_edit(request, form_class=PollSourceForm, instance=instance, title="Poll source",
-                       success_url=reverse("endpoint_list"))
+    return config_edit(
+        request, form_class=PollSourceForm, instance=instance, title="Poll source", success_url=reverse("endpoint_list")
+    )
 
 
 @staff_view("routing.change_pollsource")
@@ -117,6 +137,12 @@ def poll_source_test(request, pk: int) -> HttpResponse:
         token = os.environ.get(source.dicomweb_token_env, "") if source.dicomweb_token_env else ""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         result = probe_http(url=source.dicomweb_url, kind="dicomweb", headers=headers)
-    AuditEntry.record(actor=actor(request), action=AuditAction.TEST, obj=source, object_repr=str(source),
-                      detail=result.audit_text() if result else problem, request=request)
+    AuditEntry.record(
+        actor=actor(request),
+        action=AuditAction.TEST,
+        obj=source,
+        object_repr=str(source),
+        detail=result.audit_text() if result else problem,
+        request=request,
+    )
     return render(request, "endpoints/probe.html", {"result": result, "problem": problem, "what": "Test"})

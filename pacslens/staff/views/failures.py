@@ -47,8 +47,14 @@ def failure_retry(request) -> HttpResponse:
     ids = list(rows.values_list("pk", flat=True))
     count = delivery_retry(deliveries=Delivery.objects.filter(pk__in=ids), actor=actor(request)) if ids else 0
     for delivery in Delivery.objects.filter(pk__in=ids).select_related("destination"):
-        AuditEntry.record(actor=actor(request), action=AuditAction.RETRY, obj=delivery,
-                          object_repr=f"to {delivery.destination.name}", detail=f"retry {scope}", request=request)
+        AuditEntry.record(
+            actor=actor(request),
+            action=AuditAction.RETRY,
+            obj=delivery,
+            object_repr=f"to {delivery.destination.name}",
+            detail=f"retry {scope}",
+            request=request,
+        )
     state = _queue_state(post, add_watch=ids)
     if request.htmx:
         response = _render_queue(request, state)
@@ -64,16 +70,26 @@ def failure_discard(request, pk: int) -> HttpResponse:
     form = DiscardForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         if delivery_discard(delivery=delivery, actor=actor(request), reason=form.cleaned_data["reason"]):
-            AuditEntry.record(actor=actor(request), action=AuditAction.DISCARD, obj=delivery,
-                              object_repr=f"to {delivery.destination.name}", detail=f"reason: {form.cleaned_data['reason']}",
-                              request=request)
+            AuditEntry.record(
+                actor=actor(request),
+                action=AuditAction.DISCARD,
+                obj=delivery,
+                object_repr=f"to {delivery.destination.name}",
+                detail=f"reason: {form.cleaned_data['reason']}",
+                request=request,
+            )
         state = _queue_state(request.POST)
         if request.htmx:
             response = _render_queue(request, state)
             response["HX-Retarget"], response["HX-Reswap"] = "#failure-table", "outerHTML"
             return response
         return redirect(f"{reverse('failure_queue')}?{state.urlencode()}")
-    context = {"delivery": delivery, "form": form, "state": _queue_state(request.POST or request.GET), "nav": "failures"}
+    context = {
+        "delivery": delivery,
+        "form": form,
+        "state": _queue_state(request.POST or request.GET),
+        "nav": "failures",
+    }
     return render(request, "failures/discard.html#form" if request.htmx else "failures/discard.html", context)
 
 
@@ -95,12 +111,27 @@ def _render_queue(request, params: QueryDict) -> HttpResponse:
     in_progress = any(r.state in (DeliveryState.PENDING, DeliveryState.IN_FLIGHT) for r in rows if r.pk in watch)
     destination = Destination.objects.filter(pk=destination_id).first() if destination_id.isdigit() else None
     context = {
-        "nav": "failures", "rows": rows, "destinations": Destination.objects.all(), "error_classes": ErrorClass.choices,
-        "destination": destination, "error_class": error_class, "watch": ",".join(map(str, sorted(watch))),
-        "polling": in_progress, "poll_seconds": POLL_SECONDS,
+        "nav": "failures",
+        "rows": rows,
+        "destinations": Destination.objects.all(),
+        "error_classes": ErrorClass.choices,
+        "destination": destination,
+        "error_class": error_class,
+        "watch": ",".join(map(str, sorted(watch))),
+        "polling": in_progress,
+        "poll_seconds": POLL_SECONDS,
         "failed_count": sum(1 for r in rows if r.state == DeliveryState.FAILED),
-        "query": urlencode({k: v for k, v in {"destination": destination_id, "error_class": error_class,
-                                             "watch": ",".join(map(str, sorted(watch)))}.items() if v}),
+        "query": urlencode(
+            {
+                k: v
+                for k, v in {
+                    "destination": destination_id,
+                    "error_class": error_class,
+                    "watch": ",".join(map(str, sorted(watch))),
+                }.items()
+                if v
+            }
+        ),
         "failed_studies": Study.objects.filter(state=StudyState.FAILED).order_by("-state_changed_at")[:50],
     }
     return render_page(request, "failures/queue.html", context, fragment="table")

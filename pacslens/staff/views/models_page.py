@@ -7,8 +7,8 @@ import json
 from django.db.models import Count
 from django.http import HttpResponse
 
-from results.models import AIModel
 from pacslens.staff.views.access import render_page, staff_view
+from results.models import AIModel
 
 
 @staff_view("results.view_aimodel")

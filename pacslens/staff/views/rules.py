@@ -43,8 +43,15 @@ def rule_edit(request, pk: int | None = None) -> HttpResponse:
             saved = form.save()
             formset.instance = saved
             formset.save()
-            AuditEntry.record(actor=actor(request), action=AuditAction.CREATE if creating else AuditAction.UPDATE, obj=saved,
-                              object_repr=saved.name, before=before, after=rule_snapshot(saved), request=request)
+            AuditEntry.record(
+                actor=actor(request),
+                action=AuditAction.CREATE if creating else AuditAction.UPDATE,
+                obj=saved,
+                object_repr=saved.name,
+                before=before,
+                after=rule_snapshot(saved),
+                request=request,
+            )
         messages.success(request, f"Rule {saved.name} saved.")
         if request.htmx:
             return HttpResponseClientRedirect(reverse("rule_list"))
@@ -76,8 +83,15 @@ def rule_move(request, pk: int) -> HttpResponse:
             for number, rule in enumerate(rules, start=1):
                 if rule.position != number * POSITION_STEP:
                     RoutingRule.objects.filter(pk=rule.pk).update(position=number * POSITION_STEP)
-            AuditEntry.record(actor=actor(request), action=AuditAction.REORDER, obj=rules[other], object_repr=rules[other].name,
-                              before={"order": before}, after={"order": [r.name for r in rules]}, request=request)
+            AuditEntry.record(
+                actor=actor(request),
+                action=AuditAction.REORDER,
+                obj=rules[other],
+                object_repr=rules[other].name,
+                before={"order": before},
+                after={"order": [r.name for r in rules]},
+                request=request,
+            )
     return _list_or_redirect(request)
 
 

@@ -16,8 +16,12 @@ from routing.models import Study, StudyState
 PAGE_SIZE = 25
 # States in which the study page keeps refreshing itself: something is still going to happen.
 WORKING_STATES = {
-    StudyState.RECEIVING, StudyState.COMPLETE, StudyState.ROUTED, StudyState.INFERRING,
-    StudyState.INFERRED, StudyState.DELIVERING,
+    StudyState.RECEIVING,
+    StudyState.COMPLETE,
+    StudyState.ROUTED,
+    StudyState.INFERRING,
+    StudyState.INFERRED,
+    StudyState.DELIVERING,
 }
 
 
@@ -32,8 +36,13 @@ def study_list(request) -> HttpResponse:
     without_sort = query.copy()
     without_sort.pop("sort", None)
     context = {
-        "nav": "studies", "form": form, "page": page, "query": query.urlencode(), "sort": sort,
-        "sort_query": without_sort.urlencode(), "flagged_ids": _flagged_ids([s.pk for s in page]),
+        "nav": "studies",
+        "form": form,
+        "page": page,
+        "query": query.urlencode(),
+        "sort": sort,
+        "sort_query": without_sort.urlencode(),
+        "flagged_ids": _flagged_ids([s.pk for s in page]),
     }
     return render_page(request, "studies/list.html", context, fragment="table")
 
@@ -57,11 +66,15 @@ def study_story(study: Study) -> dict:
     results = list(study.inference_results.select_related("model", "supersedes").order_by("-created_at", "-id"))
     superseded = {r.supersedes_id for r in results if r.supersedes_id}
     deliveries = list(
-        Delivery.objects.filter(study=study).select_related("destination", "result").prefetch_related("attempt_log").order_by("created_at", "id")
+        Delivery.objects.filter(study=study)
+        .select_related("destination", "result")
+        .prefetch_related("attempt_log")
+        .order_by("created_at", "id")
     )
     for delivery in deliveries:
         delivery.attempt_rows = [
-            {"attempt": a, "took": duration_text((a.ended_at - a.started_at).total_seconds())} for a in delivery.attempt_log.all()
+            {"attempt": a, "took": duration_text((a.ended_at - a.started_at).total_seconds())}
+            for a in delivery.attempt_log.all()
         ]
     return {
         "timeline": timeline,
@@ -76,7 +89,9 @@ def study_story(study: Study) -> dict:
 
 def _flagged_ids(study_ids: list[int]) -> set[int]:
     return set(
-        InferenceResult.objects.current().filter(study_id__in=study_ids, flagged=True).values_list("study_id", flat=True)
+        InferenceResult.objects.current()
+        .filter(study_id__in=study_ids, flagged=True)
+        .values_list("study_id", flat=True)
     )
 
 

@@ -22,7 +22,10 @@ def study_rerun_view(request, pk: int) -> HttpResponse:
         AuditEntry.record(actor=actor(request), action=AuditAction.RERUN, obj=study, request=request)
         text, level = "Inference will run again; the new result will supersede the current one.", messages.SUCCESS
     else:
-        text, level = f"The study is {study.get_state_display().lower()}: wait until the pipeline is done with it.", messages.WARNING
+        text, level = (
+            f"The study is {study.get_state_display().lower()}: wait until the pipeline is done with it.",
+            messages.WARNING,
+        )
     return _answer(request, study, text, level)
 
 
@@ -32,11 +35,18 @@ def study_redeliver(request, pk: int) -> HttpResponse:
     """Send the study's current results again, to every destination, with the same idempotency keys."""
     study = get_object_or_404(Study, pk=pk)
     count, ids = ledger.study_redeliver(study=study, actor=actor(request))
-    AuditEntry.record(actor=actor(request), action=AuditAction.RETRY, obj=study,
-                      detail=f"re-deliver study: {count} of {len(ids)} deliveries queued", request=request)
+    AuditEntry.record(
+        actor=actor(request),
+        action=AuditAction.RETRY,
+        obj=study,
+        detail=f"re-deliver study: {count} of {len(ids)} deliveries queued",
+        request=request,
+    )
     if count:
         return _answer(request, study, f"{count} deliver{'y' if count == 1 else 'ies'} queued again.", messages.SUCCESS)
-    return _answer(request, study, "Nothing to re-deliver: no delivered or failed delivery of a current result.", messages.WARNING)
+    return _answer(
+        request, study, "Nothing to re-deliver: no delivered or failed delivery of a current result.", messages.WARNING
+    )
 
 
 def _answer(request, study: Study, text: str, level: int) -> HttpResponse:

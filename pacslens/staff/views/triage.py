@@ -13,14 +13,25 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.utils import timezone
 
 from pacslens.staff.forms import TriageFilterForm
+from pacslens.staff.views.access import actor, render_page, staff_view
 from results.models import InferenceResult
 from routing.models import AuditAction, AuditEntry
-from pacslens.staff.views.access import actor, render_page, staff_view
 
 PAGE_SIZE = 50
 CSV_COLUMNS = [
-    "result_id", "created_at", "model", "model_version", "model_sha256", "status", "score", "flagged", "label",
-    "study_id", "accession_number", "supersedes", "superseded_by",
+    "result_id",
+    "created_at",
+    "model",
+    "model_version",
+    "model_sha256",
+    "status",
+    "score",
+    "flagged",
+    "label",
+    "study_id",
+    "accession_number",
+    "supersedes",
+    "superseded_by",
 ]
 
 
@@ -41,9 +52,15 @@ def triage_audit(request) -> HttpResponse:
 def triage_audit_csv(request) -> StreamingHttpResponse:
     form = TriageFilterForm(request.GET)
     results = form.filter(_results())
-    AuditEntry.record(actor=actor(request), action=AuditAction.EXPORT_AUDIT, detail=f"{form.describe()}; {results.count()} rows",
-                      request=request)
-    response = StreamingHttpResponse(_csv_rows(results.iterator(chunk_size=500)), content_type="text/csv; charset=utf-8")
+    AuditEntry.record(
+        actor=actor(request),
+        action=AuditAction.EXPORT_AUDIT,
+        detail=f"{form.describe()}; {results.count()} rows",
+        request=request,
+    )
+    response = StreamingHttpResponse(
+        _csv_rows(results.iterator(chunk_size=500)), content_type="text/csv; charset=utf-8"
+    )
     stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
     response["Content-Disposition"] = f'attachment; filename="triage-audit-{stamp}.csv"'
     return response
@@ -63,12 +80,23 @@ def _csv_rows(results):
     yield writer.writerow(CSV_COLUMNS)
     for r in results:
         superseded_by = getattr(r, "superseded_by", None)
-        yield writer.writerow([
-            r.pk, r.created_at.isoformat(), r.model_name, r.model_version, r.model_sha256, r.status,
-            "" if r.score is None else f"{r.score:.6f}", "" if r.flagged is None else ("yes" if r.flagged else "no"),
-            r.label, r.study_id, _csv_safe(r.study.accession_number), r.supersedes_id or "",
-            superseded_by.pk if superseded_by else "",
-        ])
+        yield writer.writerow(
+            [
+                r.pk,
+                r.created_at.isoformat(),
+                r.model_name,
+                r.model_version,
+                r.model_sha256,
+                r.status,
+                "" if r.score is None else f"{r.score:.6f}",
+                "" if r.flagged is None else ("yes" if r.flagged else "no"),
+                r.label,
+                r.study_id,
+                _csv_safe(r.study.accession_number),
+                r.supersedes_id or "",
+                superseded_by.pk if superseded_by else "",
+            ]
+        )
 
 
 def _csv_safe(value: str) -> str:

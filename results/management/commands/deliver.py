@@ -39,9 +39,13 @@ class Command(BaseCommand):
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not Delivery.objects.filter(pk__in=ids, state__in=[DeliveryState.PENDING, DeliveryState.IN_FLIGHT]).exists():
+            if not Delivery.objects.filter(
+                pk__in=ids, state__in=[DeliveryState.PENDING, DeliveryState.IN_FLIGHT]
+            ).exists():
                 break
             time.sleep(0.5)
         for row in Delivery.objects.filter(pk__in=ids).select_related("destination").order_by("pk"):
             error = f"  {row.last_error}" if row.state != DeliveryState.DELIVERED and row.last_error else ""
-            self.stdout.write(f"{row.destination.name:<20} {row.state:<10} attempts {row.attempts}  key {row.idempotency_key}{error}")
+            self.stdout.write(
+                f"{row.destination.name:<20} {row.state:<10} attempts {row.attempts}  key {row.idempotency_key}{error}"
+            )

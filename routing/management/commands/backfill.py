@@ -41,8 +41,13 @@ class Command(BaseCommand):
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             progress = backfill_run(
-                source=source, date_from=date_from, date_to=date_to, modality=options["modality"].upper(),
-                dry_run=options["dry_run"], should_stop=lambda: self.shutdown, report=self._report,
+                source=source,
+                date_from=date_from,
+                date_to=date_to,
+                modality=options["modality"].upper(),
+                dry_run=options["dry_run"],
+                should_stop=lambda: self.shutdown,
+                report=self._report,
             )
         finally:
             for sig, handler in previous.items():
@@ -55,8 +60,10 @@ class Command(BaseCommand):
 
     def _report(self, progress: BackfillProgress) -> None:
         done = int(BAR_WIDTH * progress.days_done / max(progress.days_total, 1))
-        line = (f"[{'#' * done}{'.' * (BAR_WIDTH - done)}] {progress.days_done}/{progress.days_total} days, "
-                f"{progress.studies_found} found, {progress.retrieved} retrieved, {progress.failed} failed")
+        line = (
+            f"[{'#' * done}{'.' * (BAR_WIDTH - done)}] {progress.days_done}/{progress.days_total} days, "
+            f"{progress.studies_found} found, {progress.retrieved} retrieved, {progress.failed} failed"
+        )
         if sys.stderr.isatty():
             self.stderr.write("\r" + line, ending="")
         else:
@@ -74,8 +81,10 @@ class Command(BaseCommand):
         if not dry_run:
             pending = pending_for(source)
             if pending:
-                self.stdout.write(f"{pending} retrieve(s) of this source are waiting for a retry (the scheduled polls "
-                                  "retry them; see their last error in the study retrieves).")
+                self.stdout.write(
+                    f"{pending} retrieve(s) of this source are waiting for a retry (the scheduled polls "
+                    "retry them; see their last error in the study retrieves)."
+                )
         if progress.error:
             raise CommandError(f"stopped: {progress.error}. Fix it and run the same command again to resume.")
         if progress.interrupted:

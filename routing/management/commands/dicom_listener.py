@@ -48,7 +48,9 @@ class Command(BaseCommand):
         if settings.DICOM_TLS_MODE != "off":
             dicom_tls.server_context()  # a bad certificate or key fails here, not in every child
         ports = ", ".join(f"{number}{' (TLS)' if uses_tls else ''}" for number, uses_tls in endpoints)
-        self.stdout.write(f"DICOM listener {settings.AE_TITLE} on {settings.DICOM_HOST}:{ports}, {processes} process(es)")
+        self.stdout.write(
+            f"DICOM listener {settings.AE_TITLE} on {settings.DICOM_HOST}:{ports}, {processes} process(es)"
+        )
         if processes == 1:
             self.serve(port)
             return
@@ -133,7 +135,9 @@ def listening_socket_bind(host: str, port: int) -> socket.socket:
     Non-blocking: when several processes wake for one connection, those that lose the race
     get BlockingIOError from accept() (socketserver ignores it) instead of blocking in it.
     """
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+        0
+    ]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

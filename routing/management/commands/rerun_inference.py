@@ -21,7 +21,5 @@ class Command(BaseCommand):
         if study is None:
             raise CommandError(f"no study with Study Instance UID {study_uid}")
         if not study_request_rerun(study=study, actor=f"{getpass.getuser()} (command line)"):
-            raise CommandError(
-                f"study {study.pk} is {study.state}; a re-run starts from {', '.join(RERUNNABLE)} only"
-            )
+            raise CommandError(f"study {study.pk} is {study.state}; a re-run starts from {', '.join(RERUNNABLE)} only")
         self.stdout.write(f"study {study.pk} queued for routing and inference (workers pick it up)")
