@@ -13,6 +13,7 @@ several listeners.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -47,10 +48,16 @@ def study_completion_reason(*, study: Study, now: datetime) -> str | None:
     associations = list(StoreAssociation.objects.filter(pk__in=association_ids))
     if not associations or any(a.ended_at is None for a in associations):
         return None
-    last = max(associations, key=lambda a: a.ended_at)
+    last = max(associations, key=_ended_at)
     if not last.released_normally:
         return None  # an aborted association may be resent: wait for the quiet period
     return f"association released by {last.calling_ae_title}, nothing else delivering"
+
+
+def _ended_at(association: StoreAssociation) -> datetime:
+    """The sort key above: study_completion_reason checks first that every association has ended."""
+    assert association.ended_at is not None
+    return association.ended_at
 
 
 def study_try_complete(*, study: Study, now: datetime | None = None) -> bool:
@@ -66,7 +73,7 @@ def study_try_complete(*, study: Study, now: datetime | None = None) -> bool:
 
 
 def study_complete(
-    *, study: Study, detail: str, where: Q | None = None, from_states: list[str] | None = None, kind: str = ""
+    *, study: Study, detail: str, where: Q | None = None, from_states: Sequence[str] | None = None, kind: str = ""
 ) -> bool:
     """→ COMPLETE and enqueue its routing (which then wakes inference) once the transaction commits.
 

@@ -161,7 +161,8 @@ def studies_route_lost(*, idle: timedelta) -> int:
 def rule_evaluate(*, rule: RoutingRule, context: StudyContext) -> RuleVerdict:
     conditions = list(rule.conditions.all())
     best: RuleVerdict | None = None
-    for series in context.series or [None]:
+    candidates: list[Series | None] = [*context.series] or [None]
+    for series in candidates:
         verdicts = [condition_evaluate(condition=c, seen=context.values(c.attribute, series)) for c in conditions]
         uid = series.series_instance_uid if series else None
         verdict = RuleVerdict(

@@ -6,6 +6,7 @@ writes the StudyEvent, so two workers can never both move a study and the timeli
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -76,7 +77,7 @@ class Priority(models.IntegerChoices):
     ROUTINE = 5, "Routine"
 
 
-class StudyManager(models.Manager):
+class StudyManager(models.Manager["Study"]):
     def by_uid_or_pk(self, value: str) -> Study | None:
         """The study with this Study Instance UID, else with this internal id (what commands accept)."""
         study = self.filter(study_instance_uid=value).first()
@@ -121,7 +122,7 @@ class Study(models.Model):
         self,
         to_state: str,
         *,
-        from_states: list[str] | None = None,
+        from_states: Sequence[str] | None = None,
         detail: str = "",
         kind: str = "",
         where: Q | None = None,

@@ -130,7 +130,7 @@ class PollSource(models.Model):
     @property
     def label(self) -> str:
         """What we record as the calling AE title of what this source delivers (max 16 chars)."""
-        if self.kind == self.Kind.DIMSE and self.pacs_id:
+        if self.kind == self.Kind.DIMSE and self.pacs is not None:
             return self.pacs.ae_title
         return self.name[:16].upper()
 

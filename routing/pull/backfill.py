@@ -72,7 +72,7 @@ def backfill_run(
             progress.error = f"{day:%Y-%m-%d}: {exc}"
             break
         progress.studies_found += len(found)
-        if not dry_run:
+        if record is not None:  # not a dry run
             poll = Poll.objects.create(
                 source=source,
                 kind="backfill",

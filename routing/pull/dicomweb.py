@@ -11,6 +11,7 @@ import logging
 import os
 import uuid
 from datetime import date
+from typing import Literal
 from urllib.parse import urlsplit
 
 import requests
@@ -144,7 +145,7 @@ class _http_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc is None or isinstance(exc, PullError):
             return False
         if isinstance(exc, requests.HTTPError) and exc.response is not None:

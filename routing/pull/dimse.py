@@ -10,21 +10,24 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from django.conf import settings
 from django.db import connection
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, build_role, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at run time
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from routing.models import PollSource
+from routing.models import ApplicationEntity, PollSource
 from routing.pull.types import (
     FoundStudy,
     PullError,
@@ -34,6 +37,9 @@ from routing.pull.types import (
 from routing.receive import dicom_tls
 from routing.receive.listener import TRANSFER_SYNTAXES
 from routing.store.spool import incoming_dir, instance_store
+
+if TYPE_CHECKING:
+    from pynetdicom.pdu_primitives import _UI
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ def query_studies(
     for keyword, value in (source.extra_filters or {}).items():
         setattr(identifier, keyword, value)
 
+    pacs = _pacs(source)
     assoc = _associate(source, [StudyRootQueryRetrieveInformationModelFind])
     found: list[FoundStudy] = []
     try:
@@ -75,18 +82,18 @@ def query_studies(
             code = _status_code(status)
             if code is None:
                 raise PullError(
-                    f"C-FIND to {source.pacs.ae_title}: no response (aborted or timed out); check that "
+                    f"C-FIND to {pacs.ae_title}: no response (aborted or timed out); check that "
                     f"the PACS lists our AE title {settings.AE_TITLE} as allowed to query"
                 )
             if code in (0xFF00, 0xFF01) and answer is not None:
                 found.append(_found(answer))
                 if len(found) > MAX_MATCHES:
                     raise PullError(
-                        f"C-FIND to {source.pacs.ae_title}: more than {MAX_MATCHES} matches; "
+                        f"C-FIND to {pacs.ae_title}: more than {MAX_MATCHES} matches; "
                         "narrow the look-back window or the filters"
                     )
             elif code != 0x0000:
-                raise PullError(f"C-FIND to {source.pacs.ae_title} failed: {_describe(code)}", status=code)
+                raise PullError(f"C-FIND to {pacs.ae_title} failed: {_describe(code)}", status=code)
     finally:
         _close(assoc)
     # Matching on ModalitiesInStudy is optional for a PACS: check it ourselves too.
@@ -120,7 +127,8 @@ def _c_get(source: PollSource, study_instance_uid: str, *, association_id: int |
     handlers = [(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_CLOSE, receiver.handle_close)]
     contexts = [StudyRootQueryRetrieveInformationModelGet]
     # 128 presentation contexts at most per association: the query model plus the storage classes.
-    storage = [cx.abstract_syntax for cx in StoragePresentationContexts][: 127 - len(contexts)]
+    storage = [cx.abstract_syntax for cx in StoragePresentationContexts if cx.abstract_syntax is not None]
+    storage = storage[: 127 - len(contexts)]
     assoc = _associate(source, contexts, storage=storage, handlers=handlers)
     try:
         last: tuple[int | None, Dataset | None] = (None, None)
@@ -148,15 +156,16 @@ class _GetReceiver:
     """C-STORE sub-operations of a C-GET arrive on our own association: hand them to ingest."""
 
     def __init__(self, source: PollSource, association_id: int | None) -> None:
-        self.calling_ae_title = source.pacs.ae_title
-        self.sender_id = source.pacs_id if source.pacs.may_send else None
+        pacs = _pacs(source)
+        self.calling_ae_title = pacs.ae_title
+        self.sender_id = source.pacs_id if pacs.may_send else None
         self.association_id = association_id
         self.refused = 0
         self.last_refusal = 0
 
     def handle_store(self, event: evt.Event) -> int:
         temp_path = _temp_file(event)
-        request = event.request
+        request = cast(C_STORE, event.request)  # EVT_C_STORE carries the C-STORE request
         result = instance_store(
             temp_path=temp_path,
             request_sop_class_uid=str(request.AffectedSOPClassUID),
@@ -195,11 +204,12 @@ def _retrieve_identifier(study_instance_uid: str) -> Dataset:
 
 
 def _outcome(service: str, source: PollSource, code: int | None, status: Dataset | None) -> RetrieveOutcome:
+    pacs = _pacs(source)
     if code is None or status is None:
         return RetrieveOutcome(
             ok=False,
             status=None,
-            error=f"{service} from {source.pacs.ae_title}: no final response (association aborted or timed out)",
+            error=f"{service} from {pacs.ae_title}: no final response (association aborted or timed out)",
         )
     completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
     failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
@@ -207,7 +217,7 @@ def _outcome(service: str, source: PollSource, code: int | None, status: Dataset
     if code == 0x0000 and failed == 0:
         return RetrieveOutcome(ok=True, status=code, completed=completed, failed=failed, warning=warning)
     error = (
-        f"{service} from {source.pacs.ae_title}: {_describe(code)} (completed {completed}, failed {failed}, "
+        f"{service} from {pacs.ae_title}: {_describe(code)} (completed {completed}, failed {failed}, "
         f"warning {warning})"
     )
     if failed and code in (0xB000, 0xA702, 0xC000):
@@ -228,8 +238,8 @@ def _outcome(service: str, source: PollSource, code: int | None, status: Dataset
     )
 
 
-def _associate(source: PollSource, models: list, *, storage: list[str] | None = None, handlers=None):
-    pacs = source.pacs
+def _associate(source: PollSource, models: list, *, storage: Sequence[str] | None = None, handlers=None):
+    pacs = _pacs(source)
     if not pacs.host or not pacs.port:
         raise PullError(f"{pacs.ae_title} has no host/port configured")
     # Identifiers (patient names and IDs) must never reach our logs.
@@ -242,7 +252,7 @@ def _associate(source: PollSource, models: list, *, storage: list[str] | None = 
     ae.connection_timeout = settings.DICOM_ACSE_TIMEOUT
     for model in models:
         ae.add_requested_context(model)
-    roles = []
+    roles: list[_UI] = []
     for sop_class in storage or []:
         ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
         roles.append(build_role(sop_class, scp_role=True))
@@ -265,6 +275,12 @@ def _associate(source: PollSource, models: list, *, storage: list[str] | None = 
             permanent=True,
         )
     raise PullError(f"cannot reach {where}: connection refused, aborted or timed out")
+
+
+def _pacs(source: PollSource) -> ApplicationEntity:
+    """The PACS a DIMSE source talks to: PollSource.clean() requires one for the DIMSE kind."""
+    assert source.pacs is not None
+    return source.pacs
 
 
 def _close(assoc) -> None:

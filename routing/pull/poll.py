@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta
+from typing import cast
 
 from django.conf import settings
 from django.db import close_old_connections, connection
@@ -109,7 +110,7 @@ def source_claim(*, source_id: int, now: datetime | None = None) -> PollSource |
         return None
     if source.last_query_at and now - source.last_query_at < timedelta(seconds=source.min_query_spacing_seconds):
         return None
-    lease = timedelta(seconds=settings.Q_CLUSTER["timeout"])  # a killed task's lease expires with it
+    lease = timedelta(seconds=cast(int, settings.Q_CLUSTER["timeout"]))  # a killed task's lease expires with it
     updated = (
         PollSource.objects.filter(pk=source_id, last_query_at=source.last_query_at)
         .filter(Q(lease_until=None) | Q(lease_until__lt=now))
@@ -260,7 +261,7 @@ def retrieve(*, record: StudyRetrieve, source: PollSource) -> RetrieveOutcome:
         association = StoreAssociation.objects.create(
             calling_ae_title=source.label,
             called_ae_title=settings.AE_TITLE,
-            peer_address=source.pacs.host if source.pacs_id else source.dicomweb_url[:64],
+            peer_address=source.pacs.host if source.pacs is not None else source.dicomweb_url[:64],
             listener=f"pull:retrieve:{record.pk}",
         )
     try:
@@ -333,7 +334,7 @@ def _protocol(source: PollSource):
 
 
 def _retrieve_claim(record: StudyRetrieve, *, now: datetime) -> bool:
-    lease = now + timedelta(seconds=settings.Q_CLUSTER["timeout"])
+    lease = now + timedelta(seconds=cast(int, settings.Q_CLUSTER["timeout"]))
     updated = (
         StudyRetrieve.objects.filter(pk=record.pk, attempts=record.attempts)
         .filter(Q(state=StudyRetrieve.State.PENDING) | Q(state=StudyRetrieve.State.RETRIEVING, lease_until__lt=now))

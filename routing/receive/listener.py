@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import pynetdicom.dimse_messages
 from django.conf import settings
@@ -26,7 +27,9 @@ from django.utils import timezone
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at run time
 from pynetdicom.transport import ThreadedAssociationServer
 
 from routing.models import ApplicationEntity, StoreAssociation
@@ -92,10 +95,12 @@ class ReusePortServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         if self._listening_socket is not None:
+            assert self.socket is not None  # TCPServer made it before calling server_bind
             self.socket.close()  # the one TCPServer made for us
             self.socket = self._listening_socket
             self.server_address = self.socket.getsockname()
             return
+        assert self.socket is not None  # TCPServer made it before calling server_bind
         if hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
@@ -107,6 +112,7 @@ class ReusePortServer(ThreadedAssociationServer):
     def server_close(self) -> None:
         if self._listening_socket is not None:
             # No shutdown(): on a socket shared with other processes it stops them accepting too.
+            assert self.socket is not None  # server_bind set it
             self.socket.close()
             return
         super().server_close()
@@ -116,6 +122,7 @@ class ReusePortServer(ThreadedAssociationServer):
         # first: accept() then raises BlockingIOError, which socketserver ignores).
         if self._listening_socket is not None:
             self._accept_defer()
+        assert self.socket is not None  # bound (or handed to us) at construction
         client_socket, address = self.socket.accept()
         if self._listening_socket is not None:
             self._recent_accepts.append(time.monotonic())
@@ -202,7 +209,7 @@ class DicomListener:
         _config.STORE_RECV_CHUNKED_DATASET = True
         # Only pynetdicom's receive files go there: setting tempfile.tempdir instead redirected
         # every temporary file of the process (in tests, into another test's deleted data dir).
-        pynetdicom.dimse_messages.NamedTemporaryFile = functools.partial(
+        pynetdicom.dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]  # a NamedTemporaryFile with our dir
             tempfile.NamedTemporaryFile, dir=str(incoming_dir())
         )
         # Identifiers (patient names and IDs) must never reach our logs.
@@ -224,8 +231,9 @@ class DicomListener:
         ae.require_called_aet = True
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
-        handlers = [
+            if context.abstract_syntax is not None:  # always set on pynetdicom's storage contexts
+                ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
@@ -235,13 +243,15 @@ class DicomListener:
         ]
         tls_context = dicom_tls.server_context() if self.tls_mode != "off" else None
         for index, (port, uses_tls) in enumerate(self.endpoints()):
-            extra = {"listening_socket": self.listening_sockets[index]} if self.listening_sockets else {}
-            server = ae.make_server(
-                (self.host, port),
-                evt_handlers=handlers,
-                server_class=ReusePortServer,
-                ssl_context=tls_context if uses_tls else None,
-                **extra,
+            server = cast(  # make_server returns an instance of server_class
+                ReusePortServer,
+                ae.make_server(
+                    (self.host, port),
+                    evt_handlers=handlers,
+                    server_class=ReusePortServer,
+                    ssl_context=tls_context if uses_tls else None,
+                    listening_socket=self.listening_sockets[index] if self.listening_sockets else None,
+                ),
             )
             ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
             self.servers.append(server)
@@ -283,7 +293,9 @@ class DicomListener:
     def handle_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         # requestor.ae_title is filled only after negotiation; the A-ASSOCIATE-RQ has it now.
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        assert primitive is not None  # EVT_REQUESTED fires on the A-ASSOCIATE-RQ
+        calling = str(primitive.calling_ae_title).strip()
         reject = None
         if disk_space_low():
             reject = REJECT_CONGESTION
@@ -302,7 +314,7 @@ class DicomListener:
         return 0x0000
 
     def handle_store(self, event: evt.Event) -> int | tuple:
-        request = event.request
+        request = cast(C_STORE, event.request)  # EVT_C_STORE carries the C-STORE request
         assoc = event.assoc
         association_id = self._association_row(assoc)
         calling = assoc.requestor.ae_title.strip()
@@ -318,7 +330,7 @@ class DicomListener:
             sender_id=sender.pk if sender else None,
         )
         if result.ok:
-            assoc._pacslens_count = getattr(assoc, "_pacslens_count", 0) + 1
+            assoc._pacslens_count = getattr(assoc, "_pacslens_count", 0) + 1  # type: ignore[attr-defined]  # our counter on pynetdicom's object
             return 0x0000
         return result.status
 
@@ -330,7 +342,7 @@ class DicomListener:
         try:
             if association_id is None:
                 return
-            assoc._pacslens_association_id = None  # release and connection close both fire
+            assoc._pacslens_association_id = None  # type: ignore[attr-defined]  # ours; release and connection close both fire
             with transaction.atomic():
                 StoreAssociation.objects.filter(pk=association_id, ended_at=None).update(
                     ended_at=timezone.now(),

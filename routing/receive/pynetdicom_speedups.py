@@ -17,6 +17,7 @@ import select
 import socket
 import struct
 import time
+from typing import cast
 
 import pynetdicom
 import pynetdicom.dimse_messages
@@ -46,11 +47,11 @@ def pynetdicom_speedups() -> bool:
         return False
     if getattr(AssociationSocket.recv, "_pacslens", False):
         return True
-    AssociationSocket.recv = _socket_recv
-    DULServiceProvider.run_reactor = _dul_run_reactor
-    DULServiceProvider.send_pdu = _dul_send_pdu
-    Association._run_reactor = _association_run_reactor
-    DIMSEServiceProvider.send_msg = _dimse_send_msg
+    AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]  # monkeypatch: replacing pynetdicom's method is the point of this module
+    DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]  # monkeypatch: replacing pynetdicom's method is the point of this module
+    DULServiceProvider.send_pdu = _dul_send_pdu  # type: ignore[method-assign]  # monkeypatch: replacing pynetdicom's method is the point of this module
+    Association._run_reactor = _association_run_reactor  # type: ignore[method-assign]  # monkeypatch: replacing pynetdicom's method is the point of this module
+    DIMSEServiceProvider.send_msg = _dimse_send_msg  # type: ignore[method-assign]  # monkeypatch: replacing pynetdicom's method is the point of this module
     pynetdicom.dimse_messages.create_file_meta = _create_file_meta
     pynetdicom.dimse_messages.write_file_meta_info = _write_file_meta_info
     return True
@@ -71,7 +72,8 @@ def _socket_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     nr_read = 0
     try:
         while nr_read < nr_bytes:
-            count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+            # As pynetdicom's recv: the socket is set while the association reads from it.
+            count = cast(socket.socket, self.socket).recv_into(view[nr_read:], nr_bytes - nr_read)
             if not count:  # connection closed: return what we have, as pynetdicom does
                 break
             nr_read += count
@@ -120,7 +122,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
         return _stock_dul_run_reactor(self)
     wake_read, wake_write = socket.socketpair()
     wake_write.setblocking(False)
-    self._pacslens_wake = (wake_read, wake_write)
+    self._pacslens_wake = (wake_read, wake_write)  # type: ignore[attr-defined]  # our attribute on pynetdicom's object
     try:
         self._idle_timer.start()
         sleep = False
@@ -145,7 +147,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00
-                self.socket.send(abort_pdu.encode())
+                cast(AssociationSocket, self.socket).send(abort_pdu.encode())  # set while the reactor runs, as in pynetdicom
                 self.assoc.is_aborted = True
                 self.assoc.is_established = False
                 self.assoc._kill = True
@@ -159,7 +161,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
             self.state_machine.do_action(event)
             sleep = False
     finally:
-        self._pacslens_wake = None
+        self._pacslens_wake = None  # type: ignore[attr-defined]  # our attribute on pynetdicom's object
         wake_read.close()
         wake_write.close()
 
@@ -180,12 +182,12 @@ def _association_run_reactor(self: Association) -> None:
         except queue.Empty:
             context_id, msg = None, None
         if msg:
-            self._serve_request(msg, context_id)
+            self._serve_request(msg, cast(int, context_id))  # as pynetdicom: a message comes with its context
 
         if self.is_established and self.acse.is_release_requested():
             # The peer may close the connection as soon as it has our answer, and EVT_CONN_CLOSE
             # can then fire (on the DUL thread) before EVT_RELEASED below: it was still a release.
-            self._pacslens_releasing = True
+            self._pacslens_releasing = True  # type: ignore[attr-defined]  # our attribute, read by the listener
             self.acse.send_release(is_response=True)
             logger.debug("association released")
             self.is_released = True
@@ -242,7 +244,7 @@ def _dimse_send_msg(self: DIMSEServiceProvider, primitive, context_id: int) -> N
         )
         if command is not None:
             pdata = P_DATA()
-            pdata.presentation_data_value_list.append([context_id, b"\x03" + command])  # command, last fragment
+            pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # command, last fragment
             self.dul.send_pdu(pdata)
             return
     _stock_dimse_send_msg(self, primitive, context_id)

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import pydicom
 from pydicom.filereader import read_partial
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -80,7 +80,7 @@ HEADER_TAGS = [
     "InstanceNumber",
     "SpecificCharacterSet",
 ]
-_HEADER_TAG_NUMBERS = [Tag(keyword) for keyword in HEADER_TAGS]
+_HEADER_TAG_NUMBERS: list[BaseTag | int] = [Tag(keyword) for keyword in HEADER_TAGS]
 _LAST_HEADER_TAG = max(_HEADER_TAG_NUMBERS)
 _HEADER_KEYWORD_BY_TAG = {int(tag): keyword for tag, keyword in zip(_HEADER_TAG_NUMBERS, HEADER_TAGS)}
 _SPECIFIC_CHARACTER_SET = int(Tag("SpecificCharacterSet"))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import signals
+from django.db.models import Field, signals
 from django.utils import timezone
 
 from routing.models import Instance, Series, Study, StudyState
@@ -123,6 +124,12 @@ def _instance_insert(instance: Instance) -> Instance:
 _statements: dict[str, dict] = {}
 
 
+def _column(field: Field[Any, Any]) -> str:
+    """A concrete field's column name: Django sets one on every concrete field (None is for virtual ones)."""
+    assert field.column is not None
+    return field.column
+
+
 def _sql_statements() -> dict:
     vendor = connection.vendor
     if vendor not in _statements:
@@ -130,17 +137,17 @@ def _sql_statements() -> dict:
         study = Study._meta
         fields = [f for f in Instance._meta.concrete_fields if not f.primary_key]
         insert = (
-            f"INSERT INTO {qn(Instance._meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "
+            f"INSERT INTO {qn(Instance._meta.db_table)} ({', '.join(qn(_column(f)) for f in fields)}) "
             f"VALUES ({', '.join(['%s'] * len(fields))})"
         )
         _statements[vendor] = {
             "fields": fields,
             "instance_insert": insert,
-            "instance_insert_returning": f"{insert} RETURNING {qn(Instance._meta.pk.column)}",
+            "instance_insert_returning": f"{insert} RETURNING {qn(_column(Instance._meta.pk))}",
             "study_touch": (
-                f"UPDATE {qn(study.db_table)} SET {qn(study.get_field('last_received_at').column)} = %s "
-                f"WHERE {qn(study.pk.column)} = %s AND {qn(study.get_field('study_instance_uid').column)} = %s "
-                f"AND {qn(study.get_field('state').column)} = %s"
+                f"UPDATE {qn(study.db_table)} SET {qn(_column(study.get_field('last_received_at')))} = %s "
+                f"WHERE {qn(_column(study.pk))} = %s AND {qn(_column(study.get_field('study_instance_uid')))} = %s "
+                f"AND {qn(_column(study.get_field('state')))} = %s"
             ),
         }
     return _statements[vendor]
