@@ -217,8 +217,7 @@ def _outcome(service: str, source: PollSource, code: int | None, status: Dataset
     if code == 0x0000 and failed == 0:
         return RetrieveOutcome(ok=True, status=code, completed=completed, failed=failed, warning=warning)
     error = (
-        f"{service} from {pacs.ae_title}: {_describe(code)} (completed {completed}, failed {failed}, "
-        f"warning {warning})"
+        f"{service} from {pacs.ae_title}: {_describe(code)} (completed {completed}, failed {failed}, warning {warning})"
     )
     if failed and code in (0xB000, 0xA702, 0xC000):
         error += "; if every sub-operation failed, check that the PACS may store to us (AE allow-list)"

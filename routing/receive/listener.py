@@ -26,9 +26,9 @@ from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at run time
 from pynetdicom.transport import ThreadedAssociationServer
 

@@ -147,7 +147,8 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00
-                cast(AssociationSocket, self.socket).send(abort_pdu.encode())  # set while the reactor runs, as in pynetdicom
+                # The socket is set while the reactor runs (pynetdicom casts it the same way).
+                cast(AssociationSocket, self.socket).send(abort_pdu.encode())
                 self.assoc.is_aborted = True
                 self.assoc.is_established = False
                 self.assoc._kill = True
