@@ -120,9 +120,8 @@ class RoutingRuleForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        cast(
-            "forms.ModelMultipleChoiceField[Destination]", self.fields["destinations"]
-        ).queryset = Destination.objects.all()
+        destinations = cast("forms.ModelMultipleChoiceField[Destination]", self.fields["destinations"])
+        destinations.queryset = Destination.objects.all()
         if self.instance.pk:
             self.fields["destinations"].initial = list(self.instance.destinations.values_list("pk", flat=True))
 

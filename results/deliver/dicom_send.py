@@ -202,9 +202,8 @@ class StoreSession:
             rsp = assoc.acceptor.primitive
             if rsp is not None:
                 result, source, diagnostic = rsp.result, rsp.result_source, rsp.diagnostic
-                assert (
-                    result is not None and source is not None and diagnostic is not None
-                )  # an A-ASSOCIATE-RJ has all three
+                # An A-ASSOCIATE-RJ carries all three.
+                assert result is not None and source is not None and diagnostic is not None
                 return classify_rejection(
                     int(result),
                     int(source),

@@ -289,9 +289,8 @@ def probe_dicom_echo(
         if assoc.is_rejected and assoc.acceptor.primitive is not None:
             rsp = assoc.acceptor.primitive
             result, source, diagnostic = rsp.result, rsp.result_source, rsp.diagnostic
-            assert (
-                result is not None and source is not None and diagnostic is not None
-            )  # an A-ASSOCIATE-RJ has all three
+            # An A-ASSOCIATE-RJ carries all three.
+            assert result is not None and source is not None and diagnostic is not None
             outcome = classify_rejection(
                 int(result),
                 int(source),
