@@ -154,7 +154,7 @@ def _phantom_slices(
     # A small bank of noise fields, rolled per slice: drawing 78 M normals for a 300-slice study
     # would dominate the run time and the phantom does not need independent noise per slice.
     noise_bank = [rng.normal(0, NOISE_SD, shape).astype(np.float32) for _ in range(4)]
-    tissue_values = {name: values[0 if modality == "CT" else 1] for name, values in TISSUES.items()}
+    tissue_values: dict[str, float] = {name: values[0 if modality == "CT" else 1] for name, values in TISSUES.items()}
     for index in range(slices):
         z = (index + 0.5) * spacing
         values = phantom.slice_values(z, tissue_values)

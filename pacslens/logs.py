@@ -17,6 +17,7 @@ import logging
 import threading
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("pacslens_request_id", default="")
 
@@ -34,13 +35,13 @@ class ContextFilter(logging.Filter):
     """Adds `request_id`, `association_id` and a ready-made ` [..]` `context` suffix to every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        record.association_id = association_log_id()
+        request_id = record.request_id = request_id_var.get()
+        association_id = record.association_id = association_log_id()
         parts = []
-        if record.request_id:
-            parts.append(f"request {record.request_id}")
-        if record.association_id:
-            parts.append(f"association {record.association_id}")
+        if request_id:
+            parts.append(f"request {request_id}")
+        if association_id:
+            parts.append(f"association {association_id}")
         record.context = f" [{', '.join(parts)}]" if parts else ""
         return True
 
@@ -89,7 +90,8 @@ def association_log_id() -> str:
     kept on the association object.
     """
     thread = threading.current_thread()
-    assoc = getattr(thread, "assoc", None) if type(thread).__name__ == "DULServiceProvider" else thread
+    # An Association carrying our own ad-hoc attributes.
+    assoc: Any = getattr(thread, "assoc", None) if type(thread).__name__ == "DULServiceProvider" else thread
     if type(assoc).__name__ != "Association":
         return ""
     row_id = getattr(assoc, "_pacslens_association_id", None)

@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -242,11 +243,11 @@ TEMPLATES = [
 WSGI_APPLICATION = "pacslens.wsgi.application"
 
 
-def _database() -> dict:
+def _database() -> dict[str, Any]:
     url = os.environ.get("DATABASE_URL", "")
     if url:
         try:
-            return dj_database_url.parse(url, conn_max_age=60, conn_health_checks=True)
+            return dict(dj_database_url.parse(url, conn_max_age=60, conn_health_checks=True))
         except Exception as exc:  # the library raises several types for a bad URL
             raise ImproperlyConfigured(f"DATABASE_URL is not a usable database URL: {exc}") from None
     # The embedded default. Listener, workers and web all write: WAL lets readers proceed,
@@ -325,7 +326,7 @@ if envbool("PACSLENS_HTTPS", False):
 
 # django-q2 workers. Tasks carry ids only; the database decides order (DESIGN.md).
 # retry must exceed timeout plus time spent waiting in the cluster's internal queue.
-Q_CLUSTER = {
+Q_CLUSTER: dict[str, Any] = {
     "name": "pacslens",
     "orm": "default",
     "workers": envint("PACSLENS_WORKERS", 2, minimum=1),

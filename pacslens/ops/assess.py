@@ -9,6 +9,7 @@ site's IT team must configure — the questions of the integration brief, answer
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from django.conf import settings
 
@@ -175,7 +176,7 @@ def _run_probes(endpoints: Endpoints, *, timeout: float) -> list[ProbeResult]:
             probes.append(probe_get(target, timeout=timeout))
             probes.append(probe_storage(target, timeout=timeout))
     if endpoints.dicomweb_url:
-        kwargs = dict(headers=endpoints.dicomweb_headers, auth=endpoints.dicomweb_auth, timeout=timeout)
+        kwargs: dict[str, Any] = dict(headers=endpoints.dicomweb_headers, auth=endpoints.dicomweb_auth, timeout=timeout)
         probes += [
             probe_qido(endpoints.dicomweb_url, **kwargs),
             probe_wado(endpoints.dicomweb_url, **kwargs),
@@ -328,6 +329,7 @@ def _latency_answer() -> str:
     seconds = sorted(
         (d - r).total_seconds()
         for d, r in rows.order_by("-delivered_at").values_list("delivered_at", "study__last_received_at")[:1000]
+        if d is not None  # always: the query excludes undelivered rows
     )
     base = (
         f"After the last instance arrives: study completion ({settings.STUDY_RELEASE_GRACE:g} s after a normal "

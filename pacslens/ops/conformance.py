@@ -392,5 +392,5 @@ def _character_sets() -> Section:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _name(uid: str) -> str:
+def _name(uid: str | None) -> str:
     return UID(str(uid)).name

@@ -30,7 +30,8 @@ HEARTBEAT_INTERVAL = 10.0  # seconds between beats; /healthz calls a process dow
 ASSOCIATIONS_COUNTER = "dicom_associations"
 
 # (result, source, diagnostic) of A-ASSOCIATE-RJ, PS3.8 9.3.4, as metric label values.
-REJECT_REASONS = {
+# Looked up with the primitive's source and diagnostic, which pynetdicom types as optional.
+REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
     (1, 1): "no-reason-given",
     (1, 2): "application-context-not-supported",
     (1, 3): "calling-ae-not-recognised",

@@ -15,8 +15,9 @@ labels are AE titles, destination names, model names and states.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db.models import (
@@ -151,8 +152,8 @@ def inference() -> Iterator[Metric]:
     results = CounterMetricFamily(
         "pacslens_inference_results", "Inference results by model and status", labels=["model", "status"]
     )
-    for row in InferenceResult.objects.values("model_name", "status").annotate(n=Count("pk")).order_by():
-        results.add_metric([row["model_name"], row["status"]], row["n"])
+    for count_row in InferenceResult.objects.values("model_name", "status").annotate(n=Count("pk")).order_by():
+        results.add_metric([count_row["model_name"], count_row["status"]], count_row["n"])
     yield results
 
     total = (
@@ -298,7 +299,7 @@ def _bucket_counts(field: str, bounds: tuple[float, ...], *, as_duration: bool =
     }
 
 
-def _buckets(row: dict, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+def _buckets(row: Mapping[str, Any], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
     """Cumulative (upper bound, count) pairs as prometheus_client wants them, ending with +Inf."""
     return [(repr(bound), row[f"le_{index}"]) for index, bound in enumerate(bounds)] + [("+Inf", row["n"])]
 

@@ -59,7 +59,7 @@ class ModelSection:
     defaults: dict[str, Any] = field(default_factory=dict)
 
     def export(self) -> list[dict[str, Any]]:
-        return [{f: getattr(row, f) for f in self.fields} for row in self.model.objects.order_by(self.key)]
+        return [{f: getattr(row, f) for f in self.fields} for row in self.model._default_manager.order_by(self.key)]
 
     def validate(self, entries: list[Any]) -> list[str]:
         problems: list[str] = []
@@ -83,17 +83,19 @@ class ModelSection:
             row = self._row(entry)
             row.full_clean(validate_unique=False, validate_constraints=False)  # normalises values
             values = {f: getattr(row, f) for f in self.fields if f != self.key}
-            _, was_created = self.model.objects.update_or_create(**{self.key: getattr(row, self.key)}, defaults=values)
+            _, was_created = self.model._default_manager.update_or_create(
+                **{self.key: getattr(row, self.key)}, defaults=values
+            )
             created += was_created
             updated += not was_created
             keys.append(getattr(row, self.key))
         deleted = 0
         if prune:
-            deleted, _ = self.model.objects.exclude(**{f"{self.key}__in": keys}).delete()
+            deleted, _ = self.model._default_manager.exclude(**{f"{self.key}__in": keys}).delete()
         return {"created": created, "updated": updated, "deleted": deleted}
 
     def _row(self, entry: dict[str, Any]) -> models.Model:
-        existing = self.model.objects.filter(**{self.key: entry.get(self.key)}).first()
+        existing = self.model._default_manager.filter(**{self.key: entry.get(self.key)}).first()
         row = existing or self.model(**self.defaults)
         for name, value in entry.items():
             setattr(row, name, value)

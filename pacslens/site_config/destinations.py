@@ -133,5 +133,5 @@ def _row(entry: dict[str, Any], *, resolve_ae: bool) -> Destination:
     return row
 
 
-def _names(document: dict[str, Any], section: str, key: str) -> set[str]:
+def _names(document: dict[str, Any], section: str, key: str) -> set[str | None]:
     return {e.get(key) for e in document.get(section) or [] if isinstance(e, dict)}

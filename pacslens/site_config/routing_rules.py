@@ -57,7 +57,7 @@ class RoutingRulesSection:
         return entries
 
     def validate(self, entries: list[Any], *, document: dict[str, Any] | None = None) -> list[str]:
-        known_models = set(AIModel.objects.values_list("name", "version"))
+        known_models: set[tuple[Any, Any]] = set(AIModel.objects.values_list("name", "version"))
         for entry in (document or {}).get("models") or []:
             if isinstance(entry, dict):
                 known_models.add((entry.get("name"), entry.get("version")))

@@ -6,6 +6,8 @@ Validation lives on the models (`clean()`, validators); the forms show it inline
 
 from __future__ import annotations
 
+from typing import cast
+
 from django import forms
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
@@ -90,6 +92,7 @@ class ApplicationEntityForm(forms.ModelForm):
 
     def clean(self):
         cleaned = super().clean()
+        assert cleaned is not None  # Form.clean returns cleaned_data
         needs_address = cleaned.get("receives_results") or cleaned.get("may_query") or cleaned.get("check_peer_ip")
         if needs_address and not cleaned.get("host"):
             self.add_error("host", "This node receives results, is queried or has its address checked: give its host.")
@@ -103,7 +106,7 @@ class ApplicationEntityForm(forms.ModelForm):
 
 class RoutingRuleForm(forms.ModelForm):
     # The relation lives on Destination (results app); the rule form edits it from this side.
-    destinations = forms.ModelMultipleChoiceField(
+    destinations: forms.ModelMultipleChoiceField[Destination] = forms.ModelMultipleChoiceField(
         queryset=None,
         required=False,
         widget=forms.CheckboxSelectMultiple,
@@ -117,7 +120,8 @@ class RoutingRuleForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["destinations"].queryset = Destination.objects.all()
+        destinations = cast("forms.ModelMultipleChoiceField[Destination]", self.fields["destinations"])
+        destinations.queryset = Destination.objects.all()
         if self.instance.pk:
             self.fields["destinations"].initial = list(self.instance.destinations.values_list("pk", flat=True))
 
@@ -247,6 +251,7 @@ class TriageFilterForm(forms.Form):
 
     def clean(self):
         cleaned = super().clean()
+        assert cleaned is not None  # Form.clean returns cleaned_data
         low, high = cleaned.get("score_min"), cleaned.get("score_max")
         if low is not None and high is not None and low > high:
             self.add_error("score_max", "The maximum score is below the minimum.")

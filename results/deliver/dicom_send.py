@@ -26,6 +26,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, Association, evt
+from pynetdicom.events import EventHandlerType
 from pynetdicom.status import code_to_category
 
 from results.deliver.payload import Outcome, OutcomeKind, Protocol
@@ -116,7 +117,7 @@ class StoreSession:
             ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
             ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
         connected: list[bool] = []
-        handlers = [(evt.EVT_CONN_OPEN, _on_connection_open, [connected])]
+        handlers: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, _on_connection_open, [connected])]
         try:
             assoc = ae.associate(
                 self.host,
@@ -200,10 +201,13 @@ class StoreSession:
         if assoc.is_rejected:
             rsp = assoc.acceptor.primitive
             if rsp is not None:
+                result, source, diagnostic = rsp.result, rsp.result_source, rsp.diagnostic
+                # An A-ASSOCIATE-RJ carries all three.
+                assert result is not None and source is not None and diagnostic is not None
                 return classify_rejection(
-                    int(rsp.result),
-                    int(rsp.result_source),
-                    int(rsp.diagnostic),
+                    int(result),
+                    int(source),
+                    int(diagnostic),
                     peer=self.peer,
                     description=f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}",
                 )

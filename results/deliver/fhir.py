@@ -121,7 +121,7 @@ def build_imaging_study(
     survive; we add only what we own and leave every other element as the RIS sent it."""
     study_system, study_value = study_identifier(payload)
     obs_system, obs_value = observation_identifier(payload, identifier)
-    body = (
+    body: dict[str, Any] = (
         dict(existing)
         if existing
         else {

@@ -176,6 +176,7 @@ def _claim_first(candidates: list[Delivery], *, worker: str, now) -> Delivery | 
             continue  # another worker got it first
         if candidate.state == DeliveryState.IN_FLIGHT:
             # The previous holder died mid-attempt; what it did is unknown, the key makes a re-send safe.
+            assert candidate.lease_until is not None  # an in-flight delivery always holds a lease
             DeliveryAttempt.objects.create(
                 delivery=candidate,
                 number=candidate.attempts,
@@ -402,15 +403,17 @@ def delivery_discard(*, delivery: Delivery, actor: str, reason: str) -> bool:
 def result_payload(*, result: InferenceResult) -> ResultPayload:
     study = result.study
     sources = []
-    if result.series_id:
+    series = result.series
+    if series is not None:
         # The SR cites the images the model evaluated (older results: the whole input series).
-        instances = result.series.instances.filter(deleted_at=None)
+        instances = series.instances.filter(deleted_at=None)
         if result.evaluated_instances:
             instances = instances.filter(pk__in=result.evaluated_instances)
         sources = [
             Path(settings.DATA_DIR) / path
             for path in instances.order_by("instance_number", "pk").values_list("path", flat=True)
         ]
+    assert result.score is not None  # only scored results are delivered
     return ResultPayload(
         study_instance_uid=study.study_instance_uid,
         accession_number=study.accession_number,

@@ -8,6 +8,8 @@ one costs far more).
 
 from __future__ import annotations
 
+from typing import cast
+
 from django.conf import settings
 
 from results.deliver.dicom_send import StoreSession
@@ -16,6 +18,7 @@ from results.deliver.hl7 import (
     AckPolicy,
     HL7BuildError,
     HL7Settings,
+    MessageType,
     build_hl7_message,
     send_mllp,
 )
@@ -50,11 +53,15 @@ def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[s
     if destination.kind == "hl7":
         assert isinstance(key, str)
         message = build_hl7_message(
-            payload, message_type=destination.hl7_message_type, control_id=key, settings=hl7_settings(destination)
+            payload,
+            # Destination.hl7_message_type's choices are exactly the MessageType values.
+            message_type=cast(MessageType, destination.hl7_message_type),
+            control_id=key,
+            settings=hl7_settings(destination),
         )
         return send_mllp(
             destination.host,
-            destination.port,
+            cast(int, destination.port),  # Destination.clean requires a port for HL7
             message,
             control_id=key,
             policy=ack_policy(destination),
@@ -73,10 +80,11 @@ def _send_dicom(destination: Destination, sr, context) -> Outcome:
     session = context.sessions.get(destination.pk)
     if session is None or not session.is_open:
         ae = destination.application_entity
+        assert ae is not None  # Destination.clean requires an AE title for DICOM destinations
         session = StoreSession(
             calling_ae_title=settings.AE_TITLE,
             host=ae.host,
-            port=ae.port,
+            port=cast(int, ae.port),  # Destination.clean requires the AE to have a port
             called_ae_title=ae.ae_title,
             timeout=destination.timeout_seconds,
             tls=dicom_tls.client_tls_args(tls=ae.tls, host=ae.host),

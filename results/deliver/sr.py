@@ -15,6 +15,7 @@ import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
@@ -297,7 +298,8 @@ def validate_sr(encoded: bytes, *, payload: ResultPayload, sr_codes: SRCodes = D
         raise SRBuildError(f"SR for study {study} does not declare {sr_codes.scheme_designator}")
     try:
         parsed = hd.sr.Comprehensive3DSR.from_dataset(reread)
-        groups = parsed.content.get_image_measurement_groups()
+        # highdicom types `content` as ContentSequence; from_dataset gives a TID 1500 MeasurementReport.
+        groups = cast(hd.sr.MeasurementReport, parsed.content).get_image_measurement_groups()
     except Exception as exc:
         raise SRBuildError(f"highdicom cannot parse the SR for study {study}: {type(exc).__name__}") from None
     if len(groups) != 1:

@@ -97,6 +97,7 @@ def series_choose(*, study: Study, manifest: dict[str, Any]) -> ChosenSeries:
 def volume_load(*, chosen: ChosenSeries, indices: list[int]) -> LoadedVolume:
     """Pixel data of the slices at `indices` (positions in chosen.slices). Raises UnreadablePixels."""
     first = chosen.slices[0].header
+    assert first.rows is not None and first.columns is not None  # choosing skips slices without dimensions
     rows, cols = int(first.rows), int(first.columns)
     dtype = _stored_dtype(first)
     stored = np.empty((len(indices), rows, cols), dtype=dtype)

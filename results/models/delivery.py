@@ -112,7 +112,7 @@ class Destination(models.Model):
         if self.kind == DestinationKind.DICOM:
             if not self.application_entity_id:
                 errors["application_entity"] = "A DICOM destination needs the PACS's AE title."
-            elif not (self.application_entity.host and self.application_entity.port):
+            elif self.application_entity is None or not (self.application_entity.host and self.application_entity.port):
                 errors["application_entity"] = "That AE title has no host and port to send to."
         if self.kind in (DestinationKind.DICOMWEB, DestinationKind.FHIR):
             try:

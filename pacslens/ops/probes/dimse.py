@@ -15,7 +15,7 @@ from django.conf import settings
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config, build_role, evt
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom generates these names at import time
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -48,7 +48,8 @@ PROBE_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 SR_CLASS = STORAGE_SOP_CLASSES[0]
-REJECT_REASONS = {
+# Keyed by the A-ASSOCIATE-RJ diagnostic, which pynetdicom types as optional.
+REJECT_REASONS: dict[int | None, str] = {
     1: "no reason given",
     2: "application context not supported",
     3: "calling AE title not recognised",
@@ -89,6 +90,7 @@ def associate(target: DimseTarget, contexts: list[tuple[str, list[str]]], *, tim
         return assoc
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
+        assert rj is not None  # a rejected association keeps the A-ASSOCIATE-RJ it received
         reason = (
             REJECT_REASONS.get(rj.diagnostic, f"reason {rj.diagnostic}")
             if rj.result_source == 1
@@ -286,10 +288,13 @@ def probe_dicom_echo(
         seconds = time.perf_counter() - started  # before the TLS diagnosis below, which connects again
         if assoc.is_rejected and assoc.acceptor.primitive is not None:
             rsp = assoc.acceptor.primitive
+            result, source, diagnostic = rsp.result, rsp.result_source, rsp.diagnostic
+            # An A-ASSOCIATE-RJ carries all three.
+            assert result is not None and source is not None and diagnostic is not None
             outcome = classify_rejection(
-                int(rsp.result),
-                int(rsp.result_source),
-                int(rsp.diagnostic),
+                int(result),
+                int(source),
+                int(diagnostic),
                 peer=f"{called_ae_title}@{host}:{port}",
                 description=f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}",
             )

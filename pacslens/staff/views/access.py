@@ -9,23 +9,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
+from typing import TypeVar
 
 from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import render, resolve_url
 from django_htmx.http import HttpResponseClientRedirect
 
-ViewFunc = Callable[..., HttpResponse]
+# A view returns its own response type (HttpResponse, StreamingHttpResponse...); the wrapper
+# adds the login redirect, an HttpResponse.
+R = TypeVar("R", bound=HttpResponseBase)
 
 
-def staff_view(*permissions: str, superuser: bool = False) -> Callable[[ViewFunc], ViewFunc]:
+def staff_view(
+    *permissions: str, superuser: bool = False
+) -> Callable[[Callable[..., R]], Callable[..., R | HttpResponse]]:
     """Login required; then every permission in `permissions` (or superuser status) or 403."""
 
-    def decorator(view: ViewFunc) -> ViewFunc:
+    def decorator(view: Callable[..., R]) -> Callable[..., R | HttpResponse]:
         @wraps(view)
-        def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        def wrapped(request: HttpRequest, *args, **kwargs) -> R | HttpResponse:
             user = request.user
             if not user.is_authenticated:
                 if getattr(request, "htmx", False):

@@ -23,7 +23,7 @@ def config_edit(
     """GET: the form. POST: validate; errors inline in the same form (htmx swaps only the form),
     success saves, writes the audit row and goes back to the list."""
     creating = instance is None
-    before = None if creating else config_snapshot(instance)
+    before = None if instance is None else config_snapshot(instance)
     form = form_class(request.POST or None, instance=instance, **(form_kwargs or {}))
     if request.method == "POST" and form.is_valid():
         with transaction.atomic():

@@ -102,12 +102,11 @@ def _render_queue(request, params: QueryDict) -> HttpResponse:
         failed &= Q(destination_id=destination_id)
     if error_class in ErrorClass.values:
         failed &= Q(last_error_class=error_class)
-    rows = (
+    rows = list(
         Delivery.objects.filter(failed | Q(pk__in=watch))
         .select_related("destination", "study", "result")
         .order_by("created_at", "pk")[:MAX_ROWS]
     )
-    rows = list(rows)
     in_progress = any(r.state in (DeliveryState.PENDING, DeliveryState.IN_FLIGHT) for r in rows if r.pk in watch)
     destination = Destination.objects.filter(pk=destination_id).first() if destination_id.isdigit() else None
     context = {
@@ -140,8 +139,8 @@ def _render_queue(request, params: QueryDict) -> HttpResponse:
 def _queue_state(params: QueryDict, *, add_watch: list[int] | None = None) -> QueryDict:
     state = QueryDict(mutable=True)
     for key in ("destination", "error_class"):
-        if params.get(key):
-            state[key] = params[key]
+        if value := params.get(key):
+            state[key] = value
     watch = _ids(params.get("watch", "")) | set(add_watch or [])
     if watch:
         state["watch"] = ",".join(map(str, sorted(watch)))

@@ -32,7 +32,7 @@ def rule_list(request) -> HttpResponse:
 def rule_edit(request, pk: int | None = None) -> HttpResponse:
     rule = get_object_or_404(RoutingRule, pk=pk) if pk else None
     creating = rule is None
-    before = None if creating else rule_snapshot(rule)
+    before = None if rule is None else rule_snapshot(rule)
     form = RoutingRuleForm(request.POST or None, instance=rule)
     formset = RuleConditionFormSet(request.POST or None, instance=rule or RoutingRule())
     if request.method == "POST" and form.is_valid() and formset.is_valid():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.core.paginator import Paginator
 from django.db.models import Count
 from django.http import HttpResponse
@@ -58,7 +60,7 @@ def study_story(study: Study) -> dict:
     """Everything the detail page shows, in the order it shows it."""
     events = list(study.events.all())
     timeline = []
-    previous = None
+    previous: datetime | None = None
     for event in events:
         delta = (event.at - previous).total_seconds() if previous else None
         timeline.append({"event": event, "delta": _delta_text(delta)})
@@ -72,7 +74,7 @@ def study_story(study: Study) -> dict:
         .order_by("created_at", "id")
     )
     for delivery in deliveries:
-        delivery.attempt_rows = [
+        delivery.attempt_rows = [  # type: ignore[attr-defined]  # ad-hoc attribute for the template
             {"attempt": a, "took": duration_text((a.ended_at - a.started_at).total_seconds())}
             for a in delivery.attempt_log.all()
         ]
