@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
 
+from results.deliver.contents import result_payload
 from results.deliver.fhir import build_imaging_study, dumps
 from results.deliver.identity import hl7_control_id, identity_file_read, installation_current
-from results.deliver.ledger import deliveries_create, result_payload
+from results.deliver.ledger import deliveries_create
 from results.deliver.payload import ResultIdentity
 from results.models import Installation
 from tests.support.factories import dicom_destination, hl7_destination, inferred_study

@@ -97,7 +97,7 @@ class TestPipeline:
         # The slices the model read, as internal ids of this series: the SR cites exactly these.
         series_ids = set(study.series.get().instances.values_list("pk", flat=True))
         assert result.evaluated_instances and set(result.evaluated_instances) <= series_ids
-        from results.deliver.ledger import result_payload
+        from results.deliver.contents import result_payload
 
         assert len(result_payload(result=result).source_instances) == len(result.evaluated_instances)
         assert all(
