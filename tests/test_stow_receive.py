@@ -20,7 +20,9 @@ from django.core.management import call_command
 from django.test import Client
 from django_q.models import OrmQ
 
-from routing.models import Instance, StoreAssociation, StowSender, Study
+from routing.models import ApplicationEntity, Instance, StoreAssociation, StowSender, Study
+from routing.receive import stow
+from routing.receive.multipart import MAX_PREAMBLE_BYTES, MultipartError, iter_parts
 from tests.support.ct import make_ct_slices
 from tests.support.dicom_files import part10_bytes
 from tests.support.net import free_port
@@ -41,6 +43,19 @@ def multipart(parts: list[bytes]) -> bytes:
 def post(client: Client, parts: list[bytes], *, token: str | None, url: str = URL, **extra):
     headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token else {}
     return client.post(url, data=multipart(parts), content_type=CONTENT_TYPE, **headers, **extra)
+
+
+def post_chunked(client: Client, body: bytes, *, token: str):
+    """As gunicorn hands over a chunked request: no Content-Length, the de-chunked body on wsgi.input."""
+    return client.generic(
+        "POST",
+        URL,
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+        HTTP_TRANSFER_ENCODING="chunked",
+        CONTENT_LENGTH="",
+        CONTENT_TYPE=CONTENT_TYPE,
+        **{"wsgi.input": io.BytesIO(body)},
+    )
 
 
 def sequence(body: dict, tag: str) -> list[dict]:
@@ -139,6 +154,89 @@ class TestLimits:
         response = client.post(URL, data=body, content_type=CONTENT_TYPE, HTTP_AUTHORIZATION=f"Bearer {token}")
         assert response.status_code == 400
         assert not Instance.objects.exists()
+
+
+class TestHostileBodies:
+    """Requests with a valid token that try to exhaust memory or disk, or to crash the parser."""
+
+    def test_a_body_without_a_boundary_is_400_after_a_bounded_read(self, client, token, data_dir):
+        preamble = b"x" * (MAX_PREAMBLE_BYTES + 1024)
+        body = preamble + b"\r\n" + multipart([part10_bytes(make_ct_slices(1)[0])])  # valid, but too late
+        response = client.post(URL, data=body, content_type=CONTENT_TYPE, HTTP_AUTHORIZATION=f"Bearer {token}")
+        assert response.status_code == 400
+        assert not Instance.objects.exists()
+
+    def test_the_parser_stops_reading_an_endless_preamble(self, tmp_path):
+        class Endless(io.RawIOBase):
+            read_bytes = 0
+
+            def read(self, size: int = -1) -> bytes:
+                self.read_bytes += size
+                return b"x" * size
+
+        stream = Endless()
+        with pytest.raises(MultipartError, match="no opening boundary"):
+            list(iter_parts(stream, boundary=BOUNDARY, directory=tmp_path, max_bytes=2 * 1024**3))
+        assert stream.read_bytes <= MAX_PREAMBLE_BYTES + 256 * 1024
+
+    def test_a_boundary_outside_ascii_is_400(self, client, token):
+        response = client.post(
+            URL,
+            data=multipart([part10_bytes(make_ct_slices(1)[0])]),
+            content_type="multipart/related; type=\"application/dicom\"; boundary*=utf-8''%E2%82%AC%E2%82%ACx",
+            HTTP_AUTHORIZATION=f"Bearer {token}",
+        )
+        assert response.status_code == 400
+        assert "ASCII" in json.loads(response.content)["error"]
+
+    def test_a_request_over_the_limit_mid_part_leaves_no_file(self, client, token, settings, data_dir):
+        settings.STOW_MAX_BYTES = 400 * 1024
+        response = post_chunked(client, multipart([b"\x00" * 1024**2]), token=token)
+        assert response.status_code == 413
+        assert list((data_dir / "incoming").iterdir()) == []
+
+    def test_a_truncated_part_leaves_no_file(self, client, token, data_dir):
+        body = multipart([b"\x00" * 1024**2])[: 600 * 1024]
+        response = client.post(URL, data=body, content_type=CONTENT_TYPE, HTTP_AUTHORIZATION=f"Bearer {token}")
+        assert response.status_code == 400
+        assert list((data_dir / "incoming").iterdir()) == []
+
+    def test_the_disk_floor_is_checked_while_writing(self, client, token, data_dir, monkeypatch):
+        checks = []
+
+        def space_low() -> bool:
+            checks.append(1)
+            return len(checks) > 1  # plenty of space when the request starts, then none
+
+        monkeypatch.setattr(stow, "disk_space_low", space_low)
+        response = post(client, [b"\x00" * 6 * 1024**2], token=token)
+        assert response.status_code == 503
+        assert "disk space" in json.loads(response.content)["error"]
+        assert list((data_dir / "incoming").iterdir()) == []
+        assert not Instance.objects.exists()
+
+    def test_no_disk_space_at_the_start_is_503(self, client, token, monkeypatch):
+        monkeypatch.setattr(stow, "disk_space_low", lambda: True)
+        response = post(client, [part10_bytes(make_ct_slices(1)[0])], token=token)
+        assert response.status_code == 503 and response["Retry-After"]
+
+    @pytest.mark.parametrize(
+        ("fields", "reason"), [({"enabled": False}, "is disabled"), ({"may_send": False}, "may not send")]
+    )
+    def test_a_sender_whose_ae_may_not_send_is_403(self, client, db, data_dir, fields, reason):
+        entity = ApplicationEntity.objects.create(ae_title="RIS_WEB", **fields)
+        _, linked = StowSender.create_with_token(name="RIS_WEB_STOW", application_entity=entity)
+        _, by_title = StowSender.create_with_token(name="RIS_WEB")
+        part = part10_bytes(make_ct_slices(1)[0])
+        for secret in (linked, by_title):
+            response = post(client, [part], token=secret)
+            assert response.status_code == 403
+            assert reason in json.loads(response.content)["error"]
+        assert not Instance.objects.exists()
+
+        ApplicationEntity.objects.filter(pk=entity.pk).update(enabled=True, may_send=True)
+        assert post(client, [part], token=by_title).status_code == 200
+        assert Instance.objects.get().study.sender == entity
 
 
 class TestRealSenders:

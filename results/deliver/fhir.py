@@ -37,6 +37,8 @@ V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 FHIR_JSON = "application/fhir+json"
 DEFAULT_TIMEOUT_S = 30.0
+# Our answers are one resource or a one-entry Bundle; more than this is not a FHIR server answering.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
 class FHIRBuildError(ValueError):
@@ -119,6 +121,9 @@ def build_imaging_study(
     and result extension merged in, or a minimal one when the RIS has none. Merging matters
     because PUT replaces the whole resource and the RIS's series and instance details must
     survive; we add only what we own and leave every other element as the RIS sent it."""
+    if existing:
+        # The RIS's copy must be an ImagingStudy before we merge into it (a malformed one is permanent).
+        _validated(ImagingStudy, existing, payload)
     study_system, study_value = study_identifier(payload)
     obs_system, obs_value = observation_identifier(payload, identifier)
     body: dict[str, Any] = (
@@ -271,9 +276,26 @@ def _request(
     params: dict[str, str] | None = None,
 ) -> requests.Response | Outcome:
     try:
-        return http.request(
-            method, url, data=dumps(body) if body is not None else None, headers=headers, params=params, timeout=timeout
+        response = http.request(
+            method,
+            url,
+            data=dumps(body) if body is not None else None,
+            headers=headers,
+            params=params,
+            timeout=timeout,
+            stream=True,
         )
+        with response:
+            content = bytearray()
+            for chunk in response.iter_content(64 * 1024):
+                content += chunk
+                if len(content) > MAX_RESPONSE_BYTES:
+                    return _outcome(
+                        OutcomeKind.PERMANENT, response.status_code, "", f"{method} {url} answered over 16 MiB"
+                    )
+        # What response.content would have read, but bounded; the attribute is requests' own cache.
+        response._content = bytes(content)
+        return response
     except requests.exceptions.SSLError:
         return _outcome(OutcomeKind.CONFIG_ERROR, None, "", f"TLS error talking to {url}")
     except requests.exceptions.RequestException as exc:
@@ -286,12 +308,10 @@ def _failure(response: requests.Response | Outcome, what: str, key: str) -> Outc
             kind=response.kind, protocol=Protocol.FHIR, code=None, key=key, message=f"{what}: {response.message}"
         )
     # OperationOutcome issue codes only: diagnostics text may quote the resource.
-    codes = ""
-    try:
-        issues = loads(response).get("issue", [])
-        codes = ", ".join(sorted({str(issue.get("code")) for issue in issues if issue.get("code")}))
-    except (ValueError, AttributeError):
-        pass
+    issues = _json_object(response).get("issue")
+    codes = ", ".join(
+        sorted({str(issue["code"])[:40] for issue in _dicts(issues) if isinstance(issue.get("code"), str)})[:10]
+    )
     detail = f" (issue {codes})" if codes else ""
     kind = classify_http_status(response.status_code)
     if kind is OutcomeKind.SUCCESS:
@@ -300,28 +320,21 @@ def _failure(response: requests.Response | Outcome, what: str, key: str) -> Outc
 
 
 def _bundle_resources(response: requests.Response, resource_type: str) -> list[dict[str, Any]] | None:
-    try:
-        bundle = loads(response)
-        return [
-            entry["resource"]
-            for entry in (bundle.get("entry") or [])
-            if entry.get("resource", {}).get("resourceType") == resource_type
-        ]
-    except (ValueError, AttributeError, KeyError, TypeError):
+    bundle = _json_object(response)
+    if bundle.get("resourceType") != "Bundle" or not isinstance(bundle.get("entry", []), list):
         return None
+    resources = [entry.get("resource") for entry in _dicts(bundle.get("entry"))]
+    return [r for r in _dicts(resources) if r.get("resourceType") == resource_type]
 
 
 def _resource_id(response: requests.Response, resource_type: str) -> str | None:
-    try:
-        body = loads(response)
-        if body.get("resourceType") == resource_type and body.get("id"):
-            return str(body["id"])
-    except (ValueError, AttributeError):
-        pass
+    body = _json_object(response)
+    if body.get("resourceType") == resource_type and isinstance(body.get("id"), str) and body["id"]:
+        return body["id"][:64]
     # Location: [base]/Observation/123/_history/1
     parts = response.headers.get("Location", "").split("/")
     if resource_type in parts and parts.index(resource_type) + 1 < len(parts):
-        return parts[parts.index(resource_type) + 1]
+        return parts[parts.index(resource_type) + 1][:64]
     return None
 
 
@@ -330,17 +343,28 @@ def loads(response: requests.Response) -> Any:
     return simplejson.loads(response.content, use_decimal=True)
 
 
+def _json_object(response: requests.Response) -> dict[str, Any]:
+    """The body as a JSON object; {} for anything else (not JSON, not an object, nested too deep)."""
+    try:
+        body = loads(response)
+    except (ValueError, RecursionError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The objects in a JSON array (whatever else a server put there is ignored)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
 def dumps(body: dict[str, Any]) -> str:
     return simplejson.dumps(body, use_decimal=True)
 
 
 def _derived_from_other_study(response: requests.Response, ours: dict[str, Any]) -> bool:
     """Whether the Observation a conditional create found names another study than ours."""
-    try:
-        found = loads(response)
-        theirs = [ref.get("identifier") for ref in found.get("derivedFrom", [])]
-    except (ValueError, AttributeError):
-        return False  # no body to check (a server may answer 200 without one)
+    # No body to check (a server may answer 200 without one) is no evidence of another study.
+    theirs = [ref.get("identifier") for ref in _dicts(_json_object(response).get("derivedFrom"))]
     return bool(theirs) and ours["derivedFrom"][0]["identifier"] not in theirs
 
 

@@ -43,10 +43,16 @@ ACCESSION_FIELDS = {
     "ORC-3": ("ORC", 3),
 }
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
+# An ACK is a few hundred bytes; a peer that sends more without an end block is not answering.
+MAX_ACK_BYTES = 1024 * 1024
 
 
 class HL7BuildError(ValueError):
     """The message cannot be built or does not validate: permanent for this result."""
+
+
+class AckTooLarge(Exception):
+    """The peer sent more than MAX_ACK_BYTES without closing the frame."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,10 @@ def send_mllp(
             raw = _read_frame(sock, ack_timeout)
     except TimeoutError:
         return _outcome(OutcomeKind.TRANSIENT, None, f"no ACK from {peer} in {ack_timeout:g} s", control_id)
+    except AckTooLarge:
+        return _outcome(
+            OutcomeKind.TRANSIENT, None, f"{peer} sent over {MAX_ACK_BYTES} bytes without an MLLP end block", control_id
+        )
     except OSError as exc:
         return _outcome(OutcomeKind.TRANSIENT, None, f"MLLP to {peer} failed: {type(exc).__name__}", control_id)
     if raw is None:
@@ -221,7 +231,8 @@ def parse_ack(raw: bytes) -> Ack | None:
         error_code = err[3].split(component_separator)[0]
     elif len(msa) > 6 and msa[6]:
         error_code = msa[6].split(component_separator)[0]
-    return Ack(code=msa[1].strip(), control_id=msa[2].strip(), error_code=error_code)
+    # Bounded: they go into the delivery's record (code is a 40-character column) and its messages.
+    return Ack(code=msa[1].strip()[:8], control_id=msa[2].strip()[:40], error_code=error_code.strip()[:20])
 
 
 def frame(message: str) -> bytes:
@@ -230,8 +241,11 @@ def frame(message: str) -> bytes:
 
 def _read_frame(sock: socket.socket, timeout: float) -> bytes | None:
     deadline = time.monotonic() + timeout
-    buffer = b""
-    while END_BLOCK not in buffer:
+    buffer = bytearray()
+    end = -1
+    while end < 0:
+        if len(buffer) > MAX_ACK_BYTES:
+            raise AckTooLarge
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
@@ -239,9 +253,11 @@ def _read_frame(sock: socket.socket, timeout: float) -> bytes | None:
         chunk = sock.recv(65536)
         if not chunk:
             return None
+        searched = max(0, len(buffer) - 1)  # an end block may straddle two reads
         buffer += chunk
-    start = buffer.find(START_BLOCK)
-    return buffer[start + 1 if start >= 0 else 0 : buffer.index(END_BLOCK)]
+        end = buffer.find(END_BLOCK, searched)
+    start = buffer.find(START_BLOCK, 0, end)
+    return bytes(buffer[start + 1 if start >= 0 else 0 : end])
 
 
 def _outcome(kind: OutcomeKind, code: str | None, message: str, key: str) -> Outcome:

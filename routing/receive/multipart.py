@@ -8,13 +8,18 @@ of the instances, and hands each part to the caller as soon as its closing bound
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 CHUNK_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 16 * 1024
+# Senders put nothing (or a line of text) before the first boundary; a body that shows none
+# within this many bytes is not multipart, and must not be held in memory to find out.
+MAX_PREAMBLE_BYTES = 64 * 1024
+# Free space is checked (a statvfs call) each time this many more bytes were written.
+SPACE_CHECK_BYTES = 4 * 1024 * 1024
 
 
 class MultipartError(ValueError):
@@ -23,6 +28,10 @@ class MultipartError(ValueError):
 
 class BodyTooLarge(MultipartError):
     pass
+
+
+class OutOfSpace(MultipartError):
+    """Free disk space fell below the floor while a part was being written."""
 
 
 @dataclass
@@ -36,18 +45,29 @@ class Part:
         return self.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def iter_parts(stream: BinaryIO, *, boundary: str, directory: Path, max_bytes: int) -> Iterator[Part]:
+def iter_parts(
+    stream: BinaryIO,
+    *,
+    boundary: str,
+    directory: Path,
+    max_bytes: int,
+    space_low: Callable[[], bool] = lambda: False,
+) -> Iterator[Part]:
     """Yield each part of the body on `stream`, its content in a file under `directory`.
 
-    The caller owns (and must remove) each yielded file. Raises MultipartError on a malformed
-    body and BodyTooLarge once more than `max_bytes` were read.
+    The caller owns (and must remove) each yielded file; a part that fails half-way leaves no
+    file. Raises MultipartError on a malformed body, BodyTooLarge once more than `max_bytes`
+    were read, OutOfSpace when `space_low()` says so while a part is written.
     """
+    if not boundary.isascii() or not boundary.isprintable():
+        raise MultipartError("the boundary is not printable ASCII")
     reader = _Reader(stream, max_bytes)
-    delimiter = b"\r\n--" + boundary.encode("latin-1")
+    delimiter = b"\r\n--" + boundary.encode("ascii")
     # Treat the body as if it started with CRLF, so the first boundary looks like all the others.
     buffer = bytearray(b"\r\n")
-    if not reader.fill_until(buffer, delimiter):
-        raise MultipartError("no opening boundary found")
+    found = reader.fill_until(buffer, delimiter, limit=MAX_PREAMBLE_BYTES + len(delimiter))
+    if not found or buffer.find(delimiter) > MAX_PREAMBLE_BYTES:
+        raise MultipartError(f"no opening boundary in the first {MAX_PREAMBLE_BYTES // 1024} KiB")
     del buffer[: buffer.find(delimiter) + len(delimiter)]
     number = 0
     while True:
@@ -64,7 +84,7 @@ def iter_parts(stream: BinaryIO, *, boundary: str, directory: Path, max_bytes: i
             raise MultipartError(f"part {number}: headers not terminated")
         headers = _headers(buffer, number)
         path = directory / f"stow-{uuid.uuid4().hex}.part"
-        size = _body_to_file(reader, buffer, delimiter, path, number)
+        size = _body_to_file(reader, buffer, delimiter, path, number, space_low)
         yield Part(headers=headers, path=path, size=size)
 
 
@@ -78,7 +98,10 @@ class _Reader:
     def more(self, buffer: bytearray) -> bool:
         if self.eof:
             return False
-        chunk = self.stream.read(CHUNK_SIZE)
+        try:
+            chunk = self.stream.read(CHUNK_SIZE)
+        except OSError as exc:  # the client went away mid-body (Django's UnreadablePostError is one)
+            raise MultipartError(f"the body could not be read ({type(exc).__name__})") from None
         if not chunk:
             self.eof = True
             return False
@@ -120,23 +143,39 @@ def _headers(buffer: bytearray, number: int) -> dict[str, str]:
     return headers
 
 
-def _body_to_file(reader: _Reader, buffer: bytearray, delimiter: bytes, path: Path, number: int) -> int:
+def _body_to_file(
+    reader: _Reader, buffer: bytearray, delimiter: bytes, path: Path, number: int, space_low: Callable[[], bool]
+) -> int:
+    try:
+        with path.open("wb") as fh:
+            return _copy_part(reader, buffer, delimiter, fh, number, space_low)
+    except BaseException:
+        # Too large, out of space, truncated, client gone: a half-written part must not linger.
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _copy_part(
+    reader: _Reader, buffer: bytearray, delimiter: bytes, fh: BinaryIO, number: int, space_low: Callable[[], bool]
+) -> int:
     size = 0
-    with path.open("wb") as fh:
-        while True:
-            index = buffer.find(delimiter)
-            if index >= 0:
-                fh.write(buffer[:index])
-                size += index
-                del buffer[: index + len(delimiter)]
-                return size
-            # Keep a tail that could be the start of a delimiter split across two reads.
-            keep = len(delimiter) - 1
-            if len(buffer) > keep:
-                fh.write(buffer[: len(buffer) - keep])
-                size += len(buffer) - keep
-                del buffer[: len(buffer) - keep]
-            if not reader.more(buffer):
-                fh.close()
-                path.unlink(missing_ok=True)
-                raise MultipartError(f"part {number}: body ends before its closing boundary")
+    checked_at = 0
+    while True:
+        index = buffer.find(delimiter)
+        if index >= 0:
+            fh.write(buffer[:index])
+            size += index
+            del buffer[: index + len(delimiter)]
+            return size
+        # Keep a tail that could be the start of a delimiter split across two reads.
+        keep = len(delimiter) - 1
+        if len(buffer) > keep:
+            fh.write(buffer[: len(buffer) - keep])
+            size += len(buffer) - keep
+            del buffer[: len(buffer) - keep]
+        if size - checked_at >= SPACE_CHECK_BYTES:
+            checked_at = size
+            if space_low():
+                raise OutOfSpace(f"part {number}: free disk space fell below the floor")
+        if not reader.more(buffer):
+            raise MultipartError(f"part {number}: body ends before its closing boundary")

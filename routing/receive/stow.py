@@ -26,13 +26,15 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 from pydicom import dcmread
 
-from routing.models import StoreAssociation, StowSender
-from routing.receive.multipart import BodyTooLarge, MultipartError, Part, iter_parts
+from routing.models import ApplicationEntity, StoreAssociation, StowSender
+from routing.receive.multipart import BodyTooLarge, MultipartError, OutOfSpace, Part, iter_parts
 from routing.receive.stow_response import StowItem, stow_response
 from routing.store.spool import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
+    OUT_OF_RESOURCES,
     StoreResult,
+    disk_space_low,
     incoming_dir,
     instance_store,
 )
@@ -49,12 +51,17 @@ def stow_studies(request: HttpRequest, study_instance_uid: str | None = None) ->
     sender = StowSender.authenticate(_bearer_token(request))
     if sender is None:
         return _unauthorized(request)
+    entity, problem = _sender_entity(sender)
+    if problem:
+        return problem
     boundary, problem = _boundary(request)
     if problem:
         return problem
     stream, problem = _body_stream(request)
     if problem:
         return problem
+    if disk_space_low():
+        return _out_of_space()
     association = StoreAssociation.objects.create(
         calling_ae_title=sender.name,
         called_ae_title=settings.AE_TITLE,
@@ -64,14 +71,35 @@ def stow_studies(request: HttpRequest, study_instance_uid: str | None = None) ->
     items: list[StowItem] = []
     error: HttpResponse | None = None
     try:
-        for part in iter_parts(stream, boundary=boundary, directory=incoming_dir(), max_bytes=settings.STOW_MAX_BYTES):
+        parts = iter_parts(
+            stream,
+            boundary=boundary,
+            directory=incoming_dir(),
+            max_bytes=settings.STOW_MAX_BYTES,
+            space_low=disk_space_low,
+        )
+        for part in parts:
             items.append(
-                _store_part(part, sender=sender, association_id=association.pk, study_instance_uid=study_instance_uid)
+                _store_part(
+                    part,
+                    sender=sender,
+                    sender_id=entity.pk if entity else None,
+                    association_id=association.pk,
+                    study_instance_uid=study_instance_uid,
+                )
             )
     except BodyTooLarge:
         error = _plain(
             413, f"Request body larger than {settings.STOW_MAX_BYTES} bytes; send fewer instances per request"
         )
+    except OutOfSpace:
+        logger.warning(
+            "STOW-RS request from %s stopped: free space under %s below the floor", sender, settings.DATA_DIR
+        )
+        if not items:
+            error = _out_of_space()
+        else:  # what was stored stays stored; the part being written is one failed part
+            items.append(StowItem(status=OUT_OF_RESOURCES, message="Out of resources: free disk space is low"))
     except MultipartError as exc:
         if not items:
             error = _plain(400, f"Not a valid multipart/related body: {exc}")
@@ -86,7 +114,9 @@ def stow_studies(request: HttpRequest, study_instance_uid: str | None = None) ->
     return stow_response(items, accept=request.headers.get("Accept", ""))
 
 
-def _store_part(part: Part, *, sender: StowSender, association_id: int, study_instance_uid: str | None) -> StowItem:
+def _store_part(
+    part: Part, *, sender: StowSender, sender_id: int | None, association_id: int, study_instance_uid: str | None
+) -> StowItem:
     try:
         if part.content_type not in ("application/dicom", ""):
             return StowItem(status=CANNOT_UNDERSTAND, message="part is not application/dicom")
@@ -107,7 +137,7 @@ def _store_part(part: Part, *, sender: StowSender, association_id: int, study_in
             calling_ae_title=sender.name,
             called_ae_title=settings.AE_TITLE,
             association_id=association_id,
-            sender_id=sender.application_entity_id,
+            sender_id=sender_id,
         )
         return StowItem(
             status=result.status,
@@ -130,10 +160,13 @@ def _ensure_preamble(path: Path) -> None:
     if head[128:132] == b"DICM" or not head.startswith(b"\x02\x00"):
         return
     fixed = path.with_suffix(".fixed")
-    with path.open("rb") as src, fixed.open("wb") as dst:
-        dst.write(b"\x00" * 128 + b"DICM")
-        shutil.copyfileobj(src, dst, 1024 * 1024)
-    os.replace(fixed, path)
+    try:
+        with path.open("rb") as src, fixed.open("wb") as dst:
+            dst.write(b"\x00" * 128 + b"DICM")
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+        os.replace(fixed, path)
+    finally:
+        fixed.unlink(missing_ok=True)  # left only when the copy failed (disk full)
 
 
 def _part_header(path: Path) -> dict[str, str]:
@@ -163,6 +196,28 @@ def _association_end(association: StoreAssociation, *, stored: int, released: bo
             enqueue_completion_check(association.pk)
 
 
+def _sender_entity(sender: StowSender) -> tuple[ApplicationEntity | None, HttpResponse | None]:
+    """The sender's AE (linked, else by its AE title), or a 403 when that AE may not store to us.
+
+    A token alone does not outrank the AE table: disabling an AE, or taking it off the calling-AE
+    allow-list, stops its STOW-RS requests as it stops its associations.
+    """
+    entity = sender.application_entity or ApplicationEntity.objects.filter(ae_title=sender.name).first()
+    if entity is None or (entity.enabled and entity.may_send):
+        return entity, None
+    reason = "is disabled" if not entity.enabled else "may not send (not on the calling-AE allow-list)"
+    logger.info("STOW-RS request from sender %s refused: its AE %s", sender, reason)
+    return entity, _plain(
+        403, f"Sender {sender.name}: application entity {entity.ae_title} {reason}; ask staff to enable it"
+    )
+
+
+def _out_of_space() -> HttpResponse:
+    response = _plain(503, "Out of resources: free disk space is below the configured floor; retry later")
+    response["Retry-After"] = "300"
+    return response
+
+
 def _bearer_token(request: HttpRequest) -> str:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
@@ -189,6 +244,9 @@ def _boundary(request: HttpRequest) -> tuple[str, HttpResponse | None]:
     # RFC 2046 allows 70 characters; Orthanc sends 73, so be lenient but bounded.
     if not boundary or len(boundary) > 200:
         return "", _plain(400, "The multipart boundary parameter is missing or too long")
+    # RFC 2046 boundaries are ASCII; an RFC 2231 `boundary*=utf-8''...` can decode to anything.
+    if not boundary.isascii() or not boundary.isprintable():
+        return "", _plain(400, "The multipart boundary must be printable ASCII (RFC 2046)")
     return boundary, None
 
 
