@@ -124,6 +124,10 @@ if not _secret:
         _key_file.chmod(0o600)
 SECRET_KEY = _secret
 
+# Fernet keys (comma-separated, newest first) that encrypt stored destination secrets; unset: a
+# key file made in the data dir (results/models/sealed.py). Keep a copy apart from the backups.
+SECRETS_KEYS = [k.strip() for k in (envsecret("PACSLENS_SECRETS_KEY", None) or "").split(",") if k.strip()]
+
 ALLOWED_HOSTS = [
     h.strip() for h in envstr("PACSLENS_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
 ]
