@@ -6,6 +6,7 @@ file stops the process at start instead of misbehaving at 3 a.m.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tempfile
@@ -82,6 +83,17 @@ def envaetitle(name: str, default: str) -> str:
     if problem:
         raise ImproperlyConfigured(f"{name}={value!r}: {problem}")
     return value.strip()
+
+
+def envnetworks(name: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    networks = []
+    for item in envstr(name, "").split(","):
+        if item.strip():
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise ImproperlyConfigured(f"{name}: {item.strip()!r} is not an IP address or network") from None
+    return networks
 
 
 def envuidroot(name: str) -> str:
@@ -310,7 +322,11 @@ AXES_COOLOFF_TIME = envfloat("PACSLENS_LOGIN_LOCKOUT_HOURS", 0.25, minimum=0.01)
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "ui/locked_out.html"
-# Axes reads REMOTE_ADDR: behind a reverse proxy that is the proxy, so the lockout is per user name.
+# Behind a reverse proxy REMOTE_ADDR is the proxy, which would make the lockout per user name
+# alone (anyone could lock a colleague out). The client address comes from X-Forwarded-For, but
+# only on connections from these proxies (addresses or networks, comma-separated).
+TRUSTED_PROXIES = envnetworks("PACSLENS_TRUSTED_PROXIES")
+AXES_CLIENT_IP_CALLABLE = "pacslens.client_address.client_address"
 
 # Production hardening, switched on by PACSLENS_HTTPS=true behind a TLS-terminating proxy.
 if envbool("PACSLENS_HTTPS", False):
