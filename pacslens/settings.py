@@ -132,8 +132,14 @@ if not _secret:
     else:
         _secret = get_random_string(64)
         DATA_DIR.mkdir(parents=True, exist_ok=True)
-        _key_file.write_text(_secret)
-        _key_file.chmod(0o600)
+        # Created 0600, never written first and restricted after: no moment when others can read it.
+        try:
+            _fd = os.open(_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process starting at the same moment made it
+            _secret = _key_file.read_text().strip()
+        else:
+            with os.fdopen(_fd, "w") as _file:
+                _file.write(_secret)
 SECRET_KEY = _secret
 
 # Fernet keys (comma-separated, newest first) that encrypt stored destination secrets; unset: a
