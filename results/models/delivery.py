@@ -42,6 +42,11 @@ class AckAction(models.TextChoices):
     FAIL = "fail", "Fail (permanent)"
 
 
+# Requests one send makes, each with the destination's timeout: FHIR writes the Observation,
+# searches and updates the ImagingStudy; DICOM opens an association, then stores.
+REQUESTS_PER_SEND = {"fhir": 3, "dicom": 2, "dicomweb": 1, "hl7": 1}
+
+
 class Destination(models.Model):
     """Where results go. One row per PACS, DICOMweb server, HL7 receiver or FHIR server."""
 
@@ -162,6 +167,11 @@ class Destination(models.Model):
             errors["backoff_cap_seconds"] = "The cap must be at least the base delay."
         if errors:
             raise ValidationError(errors)
+
+    def send_seconds_max(self) -> float:
+        """How long one honest send may take: every request it makes, each allowed its timeout
+        twice (to connect, then for the answer). A delivery lease must outlive this."""
+        return REQUESTS_PER_SEND.get(self.kind, 1) * 2 * self.timeout_seconds
 
     @property
     def circuit_open(self) -> bool:
