@@ -6,6 +6,7 @@ file stops the process at start instead of misbehaving at 3 a.m.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tempfile
@@ -85,6 +86,17 @@ def envaetitle(name: str, default: str) -> str:
     return value.strip()
 
 
+def envnetworks(name: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    networks = []
+    for item in envstr(name, "").split(","):
+        if item.strip():
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise ImproperlyConfigured(f"{name}: {item.strip()!r} is not an IP address or network") from None
+    return networks
+
+
 def envuidroot(name: str) -> str:
     """An org root for the UIDs we mint: digits and dots, short enough to leave 32+ digits."""
     value = os.environ.get(name, "").strip().rstrip(".")
@@ -121,9 +133,19 @@ if not _secret:
     else:
         _secret = get_random_string(64)
         DATA_DIR.mkdir(parents=True, exist_ok=True)
-        _key_file.write_text(_secret)
-        _key_file.chmod(0o600)
+        # Created 0600, never written first and restricted after: no moment when others can read it.
+        try:
+            _fd = os.open(_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process starting at the same moment made it
+            _secret = _key_file.read_text().strip()
+        else:
+            with os.fdopen(_fd, "w") as _file:
+                _file.write(_secret)
 SECRET_KEY = _secret
+
+# Fernet keys (comma-separated, newest first) that encrypt stored destination secrets; unset: a
+# key file made in the data dir (results/models/sealed.py). Keep a copy apart from the backups.
+SECRETS_KEYS = [k.strip() for k in (envsecret("PACSLENS_SECRETS_KEY", None) or "").split(",") if k.strip()]
 
 ALLOWED_HOSTS = [
     h.strip() for h in envstr("PACSLENS_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
@@ -307,7 +329,11 @@ AXES_COOLOFF_TIME = envfloat("PACSLENS_LOGIN_LOCKOUT_HOURS", 0.25, minimum=0.01)
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "ui/locked_out.html"
-# Axes reads REMOTE_ADDR: behind a reverse proxy that is the proxy, so the lockout is per user name.
+# Behind a reverse proxy REMOTE_ADDR is the proxy, which would make the lockout per user name
+# alone (anyone could lock a colleague out). The client address comes from X-Forwarded-For, but
+# only on connections from these proxies (addresses or networks, comma-separated).
+TRUSTED_PROXIES = envnetworks("PACSLENS_TRUSTED_PROXIES")
+AXES_CLIENT_IP_CALLABLE = "pacslens.client_address.client_address"
 
 # Production hardening, switched on by PACSLENS_HTTPS=true behind a TLS-terminating proxy.
 if envbool("PACSLENS_HTTPS", False):

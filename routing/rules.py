@@ -5,14 +5,14 @@ as the calling AE are shared by every series). Evaluating per series keeps "CT a
 matching a study that has a CT chest series and an MR head series.
 
 Comparison is case-insensitive and ignores DICOM's space padding; multi-valued attributes
-(ImageType ORIGINAL\\PRIMARY\\AXIAL) hold when any one value does. `regex` uses re.search, so
-anchor with ^ and $ for a whole-value match. Nothing here evaluates user text as code.
+(ImageType ORIGINAL\\PRIMARY\\AXIAL) hold when any one value does. `regex` is an RE2
+search (linear time: routing/models/rules.py rule_regex), so anchor with ^ and $ for a
+whole-value match. Nothing here evaluates user text as code.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -35,7 +35,7 @@ from routing.models import (
     Study,
     StudyState,
 )
-from routing.models.rules import CALLED_AE, CALLING_AE
+from routing.models.rules import CALLED_AE, CALLING_AE, rule_regex
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +192,13 @@ def condition_evaluate(*, condition: RuleCondition, seen: list[str]) -> Conditio
     elif operator == Operator.CONTAINS:
         holds = any(wanted in v.casefold() for v in present)
     elif operator == Operator.REGEX:
-        pattern = re.compile(condition.value, re.IGNORECASE)
-        holds = any(pattern.search(v) for v in present)
+        try:
+            pattern = rule_regex(condition.value)
+        except ValueError:  # saved before RE2 was required: refused now, it never matches
+            logger.warning("routing: condition %s has a regex RE2 cannot run; it does not match", condition.pk)
+            holds = False
+        else:
+            holds = any(pattern.search(v) for v in present)
     else:  # unreachable: operators are validated on save
         raise ValueError(f"unknown operator {operator!r}")
     return ConditionVerdict(condition=condition, seen=seen, holds=holds)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
+from results.deliver import ledger
 from results.deliver.identity import installation_current
 from results.deliver.ledger import (
     DiscardReasonRequired,
@@ -17,6 +19,7 @@ from results.deliver.ledger import (
     delivery_claim_next,
     delivery_discard,
     delivery_retry,
+    delivery_send,
 )
 from results.models import Delivery, DeliveryState, Destination, InferenceResult
 from routing.models import Study, StudyState
@@ -251,6 +254,34 @@ class TestFhirDelivery:
             server.release.set()
             server.httpd.shutdown()
             server.httpd.server_close()
+
+
+class TestLease:
+    def test_the_lease_outlives_a_slow_fhir_send_of_three_requests(self, data_dir, rule, fhir_server, monkeypatch):
+        # Each request answers just inside the timeout: the send takes about 3 timeouts, more
+        # than one request's allowance. Without the margin, the lease must still cover it.
+        monkeypatch.setattr(ledger, "LEASE_EXTRA_SECONDS", 0.0)
+        answer = fhir_server.handle
+
+        def slowly(request, method):
+            time.sleep(0.8)
+            answer(request, method)
+
+        monkeypatch.setattr(fhir_server, "handle", slowly)
+        study, result = inferred_study(data_dir)
+        destination = Destination.objects.create(
+            name="fhir", kind="fhir", base_url=fhir_server.url, auth="bearer", secret=TOKEN, timeout_seconds=1.0
+        )
+        destination.rules.add(rule)
+        deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        delivery = delivery_claim_next(worker="w1")
+        lease_until = delivery.lease_until
+
+        outcome = delivery_send(delivery=delivery)
+
+        assert outcome.ok and len(fhir_server.requests) == 3
+        assert timezone.now() < lease_until  # no other worker could have claimed it mid-send
+        assert delivery_claim_next(worker="w2") is None
 
 
 class TestOrthanc:

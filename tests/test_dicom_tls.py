@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -432,3 +434,19 @@ def plain_associate(port: int):
     if assoc.is_established:
         assoc.release()
     return assoc
+
+
+def test_outbound_tls_never_trusts_the_system_cas(tls_settings):
+    tls_settings.DICOM_TLS_CA = None
+    context = dicom_tls.client_context()
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.cert_store_stats()["x509_ca"] == 0
+
+
+@pytest.mark.django_db
+def test_an_outbound_tls_ae_without_a_ca_file_refuses_to_start(tls_settings):
+    tls_settings.DICOM_TLS_CA = None
+    ApplicationEntity.objects.create(ae_title="TLSPACS", host="pacs.example", port=2762, tls=True)
+    with pytest.raises(SystemCheckError, match="to TLSPACS needs PACSLENS_DICOM_TLS_CA"):
+        call_command("check")
+    tls_settings.DICOM_TLS_CA = Path(__file__)  # any set CA file: the check passes
+    call_command("check")

@@ -25,7 +25,7 @@ poll_sources:
 - name: vna-web
   kind: dicomweb
   dicomweb_url: https://vna.example/dicom-web
-  dicomweb_token_env: PACSLENS_VNA_TOKEN
+  dicomweb_token_env: PACSLENS_POLL_TOKEN_VNA
 """
 
 
@@ -41,7 +41,7 @@ class TestPollSourcesSection:
         entries = {e["name"]: e for e in exported["poll_sources"]}
         assert entries["main-pacs"]["pacs"] == "PACS1"
         assert entries["main-pacs"]["extra_filters"] == {"StudyDescription": "*HEAD*"}
-        assert entries["vna-web"]["dicomweb_token_env"] == "PACSLENS_VNA_TOKEN"
+        assert entries["vna-web"]["dicomweb_token_env"] == "PACSLENS_POLL_TOKEN_VNA"
         assert not {"consecutive_failures", "leased_by", "watermark"} & set(entries["main-pacs"])
         config_import(config_export())  # an export re-imports unchanged
         assert PollSource.objects.count() == 2

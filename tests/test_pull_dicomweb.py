@@ -78,11 +78,11 @@ class TestQidoWado:
         assert poll_now(web_source).retrieved == 1
 
     def test_missing_token_variable_is_a_configuration_error(self, web_source, monkeypatch):
-        monkeypatch.delenv("PACSLENS_TEST_MISSING_TOKEN", raising=False)
-        PollSource.objects.filter(pk=web_source.pk).update(dicomweb_token_env="PACSLENS_TEST_MISSING_TOKEN")
+        monkeypatch.delenv("PACSLENS_POLL_TOKEN_TEST_MISSING", raising=False)
+        PollSource.objects.filter(pk=web_source.pk).update(dicomweb_token_env="PACSLENS_POLL_TOKEN_TEST_MISSING")
         web_source.refresh_from_db()
 
         poll = poll_now(web_source)
 
         assert poll.status == "failed"
-        assert "PACSLENS_TEST_MISSING_TOKEN" in poll.error
+        assert "PACSLENS_POLL_TOKEN_TEST_MISSING" in poll.error

@@ -59,6 +59,18 @@ class TestRegister:
         with pytest.raises(CommandError, match="give this one a new version"):
             call_command("register_model", str(manifest_file))
 
+    @pytest.mark.parametrize(
+        "field, value", [("version", "../../escape"), ("version", "1.0/x"), ("version", ".."), ("name", "demo..x")]
+    )
+    def test_a_name_or_version_that_is_not_one_safe_path_component_is_refused(
+        self, data_dir, manifest_file, field, value
+    ):
+        rewrite(manifest_file, **{field: value})
+        with pytest.raises(CommandError, match=f"{field}: required"):
+            call_command("register_model", str(manifest_file))
+        assert not AIModel.objects.exists()
+        assert sorted(p.name for p in data_dir.rglob("*.onnx")) == []
+
     def test_a_wrong_sha256_is_refused(self, data_dir, manifest_file):
         rewrite(manifest_file, sha256="a" * 64)
         with pytest.raises(CommandError, match="sha256: the file's SHA-256 is"):

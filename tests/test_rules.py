@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import re2
 from django.core.exceptions import ValidationError
 from pydicom.uid import CTImageStorage, MRImageStorage
 
@@ -18,6 +21,7 @@ from routing.models import (
     Study,
     StudyState,
 )
+from routing.models.rules import rule_regex
 from routing.rules import condition_evaluate, study_explain_routing, study_route
 
 pytestmark = pytest.mark.django_db
@@ -91,6 +95,15 @@ class TestOperators:
         assert verdict(Operator.REGEX, r"^ct\b.*(head|brain)", ["CT Brain perfusion"])
         assert not verdict(Operator.REGEX, r"^head$", ["CT HEAD"])
 
+    def test_regex_is_re2_and_a_catastrophic_pattern_stays_linear(self):
+        # (a+)+$ backtracks exponentially in Python's re; the value is what a sender controls.
+        assert isinstance(rule_regex("(a+)+$"), re2._Regexp)
+        value = "a" * 100_000 + "b"
+        started = time.perf_counter()
+        assert not verdict(Operator.REGEX, "(a+)+$", [value])
+        assert verdict(Operator.REGEX, "(a+)+b$", [value])
+        print(f"RE2: (a+)+$ against {len(value)} characters in {time.perf_counter() - started:.4f} s")
+
     def test_present_and_absent(self):
         assert verdict(Operator.PRESENT, "", ["x"])
         assert not verdict(Operator.PRESENT, "", [""])
@@ -109,6 +122,13 @@ class TestValidation:
             rule.conditions.create(attribute="StudyDescription", operator=Operator.REGEX, value="head(")
         assert "invalid regular expression" in str(excinfo.value)
         assert not RuleCondition.objects.exists()
+
+    @pytest.mark.parametrize("pattern", [r"(head)\s+\1", r"head(?!neck)", r"(?<=CT )head"])
+    def test_backreferences_and_lookaround_are_refused_with_the_reason(self, pattern):
+        rule = RoutingRule.objects.create(name="r")
+        with pytest.raises(ValidationError) as excinfo:
+            rule.conditions.create(attribute="StudyDescription", operator=Operator.REGEX, value=pattern)
+        assert "RE2 runs in linear time" in str(excinfo.value) and "lookaround" in str(excinfo.value)
 
     def test_unknown_keyword_operator_and_missing_value(self):
         rule = RoutingRule.objects.create(name="r")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from django.test import Client
 
@@ -114,6 +116,40 @@ class TestLogin:
         assert response.status_code == 429
         assert b"Too many failed logins" in response.content
         assert "_auth_user_id" not in client.session
+
+    def test_behind_a_trusted_proxy_the_lockout_is_per_user_and_client_address(self, client, users, settings):
+        settings.AXES_FAILURE_LIMIT = 3
+        settings.TRUSTED_PROXIES = [ipaddress.ip_network("10.0.0.1")]
+        via_proxy = {"REMOTE_ADDR": "10.0.0.1"}
+        for _ in range(3):
+            client.post(
+                "/login/",
+                {"username": "informaticist", "password": "wrong"},
+                HTTP_X_FORWARDED_FOR="203.0.113.5",
+                **via_proxy,
+            )
+        right = {"username": "informaticist", "password": PASSWORD}
+        assert client.post("/login/", right, HTTP_X_FORWARDED_FOR="203.0.113.5", **via_proxy).status_code == 429
+        # The same user from another workstation, through the same proxy, is not locked out.
+        assert client.post("/login/", right, HTTP_X_FORWARDED_FOR="203.0.113.6", **via_proxy).status_code == 302
+
+    def test_a_forwarded_for_header_from_an_untrusted_peer_is_ignored(self, client, users, settings):
+        settings.AXES_FAILURE_LIMIT = 3
+        settings.TRUSTED_PROXIES = [ipaddress.ip_network("10.0.0.1")]
+        for n in range(3):
+            client.post(
+                "/login/",
+                {"username": "informaticist", "password": "wrong"},
+                REMOTE_ADDR="198.51.100.7",
+                HTTP_X_FORWARDED_FOR=f"203.0.113.{n}",
+            )
+        response = client.post(
+            "/login/",
+            {"username": "informaticist", "password": PASSWORD},
+            REMOTE_ADDR="198.51.100.7",
+            HTTP_X_FORWARDED_FOR="203.0.113.99",
+        )
+        assert response.status_code == 429
 
     def test_logout_is_a_post_and_audited(self, client, users):
         client.force_login(users["admin"])

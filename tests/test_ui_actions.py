@@ -107,12 +107,12 @@ class TestDestinationForm:
             name="web", kind="dicomweb", base_url="https://pacs.example/dicom-web", auth="bearer", secret="first-token"
         )
         data = {
+            **_defaults(),  # its auth "none" would be a change of auth, which drops the secret
             "name": "web",
             "kind": "dicomweb",
             "base_url": "https://pacs.example/dicom-web",
             "auth": "bearer",
             "enabled": "on",
-            **_defaults(),
         }
         response = admin.post(f"/endpoints/destinations/{destination.pk}/", data, **HX)
         assert response["HX-Redirect"] == "/endpoints/"

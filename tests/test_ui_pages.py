@@ -142,6 +142,12 @@ class TestOtherPages:
         page = root.get("/rules/dry-run/", {"study": 999999}, HTTP_HX_REQUEST="true").content.decode()
         assert "No study has this id" in page
 
+    @pytest.mark.parametrize("query", ["", "?page=1", "?flag=yes&page=1"])
+    def test_the_triage_audit_is_audited_also_as_an_htmx_fragment(self, root, pipeline, query):
+        response = root.get(f"/audit/triage/{query}", HTTP_HX_REQUEST="true")
+        assert response.status_code == 200 and "<html" not in response.content.decode()
+        assert AuditEntry.objects.filter(action="view_audit", actor="root").count() == 1
+
     def test_audit_log_lists_entries(self, root, pipeline):
         AuditEntry.record(
             actor="admin",

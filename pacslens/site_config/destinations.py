@@ -14,7 +14,8 @@
 
 Secrets (passwords, bearer tokens) are never exported. On import a `secret` given in the file
 is stored; when the file has none, the destination keeps the secret it has, so an exported
-file re-imports without wiping credentials.
+file re-imports without wiping credentials -- unless the entry changes where or how the secret
+is sent (Destination.TARGET_FIELDS): then the file must give the secret again.
 """
 
 from __future__ import annotations
@@ -99,7 +100,12 @@ class DestinationsSection:
                 if rule not in known_rules:
                     problems.append(f"{label}: field 'rules': no routing rule named {rule!r}")
             # The AE reference is checked above; it may only exist once the import is applied.
-            problems.extend(clean_problems(_row(entry, resolve_ae=False), label, exclude=["application_entity"]))
+            row = _row(entry, resolve_ae=False)
+            if row.secret_dropped and row.auth != "none":
+                problems.append(
+                    f"{label}: field 'secret': the target or auth changed, so the stored secret is not kept; give it"
+                )
+            problems.extend(clean_problems(row, label, exclude=["application_entity"]))
         return problems
 
     def apply(self, entries: list[dict[str, Any]], *, prune: bool) -> dict[str, int]:
@@ -130,6 +136,10 @@ def _row(entry: dict[str, Any], *, resolve_ae: bool) -> Destination:
     ae_title = entry.get("application_entity")
     if resolve_ae:
         row.application_entity = ApplicationEntity.objects.filter(ae_title=ae_title).first() if ae_title else None
+    # A stored secret never follows the destination to a new target or auth.
+    row.secret_dropped = "secret" not in entry and bool(row.pk) and row.target_changed
+    if row.secret_dropped:
+        row.secret = ""
     return row
 
 

@@ -8,7 +8,7 @@
       retrieve_mode: c-move       # c-move | c-get
       move_destination: ''        # empty: our own AE title
       dicomweb_url: ''            # dicomweb: e.g. https://pacs/dicom-web
-      dicomweb_token_env: ''      # dicomweb: the environment variable holding the token
+      dicomweb_token_env: ''      # dicomweb: PACSLENS_POLL_TOKEN_<NAME>, the variable holding the token
       interval_seconds: 60
       modalities: CT\\MR
       lookback_hours: 24

@@ -11,7 +11,7 @@ from typing import cast
 from django import forms
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
-from results.models import AIModel, Destination, InferenceResult
+from results.models import AIModel, AuthKind, Destination, InferenceResult
 from routing.models import (
     ApplicationEntity,
     PollSource,
@@ -225,11 +225,26 @@ class DestinationForm(forms.ModelForm):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._stored_secret = self.instance.secret if self.instance.pk else ""
-        if self._stored_secret:
+        if self._stored_secret or (self.instance.pk and self.instance.secret_unreadable):
             self.fields["secret"].widget.attrs["placeholder"] = SECRET_PLACEHOLDER
 
-    def clean_secret(self) -> str:
-        return self.cleaned_data.get("secret") or self._stored_secret
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        if cleaned.get("secret"):
+            return cleaned
+        # The stored secret stays only while it goes where, and how, it went before.
+        moved = self.instance.pk and set(Destination.TARGET_FIELDS) & set(self.changed_data)
+        if not moved:
+            cleaned["secret"] = self.instance.secret if self.instance.pk else ""
+        elif cleaned.get("auth", AuthKind.NONE) != AuthKind.NONE and (
+            self._stored_secret or self.instance.secret_unreadable
+        ):
+            self.add_error(
+                "secret",
+                "The target or authentication changed: enter the password or token again "
+                "(the stored one is never sent to a new target).",
+            )
+        return cleaned
 
 
 class DiscardForm(forms.Form):

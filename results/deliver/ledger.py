@@ -41,7 +41,7 @@ from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
 
-LEASE_EXTRA_SECONDS = 30.0  # added to a destination's timeout: the lease outlives any honest attempt
+LEASE_EXTRA_SECONDS = 30.0  # added to a send's longest honest duration: the lease outlives the attempt
 
 
 def worker_identity() -> str:
@@ -141,7 +141,8 @@ def delivery_claim_next(*, worker: str, only_ids: list[int] | None = None) -> De
 
 def _claim_first(candidates: list[Delivery], *, worker: str, now) -> Delivery | None:
     for candidate in candidates:
-        lease = timedelta(seconds=candidate.destination.timeout_seconds * 2 + LEASE_EXTRA_SECONDS)
+        # The whole send, not one request: a FHIR send makes three, each with its own timeout.
+        lease = timedelta(seconds=candidate.destination.send_seconds_max() + LEASE_EXTRA_SECONDS)
         claimed = Delivery.objects.filter(
             pk=candidate.pk, state=candidate.state, attempts=candidate.attempts, lease_until=candidate.lease_until
         ).update(

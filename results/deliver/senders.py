@@ -26,6 +26,7 @@ from results.deliver.payload import Outcome, OutcomeKind, Protocol, ResultPayloa
 from results.deliver.sr import SRBuildError, build_sr
 from results.deliver.stow_client import HttpAuth, stow_datasets
 from results.models import Destination
+from results.models.sealed import SECRET_UNREADABLE
 from routing.receive import dicom_tls
 
 BuildError = (SRBuildError, HL7BuildError, FHIRBuildError)
@@ -34,6 +35,14 @@ BuildError = (SRBuildError, HL7BuildError, FHIRBuildError)
 def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[str, str], context) -> Outcome:
     """Send `payload` to `destination` under its idempotency `key`: the SR's SOP Instance UID,
     the HL7 MSH-10 control id, or for FHIR the Observation identifier (system, value)."""
+    if destination.auth != "none" and destination.kind in ("dicomweb", "fhir") and destination.secret_unreadable:
+        return Outcome(
+            OutcomeKind.CONFIG_ERROR,
+            Protocol(destination.kind),
+            None,
+            SECRET_UNREADABLE,
+            str(key[1] if isinstance(key, tuple) else key),
+        )
     if destination.kind in ("dicom", "dicomweb"):
         sr = build_sr(payload)
         if sr.SOPInstanceUID != key:

@@ -32,7 +32,9 @@ from typing import Any
 
 import yaml
 
+# Name and version become directories under DATA_DIR/models/: one safe path component each.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,39}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CS_RE = re.compile(r"^[A-Z0-9 _]{1,16}$")
 ORIENTATIONS = ("axial", "any")
@@ -120,11 +122,14 @@ def manifest_problems(data: dict[str, Any]) -> dict[str, str]:
     for key in sorted(set(data) - TOP_LEVEL):
         p[key] = f"unknown field (known: {', '.join(sorted(TOP_LEVEL))})"
     name = data.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        p["name"] = "required: 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        p["name"] = "required: 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'"
     version = data.get("version")
-    if not isinstance(version, str) or not version.strip() or len(version) > 40:
-        p["version"] = 'required: a string of at most 40 characters (quote numbers: "1.0")'
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version) or ".." in version:
+        p["version"] = (
+            "required: a string of 1-40 letters, digits, '.', '_', '+' or '-', starting with a letter or digit, "
+            "no '..' or slashes (quote numbers: \"1.0\")"
+        )
     file = data.get("file")
     if not isinstance(file, str) or not file.strip():
         p["file"] = "required: the ONNX file's path, relative to the manifest"

@@ -32,6 +32,8 @@ def model_register(*, manifest_path: Path) -> tuple[AIModel, bool]:
         raise ManifestError(problems)
     data_dir = Path(settings.DATA_DIR)
     target = data_dir / "models" / manifest["name"] / manifest["version"] / source.name
+    if not _under(target, data_dir / "models"):  # the manifest checks make this unreachable; keep it so
+        raise ManifestError({"version": "name and version must stay inside the models folder"})
     if source.resolve() != target.resolve() and not _under(source, data_dir / "models"):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)

@@ -16,6 +16,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from results.models.sealed import SealedSecretField, UnreadableSecret
+
 # Where an HL7 destination's RIS keeps the accession number; results/deliver/hl7.py maps each to
 # its segment and field (tests/test_hl7.py keeps the two lists equal). Kept here so the models
 # never import the delivery code that imports them.
@@ -40,6 +42,11 @@ class AckAction(models.TextChoices):
     FAIL = "fail", "Fail (permanent)"
 
 
+# Requests one send makes, each with the destination's timeout: FHIR writes the Observation,
+# searches and updates the ImagingStudy; DICOM opens an association, then stores.
+REQUESTS_PER_SEND = {"fhir": 3, "dicom": 2, "dicomweb": 1, "hl7": 1}
+
+
 class Destination(models.Model):
     """Where results go. One row per PACS, DICOMweb server, HL7 receiver or FHIR server."""
 
@@ -58,8 +65,9 @@ class Destination(models.Model):
     base_url = models.CharField(max_length=300, blank=True, help_text="e.g. https://pacs.example/dicom-web")
     auth = models.CharField(max_length=10, choices=AuthKind.choices, default=AuthKind.NONE)
     username = models.CharField(max_length=100, blank=True)
-    # Password or bearer token. Never exported to YAML; shown masked in the UI.
-    secret = models.CharField(max_length=2000, blank=True)
+    # Password or bearer token, encrypted at rest (results/models/sealed.py). Never exported to
+    # YAML; write-only in the UI; dropped whenever the target or auth changes (TARGET_FIELDS).
+    secret = SealedSecretField(blank=True)
     # HL7 v2 over MLLP
     host = models.CharField(max_length=255, blank=True)
     port = models.PositiveIntegerField(null=True, blank=True, validators=[MaxValueValidator(65535)])
@@ -104,8 +112,33 @@ class Destination(models.Model):
     class Meta:
         ordering = ["name"]
 
+    # Where the secret goes and how: change any of these and the stored secret must be given again,
+    # or Test and the next delivery would hand it to the new target.
+    TARGET_FIELDS = ("kind", "application_entity", "base_url", "host", "port", "auth", "username")
+
     def __str__(self) -> str:
         return f"{self.name} ({self.get_kind_display()})"
+
+    @classmethod
+    def from_db(cls, db, field_names, values):
+        instance = super().from_db(db, field_names, values)
+        if not instance.get_deferred_fields():
+            instance._loaded_target = instance._target()
+        return instance
+
+    def _target(self) -> tuple:
+        return tuple(getattr(self, f + "_id" if f == "application_entity" else f) for f in self.TARGET_FIELDS)
+
+    @property
+    def target_changed(self) -> bool:
+        """Whether where or how the secret is sent differs from what was loaded from the database."""
+        loaded = getattr(self, "_loaded_target", None)
+        return loaded is not None and loaded != self._target()
+
+    @property
+    def secret_unreadable(self) -> bool:
+        """A stored secret the configured keys cannot decrypt: a configuration error, never sent."""
+        return isinstance(self.secret, UnreadableSecret)
 
     def clean(self) -> None:
         errors: dict[str, str] = {}
@@ -134,6 +167,11 @@ class Destination(models.Model):
             errors["backoff_cap_seconds"] = "The cap must be at least the base delay."
         if errors:
             raise ValidationError(errors)
+
+    def send_seconds_max(self) -> float:
+        """How long one honest send may take: every request it makes, each allowed its timeout
+        twice (to connect, then for the answer). A delivery lease must outlive this."""
+        return REQUESTS_PER_SEND.get(self.kind, 1) * 2 * self.timeout_seconds
 
     @property
     def circuit_open(self) -> bool:

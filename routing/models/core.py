@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from django.db import models, transaction
+from django.conf import settings
+from django.core import checks
+from django.db import DatabaseError, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -18,6 +20,28 @@ from routing.validators import validate_ae_title
 
 if TYPE_CHECKING:
     from routing.models.rules import RoutingDecision
+
+
+@checks.register(checks.Tags.security)
+def outbound_tls_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """The listener and workers refuse to start while an AE we reach over DICOM TLS has no CA
+    file to be checked against (routing/receive/dicom_tls.py trusts no system CA)."""
+    if settings.DICOM_TLS_CA:
+        return []
+    try:
+        names = list(ApplicationEntity.objects.filter(tls=True, enabled=True).values_list("ae_title", flat=True)[:5])
+    except DatabaseError:  # no database or tables yet (before migrate): nothing configured
+        return []
+    if not names:
+        return []
+    return [
+        checks.Error(
+            f"outbound DICOM TLS to {', '.join(names)} needs PACSLENS_DICOM_TLS_CA, which is not set",
+            hint="Set PACSLENS_DICOM_TLS_CA to the CA file that signed the peers' certificates; "
+            "the system's CAs are not trusted for DICOM peers (docs/tls.md).",
+            id="pacslens.E201",
+        )
+    ]
 
 
 class ApplicationEntity(models.Model):

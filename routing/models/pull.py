@@ -10,6 +10,8 @@ unique on (source, study UID), is what makes a study retrieved once however ofte
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import secrets
 from datetime import datetime, timedelta
 
@@ -40,6 +42,21 @@ def validate_modalities(value: str) -> None:
     for modality in modalities_list(value):
         if not modality.isalnum() or len(modality) > 16:
             raise ValidationError(f"{modality!r} is not a modality code (use e.g. CT\\MR)")
+
+
+# A poll source may read its DICOMweb token only from variables under this prefix, which no
+# setting uses: naming any variable would let whoever edits a source send DATABASE_URL or the
+# secret key to a server of their choice (the Test button and every poll send it as a token).
+POLL_TOKEN_ENV_PREFIX = "PACSLENS_POLL_TOKEN_"
+_POLL_TOKEN_ENV = re.compile(re.escape(POLL_TOKEN_ENV_PREFIX) + r"[A-Z0-9_]+")
+
+
+def validate_poll_token_env(value: str) -> None:
+    if value and not _POLL_TOKEN_ENV.fullmatch(value):
+        raise ValidationError(
+            f"the token's variable must be named {POLL_TOKEN_ENV_PREFIX}<NAME> (capitals, digits, _), "
+            "e.g. PACSLENS_POLL_TOKEN_VNA; no other variable can be read"
+        )
 
 
 def modalities_list(value: str) -> list[str]:
@@ -77,7 +94,7 @@ class PollSource(models.Model):
         max_length=64,
         blank=True,
         help_text="Name of the environment variable holding the bearer token (the token itself is never stored)",
-    )
+    )  # validated in clean(): validate_poll_token_env
     interval_seconds = models.PositiveIntegerField(default=60, help_text="Time between two polls")
     modalities = models.CharField(
         max_length=64, blank=True, validators=[validate_modalities], help_text="e.g. CT\\MR; empty: all"
@@ -122,6 +139,20 @@ class PollSource(models.Model):
             raise ValidationError("max_studies_per_poll and max_concurrent_retrieves must be at least 1")
         if self.interval_seconds < 1:
             raise ValidationError({"interval_seconds": "must be at least 1 second"})
+        try:
+            validate_poll_token_env(self.dicomweb_token_env)
+        except ValidationError as exc:
+            raise ValidationError({"dicomweb_token_env": exc.messages}) from None
+
+    def dicomweb_token(self) -> str:
+        """The bearer token from the environment, "" when none is configured or the variable is unset.
+
+        Checked again here, not only when saved: a row written before the prefix rule (or by a
+        queryset update) must not read another variable. Raises ValidationError."""
+        if not self.dicomweb_token_env:
+            return ""
+        validate_poll_token_env(self.dicomweb_token_env)
+        return os.environ.get(self.dicomweb_token_env, "")
 
     @property
     def modality_list(self) -> list[str]:

@@ -8,7 +8,6 @@ and the host, never a response body (a PACS may echo patient data in it).
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from datetime import date
 from typing import Literal
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 import requests
 from dicomweb_client.api import DICOMwebClient
 from django.conf import settings
+from django.core.exceptions import ValidationError
 
 from routing.models import PollSource
 from routing.pull.types import (
@@ -124,7 +124,10 @@ def retrieve_study(source: PollSource, study_instance_uid: str, *, association_i
 def _client(source: PollSource) -> DICOMwebClient:
     headers = {}
     if source.dicomweb_token_env:
-        token = os.environ.get(source.dicomweb_token_env, "")
+        try:
+            token = source.dicomweb_token()
+        except ValidationError as exc:
+            raise PullError(f"dicomweb_token_env: {exc.messages[0]}", permanent=True) from None
         if not token:
             raise PullError(
                 f"environment variable {source.dicomweb_token_env} (the DICOMweb token) is not set", permanent=True

@@ -3,7 +3,8 @@
 Both require TLS 1.2 or later and forward-secret AEAD ciphers. The listener asks for a client
 certificate and, unless PACSLENS_DICOM_TLS_REQUIRE_CLIENT_CERT=false, refuses a connection
 without one signed by a CA in PACSLENS_DICOM_TLS_CA. Our SCUs verify the peer's certificate
-against the same CA file (the system's CAs when none is set) and present our certificate, since
+against the same CA file (required: never the system's CAs, which vouch for any public host
+name while the host name goes unchecked) and present our certificate, since
 many PACS require one. The host name in the peer's certificate is not checked by default: DICOM
 peers are configured by IP address more often than not, and their certificates name hosts;
 PACSLENS_DICOM_TLS_CHECK_HOSTNAME=true turns the check on. See docs/tls.md.
@@ -56,10 +57,10 @@ def client_context() -> ssl.SSLContext:
         _harden(context)
         context.verify_mode = ssl.CERT_REQUIRED
         context.check_hostname = check_hostname
+        # No CA file: nothing is trusted, every handshake fails (and outbound_tls_check in
+        # routing/models/core.py keeps the listener and workers from starting).
         if ca:
             context.load_verify_locations(cafile=str(ca))
-        else:
-            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         if cert and key:
             context.load_cert_chain(certfile=str(cert), keyfile=str(key))
         _cache[key_] = context

@@ -13,6 +13,7 @@ from pacslens.staff.views.access import actor, staff_view
 from pacslens.staff.views.config import config_edit, config_toggle
 from pacslens.staff.views.endpoints import endpoint_list
 from results.models import Destination
+from results.models.sealed import SECRET_UNREADABLE
 from routing.models import AuditAction, AuditEntry
 
 
@@ -44,6 +45,8 @@ def destination_test(request, pk: int) -> HttpResponse:
         destination.full_clean()
     except Exception as exc:  # ValidationError: the destination is not complete enough to test
         problem = f"Fix the configuration first: {'; '.join(getattr(exc, 'messages', [str(exc)]))}"
+    if not problem and destination.auth != "none" and destination.secret_unreadable:
+        problem = f"Configuration error: {SECRET_UNREADABLE}."
     if not problem:
         result = probe_destination(destination)
     AuditEntry.record(

@@ -3,9 +3,7 @@ STOW-RS senders; create / edit / enable-disable each; a Test button whose result
 
 from __future__ import annotations
 
-import os
-
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
@@ -134,9 +132,13 @@ def poll_source_test(request, pk: int) -> HttpResponse:
         else:
             result = probe_dicom_echo(host=pacs.host, port=pacs.port, called_ae_title=pacs.ae_title, tls=pacs.tls)
     else:
-        token = os.environ.get(source.dicomweb_token_env, "") if source.dicomweb_token_env else ""
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        result = probe_http(url=source.dicomweb_url, kind="dicomweb", headers=headers)
+        try:
+            token = source.dicomweb_token()
+        except ValidationError as exc:
+            problem = f"The token's variable is refused: {exc.messages[0]}."
+        else:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            result = probe_http(url=source.dicomweb_url, kind="dicomweb", headers=headers)
     AuditEntry.record(
         actor=actor(request),
         action=AuditAction.TEST,

@@ -1,7 +1,7 @@
 """The triage-score audit (superusers): every inference result, filterable, exportable as CSV.
 
-Opening the page and exporting are audit events themselves; the audit row records the filters,
-never the accession numbers shown.
+Opening the page (full page or htmx fragment, any page of it) and exporting are audit events;
+the audit row records the filters and page, never the accession numbers shown.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def triage_audit(request) -> HttpResponse:
     form = TriageFilterForm(request.GET)
     results = form.filter(_results())
     page = Paginator(results, PAGE_SIZE).get_page(request.GET.get("page"))
-    if not request.htmx or "page" not in request.GET:
-        AuditEntry.record(actor=actor(request), action=AuditAction.VIEW_AUDIT, detail=form.describe(), request=request)
+    # Every rendering shows results, so every one is audited: a page flip or an htmx fragment too.
+    detail = form.describe() + (f"; page {page.number}" if page.number > 1 else "")
+    AuditEntry.record(actor=actor(request), action=AuditAction.VIEW_AUDIT, detail=detail, request=request)
     query = request.GET.copy()
     query.pop("page", None)
     context = {"nav": "triage", "form": form, "page": page, "query": query.urlencode()}
