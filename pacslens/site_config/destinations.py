@@ -100,8 +100,8 @@ class DestinationsSection:
                 if rule not in known_rules:
                     problems.append(f"{label}: field 'rules': no routing rule named {rule!r}")
             # The AE reference is checked above; it may only exist once the import is applied.
-            row = _row(entry, resolve_ae=False)
-            if row.secret_dropped and row.auth != "none":
+            row, secret_dropped = _row(entry, resolve_ae=False)
+            if secret_dropped and row.auth != "none":
                 problems.append(
                     f"{label}: field 'secret': the target or auth changed, so the stored secret is not kept; give it"
                 )
@@ -113,7 +113,7 @@ class DestinationsSection:
         names = []
         with transaction.atomic():
             for entry in entries:
-                row = _row(entry, resolve_ae=True)
+                row, _ = _row(entry, resolve_ae=True)
                 was_new = row.pk is None
                 row.full_clean(validate_unique=False, validate_constraints=False)
                 row.save()
@@ -127,7 +127,8 @@ class DestinationsSection:
         return {"created": created, "updated": updated, "deleted": deleted}
 
 
-def _row(entry: dict[str, Any], *, resolve_ae: bool) -> Destination:
+def _row(entry: dict[str, Any], *, resolve_ae: bool) -> tuple[Destination, bool]:
+    """The destination as the entry would make it, and whether its stored secret was dropped."""
     row = Destination.objects.filter(name=entry.get("name")).first() or Destination()
     for field_name, value in entry.items():
         if field_name in REFERENCES:
@@ -137,10 +138,10 @@ def _row(entry: dict[str, Any], *, resolve_ae: bool) -> Destination:
     if resolve_ae:
         row.application_entity = ApplicationEntity.objects.filter(ae_title=ae_title).first() if ae_title else None
     # A stored secret never follows the destination to a new target or auth.
-    row.secret_dropped = "secret" not in entry and bool(row.pk) and row.target_changed
-    if row.secret_dropped:
+    secret_dropped = "secret" not in entry and bool(row.pk) and row.target_changed
+    if secret_dropped:
         row.secret = ""
-    return row
+    return row, secret_dropped
 
 
 def _names(document: dict[str, Any], section: str, key: str) -> set[str | None]:

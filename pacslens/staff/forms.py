@@ -230,6 +230,7 @@ class DestinationForm(forms.ModelForm):
 
     def clean(self) -> dict:
         cleaned = super().clean()
+        assert cleaned is not None  # ModelForm.clean returns cleaned_data
         if cleaned.get("secret"):
             return cleaned
         # The stored secret stays only while it goes where, and how, it went before.

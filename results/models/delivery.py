@@ -8,7 +8,9 @@ re-send reuses the row's idempotency key.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import timedelta
+from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
@@ -119,14 +121,19 @@ class Destination(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.get_kind_display()})"
 
+    # What TARGET_FIELDS were when the row was loaded (None for a new, unsaved destination).
+    _loaded_target: tuple[Any, ...] | None = None
+
     @classmethod
-    def from_db(cls, db, field_names, values):
-        instance = super().from_db(db, field_names, values)
+    def from_db(
+        cls, db: str | None, field_names: Collection[str], values: Collection[Any], **kwargs: Any
+    ) -> Destination:
+        instance = super().from_db(db, field_names, values, **kwargs)
         if not instance.get_deferred_fields():
             instance._loaded_target = instance._target()
         return instance
 
-    def _target(self) -> tuple:
+    def _target(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f + "_id" if f == "application_entity" else f) for f in self.TARGET_FIELDS)
 
     @property
