@@ -35,7 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from routing.models import ApplicationEntity, StoreAssociation
 from routing.receive import dicom_tls
 from routing.receive.pynetdicom_speedups import pynetdicom_speedups
-from routing.store.spool import disk_space_low, incoming_dir, instance_store
+from routing.store.spool import OUT_OF_RESOURCES, disk_space_low, incoming_dir, instance_store
 from routing.tasks import enqueue_completion_check
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ TRANSFER_SYNTAXES = [
 # A-ASSOCIATE-RJ (result, source, reason) per PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CONGESTION = (0x02, 0x03, 0x01)
+
+# C-STORE failure statuses the handlers answer themselves (PS3.7 C.4.2, PS3.4 B.2.3).
+NOT_AUTHORIZED = 0x0124  # the sender is not (or no longer) on the allow-list
 
 ALLOW_LIST_TTL = 5.0  # seconds an allow-list read from the database is reused
 
@@ -296,19 +299,25 @@ class DicomListener:
         primitive = assoc.requestor.primitive
         assert primitive is not None  # EVT_REQUESTED fires on the A-ASSOCIATE-RQ
         calling = str(primitive.calling_ae_title).strip()
-        reject = None
-        if disk_space_low():
-            reject = REJECT_CONGESTION
-            reason = "free disk space below the floor"
-        else:
-            sender = self._allowed_sender(calling, assoc.requestor.address)
-            if sender is None and not settings.DICOM_ACCEPT_ANY_CALLING_AE:
-                reject = REJECT_CALLING_AE
-                reason = "calling AE title not recognised"
+        try:
+            reject, reason = self._association_refusal(calling, assoc)
+        except Exception as exc:
+            # pynetdicom logs an exception raised here and accepts the association anyway: fail
+            # closed, and transiently, so the sender retries once the database answers again.
+            reject, reason = REJECT_CONGESTION, f"allow-list check failed ({type(exc).__name__})"
         if reject:
             logger.warning("rejecting association from %s (%s): %s", calling, assoc.requestor.address, reason)
             assoc.acse.send_reject(*reject)
             assoc.kill()
+
+    def _association_refusal(self, calling: str, assoc) -> tuple[tuple[int, int, int] | None, str]:
+        """(A-ASSOCIATE-RJ, why) for an association we refuse, (None, "") for one we accept."""
+        if disk_space_low():
+            return REJECT_CONGESTION, "free disk space below the floor"
+        sender = self._allowed_sender(calling, assoc.requestor.address)
+        if sender is None and not settings.DICOM_ACCEPT_ANY_CALLING_AE:
+            return REJECT_CALLING_AE, "calling AE title not recognised"
+        return None, ""
 
     def handle_echo(self, event: evt.Event) -> int:
         return 0x0000
@@ -316,9 +325,18 @@ class DicomListener:
     def handle_store(self, event: evt.Event) -> int | tuple:
         request = cast(C_STORE, event.request)  # EVT_C_STORE carries the C-STORE request
         assoc = event.assoc
-        association_id = self._association_row(assoc)
         calling = assoc.requestor.ae_title.strip()
-        sender = self._allowed_sender(calling, assoc.requestor.address)
+        try:
+            sender = self._allowed_sender(calling, assoc.requestor.address)
+            association_id = self._association_row(assoc)
+        except Exception as exc:  # a locked or unreachable database: the sender should retry later
+            logger.warning("refusing C-STORE from %s: database unavailable (%s)", calling, type(exc).__name__)
+            Path(event.dataset_path).unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        if sender is None and not settings.DICOM_ACCEPT_ANY_CALLING_AE:
+            # The allow-list changed since the association was accepted (or its check failed then).
+            Path(event.dataset_path).unlink(missing_ok=True)
+            return NOT_AUTHORIZED
         result = instance_store(
             temp_path=Path(event.dataset_path),
             request_sop_class_uid=str(request.AffectedSOPClassUID),
