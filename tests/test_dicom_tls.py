@@ -432,3 +432,29 @@ def plain_associate(port: int):
     if assoc.is_established:
         assoc.release()
     return assoc
+
+
+# --- a certificate bound to a calling AE title -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["modality", "LOCALHOST"])  # the subject CN; a DNS subjectAltName
+def test_a_certificate_carrying_the_bound_name_is_accepted(listener_in_thread, certs, name):
+    ApplicationEntity.objects.filter(ae_title=CALLING).update(tls_certificate_name=name)
+    listener = listener_in_thread("tls")
+    assert echoscu(listener.port, *with_cert(certs.client, certs.ca)).returncode == 0
+
+
+def test_a_trusted_certificate_not_carrying_the_bound_name_is_rejected(listener_in_thread, certs):
+    ApplicationEntity.objects.filter(ae_title=CALLING).update(tls_certificate_name="ct-scanner-2")
+    listener = listener_in_thread("tls")
+    result = echoscu(listener.port, *with_cert(certs.client, certs.ca))
+    assert result.returncode != 0
+    assert "Rejected" in result.stderr or "rejected" in result.stderr.lower()
+
+
+def test_a_plain_association_for_an_ae_title_bound_to_a_certificate_is_rejected(listener_in_thread, certs):
+    ApplicationEntity.objects.filter(ae_title=CALLING).update(tls_certificate_name="modality")
+    listener = listener_in_thread("both")
+    assoc = plain_associate(listener.port)
+    assert assoc.is_rejected
+    assert assoc.acceptor.primitive.diagnostic == 3  # calling AE title not recognised

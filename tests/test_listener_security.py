@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from django.db import DatabaseError
 
+from pacslens.site_config.ae_titles import AE_TITLES
+from pacslens.staff.forms import ApplicationEntityForm
 from routing.models import ApplicationEntity, Instance
 from routing.receive.listener import DicomListener
 from tests.test_listener import CALLING, associate, make_ct
@@ -69,3 +71,37 @@ class TestFailClosed:
         assert assoc.send_c_store(make_ct()).Status == 0x0000
         assoc.release()
         assert Instance.objects.get().study.sender.ae_title == CALLING
+
+
+class TestSpoofedAeTitles:
+    def test_a_new_sender_has_its_address_checked_by_default(self, listener):
+        ApplicationEntity.objects.create(ae_title="NEWPACS", host="192.0.2.10")
+        assoc = associate(listener, calling="NEWPACS")
+        assert assoc.is_rejected
+        assert assoc.acceptor.primitive.diagnostic == 3
+
+    def test_a_new_sender_from_its_host_is_served(self, listener):
+        ApplicationEntity.objects.create(ae_title="NEWPACS", host="127.0.0.1")
+        assoc = associate(listener, calling="NEWPACS")
+        assert assoc.send_c_store(make_ct()).Status == 0x0000
+        assoc.release()
+
+    def test_the_form_requires_a_host_for_a_sender(self, db):
+        form = ApplicationEntityForm(data={"ae_title": "NEWPACS", "enabled": True, "may_send": True})
+        assert not form.is_valid()
+        assert "host" in form.errors
+        assert form.fields["check_peer_ip"].initial is True
+
+    def test_the_site_yaml_requires_a_host_for_a_sender(self, db):
+        problems = AE_TITLES.validate(
+            [{"ae_title": "NEWPACS", "may_send": True}, {"ae_title": "SR1", "may_send": False}]
+        )
+        assert len(problems) == 1
+        assert "NEWPACS" in problems[0] and "'host'" in problems[0]
+
+    def test_the_migration_leaves_existing_senders_as_they_were(self):
+        from importlib import import_module
+
+        migration = import_module("routing.migrations.0006_ae_sender_checks").Migration
+        operations = [type(op).__name__ for op in migration.operations]
+        assert sorted(operations) == ["AddField", "AlterField"]  # schema default only, no RunPython over rows

@@ -317,6 +317,8 @@ class DicomListener:
         sender = self._allowed_sender(calling, assoc.requestor.address)
         if sender is None and not settings.DICOM_ACCEPT_ANY_CALLING_AE:
             return REJECT_CALLING_AE, "calling AE title not recognised"
+        if sender is not None and not sender.certificate_accepted(_peer_certificate_names(assoc)):
+            return REJECT_CALLING_AE, "no client certificate carrying the name bound to this calling AE title"
         return None, ""
 
     def handle_echo(self, event: evt.Event) -> int:
@@ -401,6 +403,14 @@ class DicomListener:
 
     def refresh_allow_list(self) -> None:
         self._allow_list_read_at = 0.0
+
+
+def _peer_certificate_names(assoc) -> set[str]:
+    """Names in the peer's verified TLS client certificate; none on a plain connection."""
+    sock = assoc.dul.socket.socket if assoc.dul.socket else None
+    if not isinstance(sock, ssl.SSLSocket):
+        return set()
+    return dicom_tls.certificate_names(sock.getpeercert())
 
 
 def _same_host(configured: str, address: str) -> bool:
