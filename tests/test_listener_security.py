@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
-from django.db import DatabaseError
+import os
+import time
+from io import BytesIO
 
+import pytest
+from django.db import DatabaseError, OperationalError
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+
+from pacslens.ops.schedules import SCHEDULES
 from pacslens.site_config.ae_titles import AE_TITLES
 from pacslens.staff.forms import ApplicationEntityForm
 from routing.models import ApplicationEntity, Instance
 from routing.receive.listener import DicomListener
-from tests.test_listener import CALLING, associate, make_ct
+from routing.tasks import sweep_incoming
+from tests.test_listener import CALLING, associate, encode, make_ct
 
 
 @pytest.fixture
@@ -105,3 +113,64 @@ class TestSpoofedAeTitles:
         migration = import_module("routing.migrations.0006_ae_sender_checks").Migration
         operations = [type(op).__name__ for op in migration.operations]
         assert sorted(operations) == ["AddField", "AlterField"]  # schema default only, no RunPython over rows
+
+
+class TestFailureStatuses:
+    def test_a_busy_database_answers_out_of_resources_and_leaves_no_file(self, listener, data_dir, monkeypatch):
+        def locked(**kwargs):
+            raise OperationalError("database is locked")
+
+        monkeypatch.setattr("routing.store.spool.instance_record", locked)
+        assoc = associate(listener)
+        assert assoc.send_c_store(make_ct()).Status == 0xA700  # out of resources: the sender retries
+        assoc.release()
+        assert not list((data_dir / "incoming").iterdir())
+        assert not [p for p in (data_dir / "instances").rglob("*") if p.is_file()]
+
+    def test_an_abort_mid_transfer_leaves_no_temporary_file(self, listener, data_dir):
+        assoc = associate(listener)
+        fragments = c_store_fragments(assoc, make_ct(), pixel_bytes=2 * 1024 * 1024)
+        for primitive in fragments[: len(fragments) // 2]:
+            assoc.dul.send_pdu(primitive)
+        incoming = data_dir / "incoming"
+        assert wait_for(lambda: list(incoming.iterdir())), "the listener never started the receive"
+        assoc.abort()
+        assert wait_for(lambda: not list(incoming.iterdir())), list(incoming.iterdir())
+        assert not Instance.objects.exists()
+
+    def test_the_schedule_sweeps_orphaned_files_after_an_hour(self, data_dir):
+        incoming = data_dir / "incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        orphan, receiving = incoming / "tmpold.dcm", incoming / "tmpnew.dcm"
+        orphan.write_bytes(b"x")
+        receiving.write_bytes(b"x")
+        two_hours_ago = time.time() - 7200
+        os.utime(orphan, (two_hours_ago, two_hours_ago))
+        assert "routing.tasks.sweep_incoming" in dict(SCHEDULES)
+        assert sweep_incoming() == 1
+        assert list(incoming.iterdir()) == [receiving]
+
+
+def c_store_fragments(assoc, ds, *, pixel_bytes: int) -> list:
+    """The P-DATA primitives of one C-STORE request, as pynetdicom would send them."""
+    ds.Rows, ds.Columns = 1024, pixel_bytes // 2048
+    ds.PixelData = b"\x00\x01" * (pixel_bytes // 2)
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(encode(ds))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == ds.SOPClassUID)
+    return list(message.encode_msg(context.context_id, 16384))
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())

@@ -357,6 +357,7 @@ class DicomListener:
     def handle_ended(self, event: evt.Event, released: bool) -> None:
         """Close the association's row and ask the workers to check its studies for completion."""
         assoc = event.assoc
+        _partial_receive_remove(assoc)
         association_id = getattr(assoc, "_pacslens_association_id", None)
         released = released or getattr(assoc, "_pacslens_releasing", False)
         try:
@@ -411,6 +412,23 @@ def _peer_certificate_names(assoc) -> set[str]:
     if not isinstance(sock, ssl.SSLSocket):
         return set()
     return dicom_tls.certificate_names(sock.getpeercert())
+
+
+def _partial_receive_remove(assoc) -> None:
+    """Remove the temporary file of a C-STORE cut off mid-transfer by an abort or a dropped connection.
+
+    pynetdicom writes the dataset to it as fragments arrive and forgets it when the association
+    ends first; a complete message is handed to handle_store (and its file removed) instead.
+    """
+    message = getattr(assoc.dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    try:
+        partial.close()
+        Path(partial.name).unlink(missing_ok=True)
+    except OSError:  # the schedule's incoming sweep gets it later
+        logger.debug("cannot remove a partial receive file", exc_info=True)
 
 
 def _same_host(configured: str, address: str) -> bool:
