@@ -16,6 +16,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -91,9 +92,18 @@ class ReusePortServer(ThreadedAssociationServer):
     processes whatever their load (measured: 4 associations spread 3:1 over 2 processes).
     """
 
+    # The kernel's queue of connections not yet accepted (socketserver's default is 5: a burst of
+    # connections would have the kernel drop SYNs and a real sender wait for a retransmit).
+    request_queue_size = 128
+
     def __init__(self, *args, listening_socket: socket.socket | None = None, **kwargs) -> None:
         self._listening_socket = listening_socket
         self._recent_accepts: collections.deque[float] = collections.deque()
+        # Open connections (each costs two threads until it closes) by peer address; bounded below.
+        self.max_connections_per_peer: int | None = None
+        self.max_connections: int | None = None
+        self.on_connection_refused: Callable[[str], None] | None = None  # told the refusal reason
+        self._open_connections: dict[str, list[socket.socket]] = {}
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -150,6 +160,37 @@ class ReusePortServer(ThreadedAssociationServer):
         busy = len(self.active_associations) + len(recent)
         if busy:
             time.sleep(min(ACCEPT_DEFER * busy, ACCEPT_DEFER_MAX))
+
+    def process_request(self, request, client_address) -> None:
+        """Start the connection's thread, unless its peer (or everyone) already has too many open:
+        then close it at once, costing no thread. A sender treats that like a busy network and retries."""
+        refusal = self._connection_refusal(request, client_address[0])
+        if refusal is None:
+            super().process_request(request, client_address)
+            return
+        logger.warning("refusing connection from %s: %s", client_address[0], refusal)
+        self.shutdown_request(request)
+        if self.on_connection_refused is not None:
+            self.on_connection_refused(refusal)
+
+    def _connection_refusal(self, request: socket.socket, peer: str) -> str | None:
+        """Why a new connection from `peer` is refused, or None after counting it as open."""
+        # Closed sockets (association ended, handshake failed, ARTIM expired) leave the count here,
+        # on the accepting thread, so no association path has to remember to decrement.
+        for address in list(self._open_connections):
+            still_open = [sock for sock in self._open_connections[address] if sock.fileno() != -1]
+            if still_open:
+                self._open_connections[address] = still_open
+            else:
+                del self._open_connections[address]
+        from_peer = self._open_connections.setdefault(peer, [])
+        if self.max_connections_per_peer is not None and len(from_peer) >= self.max_connections_per_peer:
+            return "peer-connection-limit"
+        total = sum(len(each) for each in self._open_connections.values())
+        if self.max_connections is not None and total >= self.max_connections:
+            return "connection-limit"
+        from_peer.append(request)
+        return None
 
     def process_request_thread(self, request, client_address) -> None:
         if isinstance(request, ssl.SSLSocket) and not _tls_handshake(request, client_address, self.ae.acse_timeout):
@@ -257,6 +298,8 @@ class DicomListener:
                 ),
             )
             ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
+            server.max_connections_per_peer = settings.DICOM_MAX_ASSOCIATIONS_PER_PEER
+            server.max_connections = settings.DICOM_MAX_CONNECTIONS
             self.servers.append(server)
             name = "dicom-listener-tls" if uses_tls else "dicom-listener"
             threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
