@@ -158,6 +158,10 @@ DICOM_HOST = envstr("PACSLENS_DICOM_HOST", "0.0.0.0")
 DICOM_PORT = envint("PACSLENS_DICOM_PORT", 11112, minimum=1, maximum=65535)
 DICOM_LISTENER_PROCESSES = envint("PACSLENS_DICOM_LISTENER_PROCESSES", 2, minimum=1, maximum=64)
 DICOM_MAX_ASSOCIATIONS = envint("PACSLENS_DICOM_MAX_ASSOCIATIONS", 20, minimum=1)
+# Open connections (associations included) per peer address and in all, per listener process:
+# beyond them a new connection is closed at once, so a flood costs neither threads nor memory.
+DICOM_MAX_ASSOCIATIONS_PER_PEER = envint("PACSLENS_DICOM_MAX_ASSOCIATIONS_PER_PEER", 8, minimum=1)
+DICOM_MAX_CONNECTIONS = envint("PACSLENS_DICOM_MAX_CONNECTIONS", 5 * DICOM_MAX_ASSOCIATIONS, minimum=1)
 DICOM_ACSE_TIMEOUT = envfloat("PACSLENS_DICOM_ACSE_TIMEOUT", 30.0, minimum=1)
 DICOM_DIMSE_TIMEOUT = envfloat("PACSLENS_DICOM_DIMSE_TIMEOUT", 60.0, minimum=1)
 DICOM_NETWORK_TIMEOUT = envfloat("PACSLENS_DICOM_NETWORK_TIMEOUT", 60.0, minimum=1)

@@ -20,6 +20,7 @@ from django_q.tasks import async_task
 from routing.completion import studies_complete_due, study_try_complete
 from routing.models import StoreAssociation, Study, StudyState
 from routing.rules import studies_route_lost, study_route
+from routing.store.spool import incoming_sweep
 
 # A COMPLETE study not routed after this long lost its task (worker killed, broker row lost).
 ROUTING_IDLE = timedelta(minutes=1)
@@ -65,3 +66,8 @@ def sweep_completion() -> int:
     if studies_route_lost(idle=ROUTING_IDLE):
         async_task(INFER_TASK)
     return completed
+
+
+def sweep_incoming() -> int:
+    """Scheduled: temporary files of receives cut off by a crash or an abort, an hour after their last write."""
+    return incoming_sweep()

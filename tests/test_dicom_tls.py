@@ -450,3 +450,29 @@ def test_an_outbound_tls_ae_without_a_ca_file_refuses_to_start(tls_settings):
         call_command("check")
     tls_settings.DICOM_TLS_CA = Path(__file__)  # any set CA file: the check passes
     call_command("check")
+
+
+# --- a certificate bound to a calling AE title -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["modality", "LOCALHOST"])  # the subject CN; a DNS subjectAltName
+def test_a_certificate_carrying_the_bound_name_is_accepted(listener_in_thread, certs, name):
+    ApplicationEntity.objects.filter(ae_title=CALLING).update(tls_certificate_name=name)
+    listener = listener_in_thread("tls")
+    assert echoscu(listener.port, *with_cert(certs.client, certs.ca)).returncode == 0
+
+
+def test_a_trusted_certificate_not_carrying_the_bound_name_is_rejected(listener_in_thread, certs):
+    ApplicationEntity.objects.filter(ae_title=CALLING).update(tls_certificate_name="ct-scanner-2")
+    listener = listener_in_thread("tls")
+    result = echoscu(listener.port, *with_cert(certs.client, certs.ca))
+    assert result.returncode != 0
+    assert "Rejected" in result.stderr or "rejected" in result.stderr.lower()
+
+
+def test_a_plain_association_for_an_ae_title_bound_to_a_certificate_is_rejected(listener_in_thread, certs):
+    ApplicationEntity.objects.filter(ae_title=CALLING).update(tls_certificate_name="modality")
+    listener = listener_in_thread("both")
+    assoc = plain_associate(listener.port)
+    assert assoc.is_rejected
+    assert assoc.acceptor.primitive.diagnostic == 3  # calling AE title not recognised

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 
 import pytest
@@ -123,6 +124,26 @@ class TestAssociations:
             "pacslens_heartbeat_age_seconds",
             (("identity", Heartbeat.objects.get().identity), ("role", "listener")),
         ) in samples
+
+    def test_connections_over_the_per_peer_limit_are_counted_as_refused(self, transactional_db, data_dir, settings):
+        settings.DICOM_MAX_ASSOCIATIONS_PER_PEER = 2
+        listener = DicomListener(host="127.0.0.1", port=0, ae_title="PACSLENS")
+        server = listener.start()
+        counter = AssociationCounter()
+        counter.bind(server)
+        try:
+            held = [socket.create_connection(("127.0.0.1", listener.port), timeout=10) for _ in range(5)]
+            for sock in held[2:]:  # closed by the listener unanswered
+                assert sock.recv(1) == b""
+            for sock in held:
+                sock.close()
+        finally:
+            listener.stop(grace=2)
+        HeartbeatThread(role="listener", counter=counter).beat_once()
+        samples = scrape()
+        assert (
+            value(samples, "pacslens_dicom_associations_total", result="refused", reason="peer-connection-limit") == 3
+        )
 
 
 class TestAccess:

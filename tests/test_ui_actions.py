@@ -48,7 +48,8 @@ class TestApplicationEntityForm:
         assert (entry.actor, entry.object_id, entry.before, entry.after["port"]) == ("admin", str(entity.pk), None, 104)
 
     def test_edit_records_before_and_after(self, admin):
-        entity = ApplicationEntity.objects.create(ae_title="PACS1", host="10.0.0.5", port=104)
+        # check_peer_ip as the form below posts it (unticked), so only the host changes
+        entity = ApplicationEntity.objects.create(ae_title="PACS1", host="10.0.0.5", port=104, check_peer_ip=False)
         admin.post(
             f"/endpoints/ae/{entity.pk}/", {"ae_title": "PACS1", "host": "10.0.0.6", "port": "104", "enabled": "on"}
         )

@@ -57,6 +57,12 @@ class AssociationCounter:
     def bind(self, server) -> None:
         """Bind to a pynetdicom AssociationServer: every later association reports to us."""
         server.bind(evt.EVT_ACSE_SENT, self.on_acse_sent)
+        if hasattr(server, "on_connection_refused"):  # our ReusePortServer: connections closed unanswered
+            server.on_connection_refused = self.on_connection_refused
+
+    def on_connection_refused(self, reason: str) -> None:
+        with self._lock:
+            self._pending[(ASSOCIATIONS_COUNTER, f"refused:{reason}")] += 1
 
     def on_acse_sent(self, event) -> None:
         primitive = event.primitive

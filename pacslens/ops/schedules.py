@@ -12,6 +12,8 @@ from django_q.models import Schedule
 
 SCHEDULES: list[tuple[str, int]] = [
     ("routing.tasks.sweep_completion", 1),
+    # Orphaned receive files; the listener sweeps at start too, but it may run for months.
+    ("routing.tasks.sweep_incoming", 15),
     ("results.tasks.sweep_inference", 1),
     ("results.delivery_tasks.sweep_deliveries", 1),
     # Proves a worker runs scheduled tasks (/healthz "workers"); retention deletes old pixel data.

@@ -24,6 +24,7 @@ AE_TITLES = ModelSection(
         "receives_results",
         "may_query",
         "tls",
+        "tls_certificate_name",
         "quiet_period_seconds",
     ],
 )

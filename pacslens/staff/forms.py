@@ -87,15 +87,17 @@ class ApplicationEntityForm(forms.ModelForm):
             "receives_results",
             "may_query",
             "tls",
+            "tls_certificate_name",
             "quiet_period_seconds",
         ]
 
     def clean(self):
         cleaned = super().clean()
         assert cleaned is not None  # Form.clean returns cleaned_data
-        needs_address = cleaned.get("receives_results") or cleaned.get("may_query") or cleaned.get("check_peer_ip")
+        # A sender without a host is refused by the model's clean(), which the site YAML shares.
+        needs_address = cleaned.get("receives_results") or cleaned.get("may_query")
         if needs_address and not cleaned.get("host"):
-            self.add_error("host", "This node receives results, is queried or has its address checked: give its host.")
+            self.add_error("host", "This node receives results or is queried: give its host.")
         if (cleaned.get("receives_results") or cleaned.get("may_query")) and not cleaned.get("port"):
             self.add_error("port", "We connect to this node: give its DICOM port.")
         port = cleaned.get("port")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core import checks
+from django.core.exceptions import ValidationError
 from django.db import DatabaseError, models, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -55,8 +56,15 @@ class ApplicationEntity(models.Model):
     may_send = models.BooleanField(
         default=True, help_text="On the calling-AE allow-list: may open associations to store to us"
     )
+    # On by default: an AE title is a plain string any machine can claim; the host address is not.
     check_peer_ip = models.BooleanField(
-        default=False, help_text="Also require the association to come from the host's address"
+        default=True, help_text="Also require the association to come from the host's address"
+    )
+    tls_certificate_name = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="When set, associations with this calling AE title must come over DICOM TLS with a client "
+        "certificate carrying this name (its subject CN or a DNS name in its subjectAltName)",
     )
     receives_results = models.BooleanField(default=False, help_text="Results (SR) are stored to it")
     may_query = models.BooleanField(default=False, help_text="We may query/retrieve from it")
@@ -79,7 +87,20 @@ class ApplicationEntity(models.Model):
 
     def save(self, *args, **kwargs) -> None:
         self.ae_title = self.ae_title.strip()
+        self.tls_certificate_name = self.tls_certificate_name.strip()
         super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        if self.may_send and not self.host.strip():
+            raise ValidationError(
+                {"host": "A node that may send to us needs its host: the listener checks associations come from it."}
+            )
+
+    def certificate_accepted(self, names: set[str]) -> bool:
+        """Whether a client certificate with these names (CN and DNS subjectAltNames) may speak for this AE."""
+        if not self.tls_certificate_name:
+            return True
+        return self.tls_certificate_name.lower() in {name.lower() for name in names}
 
 
 class StudyState(models.TextChoices):

@@ -93,6 +93,15 @@ def handshake_problem(tls_args: tuple[ssl.SSLContext, str], host: str, port: int
         return None
 
 
+def certificate_names(certificate: dict | None) -> set[str]:
+    """The names a verified peer certificate (`SSLSocket.getpeercert()`) carries: subject CN and DNS subjectAltNames."""
+    if not certificate:
+        return set()
+    names = {value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"}
+    names.update(value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS")
+    return names
+
+
 def _harden(context: ssl.SSLContext) -> None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)

@@ -16,6 +16,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -35,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from routing.models import ApplicationEntity, StoreAssociation
 from routing.receive import dicom_tls
 from routing.receive.pynetdicom_speedups import pynetdicom_speedups
-from routing.store.spool import disk_space_low, incoming_dir, instance_store
+from routing.store.spool import OUT_OF_RESOURCES, disk_space_low, incoming_dir, instance_store
 from routing.tasks import enqueue_completion_check
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ TRANSFER_SYNTAXES = [
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CONGESTION = (0x02, 0x03, 0x01)
 
+# C-STORE failure statuses the handlers answer themselves (PS3.7 C.4.2, PS3.4 B.2.3).
+NOT_AUTHORIZED = 0x0124  # the sender is not (or no longer) on the allow-list
+
 ALLOW_LIST_TTL = 5.0  # seconds an allow-list read from the database is reused
 
 # Largest PDU we accept. pynetdicom's default (16 KiB) costs a Python round trip per 16 KiB;
@@ -88,9 +92,18 @@ class ReusePortServer(ThreadedAssociationServer):
     processes whatever their load (measured: 4 associations spread 3:1 over 2 processes).
     """
 
+    # The kernel's queue of connections not yet accepted (socketserver's default is 5: a burst of
+    # connections would have the kernel drop SYNs and a real sender wait for a retransmit).
+    request_queue_size = 128
+
     def __init__(self, *args, listening_socket: socket.socket | None = None, **kwargs) -> None:
         self._listening_socket = listening_socket
         self._recent_accepts: collections.deque[float] = collections.deque()
+        # Open connections (each costs two threads until it closes) by peer address; bounded below.
+        self.max_connections_per_peer: int | None = None
+        self.max_connections: int | None = None
+        self.on_connection_refused: Callable[[str], None] | None = None  # told the refusal reason
+        self._open_connections: dict[str, list[socket.socket]] = {}
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -147,6 +160,37 @@ class ReusePortServer(ThreadedAssociationServer):
         busy = len(self.active_associations) + len(recent)
         if busy:
             time.sleep(min(ACCEPT_DEFER * busy, ACCEPT_DEFER_MAX))
+
+    def process_request(self, request, client_address) -> None:
+        """Start the connection's thread, unless its peer (or everyone) already has too many open:
+        then close it at once, costing no thread. A sender treats that like a busy network and retries."""
+        refusal = self._connection_refusal(request, client_address[0])
+        if refusal is None:
+            super().process_request(request, client_address)
+            return
+        logger.warning("refusing connection from %s: %s", client_address[0], refusal)
+        self.shutdown_request(request)
+        if self.on_connection_refused is not None:
+            self.on_connection_refused(refusal)
+
+    def _connection_refusal(self, request: socket.socket, peer: str) -> str | None:
+        """Why a new connection from `peer` is refused, or None after counting it as open."""
+        # Closed sockets (association ended, handshake failed, ARTIM expired) leave the count here,
+        # on the accepting thread, so no association path has to remember to decrement.
+        for address in list(self._open_connections):
+            still_open = [sock for sock in self._open_connections[address] if sock.fileno() != -1]
+            if still_open:
+                self._open_connections[address] = still_open
+            else:
+                del self._open_connections[address]
+        from_peer = self._open_connections.setdefault(peer, [])
+        if self.max_connections_per_peer is not None and len(from_peer) >= self.max_connections_per_peer:
+            return "peer-connection-limit"
+        total = sum(len(each) for each in self._open_connections.values())
+        if self.max_connections is not None and total >= self.max_connections:
+            return "connection-limit"
+        from_peer.append(request)
+        return None
 
     def process_request_thread(self, request, client_address) -> None:
         if isinstance(request, ssl.SSLSocket) and not _tls_handshake(request, client_address, self.ae.acse_timeout):
@@ -254,6 +298,8 @@ class DicomListener:
                 ),
             )
             ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
+            server.max_connections_per_peer = settings.DICOM_MAX_ASSOCIATIONS_PER_PEER
+            server.max_connections = settings.DICOM_MAX_CONNECTIONS
             self.servers.append(server)
             name = "dicom-listener-tls" if uses_tls else "dicom-listener"
             threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
@@ -296,19 +342,27 @@ class DicomListener:
         primitive = assoc.requestor.primitive
         assert primitive is not None  # EVT_REQUESTED fires on the A-ASSOCIATE-RQ
         calling = str(primitive.calling_ae_title).strip()
-        reject = None
-        if disk_space_low():
-            reject = REJECT_CONGESTION
-            reason = "free disk space below the floor"
-        else:
-            sender = self._allowed_sender(calling, assoc.requestor.address)
-            if sender is None and not settings.DICOM_ACCEPT_ANY_CALLING_AE:
-                reject = REJECT_CALLING_AE
-                reason = "calling AE title not recognised"
+        try:
+            reject, reason = self._association_refusal(calling, assoc)
+        except Exception as exc:
+            # pynetdicom logs an exception raised here and accepts the association anyway: fail
+            # closed, and transiently, so the sender retries once the database answers again.
+            reject, reason = REJECT_CONGESTION, f"allow-list check failed ({type(exc).__name__})"
         if reject:
             logger.warning("rejecting association from %s (%s): %s", calling, assoc.requestor.address, reason)
             assoc.acse.send_reject(*reject)
             assoc.kill()
+
+    def _association_refusal(self, calling: str, assoc) -> tuple[tuple[int, int, int] | None, str]:
+        """(A-ASSOCIATE-RJ, why) for an association we refuse, (None, "") for one we accept."""
+        if disk_space_low():
+            return REJECT_CONGESTION, "free disk space below the floor"
+        sender = self._allowed_sender(calling, assoc.requestor.address)
+        if sender is None and not settings.DICOM_ACCEPT_ANY_CALLING_AE:
+            return REJECT_CALLING_AE, "calling AE title not recognised"
+        if sender is not None and not sender.certificate_accepted(_peer_certificate_names(assoc)):
+            return REJECT_CALLING_AE, "no client certificate carrying the name bound to this calling AE title"
+        return None, ""
 
     def handle_echo(self, event: evt.Event) -> int:
         return 0x0000
@@ -316,9 +370,18 @@ class DicomListener:
     def handle_store(self, event: evt.Event) -> int | tuple:
         request = cast(C_STORE, event.request)  # EVT_C_STORE carries the C-STORE request
         assoc = event.assoc
-        association_id = self._association_row(assoc)
         calling = assoc.requestor.ae_title.strip()
-        sender = self._allowed_sender(calling, assoc.requestor.address)
+        try:
+            sender = self._allowed_sender(calling, assoc.requestor.address)
+            association_id = self._association_row(assoc)
+        except Exception as exc:  # a locked or unreachable database: the sender should retry later
+            logger.warning("refusing C-STORE from %s: database unavailable (%s)", calling, type(exc).__name__)
+            Path(event.dataset_path).unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        if sender is None and not settings.DICOM_ACCEPT_ANY_CALLING_AE:
+            # The allow-list changed since the association was accepted (or its check failed then).
+            Path(event.dataset_path).unlink(missing_ok=True)
+            return NOT_AUTHORIZED
         result = instance_store(
             temp_path=Path(event.dataset_path),
             request_sop_class_uid=str(request.AffectedSOPClassUID),
@@ -337,6 +400,7 @@ class DicomListener:
     def handle_ended(self, event: evt.Event, released: bool) -> None:
         """Close the association's row and ask the workers to check its studies for completion."""
         assoc = event.assoc
+        _partial_receive_remove(assoc)
         association_id = getattr(assoc, "_pacslens_association_id", None)
         released = released or getattr(assoc, "_pacslens_releasing", False)
         try:
@@ -383,6 +447,31 @@ class DicomListener:
 
     def refresh_allow_list(self) -> None:
         self._allow_list_read_at = 0.0
+
+
+def _peer_certificate_names(assoc) -> set[str]:
+    """Names in the peer's verified TLS client certificate; none on a plain connection."""
+    sock = assoc.dul.socket.socket if assoc.dul.socket else None
+    if not isinstance(sock, ssl.SSLSocket):
+        return set()
+    return dicom_tls.certificate_names(sock.getpeercert())
+
+
+def _partial_receive_remove(assoc) -> None:
+    """Remove the temporary file of a C-STORE cut off mid-transfer by an abort or a dropped connection.
+
+    pynetdicom writes the dataset to it as fragments arrive and forgets it when the association
+    ends first; a complete message is handed to handle_store (and its file removed) instead.
+    """
+    message = getattr(assoc.dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    try:
+        partial.close()
+        Path(partial.name).unlink(missing_ok=True)
+    except OSError:  # the schedule's incoming sweep gets it later
+        logger.debug("cannot remove a partial receive file", exc_info=True)
 
 
 def _same_host(configured: str, address: str) -> bool:

@@ -15,13 +15,14 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
-from django.db import IntegrityError
+from django.db import IntegrityError, OperationalError
 from django.utils import timezone
 
 from routing.models import Instance
@@ -36,6 +37,10 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+
+# A temporary file nobody wrote to for this long is an orphan: a receive in progress writes at
+# least every network timeout (or pynetdicom aborts it), and storing one takes seconds.
+INCOMING_ORPHAN_SECONDS = 3600
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -58,6 +63,23 @@ def incoming_dir() -> Path:
     path = Path(settings.DATA_DIR) / "incoming"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def incoming_sweep(*, older_than: float = INCOMING_ORPHAN_SECONDS) -> int:
+    """Remove temporary files under `DATA_DIR/incoming` untouched for `older_than` seconds
+    (receives cut off by a crash or an abort); they never became instances. Returns how many."""
+    cutoff = time.time() - older_than
+    removed = 0
+    for path in incoming_dir().iterdir():
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:  # another process removed or stored it meanwhile
+            pass
+    if removed:
+        logger.info("removed %d orphaned temporary file(s) from %s", removed, incoming_dir())
+    return removed
 
 
 def disk_space_low() -> bool:
@@ -126,7 +148,20 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
         return StoreResult(OUT_OF_RESOURCES, "Out of resources: the instance could not be written to disk")
 
     try:
+        return _record(header, relative, final_path, **kwargs)
+    except OperationalError as exc:
+        # SQLite's lock timeout, a PostgreSQL failover: transient, so say "out of resources"
+        # (the sender retries later) rather than "processing failure" (many give up).
+        final_path.unlink(missing_ok=True)
+        logger.warning("cannot record instance %s: database busy (%s)", header["SOPInstanceUID"], exc)
+        return StoreResult(OUT_OF_RESOURCES, "Out of resources: the database is busy; send the instance again later")
+
+
+def _record(header: dict[str, str], relative: str, final_path: Path, **kwargs) -> StoreResult:
+    try:
         instance = instance_record(header=header, relative=relative, size=final_path.stat().st_size, **kwargs)
+    except OperationalError:
+        raise
     except IntegrityError:
         # The SOP Instance UID is already stored (a resend, or another association just now): the
         # unique constraint tells us, which saves a query on every instance that is not a duplicate.

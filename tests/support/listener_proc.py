@@ -246,6 +246,15 @@ class ListenerProcess:
         folder = self.data_dir / "incoming"
         return sorted(p for p in folder.iterdir() if p.is_file()) if folder.exists() else []
 
+    def query_write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """One statement that changes the database (before `start()`: the listener caches its allow-list)."""
+        conn = sqlite3.connect(self.db_path, timeout=20)
+        try:
+            with conn:
+                conn.execute(sql, params)
+        finally:
+            conn.close()
+
     def calling_ae_add(self, ae_title: str) -> None:
         """Allow-list another calling AE (copies a template row, so new model columns keep their values).
 

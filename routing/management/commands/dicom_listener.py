@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
@@ -24,9 +23,8 @@ from pacslens.ops.heartbeat import AssociationCounter, HeartbeatThread
 from routing.models import HeartbeatRole
 from routing.receive import dicom_tls
 from routing.receive.listener import DicomListener, listener_endpoints
-from routing.store.spool import incoming_dir
+from routing.store.spool import incoming_sweep
 
-STALE_TEMP_SECONDS = 24 * 3600
 LISTEN_BACKLOG = 128  # connections the kernel queues while every process is busy
 
 
@@ -43,7 +41,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, self.on_signal)
         port = port or settings.DICOM_PORT
         processes = processes or settings.DICOM_LISTENER_PROCESSES
-        remove_stale_temp_files(incoming_dir())
+        incoming_sweep()  # older than an hour; the schedule sweeps while we run
         endpoints = listener_endpoints(settings.DICOM_TLS_MODE, port, settings.DICOM_TLS_PORT)
         if settings.DICOM_TLS_MODE != "off":
             dicom_tls.server_context()  # a bad certificate or key fails here, not in every child
@@ -148,14 +146,3 @@ def listening_socket_bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def remove_stale_temp_files(folder: Path) -> None:
-    """Temporary files of associations cut off by a crash; never visible as instances."""
-    cutoff = time.time() - STALE_TEMP_SECONDS
-    for path in folder.iterdir():
-        try:
-            if path.is_file() and path.stat().st_mtime < cutoff:
-                path.unlink()
-        except OSError:
-            pass
