@@ -171,3 +171,32 @@ class TestEncryptionAtRest:
             destination=Destination.objects.get(), payload=None, key=("urn:ietf:rfc:3986", "k"), context=None
         )
         assert outcome.kind == OutcomeKind.CONFIG_ERROR and "cannot be decrypted" in outcome.message
+
+
+class TestRotateCommand:
+    def test_it_re_encrypts_every_secret_so_the_old_key_can_go(self, keys):
+        from django.core.management import call_command
+
+        old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+        keys.SECRETS_KEYS = [old]
+        for name in ("a", "b"):
+            Destination.objects.create(
+                name=name, kind="fhir", base_url="https://r/f", auth="bearer", secret=f"t-{name}"
+            )
+        keys.SECRETS_KEYS = [new, old]
+        _fernet.cache_clear()
+        call_command("secrets_rotate")
+        keys.SECRETS_KEYS = [new]
+        _fernet.cache_clear()
+        assert sorted(Destination.objects.values_list("secret", flat=True)) == ["t-a", "t-b"]
+
+    def test_it_names_what_no_key_decrypts(self, keys, capsys):
+        from django.core.management import call_command
+
+        keys.SECRETS_KEYS = [Fernet.generate_key().decode()]
+        Destination.objects.create(name="lost", kind="fhir", base_url="https://r/f", auth="bearer", secret="t")
+        keys.SECRETS_KEYS = [Fernet.generate_key().decode()]
+        _fernet.cache_clear()
+        call_command("secrets_rotate")
+        out = capsys.readouterr().out
+        assert "0 secret(s) re-encrypted" in out and "lost" in out
