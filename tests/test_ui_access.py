@@ -133,6 +133,17 @@ class TestLogin:
         # The same user from another workstation, through the same proxy, is not locked out.
         assert client.post("/login/", right, HTTP_X_FORWARDED_FOR="203.0.113.6", **via_proxy).status_code == 302
 
+    def test_the_audit_log_records_the_client_behind_a_trusted_proxy(self, client, users, settings):
+        settings.TRUSTED_PROXIES = [ipaddress.ip_network("10.0.0.1")]
+        client.post(
+            "/login/",
+            {"username": "informaticist", "password": "wrong"},
+            REMOTE_ADDR="10.0.0.1",
+            HTTP_X_FORWARDED_FOR="203.0.113.5",
+        )
+        entry = AuditEntry.objects.get(actor="informaticist", action="login_failed")
+        assert entry.remote_addr == "203.0.113.5"
+
     def test_a_forwarded_for_header_from_an_untrusted_peer_is_ignored(self, client, users, settings):
         settings.AXES_FAILURE_LIMIT = 3
         settings.TRUSTED_PROXIES = [ipaddress.ip_network("10.0.0.1")]

@@ -13,6 +13,8 @@ from django.dispatch import receiver
 from django.forms.models import model_to_dict
 from django.utils import timezone
 
+from pacslens.client_address import client_address
+
 SECRET_FIELDS = {"secret", "token_hash", "password"}
 MASK = "********"
 
@@ -109,9 +111,10 @@ def config_snapshot(obj: models.Model) -> dict:
 
 
 def _remote_addr(request) -> str | None:
+    # Behind the site's proxy, the client it forwarded for (PACSLENS_TRUSTED_PROXIES), not the proxy.
     if request is None:
         return None
-    return request.META.get("REMOTE_ADDR") or None
+    return client_address(request) or None
 
 
 # Login events come from django.contrib.auth's signals: they are the one hook that also covers the

@@ -26,6 +26,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 from pydicom import dcmread
 
+from pacslens.client_address import client_address
 from routing.models import ApplicationEntity, StoreAssociation, StowSender
 from routing.receive.multipart import BodyTooLarge, MultipartError, OutOfSpace, Part, iter_parts
 from routing.receive.stow_response import StowItem, stow_response
@@ -65,7 +66,7 @@ def stow_studies(request: HttpRequest, study_instance_uid: str | None = None) ->
     association = StoreAssociation.objects.create(
         calling_ae_title=sender.name,
         called_ae_title=settings.AE_TITLE,
-        peer_address=request.META.get("REMOTE_ADDR", "")[:64],
+        peer_address=client_address(request)[:64],
         listener="stow-rs",
     )
     items: list[StowItem] = []
@@ -227,9 +228,7 @@ def _unauthorized(request: HttpRequest) -> HttpResponse:
     response = _plain(401, "A valid bearer token for this sender is required (manage.py stow_token)")
     given = bool(request.headers.get("Authorization"))
     response["WWW-Authenticate"] = REALM + (', error="invalid_token"' if given else "")
-    logger.info(
-        "STOW-RS request from %s refused: %s token", request.META.get("REMOTE_ADDR"), "invalid" if given else "no"
-    )
+    logger.info("STOW-RS request from %s refused: %s token", client_address(request), "invalid" if given else "no")
     return response
 
 
