@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from routing.models import ApplicationEntity, StoreAssociation
 from routing.receive import dicom_tls
-from routing.receive.pynetdicom_speedups import pynetdicom_speedups
+from routing.receive.pynetdicom_speedups import partial_dataset_discard, pynetdicom_speedups
 from routing.store.spool import disk_space_low, incoming_dir, instance_store
 from routing.tasks import enqueue_completion_check
 
@@ -198,6 +198,7 @@ class DicomListener:
         self._allow_list: dict[str, ApplicationEntity] = {}
         self._allow_list_read_at = 0.0
         self._lock = threading.Lock()
+        self.speedups = False  # whether our pynetdicom receive path (and its PDU limits) is installed
 
     def endpoints(self) -> list[tuple[int, bool]]:
         """(port, uses TLS) for each port this listener serves."""
@@ -221,7 +222,8 @@ class DicomListener:
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
 
-        pynetdicom_speedups()
+        self.speedups = settings.DICOM_SPEEDUPS and pynetdicom_speedups(MAXIMUM_PDU_SIZE)
+        logger.info("pynetdicom %s receive speed-ups %s", pynetdicom.__version__, "on" if self.speedups else "OFF")
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         ae.maximum_associations = settings.DICOM_MAX_ASSOCIATIONS
@@ -339,6 +341,8 @@ class DicomListener:
         assoc = event.assoc
         association_id = getattr(assoc, "_pacslens_association_id", None)
         released = released or getattr(assoc, "_pacslens_releasing", False)
+        if self.speedups:
+            partial_dataset_discard(assoc)  # a C-STORE cut off mid data set leaves no file in incoming/
         try:
             if association_id is None:
                 return
