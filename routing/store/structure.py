@@ -19,6 +19,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom.uid import UID
+
 from routing.store.header import LONG_VRS, PIXEL_DATA, SEQUENCE_END, UNDEFINED, VRS
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -33,6 +35,9 @@ MAX_DEPTH = 64  # nested sequences; real data sets (SR content trees included) s
 _FIXED_SIZE = {b"US": 2, b"SS": 2, b"UL": 4, b"SL": 4, b"FL": 4, b"AT": 4, b"FD": 8, b"SV": 8, b"UV": 8}
 # Image attributes that give native Pixel Data its length: tag → index in _Walk.image.
 _IMAGE_TAGS = {0x00280002: 0, 0x00280008: 1, 0x00280010: 2, 0x00280011: 3, 0x00280100: 4, 0x00280004: 5}
+
+
+_PIXEL_TAGS = {0x7FE00008, 0x7FE00009, PIXEL_DATA}
 
 
 class StructureError(ValueError):
@@ -54,15 +59,22 @@ def dataset_structure_problem(path: Path) -> str | None:
                 start = _meta_end(data)
                 if start is None:
                     return None
-                syntax, pos = start
+                syntax, sop_class_uid, pos = start
                 if syntax == DEFLATED:
                     return None
+                walk = _Walk(data, syntax)
                 try:
-                    _Walk(data, syntax).run(pos)
+                    walk.run(pos)
                 except StructureError:
                     explicit_le = syntax not in (IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN)
-                    if not (explicit_le and _walks_as_implicit(data, syntax, pos)):
+                    if not explicit_le:
                         raise
+                    walk = _Walk(data, syntax, implicit=True)
+                    if not _walks_as_implicit(walk, pos):
+                        raise
+                if not walk.pixel_data and (walk.image[2] is not None or _is_image_storage(sop_class_uid)):
+                    # Cut short exactly between two elements: only the missing pixels tell.
+                    return "an image without Pixel Data"
             except StructureError as exc:
                 return str(exc)
             except struct.error:
@@ -70,11 +82,11 @@ def dataset_structure_problem(path: Path) -> str | None:
     return None
 
 
-def _meta_end(data: mmap.mmap) -> tuple[str, int] | None:
-    """The transfer syntax and where the data set starts (File Meta Information: explicit VR little endian)."""
+def _meta_end(data: mmap.mmap) -> tuple[str, str, int] | None:
+    """The transfer syntax, SOP Class and where the data set starts (File Meta Information: explicit VR little endian)."""
     if data[128:132] != b"DICM":
         return None
-    pos, syntax, size = 132, None, len(data)
+    pos, syntax, sop_class_uid, size = 132, None, "", len(data)
     while pos + 8 <= size and data[pos : pos + 2] == b"\x02\x00":
         element, vr = struct.unpack_from("<H2s", data, pos + 2)
         if vr in LONG_VRS:
@@ -85,18 +97,27 @@ def _meta_end(data: mmap.mmap) -> tuple[str, int] | None:
             value_at = pos + 8
         if value_at + length > size:
             raise StructureError("the File Meta Information is cut short")
-        if element == 0x0010:
-            syntax = bytes(data[value_at : value_at + length]).rstrip(b"\0 ").decode("ascii", "replace")
+        if element in (0x0002, 0x0010):
+            value = bytes(data[value_at : value_at + min(length, 64)]).rstrip(b"\0 ").decode("ascii", "replace")
+            if element == 0x0002:
+                sop_class_uid = value
+            else:
+                syntax = value
         pos = value_at + length
-    return None if syntax is None else (syntax, pos)
+    return None if syntax is None else (syntax, sop_class_uid, pos)
 
 
-def _walks_as_implicit(data: mmap.mmap, syntax: str, pos: int) -> bool:
+def _walks_as_implicit(walk: _Walk, pos: int) -> bool:
     """Some senders write implicit VR under an explicit VR meta header (pydicom reads them): accept those."""
-    if pos + 6 > len(data) or bytes(data[pos + 4 : pos + 6]) in VRS:
+    if pos + 6 > len(walk.data) or bytes(walk.data[pos + 4 : pos + 6]) in VRS:
         return False
-    _Walk(data, syntax, implicit=True).run(pos)
+    walk.run(pos)
     return True
+
+
+def _is_image_storage(sop_class_uid: str) -> bool:
+    """A storage SOP class whose IOD requires Pixel Data ("CT Image Storage", "... Image Storage - For ...")."""
+    return "Image Storage" in UID(sop_class_uid).name
 
 
 @dataclass
@@ -114,6 +135,7 @@ class _Walk:
     data: mmap.mmap
     syntax: str
     implicit: bool = False  # implicit VR whatever the syntax says (see _walks_as_implicit)
+    pixel_data: bool = False  # (float, double float) Pixel Data at the top level
     # Samples per Pixel, Number of Frames, Rows, Columns, Bits Allocated, Photometric
     # Interpretation (top level), as seen.
     image: list[int | str | None] = field(default_factory=lambda: [None] * 6)
@@ -176,6 +198,7 @@ class _Walk:
             if len(stack) >= MAX_DEPTH:
                 raise StructureError(f"sequences nested deeper than {MAX_DEPTH}")
             if tag == PIXEL_DATA and top:
+                self.pixel_data = True
                 if self.syntax in NATIVE_SYNTAXES:
                     raise StructureError("native Pixel Data of undefined length")
                 stack.append(_Frame("fragments", None, frame.implicit))
@@ -195,6 +218,8 @@ class _Walk:
                 raise StructureError(f"sequences nested deeper than {MAX_DEPTH}")
             stack.append(_Frame("sequence", end, frame.implicit))
             return at
+        if top and tag in _PIXEL_TAGS:
+            self.pixel_data = True
         if top and tag in _IMAGE_TAGS:
             self.image[_IMAGE_TAGS[tag]] = self.image_value(tag, at, length)
         if top and tag == PIXEL_DATA and self.syntax in NATIVE_SYNTAXES:
