@@ -8,11 +8,16 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from io import BytesIO
 
 import psutil
 import pytest
 from django.test import Client
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
 from routing.models import OpsCounter
@@ -49,6 +54,12 @@ def closed_by_peer(sock: socket.socket, timeout: float = 15.0) -> bool:
     except OSError:  # reset: closed as well
         return True
     return True
+
+
+def pdata_tf(primitive) -> bytes:
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
 
 
 def associate_then_claim(listener: ListenerProcess, length: int) -> socket.socket:
@@ -98,6 +109,33 @@ class TestPduClaims:
         log = listener.log()
         assert log.count("PDU type 0x04 claims 1073741824 bytes") == CLAIMS
         del sockets
+
+    def test_a_store_cut_off_mid_data_set_leaves_no_temp_file(self, listener_factory):
+        listener = listener_factory()
+        ae = AE(ae_title="PACSLENS_TEST")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate(listener.host, listener.port, ae_title=listener.ae_title)
+        assert assoc.is_established
+        request = C_STORE()
+        request.MessageID, request.Priority = 1, 2
+        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, generate_uid()
+        request.DataSet = BytesIO(b"\x08\x00\x16\x00UI\x1a\x00" + CTImageStorage.encode() + b"\0" + b"\0" * 200_000)
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        context_id = assoc.accepted_contexts[0].context_id
+        pdus = [pdata_tf(p) for p in message.encode_msg(context_id, 16384)]
+        raw = assoc.dul.socket.socket
+        raw.sendall(b"".join(pdus[: len(pdus) // 2]))  # the command and half the data set
+        deadline = time.monotonic() + 10
+        while not listener.temp_files() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert listener.temp_files(), "the listener should be receiving into a temp file"
+        raw.sendall(pdu_header(0x04, GIB))  # then a claim that aborts the association
+        deadline = time.monotonic() + 10
+        while listener.temp_files() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert listener.temp_files() == []
+        assert listener.echo() == 0
 
 
 @pytest.mark.django_db
