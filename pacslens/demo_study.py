@@ -134,9 +134,11 @@ def demo_study_write(
             ds.compress(ts_uid, encoding_plugin="pylibjpeg" if ts_uid == RLELossless else "")
         else:
             ds.file_meta.TransferSyntaxUID = ts_uid
-        if corrupt_pixels:
-            # Half the pixel data: the header parses, the pixels cannot be decoded.
-            ds.PixelData = ds.PixelData[: len(ds.PixelData) // 4 * 2]
+        if corrupt_pixels and index % 2:
+            # Half the pixel data, declared as 8-bit: each file is whole (the listener refuses
+            # cut-short pixel data), but the series is 16-bit, so inference cannot read them.
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+            ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
         if outdir is None:
             study.datasets.append(ds)
             continue

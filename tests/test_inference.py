@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import shutil
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pydicom
 import pytest
+from django.conf import settings
 from django.utils import timezone
 from onnx import TensorProto, helper, numpy_helper
 
@@ -371,10 +373,12 @@ class TestStatusAndSetup:
 
 class TestUnreadableFiles:
     def test_a_truncated_file_is_unreadable_not_a_crash(self, demo_site, tmp_path):
-        study = demo(tmp_path, slices=12, size=64, seed=73)
-        last = study.paths[5]
-        last.write_bytes(last.read_bytes()[:-1000])
-        study = ingest(study.paths)
+        written = demo(tmp_path, slices=12, size=64, seed=73)
+        study = ingest(written.paths)
+        # Cut short on disk after it was stored (the listener refuses a cut-short instance).
+        uid = pydicom.dcmread(written.paths[5], stop_before_pixels=True).SOPInstanceUID
+        stored = Path(settings.DATA_DIR) / study.instances.get(sop_instance_uid=uid).path
+        stored.write_bytes(stored.read_bytes()[:-1000])
         process_study(study.pk)
         result = InferenceResult.objects.get(study=study)
         assert result.failure_reason == FailureReason.UNREADABLE_PIXELS

@@ -23,6 +23,7 @@ from pynetdicom import evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from routing.models import Heartbeat, OpsCounter
+from routing.receive.pynetdicom_speedups import pdus_refused_take
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,11 @@ class AssociationCounter:
             self._pending[(ASSOCIATIONS_COUNTER, label)] += 1
 
     def take(self) -> dict[tuple[str, str], int]:
+        """The counts since the last take, with the PDUs the receive path refused (counted on its own threads)."""
         with self._lock:
-            pending, self._pending = dict(self._pending), Counter()
-        return pending
+            pending, self._pending = self._pending, Counter()
+        pending.update(pdus_refused_take())
+        return dict(pending)
 
     def put_back(self, deltas: dict[tuple[str, str], int]) -> None:
         with self._lock:

@@ -59,6 +59,7 @@ from routing.models import (
     Study,
     StudyState,
 )
+from routing.receive.pynetdicom_speedups import PDUS_REFUSED_COUNTER
 
 INFERENCE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 LATENCY_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -130,6 +131,14 @@ def associations() -> Iterator[Metric]:
         result, _, reason = label.partition(":")
         metric.add_metric([result, reason], value)
     yield metric
+    refused = CounterMetricFamily(
+        "pacslens_dicom_pdus_refused",
+        "PDUs the listener refused unread (longer than negotiated) and aborted their association for, by reason",
+        labels=["reason"],
+    )
+    for label, value in sorted(OpsCounter.values(PDUS_REFUSED_COUNTER).items()):
+        refused.add_metric([label], value)
+    yield refused
     yield _counter(
         "pacslens_store_associations",
         "Associations that stored at least one instance",

@@ -242,6 +242,7 @@ class DicomListener:
         self._allow_list: dict[str, ApplicationEntity] = {}
         self._allow_list_read_at = 0.0
         self._lock = threading.Lock()
+        self.speedups = False  # whether our pynetdicom receive path (and its PDU limits) is installed
 
     def endpoints(self) -> list[tuple[int, bool]]:
         """(port, uses TLS) for each port this listener serves."""
@@ -265,7 +266,8 @@ class DicomListener:
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
 
-        pynetdicom_speedups()
+        self.speedups = settings.DICOM_SPEEDUPS and pynetdicom_speedups(MAXIMUM_PDU_SIZE)
+        logger.info("pynetdicom %s receive speed-ups %s", pynetdicom.__version__, "on" if self.speedups else "OFF")
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         ae.maximum_associations = settings.DICOM_MAX_ASSOCIATIONS
@@ -467,9 +469,12 @@ def _partial_receive_remove(assoc) -> None:
     partial = getattr(message, "_data_set_file", None)
     if partial is None:
         return
+    # The receive speed-ups keep the path beside the file; stock pynetdicom's temporary file has a name.
+    path = getattr(message, "_data_set_path", None) or getattr(partial, "name", None)
     try:
         partial.close()
-        Path(partial.name).unlink(missing_ok=True)
+        if isinstance(path, str | Path):
+            Path(path).unlink(missing_ok=True)
     except OSError:  # the schedule's incoming sweep gets it later
         logger.debug("cannot remove a partial receive file", exc_info=True)
 

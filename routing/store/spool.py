@@ -28,6 +28,7 @@ from django.utils import timezone
 from routing.models import Instance
 from routing.store.header import instance_header_read
 from routing.store.records import instance_record, instance_restore
+from routing.store.structure import dataset_structure_problem
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,12 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
     if disk_space_low():
         logger.warning("refusing instance: free space under %s below the floor", settings.DATA_DIR)
         return StoreResult(OUT_OF_RESOURCES, "Out of resources: free disk space is below the configured floor")
+
+    # The header reader stops long before Pixel Data: a cut-short instance must not be acknowledged.
+    problem = dataset_structure_problem(temp_path)
+    if problem:
+        logger.info("refusing instance %s: %s", _safe_uid(request_sop_instance_uid), problem)
+        return StoreResult(CANNOT_UNDERSTAND, f"Cannot understand: the data set is incomplete or malformed ({problem})")
 
     # Flush the data to disk in another thread while this one parses and checks it; the rename
     # (and so Success) still waits for the flush.

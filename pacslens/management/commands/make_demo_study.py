@@ -32,7 +32,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--corrupt-pixels",
             action="store_true",
-            help="truncate the pixel data (headers stay valid): exercises the failure path",
+            help="make every other slice half as tall (each file valid): exercises the failure path",
         )
         parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable studies")
 

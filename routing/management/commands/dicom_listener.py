@@ -77,6 +77,7 @@ class Command(BaseCommand):
                 "port": listener.port,
                 "tls_port": listener.tls_port if listener.tls_mode != "off" else None,
                 "active_associations": sum(len(each.active_associations) for each in listener.servers),
+                "pynetdicom_speedups": listener.speedups,
             },
         )
         heartbeat.start()
