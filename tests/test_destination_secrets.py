@@ -14,7 +14,6 @@ from results.deliver.payload import OutcomeKind
 from results.deliver.senders import send
 from results.models import Destination
 from results.models.sealed import _fernet
-from tests.support.net import HeaderRecorder
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("plain_static_storage")]
 HX = {"HTTP_HX_REQUEST": "true"}
@@ -26,19 +25,6 @@ def keys(settings, data_dir):
     _fernet.cache_clear()
     yield settings
     _fernet.cache_clear()
-
-
-@pytest.fixture
-def admin(client, users):
-    client.force_login(users["admin"])
-    return client
-
-
-@pytest.fixture
-def recorder():
-    server = HeaderRecorder()
-    yield server
-    server.stop()
 
 
 def _stored(destination: Destination) -> str:

@@ -38,16 +38,7 @@ JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 
 
 def storescu(listener, files: list[Path], *options: str, calling: str = "STORESCU") -> subprocess.CompletedProcess:
-    program = require_program("storescu")
-    return subprocess.run(
-        [program, "-v", "-aet", calling, "-aec", listener.ae_title, *options, listener.host, str(listener.port)]
-        + [str(f) for f in files],
-        env=dcmtk_env(),
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=120,
-    )
+    return listener.storescu(files, "-v", *options, calling_ae_title=calling)
 
 
 def renumbered_copy(source: Path, folder: Path) -> Path:

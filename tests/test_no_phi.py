@@ -21,9 +21,9 @@ import pydicom
 import pytest
 
 from pacslens.demo_study import demo_study_write
-from tests.support.listener_proc import PYTHON, REPO, dcmtk_env
+from tests.support.listener_proc import PYTHON, REPO
 from tests.support.mllp import mllp_frame_read
-from tests.support.net import free_port, require_program
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.interop
 
@@ -157,22 +157,7 @@ def test_markers_appear_in_no_log_queue_or_error(listener_factory, ris, tmp_path
             ds = pydicom.dcmread(path)
             ds.PatientName, ds.PatientID, ds.PatientBirthDate = PATIENT_NAME, PATIENT_ID, BIRTH_DATE
             ds.save_as(path, enforce_file_format=True)
-        sent = subprocess.run(
-            [
-                require_program("storescu"),
-                "-aet",
-                "STORESCU",
-                "-aec",
-                listener.ae_title,
-                listener.host,
-                str(listener.port),
-                *map(str, study.paths),
-            ],
-            env=dcmtk_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        sent = listener.storescu(study.paths)
         assert sent.returncode == 0, sent.stderr
         assert listener.echo(calling_ae_title="NOT_ALLOWED") is None  # a rejection path too
         deliveries = _wait_deliveries_settled(listener, count=3)

@@ -14,8 +14,7 @@ import pydicom
 import pytest
 
 from pacslens.demo_study import demo_study_write
-from tests.support.listener_proc import PYTHON, REPO, base_env, dcmtk_env
-from tests.support.net import require_program
+from tests.support.listener_proc import PYTHON, REPO, base_env
 
 pytestmark = pytest.mark.interop
 
@@ -65,14 +64,7 @@ def site(listener_factory, tmp_path):
 
 
 def send(listener, paths: list[Path], calling: str = "STORESCU") -> None:
-    program = require_program("storescu")
-    done = subprocess.run(
-        [program, "-aet", calling, "-aec", listener.ae_title, listener.host, str(listener.port), *map(str, paths)],
-        env=dcmtk_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = listener.storescu(paths, calling_ae_title=calling)
     assert done.returncode == 0, done.stderr
 
 

@@ -10,23 +10,9 @@ import pytest
 from routing.models import AuditEntry, PollSource
 from routing.pull.dicomweb import query_studies
 from routing.pull.types import PullError
-from tests.support.net import HeaderRecorder
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("plain_static_storage")]
 HX = {"HTTP_HX_REQUEST": "true"}
-
-
-@pytest.fixture
-def admin(client, users):
-    client.force_login(users["admin"])
-    return client
-
-
-@pytest.fixture
-def recorder():
-    server = HeaderRecorder()
-    yield server
-    server.stop()
 
 
 def _form(url: str, token_env: str) -> dict:

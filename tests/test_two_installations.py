@@ -17,9 +17,9 @@ import pytest
 
 from pacslens.demo_study import demo_study_write
 from tests.support.fhir_server import TOKEN, FHIRServer
-from tests.support.listener_proc import PYTHON, REPO, ListenerProcess, base_env, dcmtk_env, template_db_create
+from tests.support.listener_proc import PYTHON, REPO, ListenerProcess, base_env, template_db_create
 from tests.support.mllp import MLLPListener
-from tests.support.net import free_port, require_program
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.interop
 
@@ -72,21 +72,7 @@ class Gateway:
         return done.stdout
 
     def send(self, paths: list[Path]) -> None:
-        listener = self.listener
-        done = subprocess.run(
-            [
-                require_program("storescu"),
-                "-aec",
-                listener.ae_title,
-                listener.host,
-                str(listener.port),
-                *map(str, paths),
-            ],
-            env=dcmtk_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = self.listener.storescu(paths)
         assert done.returncode == 0, done.stderr
 
     def deliveries(self) -> list[dict]:

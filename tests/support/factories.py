@@ -8,6 +8,7 @@ and `plain_static_storage`, which the staff-UI test modules ask for with `usefix
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -31,6 +32,7 @@ from routing.models import (
     StudyState,
 )
 from routing.store.spool import instance_store
+from tests.support.net import HeaderRecorder
 
 PASSWORD = "correct horse battery staple"
 ROLES = ("admin", "informaticist", "superuser", "nobody")
@@ -294,3 +296,18 @@ def dicom_destination(rule, port, name="pacs", ae_title="STORESCP", **overrides)
     destination.full_clean()
     destination.rules.add(rule)
     return destination
+
+
+@pytest.fixture
+def admin(client, users):
+    """The test client logged in as the PACS administrator."""
+    client.force_login(users["admin"])
+    return client
+
+
+@pytest.fixture
+def recorder() -> Iterator[HeaderRecorder]:
+    """An HTTP server that records the headers it is sent (where would a secret go?)."""
+    server = HeaderRecorder()
+    yield server
+    server.stop()

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.net import free_port
+from tests.support.net import free_port, require_program
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -146,6 +146,20 @@ class ListenerProcess:
                 return
             time.sleep(0.1)
         raise AssertionError(f"listener did not answer C-ECHO within {timeout} s:\n{self.log()}")
+
+    def storescu(
+        self, paths: Sequence[Path], *options: str, calling_ae_title: str = "STORESCU"
+    ) -> subprocess.CompletedProcess[str]:
+        """dcmtk's storescu sends `paths` to this listener, as a modality or a PACS would."""
+        command = [require_program("storescu"), "-aet", calling_ae_title, "-aec", self.ae_title, *options]
+        return subprocess.run(
+            [*command, self.host, str(self.port), *map(str, paths)],
+            env=dcmtk_env(),
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=120,
+        )
 
     def echo(self, calling_ae_title: str = "PACSLENS_TEST") -> int | None:
         """C-ECHO status from a pynetdicom SCU, or None when no association was established."""
