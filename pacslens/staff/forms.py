@@ -76,20 +76,7 @@ class StudyFilterForm(forms.Form):
 class ApplicationEntityForm(forms.ModelForm):
     class Meta:
         model = ApplicationEntity
-        fields = [
-            "ae_title",
-            "host",
-            "port",
-            "description",
-            "enabled",
-            "may_send",
-            "check_peer_ip",
-            "receives_results",
-            "may_query",
-            "tls",
-            "tls_certificate_name",
-            "quiet_period_seconds",
-        ]
+        fields = ApplicationEntity.CONFIG_FIELDS
 
     def clean(self):
         cleaned = super().clean()

@@ -48,6 +48,22 @@ def outbound_tls_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
 class ApplicationEntity(models.Model):
     """A remote DICOM node: a PACS, a modality, a router."""
 
+    # What staff set, in the form and in the site YAML alike (one list, so neither misses a field).
+    CONFIG_FIELDS = [
+        "ae_title",
+        "host",
+        "port",
+        "description",
+        "enabled",
+        "may_send",
+        "check_peer_ip",
+        "receives_results",
+        "may_query",
+        "tls",
+        "tls_certificate_name",
+        "quiet_period_seconds",
+    ]
+
     ae_title = models.CharField(max_length=16, unique=True, validators=[validate_ae_title])
     host = models.CharField(max_length=255, blank=True, help_text="Host name or IP address")
     port = models.PositiveIntegerField(null=True, blank=True)
