@@ -17,8 +17,9 @@ from results.deliver.fhir import (
     send_fhir_result,
 )
 from results.deliver.payload import OutcomeKind, Protocol
-from tests.support.fhir_server import TOKEN, make_payload, send
+from tests.support.fhir_server import TOKEN, send
 from tests.support.identities import identity
+from tests.support.identities import result_payload as make_payload
 from tests.support.net import free_port
 
 # --- Building -----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from routing.models import Instance, StowSender
 from routing.receive.multipart import MultipartError, iter_parts
 from tests.support.ct import make_ct_slices
 from tests.support.dicom_files import part10_bytes
-from tests.support.fhir_server import make_payload
+from tests.support.identities import result_payload as make_payload
 from tests.support.net import free_port
 
 FUZZ = fuzz_settings(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from results.deliver.hl7 import (
     send_mllp,
 )
 from results.deliver.payload import OutcomeKind, Priority, Protocol, ResultPayload
-from tests.support.identities import identity
+from tests.support.identities import identity, result_payload
 from tests.support.mllp import MLLPListener
 from tests.support.net import free_port
 
@@ -26,21 +25,8 @@ MESSAGE_TYPES = ("ORU^R01", "ORM^O01")
 
 
 def make_payload(**overrides: Any) -> ResultPayload:
-    values: dict[str, Any] = dict(
-        study_instance_uid="1.2.826.0.1.3680043.8.498.1",
-        accession_number="ACC0042",
-        patient_id="PID-77",
-        patient_name="Doe^Jane",
-        triage_score=0.8731,
-        finding_flag=True,
-        model_name="demo-ich",
-        model_version="1.2.0",
-        identity=identity("result-42"),
-        created_at=dt.datetime(2024, 1, 1, 12, 5, 30, tzinfo=dt.UTC),
-        priority=Priority.STAT,
-    )
-    values.update(overrides)
-    return ResultPayload(**values)
+    defaults = {"study_instance_uid": "1.2.826.0.1.3680043.8.498.1", "accession_number": "ACC0042"}
+    return result_payload(**{**defaults, "identity": identity("result-42"), **overrides})
 
 
 def fields(er7: str, segment: str, occurrence: int = 0) -> list[str]:

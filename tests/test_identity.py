@@ -22,8 +22,9 @@ from results.deliver.ledger import deliveries_create
 from results.deliver.payload import ResultIdentity
 from results.models import Installation
 from tests.support.factories import dicom_destination, hl7_destination, inferred_study
-from tests.support.fhir_server import make_payload, send
+from tests.support.fhir_server import send
 from tests.support.identities import identity
+from tests.support.identities import result_payload as make_payload
 
 PURPOSES = ("sr-sop-instance", "sr-series", "sr-tracking", "fhir-observation")
 

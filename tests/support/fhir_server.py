@@ -2,13 +2,12 @@
 conditional create (If-None-Exist) and conditional update, bearer `TOKEN` required.
 
 The `fhir_server` fixture (registered in conftest) is one on a free port, stopped at teardown.
-`make_payload` is the result the FHIR tests deliver (study ...77, ACC0077) and `send` delivers
-one to a server as the FHIR sender does.
+`send` delivers a result (by default tests.support.identities.result_payload) to a server as
+the FHIR sender does.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import http.server
 import json
 import threading
@@ -21,8 +20,8 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
 
 from results.deliver.fhir import send_fhir_result
-from results.deliver.payload import Priority, ResultPayload
-from tests.support.identities import identity
+from results.deliver.payload import ResultPayload
+from tests.support.identities import result_payload
 from tests.support.net import free_port
 
 TOKEN = "test-token"
@@ -173,23 +172,5 @@ def fhir_server() -> Iterator[FHIRServer]:
     server.stop()
 
 
-def make_payload(**overrides: Any) -> ResultPayload:
-    values: dict[str, Any] = dict(
-        study_instance_uid="1.2.826.0.1.3680043.8.498.77",
-        accession_number="ACC0077",
-        patient_id="PID-77",
-        patient_name="Doe^Jane",
-        triage_score=0.8731,
-        finding_flag=True,
-        model_name="demo-ich",
-        model_version="1.2.0",
-        identity=identity("result-77"),
-        created_at=dt.datetime(2024, 1, 1, 12, 5, 30, tzinfo=dt.UTC),
-        priority=Priority.STAT,
-    )
-    values.update(overrides)
-    return ResultPayload(**values)
-
-
 def send(server: FHIRServer, payload: ResultPayload | None = None, **kwargs: Any):
-    return send_fhir_result(server.url, payload or make_payload(), bearer_token=kwargs.pop("token", TOKEN), **kwargs)
+    return send_fhir_result(server.url, payload or result_payload(), bearer_token=kwargs.pop("token", TOKEN), **kwargs)
