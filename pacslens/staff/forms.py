@@ -14,12 +14,14 @@ from django.db.models import Exists, OuterRef, Q, QuerySet
 from results.models import AIModel, AuthKind, Destination, InferenceResult
 from routing.models import (
     ApplicationEntity,
+    HttpClientAuth,
     PollSource,
     RoutingRule,
     RuleCondition,
     Study,
     StudyState,
 )
+from routing.models.sealed import UnreadableSecret
 
 STUDY_SORTS = {
     "received": "first_received_at",
@@ -136,13 +138,72 @@ class DryRunForm(forms.Form):
     study = forms.IntegerField(required=False, min_value=1, label="Study id (empty: the most recent studies)")
 
 
-class PollSourceForm(forms.ModelForm):
+SECRET_PLACEHOLDER = "(unchanged)"
+
+
+def _write_only(label: str) -> forms.CharField:
+    return forms.CharField(
+        required=False,
+        label=label,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only: never shown again. Leave empty to keep the current one.",
+    )
+
+
+# The HTTPS client fields a DICOMweb or FHIR destination and a DICOMweb poll source share
+# (routing.models.oauth.HttpClientAuth): OAuth 2.0 client credentials and the CA bundle.
+HTTP_AUTH_WIDGETS = {
+    "ca_bundle": forms.Textarea(
+        attrs={"rows": 4, "spellcheck": "false", "placeholder": "-----BEGIN CERTIFICATE-----", "class": "mono"}
+    ),
+}
+
+
+class WriteOnlySecretsForm(forms.ModelForm):
+    """Secrets are write-only: never rendered back, kept as they are when left empty on edit, and
+    asked for again when the row's target changes (the model's TARGET_FIELDS), so a stored secret
+    never goes to a new target. Subclasses say which secrets their current values need."""
+
+    SECRETS: tuple[str, ...] = ()
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name in self.SECRETS:
+            stored = getattr(self.instance, name) if self.instance.pk else ""
+            if stored or isinstance(stored, UnreadableSecret):
+                self.fields[name].widget.attrs["placeholder"] = SECRET_PLACEHOLDER
+
+    def secret_needed(self, name: str, cleaned: dict) -> bool:
+        raise NotImplementedError
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        assert cleaned is not None  # ModelForm.clean returns cleaned_data
+        moved = self.instance.pk and set(type(self.instance).TARGET_FIELDS) & set(self.changed_data)
+        for name in self.SECRETS:
+            if cleaned.get(name):
+                continue
+            stored = getattr(self.instance, name) if self.instance.pk else ""
+            if not moved:
+                cleaned[name] = stored
+            elif self.secret_needed(name, cleaned) and (stored or isinstance(stored, UnreadableSecret)):
+                self.add_error(
+                    name,
+                    "The target or authentication changed: enter it again "
+                    "(a stored secret is never sent to a new target).",
+                )
+        return cleaned
+
+
+class PollSourceForm(WriteOnlySecretsForm):
     dicomweb_url = forms.URLField(
         required=False,
         assume_scheme="https",
         label="DICOMweb URL",
         help_text="DICOMweb base URL, e.g. https://pacs/dicom-web",
     )
+    oauth_client_secret = _write_only("OAuth client secret")
+    SECRETS = ("oauth_client_secret",)
 
     class Meta:
         model = PollSource
@@ -155,6 +216,7 @@ class PollSourceForm(forms.ModelForm):
             "move_destination",
             "dicomweb_url",
             "dicomweb_token_env",
+            *HttpClientAuth.HTTP_AUTH_FIELDS,
             "interval_seconds",
             "modalities",
             "lookback_hours",
@@ -162,21 +224,18 @@ class PollSourceForm(forms.ModelForm):
             "max_concurrent_retrieves",
             "min_query_spacing_seconds",
         ]
+        widgets = HTTP_AUTH_WIDGETS
+
+    def secret_needed(self, name: str, cleaned: dict) -> bool:
+        return bool(cleaned.get("oauth_token_url"))
 
 
-SECRET_PLACEHOLDER = "(unchanged)"
+class DestinationForm(WriteOnlySecretsForm):
+    """Model validation (`Destination.clean`) reports per kind, next to the field it concerns."""
 
-
-class DestinationForm(forms.ModelForm):
-    """Model validation (`Destination.clean`) reports per kind, next to the field it concerns.
-    The secret is write-only: it is never rendered back, and left empty on edit it stays as it was."""
-
-    secret = forms.CharField(
-        required=False,
-        label="Password or token",
-        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
-        help_text="Write-only: never shown again. Leave empty to keep the current one.",
-    )
+    secret = _write_only("Password or token")
+    oauth_client_secret = _write_only("OAuth client secret")
+    SECRETS = ("secret", "oauth_client_secret")
 
     class Meta:
         model = Destination
@@ -190,6 +249,7 @@ class DestinationForm(forms.ModelForm):
             "auth",
             "username",
             "secret",
+            *HttpClientAuth.HTTP_AUTH_FIELDS,
             "host",
             "port",
             "hl7_message_type",
@@ -209,32 +269,11 @@ class DestinationForm(forms.ModelForm):
             "breaker_cooldown_seconds",
             "rules",
         ]
-        widgets = {"rules": forms.CheckboxSelectMultiple}
+        widgets = {"rules": forms.CheckboxSelectMultiple, **HTTP_AUTH_WIDGETS}
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._stored_secret = self.instance.secret if self.instance.pk else ""
-        if self._stored_secret or (self.instance.pk and self.instance.secret_unreadable):
-            self.fields["secret"].widget.attrs["placeholder"] = SECRET_PLACEHOLDER
-
-    def clean(self) -> dict:
-        cleaned = super().clean()
-        assert cleaned is not None  # ModelForm.clean returns cleaned_data
-        if cleaned.get("secret"):
-            return cleaned
-        # The stored secret stays only while it goes where, and how, it went before.
-        moved = self.instance.pk and set(Destination.TARGET_FIELDS) & set(self.changed_data)
-        if not moved:
-            cleaned["secret"] = self.instance.secret if self.instance.pk else ""
-        elif cleaned.get("auth", AuthKind.NONE) != AuthKind.NONE and (
-            self._stored_secret or self.instance.secret_unreadable
-        ):
-            self.add_error(
-                "secret",
-                "The target or authentication changed: enter the password or token again "
-                "(the stored one is never sent to a new target).",
-            )
-        return cleaned
+    def secret_needed(self, name: str, cleaned: dict) -> bool:
+        auth = cleaned.get("auth", AuthKind.NONE)
+        return auth == AuthKind.OAUTH2 if name == "oauth_client_secret" else auth in (AuthKind.BASIC, AuthKind.BEARER)
 
 
 class DiscardForm(forms.Form):

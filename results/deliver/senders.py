@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import cast
 
+import requests
 from django.conf import settings
+from pydicom.dataset import Dataset
 
 from results.deliver.dicom_send import StoreSession
 from results.deliver.fhir import FHIRBuildError, send_fhir_result
@@ -24,9 +26,10 @@ from results.deliver.hl7 import (
 )
 from results.deliver.payload import Outcome, OutcomeKind, Protocol, ResultPayload
 from results.deliver.sr import SRBuildError, build_sr
-from results.deliver.stow_client import HttpAuth, stow_datasets
+from results.deliver.stow_client import stow_datasets
 from results.models import Destination
-from results.models.sealed import SECRET_UNREADABLE
+from routing.models.sealed import SECRET_UNREADABLE
+from routing.oauth import OAuthBearer, OAuthClient, TokenError, tls_verify
 from routing.receive import dicom_tls
 
 BuildError = (SRBuildError, HL7BuildError, FHIRBuildError)
@@ -35,30 +38,73 @@ BuildError = (SRBuildError, HL7BuildError, FHIRBuildError)
 def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[str, str], context) -> Outcome:
     """Send `payload` to `destination` under its idempotency `key`: the SR's SOP Instance UID,
     the HL7 MSH-10 control id, or for FHIR the Observation identifier (system, value)."""
-    if destination.auth != "none" and destination.kind in ("dicomweb", "fhir") and destination.secret_unreadable:
+    key_value = str(key[1] if isinstance(key, tuple) else key)
+    if destination.kind in ("dicomweb", "fhir"):
+        unreadable = (
+            destination.oauth_secret_unreadable if destination.auth == "oauth2" else destination.secret_unreadable
+        )
+        if destination.auth != "none" and unreadable:
+            return Outcome(OutcomeKind.CONFIG_ERROR, Protocol(destination.kind), None, SECRET_UNREADABLE, key_value)
+        try:
+            return _send_http(destination, payload, key)
+        except TokenError as exc:
+            return Outcome(OutcomeKind.TOKEN_ERROR, Protocol(destination.kind), exc.code, str(exc), key_value)
+    return _send_dimse_or_mllp(destination, payload, key, context)
+
+
+def http_session(destination: Destination) -> requests.Session:
+    """A session for a DICOMweb or FHIR destination: its authentication and its CA bundle.
+    Raises TokenError when an OAuth token cannot be had."""
+    session = requests.Session()
+    session.verify = tls_verify(destination)
+    if destination.auth == "oauth2":
+        session.auth = OAuthBearer(OAuthClient.of(destination))
+    elif destination.auth == "basic":
+        session.auth = (destination.username, destination.secret)
+    elif destination.auth == "bearer":
+        session.headers["Authorization"] = f"Bearer {destination.secret}"
+    return session
+
+
+def _send_http(destination: Destination, payload: ResultPayload, key: str | tuple[str, str]) -> Outcome:
+    with http_session(destination) as session:
+        if destination.kind == "fhir":
+            assert isinstance(key, tuple)
+            return send_fhir_result(
+                destination.base_url, payload, timeout=destination.timeout_seconds, identifier=key, session=session
+            )
+        sr = _sr_for(destination, payload, key)
+        if isinstance(sr, Outcome):
+            return sr
+        return stow_datasets(
+            destination.base_url,
+            [sr],
+            timeout=destination.timeout_seconds,
+            session=session,
+            verify=tls_verify(destination),
+        )[0]
+
+
+def _sr_for(destination: Destination, payload: ResultPayload, key: str | tuple[str, str]) -> Dataset | Outcome:
+    sr = build_sr(payload)
+    if sr.SOPInstanceUID != key:
+        # Keys are minted once; an SR under another UID would be a second copy at the PACS.
         return Outcome(
-            OutcomeKind.CONFIG_ERROR,
+            OutcomeKind.PERMANENT,
             Protocol(destination.kind),
             None,
-            SECRET_UNREADABLE,
-            str(key[1] if isinstance(key, tuple) else key),
+            f"the SR built for this result has SOP Instance UID {sr.SOPInstanceUID}, not the delivery's {key}",
+            str(key),
         )
-    if destination.kind in ("dicom", "dicomweb"):
-        sr = build_sr(payload)
-        if sr.SOPInstanceUID != key:
-            # Keys are minted once; an SR under another UID would be a second copy at the PACS.
-            return Outcome(
-                OutcomeKind.PERMANENT,
-                Protocol(destination.kind),
-                None,
-                f"the SR built for this result has SOP Instance UID {sr.SOPInstanceUID}, not the delivery's {key}",
-                str(key),
-            )
-        if destination.kind == "dicom":
-            return _send_dicom(destination, sr, context)
-        return stow_datasets(
-            destination.base_url, [sr], auth=http_auth(destination), timeout=destination.timeout_seconds
-        )[0]
+    return sr
+
+
+def _send_dimse_or_mllp(
+    destination: Destination, payload: ResultPayload, key: str | tuple[str, str], context
+) -> Outcome:
+    if destination.kind == "dicom":
+        sr = _sr_for(destination, payload, key)
+        return sr if isinstance(sr, Outcome) else _send_dicom(destination, sr, context)
     if destination.kind == "hl7":
         assert isinstance(key, str)
         message = build_hl7_message(
@@ -75,12 +121,6 @@ def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[s
             control_id=key,
             policy=ack_policy(destination),
             ack_timeout=destination.timeout_seconds,
-        )
-    if destination.kind == "fhir":
-        assert isinstance(key, tuple)
-        token = destination.secret if destination.auth == "bearer" else None
-        return send_fhir_result(
-            destination.base_url, payload, bearer_token=token, timeout=destination.timeout_seconds, identifier=key
         )
     raise ValueError(f"unknown destination kind {destination.kind!r}")
 
@@ -103,14 +143,6 @@ def _send_dicom(destination: Destination, sr, context) -> Outcome:
             return failure
         context.sessions[destination.pk] = session
     return session.store(sr)
-
-
-def http_auth(destination: Destination) -> HttpAuth:
-    if destination.auth == "basic":
-        return HttpAuth(kind="basic", username=destination.username, password=destination.secret)
-    if destination.auth == "bearer":
-        return HttpAuth(kind="bearer", token=destination.secret)
-    return HttpAuth()
 
 
 def hl7_settings(destination: Destination) -> HL7Settings:

@@ -1,5 +1,5 @@
 """Routing app models, one module per seam: core (AE titles, studies, timeline), rules (routing),
-pull (poll sources, polls, retrieves, STOW-RS senders)."""
+pull (poll sources, polls, retrieves, STOW-RS senders), oauth (how we authenticate to HTTPS peers)."""
 
 from routing.models.audit import AuditAction, AuditEntry
 from routing.models.core import (
@@ -12,6 +12,7 @@ from routing.models.core import (
     StudyEvent,
     StudyState,
 )
+from routing.models.oauth import HttpClientAuth, OAuthToken
 from routing.models.ops import Heartbeat, HeartbeatRole, OpsCounter
 from routing.models.pull import Backfill, Poll, PollSource, StowSender, StudyRetrieve
 from routing.models.rules import Operator, RoutingDecision, RoutingRule, RuleCondition
@@ -23,7 +24,9 @@ __all__ = [
     "Backfill",
     "Heartbeat",
     "HeartbeatRole",
+    "HttpClientAuth",
     "Instance",
+    "OAuthToken",
     "Operator",
     "OpsCounter",
     "Poll",
