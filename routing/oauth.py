@@ -15,7 +15,7 @@ lives in routing because routing never imports results.
   delivery ledger ("token_error") and in poll errors, because the fix (the identity provider's
   client registration) is somewhere else than the peer's.
 - `ca_bundle_file(pem)`: requests verifies against a file; the bundle is written once under the
-  data dir, named by its content's hash.
+  data dir, named by its content's hash. `PeerSession(tls_verify(peer))` makes it stick.
 """
 
 from __future__ import annotations
@@ -141,6 +141,22 @@ class OAuthBearer(requests.auth.AuthBase):
         return again
 
 
+class PeerSession(requests.Session):
+    """A session whose `verify` (the peer's CA bundle) wins over REQUESTS_CA_BUNDLE and
+    CURL_CA_BUNDLE, which requests otherwise lets override it (psf/requests#3829); proxies and
+    other environment settings still apply."""
+
+    def __init__(self, verify: bool | str = True) -> None:
+        super().__init__()
+        self.verify = verify
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+        merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if verify is None and self.verify is not True:
+            merged["verify"] = self.verify
+        return merged
+
+
 def tls_verify(peer: HttpClientAuth) -> bool | str:
     """What requests' `verify` should be for this peer: its CA bundle's file, or the system CAs."""
     return ca_bundle_file(peer.ca_bundle) if peer.ca_bundle.strip() else True
@@ -162,10 +178,13 @@ def _fetch(client: OAuthClient) -> tuple[str, datetime]:
     where = f"token endpoint {client.token_host}"
     extra = {"audience": client.audience} if client.audience else {}
     with OAuth2Session(client.client_id, client.client_secret, scope=client.scope or None) as session:
-        session.verify = client.verify
         try:
             token = session.fetch_token(
-                client.token_url, grant_type="client_credentials", timeout=TOKEN_TIMEOUT, **extra
+                client.token_url,
+                grant_type="client_credentials",
+                timeout=TOKEN_TIMEOUT,
+                verify=client.verify,  # per request: a session's own is overridden by REQUESTS_CA_BUNDLE
+                **extra,
             )
         except AuthlibBaseError as exc:
             # invalid_client (revoked, wrong secret), invalid_scope, unauthorized_client ...

@@ -122,6 +122,7 @@ class DestinationsSection:
                 problems.append(
                     f"{label}: field '{field_name}': the target or auth changed, so the stored secret is not kept; give it"
                 )
+                continue  # (the model's own "needs the secret" would say the same again)
             problems.extend(clean_problems(row, label, exclude=["application_entity"]))
         return problems
 

@@ -139,6 +139,7 @@ class DryRunForm(forms.Form):
 
 
 SECRET_PLACEHOLDER = "(unchanged)"
+SECRET_NAMES = {"secret": "password or token", "oauth_client_secret": "OAuth client secret"}
 
 
 def _write_only(label: str) -> forms.CharField:
@@ -189,8 +190,8 @@ class WriteOnlySecretsForm(forms.ModelForm):
             elif self.secret_needed(name, cleaned) and (stored or isinstance(stored, UnreadableSecret)):
                 self.add_error(
                     name,
-                    "The target or authentication changed: enter it again "
-                    "(a stored secret is never sent to a new target).",
+                    f"The target or authentication changed: enter the {SECRET_NAMES.get(name, 'secret')} again "
+                    "(the stored one is never sent to a new target).",
                 )
         return cleaned
 

@@ -29,7 +29,7 @@ from results.deliver.sr import SRBuildError, build_sr
 from results.deliver.stow_client import stow_datasets
 from results.models import Destination
 from routing.models.sealed import SECRET_UNREADABLE
-from routing.oauth import OAuthBearer, OAuthClient, TokenError, tls_verify
+from routing.oauth import OAuthBearer, OAuthClient, PeerSession, TokenError, tls_verify
 from routing.receive import dicom_tls
 
 BuildError = (SRBuildError, HL7BuildError, FHIRBuildError)
@@ -55,8 +55,7 @@ def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[s
 def http_session(destination: Destination) -> requests.Session:
     """A session for a DICOMweb or FHIR destination: its authentication and its CA bundle.
     Raises TokenError when an OAuth token cannot be had."""
-    session = requests.Session()
-    session.verify = tls_verify(destination)
+    session = PeerSession(tls_verify(destination))
     if destination.auth == "oauth2":
         session.auth = OAuthBearer(OAuthClient.of(destination))
     elif destination.auth == "basic":

@@ -20,7 +20,7 @@ from django.core.exceptions import ValidationError
 
 from routing.models import PollSource
 from routing.models.sealed import SECRET_UNREADABLE
-from routing.oauth import OAuthBearer, OAuthClient, TokenError, tls_verify
+from routing.oauth import OAuthBearer, OAuthClient, PeerSession, TokenError, tls_verify
 from routing.pull.types import (
     FoundStudy,
     PullError,
@@ -126,7 +126,7 @@ def retrieve_study(source: PollSource, study_instance_uid: str, *, association_i
 def dicomweb_session(source: PollSource) -> requests.Session:
     """A session with the source's authentication (OAuth client credentials, or the token from its
     environment variable) and its CA bundle. Raises PullError when the configuration is unusable."""
-    session = requests.Session()
+    session = PeerSession(tls_verify(source))
     if source.uses_oauth:
         if source.oauth_secret_unreadable:
             raise PullError(f"oauth_client_secret: {SECRET_UNREADABLE}", permanent=True)
@@ -141,7 +141,6 @@ def dicomweb_session(source: PollSource) -> requests.Session:
                 f"environment variable {source.dicomweb_token_env} (the DICOMweb token) is not set", permanent=True
             )
         session.headers["Authorization"] = f"Bearer {token}"
-    session.verify = tls_verify(source)
     return session
 
 
