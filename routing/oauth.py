@@ -150,7 +150,7 @@ class PeerSession(requests.Session):
         super().__init__()
         self.verify = verify
 
-    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
         merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
         if verify is None and self.verify is not True:
             merged["verify"] = self.verify
