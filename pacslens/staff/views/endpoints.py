@@ -137,7 +137,7 @@ def poll_source_test(request, pk: int) -> HttpResponse:
         try:
             session = dicomweb_session(source)
         except PullError as exc:
-            problem = f"{exc}."
+            problem = f"The source's configuration is refused: {exc}."
         else:
             with session:
                 result = probe_http(url=source.dicomweb_url, kind="dicomweb", session=session)
