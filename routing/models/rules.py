@@ -138,6 +138,11 @@ class RoutingRule(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def delete_blockers(self) -> list[str]:
+        """Why this rule cannot be deleted: destinations still chosen for it (untick them first)."""
+        destinations = sorted(self.destinations.values_list("name", flat=True))
+        return [f"it sends results to destination(s) {', '.join(destinations)}"] if destinations else []
+
 
 class RuleCondition(models.Model):
     rule = models.ForeignKey(RoutingRule, on_delete=models.CASCADE, related_name="conditions")
@@ -156,7 +161,8 @@ class RuleCondition(models.Model):
     def __str__(self) -> str:
         if self.operator in VALUELESS_OPERATORS:
             return f"{self.attribute} {self.get_operator_display()}"
-        return f"{self.attribute} {self.get_operator_display()} {self.value!r}"
+        # As typed: repr() would double DICOM's backslash separator (HEAD\\BRAIN).
+        return f"{self.attribute} {self.get_operator_display()} '{self.value}'"
 
     def save(self, *args, **kwargs) -> None:
         # Validated on every save, not only in forms: a bad regex must never reach the matcher.
