@@ -70,7 +70,7 @@ class TestDestinationFormPerKind:
 
     def test_without_javascript_the_kind_switch_is_a_button_and_a_whole_page(self, admin):
         form = admin.get("/endpoints/destinations/new/").content.decode()
-        assert '<noscript><button type="submit" name="_refresh" value="kind">' in form
+        assert '<button type="submit" name="_refresh" value="kind" class="without-js">' in form
         page = admin.post("/endpoints/destinations/new/", {"name": "web", "kind": "fhir", "_refresh": "kind"})
         page = page.content.decode()
         assert page.startswith("<!DOCTYPE html>") and {"base_url", "auth", "username", "secret"} <= field_names(page)
