@@ -184,6 +184,21 @@ class TestUnusualAETitles:
         ).content.decode()
         assert "unusual" not in page and "created" in page
 
+    def test_the_site_yaml_warns_the_same_and_imports(self, tmp_path):
+        from io import StringIO
+
+        from django.core.management import call_command
+
+        path = tmp_path / "site.yaml"
+        path.write_text("pacslens_config: 1\nae_titles:\n- {ae_title: ct scanner, host: 10.0.0.1, port: 104}\n")
+        err = StringIO()
+        call_command("import_config", str(path), stdout=StringIO(), stderr=err)
+        assert (
+            "warning: ae_titles[0] ('ct scanner'): The AE title 'ct scanner' has a space and lower-case"
+            in err.getvalue()
+        )
+        assert ApplicationEntity.objects.get().ae_title == "ct scanner"
+
 
 class TestTestButtonMessages:
     def test_an_ae_title_with_a_host_but_no_port_is_told_it_lacks_the_port(self, admin):
