@@ -9,7 +9,7 @@ import re
 import pytest
 
 from tests.support.factories import make_destination, make_failed_delivery, make_result, make_study
-from tests.test_browser_ui import WAIT_MS, browser, login, screenshot  # noqa: F401  (browser: a fixture)
+from tests.test_browser_ui import WAIT_MS, login, screenshot
 
 pytestmark = pytest.mark.usefixtures("plain_static_storage")
 

@@ -213,41 +213,46 @@ class PollSourceForm(ConfigModelForm):
 SECRET_PLACEHOLDER = "(unchanged)"
 
 
+# The destination form, declared per kind. To add a field for one kind: the model field, its name
+# in that kind's list here, and a label in DestinationForm.Meta.labels; the form, the page and the
+# kind switch follow. (The site YAML lists its fields in pacslens/site_config/destinations.py.)
+DESTINATION_COMMON_FIELDS = ["name", "kind", "enabled", "description", "rules"]
+DESTINATION_KIND_FIELDS: dict[str, list[str]] = {
+    DestinationKind.DICOM: ["application_entity"],
+    DestinationKind.DICOMWEB: ["base_url", "auth", "username", "secret"],
+    DestinationKind.HL7: [
+        "host",
+        "port",
+        "hl7_message_type",
+        "hl7_version",
+        "sending_application",
+        "sending_facility",
+        "receiving_application",
+        "receiving_facility",
+        "accession_field",
+        "on_ack_error",
+        "on_ack_reject",
+    ],
+    DestinationKind.FHIR: ["base_url", "auth", "username", "secret"],
+}
+DESTINATION_RETRY_FIELDS = [
+    "timeout_seconds",
+    "max_attempts",
+    "backoff_base_seconds",
+    "backoff_cap_seconds",
+    "breaker_threshold",
+    "breaker_cooldown_seconds",
+]
+
+
 class DestinationForm(ConfigModelForm):
-    """One form, the fields of the chosen kind only. Model validation (`Destination.clean`) reports
-    per kind, next to the field it concerns. The secret is write-only: it is never rendered back,
-    and left empty on edit it stays as it was.
+    """One form, the fields of the chosen kind only (DESTINATION_KIND_FIELDS). Model validation
+    (`Destination.clean`) reports per kind, next to the field it concerns. The secret is
+    write-only: it is never rendered back, and left empty on edit it stays as it was."""
 
-    To add a field for one kind: add the model field, then its name to that kind's list in
-    KIND_FIELDS (and a label in Meta.labels); the form, the page and the kind switch follow."""
-
-    COMMON_FIELDS = ["name", "kind", "enabled", "description", "rules"]
-    KIND_FIELDS: dict[str, list[str]] = {
-        DestinationKind.DICOM: ["application_entity"],
-        DestinationKind.DICOMWEB: ["base_url", "auth", "username", "secret"],
-        DestinationKind.HL7: [
-            "host",
-            "port",
-            "hl7_message_type",
-            "hl7_version",
-            "sending_application",
-            "sending_facility",
-            "receiving_application",
-            "receiving_facility",
-            "accession_field",
-            "on_ack_error",
-            "on_ack_reject",
-        ],
-        DestinationKind.FHIR: ["base_url", "auth", "username", "secret"],
-    }
-    RETRY_FIELDS = [
-        "timeout_seconds",
-        "max_attempts",
-        "backoff_base_seconds",
-        "backoff_cap_seconds",
-        "breaker_threshold",
-        "breaker_cooldown_seconds",
-    ]
+    COMMON_FIELDS = DESTINATION_COMMON_FIELDS
+    KIND_FIELDS = DESTINATION_KIND_FIELDS
+    RETRY_FIELDS = DESTINATION_RETRY_FIELDS
     # Changing this field re-renders the form with that kind's fields (config_edit's `_refresh`).
     refresh_field = "kind"
     # What a new destination starts with, beyond the model defaults.
@@ -262,35 +267,13 @@ class DestinationForm(ConfigModelForm):
 
     class Meta:
         model = Destination
-        fields = [
-            "name",
-            "kind",
-            "enabled",
-            "description",
-            "rules",
-            "application_entity",
-            "base_url",
-            "auth",
-            "username",
-            "secret",
-            "host",
-            "port",
-            "hl7_message_type",
-            "hl7_version",
-            "sending_application",
-            "sending_facility",
-            "receiving_application",
-            "receiving_facility",
-            "accession_field",
-            "on_ack_error",
-            "on_ack_reject",
-            "timeout_seconds",
-            "max_attempts",
-            "backoff_base_seconds",
-            "backoff_cap_seconds",
-            "breaker_threshold",
-            "breaker_cooldown_seconds",
-        ]
+        fields = list(
+            dict.fromkeys(
+                DESTINATION_COMMON_FIELDS
+                + [name for names in DESTINATION_KIND_FIELDS.values() for name in names]
+                + DESTINATION_RETRY_FIELDS
+            )
+        )
         labels = {
             "rules": "Routing rules",
             "application_entity": "PACS (AE title)",
