@@ -287,7 +287,6 @@ class TestLease:
         assert timezone.now() < lease_until  # no other worker could have claimed it mid-send
         assert delivery_claim_next(worker="w2") is None
 
-
     @pytest.mark.django_db(transaction=True)
     def test_the_lease_is_renewed_while_a_send_outlasts_it(self, data_dir, rule, fhir_server, monkeypatch):
         # A lease of 0.3 s against a send of about 1.5 s (three slow requests): only renewal

@@ -42,6 +42,7 @@ from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
 
+
 def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
