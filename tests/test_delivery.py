@@ -229,7 +229,26 @@ class TestDiscard:
         assert delivery_discard(delivery=delivery, actor="informaticist", reason="RIS order cancelled")
         delivery.refresh_from_db()
         assert (delivery.state, delivery.discarded_by) == ("discarded", "informaticist")
-        assert Study.objects.get(pk=study.pk).state == StudyState.DELIVERED
+        # Discarded is not delivered: the study is closed, its timeline says why.
+        study = Study.objects.get(pk=study.pk)
+        assert study.state == StudyState.CLOSED
+        assert study.events.last().detail == "closed without full delivery: 0 of 1 delivered, 1 discarded"
+
+    def test_a_closed_study_is_out_of_the_delivery_latency_and_re_delivers(self, data_dir, rule, mllp):
+        from pacslens.staff.dashboard_data import stage_latencies
+
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port, on_ack_error="fail")
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        mllp.mode = "AE"
+        deliveries_run_pending()
+        delivery_discard(delivery=delivery, actor="informaticist", reason="RIS order cancelled")
+        inferred_to_delivered = stage_latencies()[-1]
+        assert (inferred_to_delivered.to_state, inferred_to_delivered.count) == ("delivered", 0)
+        # Staff may still send it: the closed study goes back to delivering.
+        Delivery.objects.filter(pk=delivery.pk).update(state="failed")
+        delivery_retry(deliveries=Delivery.objects.filter(pk=delivery.pk), actor="informaticist")
+        assert Study.objects.get(pk=study.pk).state == StudyState.DELIVERING
 
 
 class TestFhirDelivery:

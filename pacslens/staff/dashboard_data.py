@@ -29,14 +29,16 @@ HEALTH_STATUS = {"ok": "ok", "warn": "warning", "down": "down"}
 
 
 def stuck_thresholds() -> dict[str, timedelta]:
-    """How long a study may sit in each working state before the dashboard calls it stuck."""
+    """How long a study may sit in each working state before the dashboard calls it stuck.
+    Settled states (ignored, inferred with nothing to deliver, delivered, closed, failed) are never stuck."""
     task_timeout = settings.Q_CLUSTER["timeout"]
     return {
         StudyState.RECEIVING: timedelta(seconds=settings.STUDY_FORCE_COMPLETE_AFTER + 120),
         StudyState.COMPLETE: timedelta(minutes=5),
         StudyState.ROUTED: timedelta(minutes=15),
         StudyState.INFERRING: timedelta(seconds=task_timeout * 1.5),
-        StudyState.INFERRED: timedelta(minutes=5),
+        # No INFERRED: its deliveries are written in the transaction that makes it inferred
+        # (and move it on to delivering), so an inferred study has nothing to deliver: settled.
         StudyState.DELIVERING: timedelta(hours=1),
     }
 

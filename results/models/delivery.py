@@ -108,6 +108,10 @@ class Destination(models.Model):
     circuit_open_until = models.DateTimeField(null=True, blank=True)
     last_success_at = models.DateTimeField(null=True, blank=True)
     last_failure_at = models.DateTimeField(null=True, blank=True)
+    # The last Test button press (staff), kept so Health can say "Test failed 2 min ago: why".
+    last_test_at = models.DateTimeField(null=True, blank=True)
+    last_test_ok = models.BooleanField(null=True, blank=True)
+    last_test_detail = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -183,6 +187,13 @@ class Destination(models.Model):
     @property
     def circuit_open(self) -> bool:
         return bool(self.circuit_open_until and self.circuit_open_until > timezone.now())
+
+    def test_record(self, *, ok: bool, detail: str) -> None:
+        """Keep the outcome of a Test (the Test button) for the dashboard's Health panel."""
+        self.last_test_at, self.last_test_ok, self.last_test_detail = timezone.now(), ok, detail[:500]
+        Destination.objects.filter(pk=self.pk).update(
+            last_test_at=self.last_test_at, last_test_ok=ok, last_test_detail=self.last_test_detail
+        )
 
     def backoff(self, attempts: int, jitter: float) -> timedelta:
         """Delay before attempt `attempts + 1`: exponential, capped, with `jitter` in [0, 1)."""
