@@ -77,9 +77,8 @@ def studies_due(*, now: datetime, days: float):
     unresolved = Delivery.objects.filter(UNRESOLVED, study=OuterRef("pk"))
     any_delivery = Delivery.objects.filter(study=OuterRef("pk"))
     files_left = Instance.objects.filter(study=OuterRef("pk"), deleted_at=None)
-    settled = (
-        Q(state__in=[StudyState.DELIVERED, StudyState.CLOSED, StudyState.IGNORED])
-        | Q(state=StudyState.INFERRED, has_deliveries=False)
+    settled = Q(state__in=[StudyState.DELIVERED, StudyState.CLOSED, StudyState.IGNORED]) | Q(
+        state=StudyState.INFERRED, has_deliveries=False
     )
     return (
         Study.objects.alias(

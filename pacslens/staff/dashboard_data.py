@@ -175,19 +175,41 @@ def health_disk() -> Health:
     )
 
 
-def health_destinations() -> list[dict]:
+def health_destinations(*, now: datetime | None = None) -> list[dict]:
+    """Each destination's state as deliveries and the last Test left it, the breaker included."""
+    now = now or timezone.now()
     rows = []
     for destination in Destination.objects.order_by("name"):
         if not destination.enabled:
             status, label = "disabled", "disabled"
         elif destination.circuit_open:
-            status, label = "open", "circuit open"
+            status, label = "open", f"circuit open until {destination.circuit_open_until_text}"
         elif destination.consecutive_failures:
             status, label = "warning", f"{destination.consecutive_failures} failure(s) in a row"
+        elif destination.last_test_failed:
+            status, label = "warning", "last Test failed"
         else:
             status, label = "ok", "ok"
-        rows.append({"destination": destination, "status": status, "label": label})
+        rows.append(
+            {
+                "destination": destination,
+                "status": status,
+                "label": label,
+                "detail": _destination_detail(destination, now),
+            }
+        )
     return rows
+
+
+def _destination_detail(destination: Destination, now: datetime) -> str:
+    success = destination.last_success_at
+    parts = [f"last delivery {_ago(now - success)} ago" if success else "no delivery yet"]
+    if destination.last_test_at is not None:
+        outcome = "passed" if destination.last_test_ok else "failed"
+        parts.append(f"Test {outcome} {_ago(now - destination.last_test_at)} ago: {destination.last_test_detail}")
+    else:
+        parts.append("never tested")
+    return " · ".join(parts)
 
 
 def dashboard_data() -> dict:
@@ -198,7 +220,7 @@ def dashboard_data() -> dict:
         "latencies": stage_latencies(now=now),
         "stuck": studies_stuck(now=now),
         "health": [health_listener(now=now), health_workers(), health_disk()],
-        "destinations": health_destinations(),
+        "destinations": health_destinations(now=now),
         "installation": installation_current(),
         "generated_at": now,
     }

@@ -222,7 +222,7 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: st
         )
         event = (
             "delivery_retry",
-            f"{destination.name}: attempt {delivery.attempts} failed, retry at {retry_at:%H:%M:%S}: {message}",
+            f"{destination.name}: attempt {delivery.attempts} failed, retry at {timezone.localtime(retry_at):%H:%M:%S}: {message}",
         )
     else:
         fields.update(state=DeliveryState.FAILED, last_error=message, last_error_class=outcome.kind.value)
@@ -254,7 +254,7 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: st
             Delivery.objects.filter(pk=delivery.pk).update(next_attempt_at=held_until)
             event = (
                 "delivery_retry",
-                f"{destination.name}: attempt {delivery.attempts} failed, retry at {held_until:%H:%M:%S} "
+                f"{destination.name}: attempt {delivery.attempts} failed, retry at {timezone.localtime(held_until):%H:%M:%S} "
                 f"(held by the circuit breaker): {message}",
             )
         delivery.study.log_event(*event)
@@ -297,7 +297,7 @@ def _destination_health(destination: Destination, outcome: Outcome, now) -> tupl
         )
         return (
             "circuit_open",
-            f"{destination.name}: circuit open until {until:%H:%M:%S} after "
+            f"{destination.name}: circuit open until {timezone.localtime(until):%H:%M:%S} after "
             f"{destination.consecutive_failures} failures in a row; its deliveries wait until then",
         )
     return None
