@@ -389,6 +389,13 @@ def study_redeliver(*, study: Study, actor: str, destination_name: str | None = 
     return requeued, ids
 
 
+def study_delivered_destinations(*, study: Study) -> list[str]:
+    """Names of the destinations that already hold the study's current results (ask before re-sending)."""
+    current = study.inference_results.current()
+    rows = Delivery.objects.filter(result__in=current, state=DeliveryState.DELIVERED)
+    return sorted(set(rows.values_list("destination__name", flat=True)))
+
+
 class DiscardReasonRequired(ValueError):
     pass
 
