@@ -4,10 +4,12 @@ read-only access for PACS administrators; re-deliver asks first; a bad triage fi
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.utils import timezone
 
-from results.models import Delivery, DeliveryState
+from results.models import Delivery, DeliveryState, Destination
 from routing.models import AuditEntry
 from tests.support.factories import make_destination, make_failed_delivery, make_result, make_study
 
@@ -32,6 +34,15 @@ class TestRetryAll:
         assert 'id="queue-message"' in page and "1 delivery to pacs queued again" in page
         assert Delivery.objects.get(destination=pacs).state == DeliveryState.PENDING
         assert Delivery.objects.get(pk=pipeline["delivery"].pk).state == DeliveryState.FAILED
+
+    def test_a_retry_closes_an_open_breaker_and_the_timeline_says_so(self, client, users, pipeline):
+        destination = pipeline["destination"]
+        Destination.objects.filter(pk=destination.pk).update(circuit_open_until=timezone.now() + timedelta(minutes=5))
+        login(client, users, "informaticist").post("/failures/retry/", {"destination_all": destination.pk}, **HX)
+        destination.refresh_from_db()
+        assert destination.circuit_open_until is None
+        event = pipeline["failed"].events.get(kind="circuit_closed")
+        assert event.detail == "ris: circuit closed by the retry informaticist requested"
 
     def test_without_htmx_the_message_comes_after_the_redirect(self, client, users, pipeline):
         login(client, users, "informaticist")

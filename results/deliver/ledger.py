@@ -366,6 +366,11 @@ def delivery_retry(*, deliveries, actor: str) -> int:
                 detail=f"re-delivery requested by {actor}",
                 kind="delivery_requeued",
             )
+        # Staff asked for it now: an open breaker must not hold these rows. Say so in the timelines.
+        held = Destination.objects.filter(deliveries__pk__in=ids, circuit_open_until__gt=now).distinct()
+        for destination in held:
+            for study in Study.objects.filter(deliveries__pk__in=ids, deliveries__destination=destination).distinct():
+                study.log_event("circuit_closed", f"{destination.name}: circuit closed by the retry {actor} requested")
         Destination.objects.filter(deliveries__pk__in=ids).update(circuit_open_until=None)
         transaction.on_commit(enqueue_delivery)
     return count
