@@ -101,7 +101,7 @@ def study_complete(
 
 
 # States a study may be re-run from: nothing is in flight for it.
-RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.FAILED, StudyState.IGNORED]
+RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.CLOSED, StudyState.FAILED, StudyState.IGNORED]
 
 
 def study_request_rerun(*, study: Study, actor: str) -> bool:

@@ -129,6 +129,10 @@ class StudyState(models.TextChoices):
     DELIVERING = "delivering", "Delivering"
     DELIVERED = "delivered", "Delivered"
     FAILED = "failed", "Failed"
+    # Settled without every delivery succeeding: staff discarded at least one (and none failed).
+    # Not `delivered` (README's rule: delivered means every delivery succeeded) and not `failed`
+    # (nothing is left for staff to do; its files follow the retention rule of settled studies).
+    CLOSED = "closed", "Closed (discarded)"
 
 
 class Priority(models.IntegerChoices):
