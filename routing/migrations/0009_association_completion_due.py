@@ -14,7 +14,7 @@ def ended_associations_checked(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('routing', '0006_ae_sender_checks'),
+        ('routing', '0008_audit_action_access'),
     ]
 
     operations = [
