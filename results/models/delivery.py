@@ -63,6 +63,15 @@ class Destination(models.Model):
     application_entity = models.ForeignKey(
         "routing.ApplicationEntity", null=True, blank=True, on_delete=models.PROTECT, related_name="destinations"
     )
+    # DICOM / DICOMweb: what goes beside the SR, in the same delivery (one ledger row, one retry
+    # schedule); results/deliver/summary.py builds them.
+    send_summary_image = models.BooleanField(
+        default=False,
+        help_text="Also send a Secondary Capture of the key slice with the finding outlined, for viewers without SR",
+    )
+    send_key_objects = models.BooleanField(
+        default=False, help_text="Also send a Key Object Selection flagging the key images, for viewers that show KOS"
+    )
     # DICOMweb / FHIR
     base_url = models.CharField(max_length=300, blank=True, help_text="e.g. https://pacs.example/dicom-web")
     auth = models.CharField(max_length=10, choices=AuthKind.choices, default=AuthKind.NONE)
