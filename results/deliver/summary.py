@@ -237,6 +237,11 @@ def _stamp(ds: Dataset, payload: ResultPayload) -> None:
     for prefix in ("Content", "Series", "InstanceCreation"):
         setattr(ds, f"{prefix}Date", date)
         setattr(ds, f"{prefix}Time", time)
+    if "TimeOfSecondaryCapture" in ds:
+        ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = date, time
+    for equipment in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in equipment:  # highdicom stamps itself with the clock
+            equipment.ContributionDateTime = date + time
 
 
 def _reread(ds: Dataset) -> Dataset:
