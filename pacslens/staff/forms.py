@@ -68,7 +68,7 @@ class StudyFilterForm(forms.Form):
             )
         flag = data.get("flag")
         if flag:
-            flagged = InferenceResult.objects.current().filter(study=OuterRef("pk"), flagged=True)
+            flagged = InferenceResult.objects.current().live().filter(study=OuterRef("pk"), flagged=True)
             studies = studies.filter(Exists(flagged)) if flag == "yes" else studies.exclude(Exists(flagged))
         return studies.order_by(STUDY_SORTS.get(data.get("sort") or "", "-first_received_at"), "-id")
 
@@ -104,8 +104,21 @@ class RoutingRuleForm(forms.ModelForm):
 
     class Meta:
         model = RoutingRule
-        fields = ["name", "description", "enabled", "priority", "stop_at_first_match", "ai_models"]
-        widgets = {"description": forms.Textarea(attrs={"rows": 2}), "ai_models": forms.CheckboxSelectMultiple}
+        fields = [
+            "name",
+            "description",
+            "enabled",
+            "priority",
+            "stop_at_first_match",
+            "ai_models",
+            "shadow",
+            "shadow_ai_models",
+        ]
+        widgets = {
+            "description": forms.Textarea(attrs={"rows": 2}),
+            "ai_models": forms.CheckboxSelectMultiple,
+            "shadow_ai_models": forms.CheckboxSelectMultiple,
+        }
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -113,6 +126,15 @@ class RoutingRuleForm(forms.ModelForm):
         destinations.queryset = Destination.objects.all()
         if self.instance.pk:
             self.fields["destinations"].initial = list(self.instance.destinations.values_list("pk", flat=True))
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        assert cleaned is not None  # ModelForm.clean returns cleaned_data
+        both = set(cleaned.get("ai_models") or []) & set(cleaned.get("shadow_ai_models") or [])
+        if both:
+            names = ", ".join(sorted(f"{m.name} {m.version}" for m in both))
+            self.add_error("shadow_ai_models", f"A model runs live or in shadow on a rule, not both: {names}.")
+        return cleaned
 
     def save(self, commit: bool = True) -> RoutingRule:
         rule = super().save(commit=commit)
@@ -186,6 +208,8 @@ class DestinationForm(forms.ModelForm):
             "enabled",
             "description",
             "application_entity",
+            "send_summary_image",
+            "send_key_objects",
             "base_url",
             "auth",
             "username",

@@ -179,6 +179,10 @@ class Destination(models.Model):
                 errors["hl7_message_type"] = "Choose ORU^R01 or ORM^O01."
             if self.accession_field not in ACCESSION_FIELDS:
                 errors["accession_field"] = f"Use one of {', '.join(ACCESSION_FIELDS)}."
+        if self.kind not in (DestinationKind.DICOM, DestinationKind.DICOMWEB):
+            for option in ("send_summary_image", "send_key_objects"):
+                if getattr(self, option):
+                    errors[option] = "Only DICOM and DICOMweb destinations send images and key objects."
         if self.backoff_cap_seconds < self.backoff_base_seconds:
             errors["backoff_cap_seconds"] = "The cap must be at least the base delay."
         if errors:

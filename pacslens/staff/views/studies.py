@@ -92,6 +92,7 @@ def study_story(study: Study) -> dict:
 def _flagged_ids(study_ids: list[int]) -> set[int]:
     return set(
         InferenceResult.objects.current()
+        .live()
         .filter(study_id__in=study_ids, flagged=True)
         .values_list("study_id", flat=True)
     )
