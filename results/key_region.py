@@ -10,6 +10,8 @@ bone, on the slice where that density covers the most pixels:
     bone   = HU > 150, grown by 3 pixels                  (skull, calcifications, their edges)
     dense  = 50 <= smooth <= 90 HU, not bone, opened 3x3  (specks dropped)
 
+(slices of 384 pixels or more a side are read at half resolution; see `region_mask`).
+
 The inference step stores the key instance and the region's bounding box on the result
 (`InferenceResult.key_region`); the summary image recomputes the outline inside that box from
 the same instance with `region_mask`, so both always agree and nothing big is stored.
@@ -35,30 +37,56 @@ def key_region_find(*, volume, instance_ids: list[int]) -> dict | None:
     `volume` is a results.inference.volume.LoadedVolume (slices as stored, with their rescale)
     and `instance_ids[k]` the Instance row of its slice k.
     """
-    best: tuple[int, int, np.ndarray] | None = None  # (pixels, slice, mask)
+    best: tuple[int, int, np.ndarray, int] | None = None  # (pixels, slice, mask, scale)
     for k in range(volume.stored.shape[0]):
-        hu = volume.stored[k].astype(np.float32) * volume.slopes[k] + volume.intercepts[k]
-        mask = region_mask(hu)
-        count = int(mask.sum())
+        hu = volume.stored[k].astype(np.float32) * np.float32(volume.slopes[k]) + np.float32(volume.intercepts[k])
+        mask, scale = working_mask(hu)
+        count = int(mask.sum()) * scale * scale
         if count >= MIN_PIXELS and (best is None or count > best[0]):
-            best = (count, k, mask)
+            best = (count, k, mask, scale)
     if best is None:
         return None
-    _, k, mask = best
+    _, k, mask, scale = best
     component = largest_component(mask)
     rows, cols = np.nonzero(component)
+    height, width = volume.stored.shape[1:]
     return {
         "instance": int(instance_ids[k]),
-        "bbox": [int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())],
-        "pixels": int(component.sum()),
+        "bbox": [
+            int(rows.min()) * scale,
+            int(cols.min()) * scale,
+            min((int(rows.max()) + 1) * scale, height) - 1,
+            min((int(cols.max()) + 1) * scale, width) - 1,
+        ],
+        "pixels": int(component.sum()) * scale * scale,
     }
 
 
 def region_mask(hu: np.ndarray) -> np.ndarray:
-    """Pixels of a 2-D slice (in HU) at hyperdense soft-tissue density, away from bone."""
-    smooth = _box_mean(hu, SMOOTH)
-    bone = _dilate(hu > BONE_HU, BONE_MARGIN)
-    dense = (smooth >= DENSE_HU[0]) & (smooth <= DENSE_HU[1]) & ~bone
+    """Pixels of a 2-D slice (in HU) at hyperdense soft-tissue density, away from bone, at the
+    slice's own resolution."""
+    mask, scale = working_mask(hu)
+    if scale == 1:
+        return mask
+    return np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1)[: hu.shape[0], : hu.shape[1]]
+
+
+def working_mask(hu: np.ndarray) -> tuple[np.ndarray, int]:
+    """The mask and the scale it was found at. A large matrix (>= 384 pixels a side, a head at
+    0.5 mm) is read at half resolution, 2 x 2 blocks averaged: a quarter of the work, with the
+    smoothing and bone margin about the same size in millimetres."""
+    if min(hu.shape) < 384:
+        return _mask(hu, smooth=SMOOTH, margin=BONE_MARGIN), 1
+    height, width = hu.shape
+    even = np.pad(hu, ((0, height % 2), (0, width % 2)), mode="edge")
+    half = (even[0::2, 0::2] + even[1::2, 0::2] + even[0::2, 1::2] + even[1::2, 1::2]) * np.float32(0.25)
+    return _mask(half, smooth=SMOOTH // 2 + 1, margin=BONE_MARGIN // 2 + 1), 2
+
+
+def _mask(hu: np.ndarray, *, smooth: int, margin: int) -> np.ndarray:
+    smoothed = _box_mean(hu, smooth)
+    bone = _dilate(hu > BONE_HU, margin)
+    dense = (smoothed >= DENSE_HU[0]) & (smoothed <= DENSE_HU[1]) & ~bone
     return _dilate(_erode(dense, 1), 1)
 
 
@@ -95,10 +123,15 @@ def outline(mask: np.ndarray) -> np.ndarray:
 
 
 def _box_mean(image: np.ndarray, size: int) -> np.ndarray:
+    """Separable box mean (edges repeated): a few float32 adds per pixel, no cumulative sums."""
     pad = size // 2
-    padded = np.pad(image, pad, mode="edge")
-    integral = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    total = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    padded = np.pad(image.astype(np.float32, copy=False), pad, mode="edge")
+    rows = padded[: padded.shape[0] - size + 1].copy()
+    for offset in range(1, size):
+        rows += padded[offset : offset + image.shape[0]]
+    total = rows[:, : rows.shape[1] - size + 1].copy()
+    for offset in range(1, size):
+        total += rows[:, offset : offset + image.shape[1]]
     return total / (size * size)
 
 
