@@ -194,3 +194,22 @@ class TestOrthanc:
         assert modalities[KeyObjectSelectionDocumentStorage]["Modality"] == "KO"
         assert modalities["1.2.840.10008.5.1.4.1.1.88.34"]["SOPInstanceUID"] == delivery.idempotency_key
         assert orthanc_study
+
+
+class TestConfiguration:
+    def test_only_dicom_destinations_send_images_and_the_yaml_carries_the_options(self, data_dir, rule):
+        from django.core.exceptions import ValidationError
+
+        from pacslens.site_config.destinations import DestinationsSection
+        from tests.support.factories import make_destination
+
+        ris = make_destination(send_summary_image=True)
+        with pytest.raises(ValidationError) as caught:
+            ris.full_clean()
+        assert "Only DICOM and DICOMweb" in str(caught.value.message_dict["send_summary_image"])
+        web = Destination.objects.create(
+            name="web", kind="dicomweb", base_url="http://pacs.example/dicom-web", send_key_objects=True
+        )
+        web.full_clean()
+        entries = {e["name"]: e for e in DestinationsSection().export()}
+        assert entries["web"]["send_key_objects"] is True and entries["web"]["send_summary_image"] is False
