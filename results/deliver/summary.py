@@ -61,6 +61,11 @@ def build_summary_image(payload: ResultPayload) -> Dataset:
     key = _key_slice(payload)
     try:
         rgb = render_summary(payload, key)
+    except Exception as exc:  # the decoders raise many types for damaged pixel data
+        raise SummaryBuildError(
+            f"the key slice of study {payload.study_instance_uid} cannot be rendered: {type(exc).__name__}"
+        ) from None
+    try:
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=key,
             pixel_array=rgb,
