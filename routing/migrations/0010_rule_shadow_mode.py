@@ -6,8 +6,8 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('results', '0006_result_key_region_shadow_summary_objects'),
-        ('routing', '0006_ae_sender_checks'),
+        ('results', '0009_result_key_region_shadow_summary_objects'),
+        ('routing', '0009_association_completion_due'),
     ]
 
     operations = [
