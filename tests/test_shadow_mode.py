@@ -234,3 +234,13 @@ class TestPages:
         page = client.get("/models/").content.decode()
         assert 'id="model-agreement"' in page
         assert "demo-bleed 2.0 (shadow)" in page
+
+    def test_rule_list_marks_shadow_mode_and_shadow_models(self, client, users, demo_rule):
+        trial = shadow_version(demo_rule.ai_models.get())
+        demo_rule.shadow_ai_models.add(trial)
+        client.force_login(users["superuser"])
+        page = client.get("/rules/").content.decode()
+        assert f"{trial} <span" in page and "shadow mode" not in page
+        demo_rule.shadow = True
+        demo_rule.save()
+        assert "shadow mode" in client.get("/rules/").content.decode()
