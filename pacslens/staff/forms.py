@@ -71,7 +71,7 @@ class StudyFilterForm(forms.Form):
             )
         flag = data.get("flag")
         if flag:
-            flagged = InferenceResult.objects.current().filter(study=OuterRef("pk"), flagged=True)
+            flagged = InferenceResult.objects.current().live().filter(study=OuterRef("pk"), flagged=True)
             studies = studies.filter(Exists(flagged)) if flag == "yes" else studies.exclude(Exists(flagged))
         return studies.order_by(STUDY_SORTS.get(data.get("sort") or "", "-first_received_at"), "-id")
 
@@ -133,9 +133,27 @@ class RoutingRuleForm(ConfigModelForm):
 
     class Meta:
         model = RoutingRule
-        fields = ["name", "description", "enabled", "priority", "stop_at_first_match", "ai_models"]
-        widgets = {"description": forms.Textarea(attrs={"rows": 2}), "ai_models": forms.CheckboxSelectMultiple}
-        labels = {"ai_models": "AI models", "stop_at_first_match": "Stop at the first match"}
+        fields = [
+            "name",
+            "description",
+            "enabled",
+            "priority",
+            "stop_at_first_match",
+            "ai_models",
+            "shadow",
+            "shadow_ai_models",
+        ]
+        widgets = {
+            "description": forms.Textarea(attrs={"rows": 2}),
+            "ai_models": forms.CheckboxSelectMultiple,
+            "shadow_ai_models": forms.CheckboxSelectMultiple,
+        }
+        labels = {
+            "ai_models": "AI models",
+            "stop_at_first_match": "Stop at the first match",
+            "shadow": "Shadow mode (run and record, deliver nothing)",
+            "shadow_ai_models": "AI models run in shadow beside the live ones",
+        }
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -143,6 +161,15 @@ class RoutingRuleForm(ConfigModelForm):
         destinations.queryset = Destination.objects.all()
         if self.instance.pk:
             self.fields["destinations"].initial = list(self.instance.destinations.values_list("pk", flat=True))
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        assert cleaned is not None  # ModelForm.clean returns cleaned_data
+        both = set(cleaned.get("ai_models") or []) & set(cleaned.get("shadow_ai_models") or [])
+        if both:
+            names = ", ".join(sorted(f"{m.name} {m.version}" for m in both))
+            self.add_error("shadow_ai_models", f"A model runs live or in shadow on a rule, not both: {names}.")
+        return cleaned
 
     def save(self, commit: bool = True) -> RoutingRule:
         rule = super().save(commit=commit)
@@ -218,8 +245,8 @@ SECRET_PLACEHOLDER = "(unchanged)"
 # kind switch follow. (The site YAML lists its fields in pacslens/site_config/destinations.py.)
 DESTINATION_COMMON_FIELDS = ["name", "kind", "enabled", "description", "rules"]
 DESTINATION_KIND_FIELDS: dict[str, list[str]] = {
-    DestinationKind.DICOM: ["application_entity"],
-    DestinationKind.DICOMWEB: ["base_url", "auth", "username", "secret"],
+    DestinationKind.DICOM: ["application_entity", "send_summary_image", "send_key_objects"],
+    DestinationKind.DICOMWEB: ["base_url", "auth", "username", "secret", "send_summary_image", "send_key_objects"],
     DestinationKind.HL7: [
         "host",
         "port",
@@ -297,6 +324,8 @@ class DestinationForm(ConfigModelForm):
             "backoff_cap_seconds": "Longest wait between retries (seconds)",
             "breaker_threshold": "Failures in a row that open the circuit",
             "breaker_cooldown_seconds": "Circuit stays open for (seconds)",
+            "send_summary_image": "Also send a summary image (Secondary Capture)",
+            "send_key_objects": "Also send a key object selection (KOS) when flagged",
         }
         help_texts = {"application_entity": "The PACS's AE title (add it under AE titles, with host and port)"}
         widgets = {

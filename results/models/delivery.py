@@ -65,6 +65,15 @@ class Destination(models.Model):
     application_entity = models.ForeignKey(
         "routing.ApplicationEntity", null=True, blank=True, on_delete=models.PROTECT, related_name="destinations"
     )
+    # DICOM / DICOMweb: what goes beside the SR, in the same delivery (one ledger row, one retry
+    # schedule); results/deliver/summary.py builds them.
+    send_summary_image = models.BooleanField(
+        default=False,
+        help_text="Also send a Secondary Capture of the key slice with the finding outlined, for viewers without SR",
+    )
+    send_key_objects = models.BooleanField(
+        default=False, help_text="Also send a Key Object Selection flagging the key images, for viewers that show KOS"
+    )
     # DICOMweb / FHIR
     base_url = models.CharField(max_length=300, blank=True, help_text="e.g. https://pacs.example/dicom-web")
     auth = models.CharField(max_length=10, choices=AuthKind.choices, default=AuthKind.NONE)
@@ -177,6 +186,10 @@ class Destination(models.Model):
                 errors["hl7_message_type"] = "Choose ORU^R01 or ORM^O01."
             if self.accession_field not in ACCESSION_FIELDS:
                 errors["accession_field"] = f"Use one of {', '.join(ACCESSION_FIELDS)}."
+        if self.kind not in (DestinationKind.DICOM, DestinationKind.DICOMWEB):
+            for option in ("send_summary_image", "send_key_objects"):
+                if getattr(self, option):
+                    errors[option] = "Only DICOM and DICOMweb destinations send images and key objects."
         if self.backoff_cap_seconds < self.backoff_base_seconds:
             errors["backoff_cap_seconds"] = "The cap must be at least the base delay."
         if errors:

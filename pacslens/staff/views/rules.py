@@ -25,7 +25,9 @@ POSITION_STEP = 10
 
 @staff_view("routing.view_routingrule")
 def rule_list(request) -> HttpResponse:
-    rules = RoutingRule.objects.prefetch_related("conditions", "ai_models", "destinations").order_by("position", "id")
+    rules = RoutingRule.objects.prefetch_related(
+        "conditions", "ai_models", "shadow_ai_models", "destinations"
+    ).order_by("position", "id")
     return render_page(request, "rules/list.html", {"nav": "rules", "rules": rules}, fragment="table")
 
 

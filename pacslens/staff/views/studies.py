@@ -90,8 +90,9 @@ def study_story(study: Study) -> dict:
 
 
 def _findings(study_ids: list[int]) -> dict[str, set[int]]:
-    """Which studies have a current result that is flagged, and which one at all (else: no finding yet)."""
-    rows = InferenceResult.objects.current().filter(study_id__in=study_ids).values_list("study_id", "flagged")
+    """Which studies have a current live result that is flagged, and which one at all (else: no finding yet);
+    shadow results are not findings."""
+    rows = InferenceResult.objects.current().live().filter(study_id__in=study_ids).values_list("study_id", "flagged")
     return {
         "flagged_ids": {study_id for study_id, flagged in rows if flagged},
         "scored_ids": {study_id for study_id, flagged in rows if flagged is not None},
