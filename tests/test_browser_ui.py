@@ -1,14 +1,13 @@
 """The staff UI in a real browser: Playwright driving Debian's Chromium against a live test server.
 
-One browser for the whole session (each test gets a fresh context, so no cookies leak between
-roles). A screenshot of every main page lands in tests/artifacts/ (ignored by git). Waits are
+One browser for the whole session (the `browser` fixture of tests/support/browser.py); each test
+gets a fresh context, so no cookies leak between roles. A screenshot of every main page lands in tests/artifacts/ (ignored by git). Waits are
 conditions (an element's state), never timings.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import re
 import threading
 from pathlib import Path
@@ -26,41 +25,11 @@ from tests.support.factories import (
     make_user,
 )
 from tests.support.mllp import MLLPListener
-from tests.support.net import require_program
 
 pytestmark = pytest.mark.usefixtures("plain_static_storage")
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 WAIT_MS = 15_000  # upper bound for a condition to come true; the tests never sleep
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if not Path(CHROMIUM).exists():
-        require_program("chromium")  # skips on a laptop without it, fails under CI=true
-    from playwright.sync_api import sync_playwright
-
-    # Playwright's sync API keeps an event loop in this thread; the test code itself stays synchronous.
-    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    playwright = sync_playwright().start()
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-    yield browser
-    browser.close()
-    playwright.stop()
-    if previous is None:
-        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-    else:
-        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
 @pytest.fixture
@@ -187,6 +156,57 @@ class TestInformaticist:
         assert response.status == 403
         assert "403 Forbidden" in page.inner_text("h1")
         screenshot(page, "forbidden")
+
+
+class TestDailyQueue:
+    def test_retry_all_discard_and_re_deliver_say_what_they_did(self, page):
+        from results.models import Delivery
+        from routing.models import Study
+
+        ris, pacs = make_destination(name="ris"), make_destination(name="pacs", port=2576)
+        cancelled = make_study(accession="ACC7001", state="failed")
+        make_failed_delivery(cancelled, make_result(cancelled), ris)
+        down = make_study(accession="ACC7002", state="failed")
+        waiting = make_failed_delivery(down, make_result(down), pacs)
+        done = make_study(accession="ACC7003", state="delivered")
+        sent = make_failed_delivery(done, make_result(done), ris)
+        Delivery.objects.filter(pk=sent.pk).update(state="delivered")
+
+        login(page, "informaticist")
+        page.click("text=Failure queue")
+        # Retry all of one destination, without choosing it in the filter first.
+        page.click("button:has-text('Retry all 1 failed for pacs')")
+        page.wait_for_selector("#queue-message:has-text('1 delivery to pacs queued again')")
+        page.wait_for_selector(f"#delivery-{waiting.pk}[data-state=pending]")
+        # Discard with a reason: confirmed, and the study is closed, not delivered.
+        row = page.locator("tr:has-text('ACC7001')")
+        row.locator("a:has-text('Discard')").click()
+        page.fill("textarea[name=reason], input[name=reason]", "Order cancelled in the RIS")
+        page.click("button:has-text('Discard')")
+        page.wait_for_selector("#queue-message:has-text('discarded')")
+        assert Study.objects.get(pk=cancelled.pk).state == "closed"
+        page.goto(f"/studies/{cancelled.pk}/")
+        assert "Closed (discarded)" in page.inner_text("#study-live")
+        # Re-deliver a delivered study: it asks first, and only the confirmation sends.
+        page.goto(f"/studies/{done.pk}/")
+        page.click("button:has-text('Re-deliver')")
+        page.wait_for_selector("#redeliver-confirm:has-text('already delivered to ris')")
+        assert Delivery.objects.get(pk=sent.pk).state == "delivered"
+        screenshot(page, "redeliver_confirm")
+        page.click("#redeliver-confirm button:has-text('Send again')")
+        page.wait_for_selector("#study-message:has-text('1 delivery queued again')")
+        assert Delivery.objects.get(pk=sent.pk).state == "pending"
+
+    def test_a_pacs_administrator_reads_the_queue(self, page):
+        destination = make_destination(name="ris")
+        study = make_study(accession="ACC7101", state="failed")
+        failed = make_failed_delivery(study, make_result(study), destination)
+        login(page, "admin")
+        page.click("text=Failure queue")
+        row = page.locator(f"#delivery-{failed.pk}")
+        assert "RIS answered AE" in row.inner_text()
+        assert page.locator("button:has-text('Retry')").count() == 0
+        assert "Read-only" in page.inner_text("#failure-table")
 
 
 class TestSuperuser:
