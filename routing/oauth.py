@@ -114,13 +114,18 @@ def token_forget(client: OAuthClient) -> None:
 
 
 class OAuthBearer(requests.auth.AuthBase):
-    """Bearer token from `access_token`; on a 401, one new token and one retry of the request."""
+    """Bearer token from `access_token`; on a 401, one new token and one retry of the request.
+
+    One per session (one delivery, one poll): the token is read from the cache once and reused
+    for the session's requests; a 401 replaces it."""
 
     def __init__(self, client: OAuthClient) -> None:
         self.client = client
+        self.token = ""
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {access_token(self.client)}"
+        self.token = self.token or access_token(self.client)
+        request.headers["Authorization"] = f"Bearer {self.token}"
         request.register_hook("response", self._retry_on_401)
         return request
 
@@ -129,11 +134,11 @@ class OAuthBearer(requests.auth.AuthBase):
             return response
         # As requests' own HTTPDigestAuth re-sends: the same prepared request, new credentials,
         # straight to the connection (so no hook runs again: one retry, never a loop).
-        token = access_token(self.client, refresh=True)
+        self.token = access_token(self.client, refresh=True)
         response.content  # noqa: B018 -- read the body so the connection can be reused
         response.close()
         retry = response.request.copy()
-        retry.headers["Authorization"] = f"Bearer {token}"
+        retry.headers["Authorization"] = f"Bearer {self.token}"
         assert response.connection is not None  # set by the adapter that sent the first request
         again = response.connection.send(retry, **kwargs)
         again.history.append(response)
