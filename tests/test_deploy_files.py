@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -22,6 +23,10 @@ NGINX_SITE = DEPLOY / "nginx" / "pacslens"
 INSTALL_PREFIX = "/opt/pacslens"
 
 
+def installed_here(unit_text: str) -> str:
+    return unit_text.replace(f"{INSTALL_PREFIX}/.venv", sys.prefix).replace(INSTALL_PREFIX, str(REPO))
+
+
 def test_the_three_services_are_shipped():
     assert [u.name for u in UNITS] == [
         "pacslens-listener.service",
@@ -32,9 +37,10 @@ def test_the_three_services_are_shipped():
 
 def test_systemd_verifies_the_units(tmp_path):
     analyze = require_program("systemd-analyze")
-    # The units as installed under /opt/pacslens, pointed at this checkout (its .venv has gunicorn).
+    # The units as installed under /opt/pacslens, pointed at this checkout and the virtualenv
+    # running the tests (it has gunicorn).
     for unit in UNITS:
-        (tmp_path / unit.name).write_text(unit.read_text().replace(INSTALL_PREFIX, str(REPO)))
+        (tmp_path / unit.name).write_text(installed_here(unit.read_text()))
     done = subprocess.run(
         [analyze, "verify", *sorted(str(p) for p in tmp_path.glob("*.service"))],
         capture_output=True,
@@ -49,7 +55,7 @@ def test_systemd_verifies_the_units(tmp_path):
 def test_a_mistake_in_a_unit_is_caught(tmp_path):
     analyze = require_program("systemd-analyze")
     unit = tmp_path / "pacslens-web.service"
-    unit.write_text(UNITS[1].read_text().replace(INSTALL_PREFIX, str(REPO)).replace("KillMode=", "KilMode="))
+    unit.write_text(installed_here(UNITS[1].read_text()).replace("KillMode=", "KilMode="))
     done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False)
     assert "Unknown key 'KilMode'" in done.stderr
 
