@@ -104,3 +104,25 @@ def test_the_deployment_guide_installs_these_files():
     guide = (REPO / "docs" / "deployment.md").read_text()
     for shipped in [*UNITS, NGINX_SITE, DEPLOY / "pacslens.env"]:
         assert str(shipped.relative_to(REPO)) in guide or f"deploy/{shipped.parent.name}/" in guide, shipped.name
+
+
+def requirement_names(path) -> set[str]:
+    lines = (REPO / path).read_text().splitlines()
+    return {
+        re.split(r"[=<>\[ ]", line.strip(), maxsplit=1)[0].lower()
+        for line in lines
+        if line.strip() and not line.startswith("#")
+    }
+
+
+def test_a_server_installs_no_test_tools():
+    runtime, dev = requirement_names("requirements.txt"), requirement_names("requirements-dev.txt")
+    assert {"pytest", "pytest-django", "playwright", "hypothesis"} <= dev
+    assert not runtime & dev
+    # and nothing that runs imports them
+    for package in ("pacslens", "routing", "results"):
+        for module in (REPO / package).rglob("*.py"):
+            imports = re.findall(
+                r"^\s*(?:from|import) (pytest|playwright|hypothesis)\b", module.read_text(), re.MULTILINE
+            )
+            assert not imports, module
