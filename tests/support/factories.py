@@ -62,6 +62,8 @@ def staff_groups_ensure() -> None:
     if Group.objects.filter(name__in=GROUP_OF_ROLE.values()).count() < len(GROUP_OF_ROLE):
         migration = importlib.import_module("routing.migrations.0004_audit_entry_staff_groups")
         migration.create_staff_groups(apps, None)
+        later = importlib.import_module("results.migrations.0007_alert_roles_default_rules")
+        later.grant_permissions(apps, None)
 
 
 def make_user(role: str) -> User:
