@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.urls import path
 
 from pacslens.staff.views import (
+    alerts,
     audit,
     auth,
     dashboard,
@@ -64,4 +65,13 @@ urlpatterns += [
     path("models/", models_page.model_list, name="model_list"),
     path("audit/triage/", triage.triage_audit, name="triage_audit"),
     path("audit/triage.csv", triage.triage_audit_csv, name="triage_audit_csv"),
+]
+
+urlpatterns += [
+    path("alerts/", alerts.alert_page, name="alert_page"),
+    path("alerts/channels/new/", alerts.alert_channel_edit, name="alert_channel_create"),
+    path("alerts/channels/<int:pk>/", alerts.alert_channel_edit, name="alert_channel_edit"),
+    path("alerts/channels/<int:pk>/test/", alerts.alert_channel_test, name="alert_channel_test"),
+    path("alerts/rules/new/", alerts.alert_rule_edit, name="alert_rule_create"),
+    path("alerts/rules/<int:pk>/", alerts.alert_rule_edit, name="alert_rule_edit"),
 ]

@@ -172,6 +172,21 @@ class AlertRule(models.Model):
     def weekday_numbers(self) -> set[int]:
         return {WEEKDAYS.index(day) for day in _weekday_tokens(self.weekdays) if day in WEEKDAYS}
 
+    def parameters_text(self) -> str:
+        """The parameters its condition uses, for the Alerts page."""
+        window = f"over {self.window_hours:g} h, at least {self.min_results} results"
+        if self.condition == AlertCondition.SENDER_SILENT:
+            begin, until = self.expected_window()
+            hours = "all day" if not (self.active_from or self.active_to) else f"{begin:%H:%M}–{until:%H:%M}"
+            return f"{self.ae_title}: {self.hours:g} h silent on {self.weekdays}, {hours}"
+        if self.condition == AlertCondition.MODEL_FAILURE_RATE:
+            return f"{self.model_name or 'every model'}: above {self.threshold_percent:g} % failed, {window}"
+        if self.condition == AlertCondition.FLAG_SHARE:
+            low = "0" if self.min_share_percent is None else f"{self.min_share_percent:g}"
+            high = "100" if self.max_share_percent is None else f"{self.max_share_percent:g}"
+            return f"{self.model_name}: flagged share outside {low}–{high} %, {window}"
+        return ""
+
     def expected_window(self) -> tuple[time, time]:
         return self.active_from or time(0, 0), self.active_to or time(23, 59, 59, 999999)
 

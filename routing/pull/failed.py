@@ -12,6 +12,8 @@ caller (page, API) is audited the same way.
 
 from __future__ import annotations
 
+from functools import partial
+
 from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -65,7 +67,7 @@ def retrieve_retry(*, retrieves: QuerySet[StudyRetrieve], actor: str, request=No
             )
             _study_event(record, "retrieve_requeued", f"retrieve from {record.source.name}: retry requested by {actor}")
         for pk in retried:
-            transaction.on_commit(lambda pk=pk: async_task("routing.pull.poll.retrieve_run_one", pk))
+            transaction.on_commit(partial(async_task, "routing.pull.poll.retrieve_run_one", pk))
     return len(retried)
 
 

@@ -188,7 +188,7 @@ CONDITIONS: dict[str, Callable[[AlertRule, datetime], dict[str, Firing]]] = {
     AlertCondition.MODEL_FAILURE_RATE: model_failure_rate,
     AlertCondition.FLAG_SHARE: flag_share,
 }
-CLEAR_TITLES = {
+CLEAR_TITLES: dict[str, str] = {
     AlertCondition.FAILURE_QUEUE: "failure queue empty",
     AlertCondition.CIRCUIT_OPEN: "circuit breaker closed again",
     AlertCondition.PULL_FAILED: "pull working again",

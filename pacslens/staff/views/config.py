@@ -18,7 +18,14 @@ from routing.models.audit import config_snapshot
 
 
 def config_edit(
-    request, *, form_class, instance: models.Model | None, title: str, success_url: str, form_kwargs: dict | None = None
+    request,
+    *,
+    form_class,
+    instance: models.Model | None,
+    title: str,
+    success_url: str,
+    form_kwargs: dict | None = None,
+    nav: str = "endpoints",
 ) -> HttpResponse:
     """GET: the form. POST: validate; errors inline in the same form (htmx swaps only the form),
     success saves, writes the audit row and goes back to the list."""
@@ -47,7 +54,7 @@ def config_edit(
         "instance": instance,
         "creating": creating,
         "cancel_url": success_url,
-        "nav": "endpoints",
+        "nav": nav,
     }
     template = "ui/config_form.html#form" if request.htmx else "ui/config_form.html"
     return render(request, template, context)
