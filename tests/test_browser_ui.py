@@ -270,3 +270,29 @@ class TestTour:
         page.goto("/studies/")
         page.click("#study-table th a:has-text('Accession')")
         page.wait_for_url(re.compile(r"sort=accession"))
+
+
+class TestAlerts:
+    def test_adds_an_email_channel_and_sends_a_test_alert(self, page, smtp_server):
+        from results.models import AlertChannel
+
+        login(page, "admin")
+        page.click("nav >> text=Alerts")
+        page.click("text=Add channel")
+        page.fill("#id_name", "it-team")
+        page.select_option("#id_kind", "email")
+        page.fill("#id_email_to", "not an address")
+        page.click("button:has-text('Save')")
+        page.wait_for_selector("#id_email_to-errors:has-text('is not an e-mail address')")
+        page.fill("#id_email_to", "it@hospital.example")
+        page.click("button:has-text('Save')")
+        page.wait_for_url(re.compile(r"/alerts/$"))
+        channel = AlertChannel.objects.get(name="it-team")
+        row = page.locator(f"#channel-{channel.pk}")
+        row.locator("button:has-text('Send test alert')").click()
+        result = row.locator(".probe")
+        result.wait_for()
+        assert "test alert sent to it-team" in result.inner_text()
+        assert smtp_server.messages[0][0] == ["it@hospital.example"]
+        assert "Test alert" in smtp_server.messages[0][1]["Subject"]
+        screenshot(page, "alerts")
