@@ -339,7 +339,12 @@ def alerts() -> Iterator[Metric]:
     metric = GaugeMetricFamily(
         "pacslens_alerts_active", "Alert conditions active now, by condition", labels=["condition"]
     )
-    for row in AlertState.objects.filter(active=True, rule__enabled=True).values("rule__condition").annotate(n=Count("pk")).order_by():
+    for row in (
+        AlertState.objects.filter(active=True, rule__enabled=True)
+        .values("rule__condition")
+        .annotate(n=Count("pk"))
+        .order_by()
+    ):
         metric.add_metric([row["rule__condition"]], row["n"])
     yield metric
 

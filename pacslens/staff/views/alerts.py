@@ -24,7 +24,9 @@ def alert_page(request) -> HttpResponse:
         "nav": "alerts",
         "channels": AlertChannel.objects.all(),
         "rules": AlertRule.objects.prefetch_related("states"),
-        "active": AlertState.objects.filter(active=True, rule__enabled=True).select_related("rule").order_by("started_at"),
+        "active": AlertState.objects.filter(active=True, rule__enabled=True)
+        .select_related("rule")
+        .order_by("started_at"),
         "events": AlertEvent.objects.prefetch_related("notifications__channel")[:RECENT_EVENTS],
     }
     return render_page(request, "alerts/page.html", context, fragment="status")
