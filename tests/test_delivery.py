@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
-from results.deliver import ledger
+from results.deliver import lease, ledger
 from results.deliver.identity import installation_current
 from results.deliver.ledger import (
     DiscardReasonRequired,
@@ -257,10 +259,12 @@ class TestFhirDelivery:
 
 
 class TestLease:
+    # Transactional: the renewal thread has its own connection, which a test's open transaction would lock out.
+    @pytest.mark.django_db(transaction=True)
     def test_the_lease_outlives_a_slow_fhir_send_of_three_requests(self, data_dir, rule, fhir_server, monkeypatch):
         # Each request answers just inside the timeout: the send takes about 3 timeouts, more
         # than one request's allowance. Without the margin, the lease must still cover it.
-        monkeypatch.setattr(ledger, "LEASE_EXTRA_SECONDS", 0.0)
+        monkeypatch.setattr(lease, "LEASE_EXTRA_SECONDS", 0.0)
         answer = fhir_server.handle
 
         def slowly(request, method):
@@ -282,6 +286,49 @@ class TestLease:
         assert outcome.ok and len(fhir_server.requests) == 3
         assert timezone.now() < lease_until  # no other worker could have claimed it mid-send
         assert delivery_claim_next(worker="w2") is None
+
+    @pytest.mark.django_db(transaction=True)
+    def test_the_lease_is_renewed_while_a_send_outlasts_it(self, data_dir, rule, fhir_server, monkeypatch):
+        # A lease of 0.3 s against a send of about 1.5 s (three slow requests): only renewal
+        # keeps another worker from taking the row over mid-send.
+        monkeypatch.setattr(lease, "LEASE_EXTRA_SECONDS", 0.0)
+        monkeypatch.setattr(Destination, "send_seconds_max", lambda self: 0.3)
+        answer = fhir_server.handle
+
+        def slowly(request, method):
+            time.sleep(0.5)
+            answer(request, method)
+
+        monkeypatch.setattr(fhir_server, "handle", slowly)
+        study, result = inferred_study(data_dir)
+        destination = Destination.objects.create(
+            name="fhir", kind="fhir", base_url=fhir_server.url, auth="bearer", secret=TOKEN, timeout_seconds=5.0
+        )
+        destination.rules.add(rule)
+        deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        delivery = delivery_claim_next(worker="w1")
+        takeovers = []
+        sending = threading.Event()
+
+        def other_worker():
+            while not sending.wait(0.05):
+                if (claimed := delivery_claim_next(worker="w2")) is not None:
+                    takeovers.append(claimed.pk)
+            connection.close()
+
+        thief = threading.Thread(target=other_worker)
+        thief.start()
+        try:
+            outcome = delivery_send(delivery=delivery, context=ledger.RunContext(worker="w1"))
+        finally:
+            sending.set()
+            thief.join()
+
+        assert outcome.ok and len(fhir_server.requests) == 3
+        assert takeovers == []
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.DELIVERED  # recorded by its own worker, the lease holder
+        assert [a.worker for a in delivery.attempt_log.all()] == ["w1"]
 
 
 class TestOrthanc:

@@ -23,6 +23,7 @@ from django_q.tasks import async_task
 
 from results.deliver import senders
 from results.deliver.contents import delivery_identifier, delivery_key, result_payload
+from results.deliver.lease import LeaseRenewal, lease_duration
 from results.deliver.payload import (
     Outcome,
     OutcomeKind,
@@ -40,8 +41,6 @@ from results.models.inference import ResultStatus
 from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
-
-LEASE_EXTRA_SECONDS = 30.0  # added to a send's longest honest duration: the lease outlives the attempt
 
 
 def worker_identity() -> str:
@@ -142,7 +141,7 @@ def delivery_claim_next(*, worker: str, only_ids: list[int] | None = None) -> De
 def _claim_first(candidates: list[Delivery], *, worker: str, now) -> Delivery | None:
     for candidate in candidates:
         # The whole send, not one request: a FHIR send makes three, each with its own timeout.
-        lease = timedelta(seconds=candidate.destination.send_seconds_max() + LEASE_EXTRA_SECONDS)
+        lease = lease_duration(candidate.destination)
         claimed = Delivery.objects.filter(
             pk=candidate.pk, state=candidate.state, attempts=candidate.attempts, lease_until=candidate.lease_until
         ).update(
@@ -176,9 +175,10 @@ def delivery_send(*, delivery: Delivery, context: RunContext | None = None) -> O
     started = timezone.now()
     try:
         payload = result_payload(result=delivery.result)
-        outcome = senders.send(
-            destination=delivery.destination, payload=payload, key=delivery_key(delivery), context=context
-        )
+        with LeaseRenewal(delivery, delivery.lease_owner or context.worker):
+            outcome = senders.send(
+                destination=delivery.destination, payload=payload, key=delivery_key(delivery), context=context
+            )
     except senders.BuildError as exc:
         outcome = Outcome(OutcomeKind.PERMANENT, Protocol(delivery.kind), None, str(exc), delivery.idempotency_key)
     except Exception as exc:  # a bug or an unforeseen library error: retry, then fail visibly
