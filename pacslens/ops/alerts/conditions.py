@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from django.db.models import Count, Max, Q
 from django.utils import timezone
@@ -38,9 +39,28 @@ class Firing:
     text: str
 
 
-def firing(rule: AlertRule, *, now: datetime | None = None) -> dict[str, Firing]:
+class Evaluation:
+    """One evaluation of every rule: the time, and figures several rules share, read once."""
+
+    def __init__(self, now: datetime | None = None) -> None:
+        self.now = now or timezone.now()
+
+    @cached_property
+    def last_received_by_sender(self) -> dict[str, datetime]:
+        # One scan for every sender_silent rule (calling_ae_title has no index: the receive
+        # path updates studies per instance, and an index there would cost on every one).
+        senders = AlertRule.objects.filter(enabled=True, condition=AlertCondition.SENDER_SILENT).values("ae_title")
+        return dict(
+            Study.objects.filter(calling_ae_title__in=senders)
+            .values("calling_ae_title")
+            .annotate(at=Max("last_received_at"))
+            .values_list("calling_ae_title", "at")
+        )
+
+
+def firing(rule: AlertRule, *, evaluation: Evaluation | None = None) -> dict[str, Firing]:
     """Subject -> what to say, for every subject the rule's condition holds for now."""
-    return CONDITIONS[rule.condition](rule, now or timezone.now())
+    return CONDITIONS[rule.condition](rule, evaluation or Evaluation())
 
 
 def clear_text(rule: AlertRule, subject: str) -> Firing:
@@ -51,7 +71,7 @@ def clear_text(rule: AlertRule, subject: str) -> Firing:
     )
 
 
-def failure_queue(rule: AlertRule, now: datetime) -> dict[str, Firing]:
+def failure_queue(rule: AlertRule, run: Evaluation) -> dict[str, Firing]:
     rows = (
         Delivery.objects.filter(state=DeliveryState.FAILED)
         .values("destination__name", "last_error_class")
@@ -75,7 +95,7 @@ def failure_queue(rule: AlertRule, now: datetime) -> dict[str, Firing]:
     return out
 
 
-def circuit_open(rule: AlertRule, now: datetime) -> dict[str, Firing]:
+def circuit_open(rule: AlertRule, run: Evaluation) -> dict[str, Firing]:
     return {
         d.name: Firing(
             title=f"Circuit breaker of {d.name} open",
@@ -83,11 +103,11 @@ def circuit_open(rule: AlertRule, now: datetime) -> dict[str, Firing]:
             f"deliveries to it pause until {timezone.localtime(d.circuit_open_until):%Y-%m-%d %H:%M %Z} and "
             "then try again. Check the destination with its Test button on the Endpoints page.",
         )
-        for d in Destination.objects.filter(enabled=True, circuit_open_until__gt=now)
+        for d in Destination.objects.filter(enabled=True, circuit_open_until__gt=run.now)
     }
 
 
-def pull_failed(rule: AlertRule, now: datetime) -> dict[str, Firing]:
+def pull_failed(rule: AlertRule, run: Evaluation) -> dict[str, Firing]:
     failed = dict(
         StudyRetrieve.objects.filter(state=StudyRetrieve.State.FAILED)
         .values_list("source__name")
@@ -110,10 +130,10 @@ def pull_failed(rule: AlertRule, now: datetime) -> dict[str, Firing]:
     return out
 
 
-def sender_silent(rule: AlertRule, now: datetime) -> dict[str, Firing]:
-    last = Study.objects.filter(calling_ae_title=rule.ae_title).aggregate(at=Max("last_received_at"))["at"]
-    since = max(last or rule.created_at, now - SILENCE_LOOKBACK)
-    silent = expected_seconds_between(rule, since, now)
+def sender_silent(rule: AlertRule, run: Evaluation) -> dict[str, Firing]:
+    last = run.last_received_by_sender.get(rule.ae_title)
+    since = max(last or rule.created_at, run.now - SILENCE_LOOKBACK)
+    silent = expected_seconds_between(rule, since, run.now)
     if rule.hours is None or silent < rule.hours * 3600:
         return {}
     received = f"last received {timezone.localtime(last):%Y-%m-%d %H:%M %Z}" if last else "nothing received yet"
@@ -126,7 +146,7 @@ def sender_silent(rule: AlertRule, now: datetime) -> dict[str, Firing]:
     }
 
 
-def disk_low(rule: AlertRule, now: datetime) -> dict[str, Firing]:
+def disk_low(rule: AlertRule, run: Evaluation) -> dict[str, Firing]:
     check = check_disk()
     if check["status"] == "ok":
         return {}
@@ -139,7 +159,7 @@ def disk_low(rule: AlertRule, now: datetime) -> dict[str, Firing]:
     }
 
 
-def heartbeat_missing(rule: AlertRule, now: datetime) -> dict[str, Firing]:
+def heartbeat_missing(rule: AlertRule, run: Evaluation) -> dict[str, Firing]:
     out = {}
     for role, check in (("listener", check_heartbeat("listener")), ("workers", check_workers())):
         if check["status"] == "down":
@@ -147,9 +167,9 @@ def heartbeat_missing(rule: AlertRule, now: datetime) -> dict[str, Firing]:
     return out
 
 
-def model_failure_rate(rule: AlertRule, now: datetime) -> dict[str, Firing]:
+def model_failure_rate(rule: AlertRule, run: Evaluation) -> dict[str, Firing]:
     out = {}
-    for name, total, failed in _model_counts(rule, now, count=Q(status=ResultStatus.FAILED)):
+    for name, total, failed in _model_counts(rule, run.now, count=Q(status=ResultStatus.FAILED)):
         rate = 100.0 * failed / total
         if total >= rule.min_results and rule.threshold_percent is not None and rate > rule.threshold_percent:
             out[name] = Firing(
@@ -160,10 +180,10 @@ def model_failure_rate(rule: AlertRule, now: datetime) -> dict[str, Firing]:
     return out
 
 
-def flag_share(rule: AlertRule, now: datetime) -> dict[str, Firing]:
+def flag_share(rule: AlertRule, run: Evaluation) -> dict[str, Firing]:
     out = {}
     succeeded = Q(status=ResultStatus.SUCCEEDED)
-    for name, total, flagged in _model_counts(rule, now, count=Q(flagged=True), among=succeeded):
+    for name, total, flagged in _model_counts(rule, run.now, count=Q(flagged=True), among=succeeded):
         share = 100.0 * flagged / total
         low = rule.min_share_percent is not None and share < rule.min_share_percent
         high = rule.max_share_percent is not None and share > rule.max_share_percent
@@ -178,7 +198,7 @@ def flag_share(rule: AlertRule, now: datetime) -> dict[str, Firing]:
     return out
 
 
-CONDITIONS: dict[str, Callable[[AlertRule, datetime], dict[str, Firing]]] = {
+CONDITIONS: dict[str, Callable[[AlertRule, Evaluation], dict[str, Firing]]] = {
     AlertCondition.FAILURE_QUEUE: failure_queue,
     AlertCondition.CIRCUIT_OPEN: circuit_open,
     AlertCondition.PULL_FAILED: pull_failed,

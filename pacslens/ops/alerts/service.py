@@ -20,7 +20,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from pacslens.ops.alerts.channels import WEBHOOK_TIMEOUT, AlertMessage, ChannelError, channel_send
-from pacslens.ops.alerts.conditions import Firing, clear_text, firing
+from pacslens.ops.alerts.conditions import Evaluation, Firing, clear_text, firing
 from results.models import (
     AlertChannel,
     AlertEvent,
@@ -47,11 +47,12 @@ def alerts_check() -> dict[str, int]:
 
 def alerts_evaluate(*, now: datetime | None = None) -> int:
     """Start and clear alert states to match the conditions now. Returns how many changed here."""
-    now = now or timezone.now()
+    run = Evaluation(now)
+    now = run.now
     changed = 0
     for rule in AlertRule.objects.filter(enabled=True):
         try:
-            current = firing(rule, now=now)
+            current = firing(rule, evaluation=run)
         except Exception:  # one broken condition must not silence the others, nor clear its own alerts
             logger.exception("alert rule %s (%s) could not be evaluated", rule.pk, rule.condition)
             continue
