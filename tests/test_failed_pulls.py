@@ -156,3 +156,22 @@ def test_a_retrieve_failed_for_good_is_retried_from_the_queue_and_fetched(
     study = Study.objects.get(study_instance_uid=uid)
     assert (record.state, record.attempts, study.state, study.instances.count()) == ("done", 1, "complete", 2)
     assert f'id="retrieve-{record.pk}"' not in client.get("/failures/").content.decode()
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("plain_static_storage")
+def test_stopping_a_failing_source_needs_a_reason_and_a_pacs_administrator(client, users, source):
+    PollSource.objects.filter(pk=source.pk).update(consecutive_failures=6)
+    client.force_login(users["informaticist"])
+    assert "Stop polling" not in client.get("/failures/").content.decode()
+    assert client.post(f"/failures/poll-sources/{source.pk}/stop/", {"reason": "x"}).status_code == 403
+    client.force_login(users["superuser"])
+    assert "Stop polling" in client.get("/failures/").content.decode()
+    page = client.post(f"/failures/poll-sources/{source.pk}/stop/", {"reason": ""}, **HX).content.decode()
+    assert "A reason is required to stop polling a source." in page
+    page = client.post(f"/failures/poll-sources/{source.pk}/stop/", {"reason": "PACS retired"}, **HX).content.decode()
+    assert "vna is no longer polled." in page and f'id="poll-source-{source.pk}"' not in page
+    source.refresh_from_db()
+    assert not source.enabled
+    entry = AuditEntry.objects.get(action="disable")
+    assert entry.detail == "stopped polling after 6 failed polls; reason: PACS retired"

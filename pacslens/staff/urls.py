@@ -56,6 +56,7 @@ urlpatterns += [
     path("failures/retrieves/retry/", retrieves.failure_retrieve_retry, name="failure_retrieve_retry"),
     path("failures/retrieves/<int:pk>/discard/", retrieves.failure_retrieve_discard, name="failure_retrieve_discard"),
     path("failures/poll-sources/<int:pk>/poll-now/", retrieves.failure_source_poll_now, name="failure_source_poll_now"),
+    path("failures/poll-sources/<int:pk>/stop/", retrieves.failure_source_stop, name="failure_source_stop"),
     path("studies/<int:pk>/rerun/", study_actions.study_rerun_view, name="study_rerun"),
     path("studies/<int:pk>/redeliver/", study_actions.study_redeliver, name="study_redeliver"),
     path("endpoints/destinations/new/", destinations.destination_edit, name="destination_create"),

@@ -3,7 +3,8 @@
 A retrieve has failed for good when a permanent error or MAX_RETRIEVE_ATTEMPTS transient ones
 put its StudyRetrieve row in FAILED: no automatic retry will come. A poll source is failing
 when its last POLL_FAILING_AFTER polls failed; polls are retried automatically (with backoff),
-so for a source the only staff action is "poll now" (stop it on the Endpoints page instead).
+so for a source staff either poll now or give up on it: stop polling it, with a reason (the
+source is disabled, as on the Endpoints page, and can be enabled there again).
 
 Retry puts the same row back in the queue and wakes a worker to run it; discard needs a reason.
 Both are compare-and-set on the row's state and write the audit entry themselves, so every
@@ -105,6 +106,27 @@ def source_poll_now(*, source: PollSource, actor: str, request=None) -> bool:
             detail=f"poll now, after {source.consecutive_failures} failed polls",
             request=request,
         )
+    return bool(updated)
+
+
+def source_stop(*, source: PollSource, actor: str, reason: str, request=None) -> bool:
+    """Give up on a failing source: disable it, with the reason. False when it was already disabled."""
+    reason = reason.strip()
+    if not reason:
+        raise DiscardReasonRequired("A reason is required to stop polling a source.")
+    with transaction.atomic():
+        updated = PollSource.objects.filter(pk=source.pk, enabled=True).update(enabled=False)
+        if updated:
+            AuditEntry.record(
+                actor=actor,
+                action=AuditAction.DISABLE,
+                obj=source,
+                object_repr=source.name,
+                before={"enabled": True},
+                after={"enabled": False},
+                detail=f"stopped polling after {source.consecutive_failures} failed polls; reason: {reason}",
+                request=request,
+            )
     return bool(updated)
 
 

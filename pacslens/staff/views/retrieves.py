@@ -1,5 +1,5 @@
 """Failed pulls in the failure queue: retrieves that failed for good (retry, discard with a
-reason) and poll sources whose polls keep failing (poll now).
+reason) and poll sources whose polls keep failing (poll now; stop polling, with a reason).
 
 A self-contained section: the failure queue page includes `failures/retrieves.html` with
 `retrieve_queue_context`, and every action here answers with that section alone (htmx) or
@@ -17,7 +17,14 @@ from django.views.decorators.http import require_POST
 from pacslens.staff.forms import DiscardForm
 from pacslens.staff.views.access import actor, staff_view
 from routing.models import PollSource, StudyRetrieve
-from routing.pull.failed import retrieve_discard, retrieve_retry, retrieves_failed, source_poll_now, sources_failing
+from routing.pull.failed import (
+    retrieve_discard,
+    retrieve_retry,
+    retrieves_failed,
+    source_poll_now,
+    source_stop,
+    sources_failing,
+)
 
 MAX_ROWS = 200
 
@@ -69,6 +76,21 @@ def failure_source_poll_now(request, pk: int) -> HttpResponse:
     source = get_object_or_404(PollSource, pk=pk)
     polled = source_poll_now(source=source, actor=actor(request), request=request)
     return _done(request, f"{source.name} will be polled within a minute." if polled else f"{source.name} is disabled.")
+
+
+@staff_view("routing.change_pollsource")
+def failure_source_stop(request, pk: int) -> HttpResponse:
+    """Give up on a failing poll source: disable it, with a reason (PACS administrators' permission)."""
+    source = get_object_or_404(PollSource, pk=pk)
+    form = DiscardForm(request.POST or None)
+    form.fields["reason"].error_messages["required"] = "A reason is required to stop polling a source."
+    form.fields["reason"].widget.attrs["placeholder"] = "Why this PACS is no longer polled"
+    if request.method == "POST" and form.is_valid():
+        stopped = source_stop(source=source, actor=actor(request), reason=form.cleaned_data["reason"], request=request)
+        return _done(request, f"{source.name} is no longer polled." if stopped else f"{source.name} was already off.")
+    context = {"source": source, "form": form, "nav": "failures"}
+    template = "failures/source_stop.html"
+    return render(request, f"{template}#form" if request.htmx else template, context)
 
 
 def _done(request, message: str) -> HttpResponse:
