@@ -24,7 +24,7 @@ from results.deliver.ledger import (
     delivery_send,
 )
 from results.models import Delivery, DeliveryState, Destination, InferenceResult
-from routing.models import Study, StudyState
+from routing.models import ApplicationEntity, Study, StudyState
 from tests.support.factories import dicom_destination, hl7_destination, inferred_study
 from tests.support.fhir_server import TOKEN, FHIRServer
 from tests.support.mllp import MLLPListener
@@ -192,6 +192,31 @@ class TestResilience:
         Delivery.objects.update(next_attempt_at=timezone.now())
         assert delivery_claim_next(worker="test") is None  # the open circuit hides the dead PACS's rows
 
+    def test_the_timeline_shows_the_breaker_and_when_it_really_retries(self, data_dir, rule, scps):
+        dead = dicom_destination(rule, 1, breaker_threshold=1, breaker_cooldown_seconds=600, backoff_base_seconds=1)
+        study, result = inferred_study(data_dir)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        deliveries_run_pending()
+        dead.refresh_from_db()
+        delivery.refresh_from_db()
+        events = {e.kind: e.detail for e in study.events.all()}
+        until = timezone.localtime(dead.circuit_open_until)
+        assert events["circuit_open"] == (
+            f"pacs: circuit open until {until:%H:%M:%S} after 1 failures in a row; its deliveries wait until then"
+        )
+        # Backoff alone would say about a second from now; the breaker holds it for ten minutes.
+        assert f"retry at {until:%H:%M:%S} (held by the circuit breaker)" in events["delivery_retry"]
+        assert delivery.next_attempt_at == dead.circuit_open_until == delivery.next_try_at
+        # The PACS is back and the cool-down over: the next attempt gets through and closes the breaker.
+        scp = scps()
+        ApplicationEntity.objects.filter(pk=dead.application_entity_id).update(port=scp.port)
+        Destination.objects.filter(pk=dead.pk).update(circuit_open_until=timezone.now() - timedelta(seconds=1))
+        make_due(delivery)
+        deliveries_run_pending()
+        kinds = list(study.events.values_list("kind", flat=True))
+        assert kinds[-3:] == ["circuit_closed", "delivered", "delivered"]
+        assert study.events.get(kind="circuit_closed").detail == "pacs: circuit closed, the destination answers again"
+
     def test_a_killed_worker_s_claim_expires_and_is_sent_once_more_with_the_same_key(self, data_dir, rule, mllp):
         study, result = inferred_study(data_dir)
         hl7_destination(rule, mllp.port)
@@ -231,7 +256,26 @@ class TestDiscard:
         assert delivery_discard(delivery=delivery, actor="informaticist", reason="RIS order cancelled")
         delivery.refresh_from_db()
         assert (delivery.state, delivery.discarded_by) == ("discarded", "informaticist")
-        assert Study.objects.get(pk=study.pk).state == StudyState.DELIVERED
+        # Discarded is not delivered: the study is closed, its timeline says why.
+        study = Study.objects.get(pk=study.pk)
+        assert study.state == StudyState.CLOSED
+        assert study.events.last().detail == "closed without full delivery: 0 of 1 delivered, 1 discarded"
+
+    def test_a_closed_study_is_out_of_the_delivery_latency_and_re_delivers(self, data_dir, rule, mllp):
+        from pacslens.staff.dashboard_data import stage_latencies
+
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port, on_ack_error="fail")
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        mllp.mode = "AE"
+        deliveries_run_pending()
+        delivery_discard(delivery=delivery, actor="informaticist", reason="RIS order cancelled")
+        inferred_to_delivered = stage_latencies()[-1]
+        assert (inferred_to_delivered.to_state, inferred_to_delivered.count) == ("delivered", 0)
+        # Staff may still send it: the closed study goes back to delivering.
+        Delivery.objects.filter(pk=delivery.pk).update(state="failed")
+        delivery_retry(deliveries=Delivery.objects.filter(pk=delivery.pk), actor="informaticist")
+        assert Study.objects.get(pk=study.pk).state == StudyState.DELIVERING
 
 
 class TestFhirDelivery:

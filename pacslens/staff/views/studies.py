@@ -18,12 +18,12 @@ from routing.pull.failed import retrieves_failed
 
 PAGE_SIZE = 25
 # States in which the study page keeps refreshing itself: something is still going to happen.
+# Not INFERRED: its deliveries are written with that state and move it on, so it has nothing to deliver.
 WORKING_STATES = {
     StudyState.RECEIVING,
     StudyState.COMPLETE,
     StudyState.ROUTED,
     StudyState.INFERRING,
-    StudyState.INFERRED,
     StudyState.DELIVERING,
 }
 

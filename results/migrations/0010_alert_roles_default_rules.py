@@ -1,5 +1,5 @@
-# The staff roles get the new pages' permissions: PACS administrators configure alerts,
-# informaticists work failed retrieves in the failure queue (docs/ui.md). A fresh site also
+# The staff roles get the new pages' permissions: PACS administrators configure alerts (and see
+# failed retrieves), informaticists work failed retrieves in the failure queue (docs/ui.md). A fresh site also
 # gets the alert rules that need no parameters, so adding a channel is all it takes.
 
 from django.db import migrations
@@ -7,6 +7,7 @@ from django.db import migrations
 GROUP_PERMISSIONS = {
     "PACS administrators": [
         *(f"results.{a}_{m}" for m in ("alertchannel", "alertrule") for a in ("view", "add", "change", "delete")),
+        "routing.view_studyretrieve",  # they see the failure queue read-only (0008), failed pulls included
     ],
     "Informaticists": [
         "routing.view_studyretrieve",
@@ -50,8 +51,8 @@ def default_rules(apps, schema_editor):
 class Migration(migrations.Migration):
     dependencies = [
         ("auth", "0012_alter_user_first_name_max_length"),
-        ("routing", "0007_retrieve_discard"),
-        ("results", "0006_alerts"),
+        ("routing", "0010_retrieve_discard"),
+        ("results", "0009_alerts"),
     ]
 
     operations = [
