@@ -12,6 +12,7 @@ import pytest
 
 pytest_plugins = [
     "tests.support.alert_receivers",
+    "tests.support.browser",
     "tests.support.dicom_peers",
     "tests.support.factories",
     "tests.support.fhir_server",

@@ -26,6 +26,7 @@ from results.models import (
     InferenceResult,
     ResultStatus,
 )
+from results.monitoring import flagged_share
 from routing.models import Study, StudyRetrieve
 from routing.pull.failed import sources_failing
 
@@ -181,21 +182,22 @@ def model_failure_rate(rule: AlertRule, run: Evaluation) -> dict[str, Firing]:
 
 
 def flag_share(rule: AlertRule, run: Evaluation) -> dict[str, Firing]:
-    out = {}
-    succeeded = Q(status=ResultStatus.SUCCEEDED)
-    for name, total, flagged in _model_counts(rule, run.now, count=Q(flagged=True), among=succeeded):
-        share = 100.0 * flagged / total
-        low = rule.min_share_percent is not None and share < rule.min_share_percent
-        high = rule.max_share_percent is not None and share > rule.max_share_percent
-        if total >= rule.min_results and (low or high):
-            band = f"{_percent(rule.min_share_percent, '0')}–{_percent(rule.max_share_percent, '100')} %"
-            out[name] = Firing(
-                title=f"Model {name} flags {share:.0f} % of studies ({'below' if low else 'above'} its band)",
-                text=f"{flagged} of {total} successful results of model {name} in the last {rule.window_hours:g} h "
-                f"were flagged: {share:.1f} %, outside the expected band of {band}. A changed scanner protocol, "
-                "a routing rule sending other studies, or a model problem can cause this.",
-            )
-    return out
+    name = rule.model_name
+    counts = flagged_share(model_name=name, since=run.now - timedelta(hours=rule.window_hours))
+    share = 100.0 * (counts.share or 0.0)
+    low = rule.min_share_percent is not None and share < rule.min_share_percent
+    high = rule.max_share_percent is not None and share > rule.max_share_percent
+    if counts.count < max(rule.min_results, 1) or not (low or high):
+        return {}
+    band = f"{_percent(rule.min_share_percent, '0')}–{_percent(rule.max_share_percent, '100')} %"
+    return {
+        name: Firing(
+            title=f"Model {name} flags {share:.0f} % of studies ({'below' if low else 'above'} its band)",
+            text=f"{counts.flagged} of {counts.count} scored results of model {name} in the last "
+            f"{rule.window_hours:g} h were flagged: {share:.1f} %, outside the expected band of {band}. A changed "
+            "scanner protocol, a routing rule sending other studies, or a model problem can cause this.",
+        )
+    }
 
 
 CONDITIONS: dict[str, Callable[[AlertRule, Evaluation], dict[str, Firing]]] = {
@@ -240,11 +242,9 @@ def expected_seconds_between(rule: AlertRule, start: datetime, end: datetime) ->
     return total
 
 
-def _model_counts(rule: AlertRule, now: datetime, *, count: Q, among: Q | None = None) -> list[tuple[str, int, int]]:
+def _model_counts(rule: AlertRule, now: datetime, *, count: Q) -> list[tuple[str, int, int]]:
     """(model name, results in the window, of which matching `count`), current results only."""
     results = InferenceResult.objects.current().filter(created_at__gte=now - timedelta(hours=rule.window_hours))
-    if among is not None:
-        results = results.filter(among)
     if rule.model_name:
         results = results.filter(model_name=rule.model_name)
     rows = results.values("model_name").annotate(total=Count("pk"), hits=Count("pk", filter=count)).order_by()

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('routing', '0009_association_completion_due'),
+        ('routing', '0011_rule_shadow_mode'),
     ]
 
     operations = [

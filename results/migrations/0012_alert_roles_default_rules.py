@@ -51,8 +51,8 @@ def default_rules(apps, schema_editor):
 class Migration(migrations.Migration):
     dependencies = [
         ("auth", "0012_alter_user_first_name_max_length"),
-        ("routing", "0010_retrieve_discard"),
-        ("results", "0009_alerts"),
+        ("routing", "0012_retrieve_discard"),
+        ("results", "0011_alerts"),
     ]
 
     operations = [

@@ -12,8 +12,8 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('results', '0008_pacs_admins_see_failure_queue'),
-        ('routing', '0010_retrieve_discard'),
+        ('results', '0010_result_key_region_shadow_summary_objects'),
+        ('routing', '0012_retrieve_discard'),
     ]
 
     operations = [
