@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.support.orthanc",
     "tests.support.postgres",
     "tests.support.pull",
+    "tests.support.web",
 ]
 
 

@@ -35,6 +35,9 @@ class AuditAction(models.TextChoices):
     LOGIN_FAILED = "login_failed", "Failed login"
     VIEW_AUDIT = "view_audit", "Viewed the triage audit"
     EXPORT_AUDIT = "export_audit", "Exported the triage audit"
+    REVOKE = "revoke", "Revoked"
+    IMPORT = "import", "Imported the site configuration"
+    EXPORT = "export", "Exported the site configuration"
 
 
 class AuditEntry(models.Model):

@@ -326,6 +326,22 @@ def retrieve(*, record: StudyRetrieve, source: PollSource) -> RetrieveOutcome:
     return outcome
 
 
+def retrieve_retry(*, record: StudyRetrieve, actor: str) -> bool:
+    """Put a FAILED retrieve back in its source's queue with a fresh attempt budget (staff or API
+    request); the next poll of the source claims it. False if it was not failed."""
+    now = timezone.now()
+    retried = StudyRetrieve.objects.filter(pk=record.pk, state=StudyRetrieve.State.FAILED).update(
+        state=StudyRetrieve.State.PENDING,
+        attempts=0,
+        next_attempt_at=now,
+        lease_until=None,
+        last_error=f"retry requested by {actor}",
+    )
+    if retried:
+        record.refresh_from_db()
+    return bool(retried)
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 
