@@ -20,6 +20,7 @@ pytest_plugins = [
     "tests.support.postgres",
     "tests.support.pull",
     "tests.support.web",
+    "tests.support.api",
 ]
 
 

@@ -13,10 +13,41 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from pacslens.api.auth import ApiBearer
+from pacslens.api import schemas
 from pacslens.api.endpoints import config, deliveries, health, results, studies
-from pacslens.api.problems import Problem, problem_response, validation_problems
+from pacslens.api.problems import CONTENT_TYPE, TITLES, Problem, problem_response, validation_problems
 
-api = NinjaAPI(
+
+class PacsLensAPI(NinjaAPI):
+    def get_openapi_operation_id(self, operation) -> str:
+        # The function's name (study_list), not its module path: what generated clients call.
+        return operation.view_func.__name__
+
+    def get_openapi_schema(self, *, path_prefix: str | None = None, path_params: dict | None = None):
+        """ninja's schema, plus the problem+json answers every operation may give."""
+        schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = schemas.Problem.model_json_schema()
+        for path, operations in schema["paths"].items():
+            for method, operation in operations.items():
+                statuses = [401, 403, 422] + ([404] if "{" in path else [])
+                if method in ("put", "patch", "delete"):
+                    statuses += [409, 412, 428]
+                elif method == "post":
+                    statuses += [409]
+                for status in statuses:
+                    operation["responses"].setdefault(str(status), PROBLEM_RESPONSES[status])
+        return schema
+
+
+PROBLEM_RESPONSES = {
+    status: {
+        "description": f"{TITLES[status]} (RFC 9457 problem details)",
+        "content": {CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    for status in (401, 403, 404, 409, 412, 422, 428)
+}
+
+api = PacsLensAPI(
     title="PacsLens automation API",
     version="1",
     description=(

@@ -74,7 +74,7 @@ def entry_etag(entry: dict[str, Any]) -> str:
 def _register(kind: ConfigKind) -> None:
     """The five operations of one kind (list, read, create, replace/patch, delete)."""
     name = kind.section_name.replace("_", " ")
-    item = f"/config/{kind.path}/{{object_id}}"
+    item = f"/config/{kind.path}/{{int:object_id}}"
 
     @router.get(
         f"/config/{kind.path}",
@@ -180,7 +180,7 @@ def model_list(request: HttpRequest):
     return [{"id": ids[(e["name"], e["version"])], "etag": entry_etag(e), "entry": e} for e in entries]
 
 
-@router.get("/config/models/{model_id}", response=schemas.ConfigObject, summary="Read one registered model")
+@router.get("/config/models/{int:model_id}", response=schemas.ConfigObject, summary="Read one registered model")
 def model_read(request: HttpRequest, response: HttpResponse, model_id: int):
     require(request, "results.view_aimodel")
     model = get_object_or_404(AIModel, pk=model_id)

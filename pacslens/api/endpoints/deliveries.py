@@ -71,7 +71,7 @@ def deliveries_retry(request: HttpRequest, body: schemas.RetryIn):
 
 
 @router.post(
-    "/deliveries/{delivery_id}/retry", response={202: schemas.ActionOutcome}, summary="Retry one failed delivery"
+    "/deliveries/{int:delivery_id}/retry", response={202: schemas.ActionOutcome}, summary="Retry one failed delivery"
 )
 def delivery_retry_one(request: HttpRequest, delivery_id: int):
     client = require(request, *RETRY)
@@ -82,7 +82,9 @@ def delivery_retry_one(request: HttpRequest, delivery_id: int):
     return 202, {"detail": f"{count} delivery queued again.", "queued": count, "ids": [delivery.pk]}
 
 
-@router.post("/deliveries/{delivery_id}/discard", response=schemas.ActionOutcome, summary="Discard a failed delivery")
+@router.post(
+    "/deliveries/{int:delivery_id}/discard", response=schemas.ActionOutcome, summary="Discard a failed delivery"
+)
 def delivery_discard_one(request: HttpRequest, delivery_id: int, body: schemas.DiscardIn):
     """Give up on a failed (or pending) delivery; the reason is required and audited."""
     client = require(request, *DISCARD)
@@ -133,7 +135,9 @@ def retrieve_list(request: HttpRequest, state: str = StudyRetrieve.State.FAILED,
     ]
 
 
-@router.post("/retrieves/{retrieve_id}/retry", response={202: schemas.ActionOutcome}, summary="Retry a failed retrieve")
+@router.post(
+    "/retrieves/{int:retrieve_id}/retry", response={202: schemas.ActionOutcome}, summary="Retry a failed retrieve"
+)
 def retrieve_retry_one(request: HttpRequest, retrieve_id: int):
     """Put a failed retrieve back in its source's queue with a fresh attempt budget; the next
     poll of the source retrieves it."""

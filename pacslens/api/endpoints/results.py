@@ -65,7 +65,7 @@ def result_list(
     return {"items": [_row(r) for r in rows], "next_cursor": next_cursor, "next": next_url}
 
 
-@router.get("/results/{result_id}", response=schemas.ResultRow, summary="One inference result (triage audit)")
+@router.get("/results/{int:result_id}", response=schemas.ResultRow, summary="One inference result (triage audit)")
 def result_detail(request: HttpRequest, result_id: int):
     client = require(request, *TRIAGE_AUDIT)
     result = get_object_or_404(InferenceResult.objects.select_related("superseded_by"), pk=result_id)

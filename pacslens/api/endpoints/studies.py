@@ -68,7 +68,7 @@ def study_list(
 
 
 @router.get(
-    "/studies/{study_id}",
+    "/studies/{int:study_id}",
     response=schemas.StudyStatus,
     summary="One study: series, timeline, routing, results, deliveries",
 )
@@ -78,7 +78,7 @@ def study_detail(request: HttpRequest, study_id: int):
     return study_status_data(get_object_or_404(Study, pk=study_id))
 
 
-@router.post("/studies/{study_id}/rerun", response={202: schemas.ActionOutcome}, summary="Re-run inference")
+@router.post("/studies/{int:study_id}/rerun", response={202: schemas.ActionOutcome}, summary="Re-run inference")
 def study_rerun(request: HttpRequest, study_id: int):
     """Route and infer the study again; the new result supersedes the current one. 409 while
     the pipeline is still working on the study."""
@@ -92,7 +92,7 @@ def study_rerun(request: HttpRequest, study_id: int):
     return 202, {"detail": "Inference will run again; the new result will supersede the current one."}
 
 
-@router.post("/studies/{study_id}/redeliver", response={202: schemas.ActionOutcome}, summary="Re-deliver a study")
+@router.post("/studies/{int:study_id}/redeliver", response={202: schemas.ActionOutcome}, summary="Re-deliver a study")
 def study_redeliver(request: HttpRequest, study_id: int, destination: str | None = None):
     """Send the study's current results again (to every destination, or the one named), with the
     same idempotency keys. 409 when there is nothing to re-deliver."""
