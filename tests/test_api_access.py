@@ -115,12 +115,12 @@ class TestPermissionMatrix:
                 )
 
     def test_the_api_requires_the_permissions_the_ui_requires(self):
-        assert api_studies.VIEW == staff_studies.study_list.staff_permissions
-        assert api_studies.RERUN == study_actions.study_rerun_view.staff_permissions
-        assert api_studies.REDELIVER == study_actions.study_redeliver.staff_permissions
-        assert api_deliveries.VIEW == failures.failure_queue.staff_permissions
-        assert api_deliveries.RETRY == failures.failure_retry.staff_permissions
-        assert api_deliveries.DISCARD == failures.failure_discard.staff_permissions
+        assert staff_studies.study_list.staff_permissions == api_studies.VIEW
+        assert study_actions.study_rerun_view.staff_permissions == api_studies.RERUN
+        assert study_actions.study_redeliver.staff_permissions == api_studies.REDELIVER
+        assert failures.failure_queue.staff_permissions == api_deliveries.VIEW
+        assert failures.failure_retry.staff_permissions == api_deliveries.RETRY
+        assert failures.failure_discard.staff_permissions == api_deliveries.DISCARD
 
 
 class TestTokens:

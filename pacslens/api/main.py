@@ -12,8 +12,8 @@ from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
-from pacslens.api.auth import ApiBearer
 from pacslens.api import schemas
+from pacslens.api.auth import ApiBearer
 from pacslens.api.endpoints import config, deliveries, health, results, studies
 from pacslens.api.problems import CONTENT_TYPE, TITLES, Problem, problem_response, validation_problems
 
