@@ -8,9 +8,14 @@ this schema, it does not build its own.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from ninja import Schema
+from pydantic import Field
+
+# The study_status document's timestamps: kept as the serializer wrote them (isoformat, to the
+# microsecond), so the API and `study_status --json` give the same bytes.
+IsoDateTime = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 
 
 class Problem(Schema):
@@ -57,7 +62,7 @@ class SeriesStatus(Schema):
 
 
 class TimelineEvent(Schema):
-    at: datetime
+    at: IsoDateTime
     kind: str
     from_state: str
     to_state: str
@@ -66,7 +71,7 @@ class TimelineEvent(Schema):
 
 
 class RoutingStatus(Schema):
-    decided_at: datetime
+    decided_at: IsoDateTime
     matched_rules: list[str]
     models: list[str]
     priority: str | int
@@ -75,7 +80,7 @@ class RoutingStatus(Schema):
 
 class ResultStatus(Schema):
     id: int
-    created_at: datetime
+    created_at: IsoDateTime
     model: str
     model_version: str
     model_sha256: str
@@ -98,8 +103,8 @@ class ResultStatus(Schema):
 
 class AttemptStatus(Schema):
     number: int
-    started_at: datetime
-    ended_at: datetime
+    started_at: IsoDateTime
+    ended_at: IsoDateTime
     outcome: str
     code: str | None
     message: str
@@ -113,8 +118,8 @@ class DeliveryStatus(Schema):
     idempotency_key: str
     state: str
     attempts: int
-    next_attempt_at: datetime | None
-    delivered_at: datetime | None
+    next_attempt_at: IsoDateTime | None
+    delivered_at: IsoDateTime | None
     last_error: str | None
     last_error_class: str | None
     attempt_log: list[AttemptStatus]
@@ -128,9 +133,9 @@ class StudyStatus(Schema):
     accession_number: str
     modalities: list[str]
     sending_ae_title: str
-    first_received_at: datetime
-    last_received_at: datetime
-    completed_at: datetime | None
+    first_received_at: IsoDateTime
+    last_received_at: IsoDateTime
+    completed_at: IsoDateTime | None
     series_count: int
     instance_count: int
     series: list[SeriesStatus]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import requests
@@ -42,12 +43,22 @@ class ApiServer:
         return requests.request(method, f"{self.url}/api/v1{path}", headers=headers, timeout=30, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def api_gunicorn(django_db_setup, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """One server per test module: each test's flush empties the tables it reads, not the server."""
+    from django.conf import settings
+
+    data_dir = tmp_path_factory.mktemp("api-data")
+    with gunicorn_run(data_dir=data_dir, database=settings.DATABASES["default"]) as url:
+        yield url, data_dir
+
+
 @pytest.fixture
-def api(transactional_db, data_dir, settings) -> Iterator[ApiServer]:
+def api(api_gunicorn, transactional_db, settings) -> ApiServer:
+    """The module's server; the test shares its data dir (the secrets key file is there)."""
+    url, settings.DATA_DIR = api_gunicorn
     api_groups_ensure()
-    server = ApiServer(url="")
+    server = ApiServer(url=url)
     for role in API_ROLES:
         _, server.tokens[role] = api_client_create(name=f"test-{role}", role=role, actor="pytest")
-    with gunicorn_run(data_dir=data_dir, database=settings.DATABASES["default"]) as url:
-        server.url = url
-        yield server
+    return server
