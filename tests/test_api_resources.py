@@ -6,7 +6,11 @@ problem+json answers."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 from io import StringIO
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,8 +21,10 @@ from pacslens.site_config.document import ConfigError, config_import
 from results.models import Delivery, Destination
 from routing.models import ApplicationEntity, AuditEntry, PollSource, RoutingRule, Study, StudyRetrieve
 from tests.support.factories import make_destination, make_failed_delivery, make_result, make_study
+from tests.support.postgres import database_url_of
 
 PROBLEM = "application/problem+json"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def problem(response, status: int) -> dict:
@@ -338,3 +344,40 @@ def test_a_wrong_body_is_a_problem_naming_the_field(api, pipeline):
         400,
     )
     assert body["detail"] == "Cannot parse request body"
+
+
+class TestGuide:
+    """docs/api.md's five-minute script, run as written against the server."""
+
+    def guide_block(self, heading: str, api, destination: int) -> str:
+        text = (REPO / "docs" / "api.md").read_text()
+        block = re.compile(r"```\w+\n(.*?)```", re.DOTALL).search(text, text.index(heading))[1]
+        return (
+            block.replace("http://localhost:8000", api.url)
+            .replace("destination=3", f"destination={destination}")
+            .replace('"destination": 3', f'"destination": {destination}')
+            .replace("destination = 3", f"destination = {destination}")
+        )
+
+    def test_the_python_script_runs(self, api, pipeline, capsys):
+        code = self.guide_block("## The same in Python", api, pipeline["destination"].pk)
+        code = code.replace("plapi_...", api.tokens["informaticist"])
+        exec(compile(code, "docs/api.md", "exec"), {})
+        out = capsys.readouterr().out
+        assert "1 failed deliveries: {'permanent'}" in out and "1 delivery queued again." in out
+        assert Delivery.objects.get(pk=pipeline["delivery"].pk).state == "pending"
+
+    def test_the_curl_script_runs(self, api, pipeline, settings):
+        script = self.guide_block("## Five minutes with curl", api, pipeline["destination"].pk)
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url_of(settings.DATABASES["default"]),
+            "PACSLENS_DATA_DIR": str(settings.DATA_DIR),
+        }
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.rstrip().endswith(f'"queued": 1, "ids": [{pipeline["delivery"].pk}]}}'), done.stdout[-500:]
+        assert Delivery.objects.get(pk=pipeline["delivery"].pk).state == "pending"
+        assert AuditEntry.objects.filter(actor="api:ops-script", action="retry").exists()
