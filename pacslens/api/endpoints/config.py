@@ -103,7 +103,7 @@ def _register(kind: ConfigKind) -> None:
     def create_object(request: HttpRequest, response: HttpResponse, entry: dict[str, Any] = Body(...)):  # noqa: B008
         """The body is an entry of this section of the site YAML (docs/reference.md)."""
         client = require(request, kind.perm("view"), kind.perm("add"))
-        obj = _save(kind, request, client.actor, None, entry)
+        obj = _save(kind, request, client.actor, entry)
         response["Location"] = request.build_absolute_uri(f"{request.path.rstrip('/')}/{obj.pk}")
         return 201, _answer(kind, obj, response)
 
@@ -121,8 +121,7 @@ def _register(kind: ConfigKind) -> None:
     ):
         """The whole entry, as an import of this one entry would apply it. Needs `If-Match`."""
         client = require(request, kind.perm("view"), kind.perm("change"))
-        obj = _locked(kind, request, object_id)
-        return _answer(kind, _save(kind, request, client.actor, obj, entry), response)
+        return _answer(kind, _save(kind, request, client.actor, entry, object_id=object_id), response)
 
     @router.patch(
         item,
@@ -138,9 +137,7 @@ def _register(kind: ConfigKind) -> None:
     ):
         """The fields given replace the object's; the others stay. Needs `If-Match`."""
         client = require(request, kind.perm("view"), kind.perm("change"))
-        obj = _locked(kind, request, object_id)
-        entry = {**config_entry(kind, obj), **changes}
-        return _answer(kind, _save(kind, request, client.actor, obj, entry), response)
+        return _answer(kind, _save(kind, request, client.actor, changes, object_id=object_id, patch=True), response)
 
     @router.delete(
         item, response={204: None}, summary=f"Delete one of the {name}", operation_id=f"{kind.section_name}_delete"
@@ -148,10 +145,10 @@ def _register(kind: ConfigKind) -> None:
     def delete_object(request: HttpRequest, object_id: int):
         """Needs `If-Match`. 409 while other rows still refer to it (deliveries, destinations)."""
         client = require(request, kind.perm("view"), kind.perm("delete"))
-        obj = _locked(kind, request, object_id)
-        before = config_snapshot(obj)
         try:
             with transaction.atomic():
+                obj = _locked(kind, request, object_id)
+                before = config_snapshot(obj)
                 obj.delete()
                 AuditEntry.record(
                     actor=client.actor,
@@ -291,11 +288,13 @@ def _answer(kind: ConfigKind, obj: models.Model, response: HttpResponse) -> dict
 
 
 def _locked(kind: ConfigKind, request: HttpRequest, object_id: int) -> models.Model:
-    """The object, if `If-Match` names its current ETag (RFC 9110 13.1.1)."""
-    obj = get_object_or_404(kind.model, pk=object_id)
+    """The object, locked for this transaction, if `If-Match` names its current ETag (RFC 9110
+    13.1.1). Checked inside the writing transaction, so of two editors holding the same ETag
+    only the first wins (SQLite's IMMEDIATE transactions and PostgreSQL's row lock serialize them)."""
     given = request.headers.get("If-Match")
     if not given:
         raise Problem(428, "Send If-Match with the ETag you read, so a change made meanwhile is not overwritten.")
+    obj = get_object_or_404(kind.model._default_manager.select_for_update(), pk=object_id)
     current = entry_etag(config_entry(kind, obj))
     if given.strip() != "*" and current not in [tag.strip() for tag in given.split(",")]:
         raise Problem(
@@ -304,16 +303,20 @@ def _locked(kind: ConfigKind, request: HttpRequest, object_id: int) -> models.Mo
     return obj
 
 
-def _save(kind: ConfigKind, request: HttpRequest, actor: str, obj: models.Model | None, entry: Any) -> models.Model:
-    """Validate `entry` as an import of that one entry would, then apply it and audit it."""
-    if not isinstance(entry, dict):
+def _save(
+    kind: ConfigKind, request: HttpRequest, actor: str, body: Any, *, object_id: int | None = None, patch: bool = False
+) -> models.Model:
+    """Validate the entry as an import of that one entry would, then apply it and audit it: a new
+    object, or (`object_id`) the object `If-Match` names, replaced or (`patch`) changed."""
+    if not isinstance(body, dict):
         raise Problem(422, "The body must be a JSON object: an entry of the site YAML.")
-    entry = dict(entry)
-    before = None if obj is None else config_snapshot(obj)
-    key = entry.get(kind.key) if obj is None else entry.setdefault(kind.key, getattr(obj, kind.key))
-    label = f"{kind.section_name}[0]" + (f" ({key!r})" if key is not None else "")
     manager = kind.model._default_manager
     with transaction.atomic():
+        obj = None if object_id is None else _locked(kind, request, object_id)
+        before = None if obj is None else config_snapshot(obj)
+        entry = {**config_entry(kind, obj), **body} if obj is not None and patch else dict(body)
+        key = entry.get(kind.key) if obj is None else entry.setdefault(kind.key, getattr(obj, kind.key))
+        label = f"{kind.section_name}[0]" + (f" ({key!r})" if key is not None else "")
         clash = manager.filter(**{kind.key: key})
         if obj is not None:
             clash = clash.exclude(pk=obj.pk)
