@@ -18,13 +18,16 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from routing.models import Instance, StoreAssociation, Study, StudyRetrieve, StudyState
+from routing.models import Heartbeat, HeartbeatRole, Instance, StoreAssociation, Study, StudyRetrieve, StudyState
 
 ACTIVE_RETRIEVE_STATES = [StudyRetrieve.State.PENDING, StudyRetrieve.State.RETRIEVING]
+# A listener process that has not beaten for this long is gone (three missed 10-second beats,
+# as /healthz counts): its associations that never ended are closed as aborted.
+LISTENER_GONE_AFTER = timedelta(seconds=30)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def study_complete(
 
 
 # States a study may be re-run from: nothing is in flight for it.
-RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.FAILED, StudyState.IGNORED]
+RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.CLOSED, StudyState.FAILED, StudyState.IGNORED]
 
 
 def study_request_rerun(*, study: Study, actor: str) -> bool:
@@ -117,3 +120,51 @@ def studies_complete_due(*, now: datetime | None = None) -> int:
         if study_try_complete(study=study, now=now):
             completed += 1
     return completed
+
+
+def associations_completion_due(*, now: datetime | None = None, limit: int = 200) -> list[int]:
+    """Ids of ended associations whose release grace has passed and whose completion check nobody
+    was asked for yet; each is marked asked (compare-and-set) by this call, so once only."""
+    now = now or timezone.now()
+    due_before = now - timedelta(seconds=settings.STUDY_RELEASE_GRACE)
+    candidates = StoreAssociation.objects.filter(completion_checked_at=None, ended_at__lte=due_before)
+    claimed = []
+    for association_id in candidates.order_by("ended_at").values_list("pk", flat=True)[:limit]:
+        if StoreAssociation.objects.filter(pk=association_id, completion_checked_at=None).update(
+            completion_checked_at=now
+        ):
+            claimed.append(association_id)
+    return claimed
+
+
+def associations_close_for(*, listener: str, ended_at: datetime | None = None) -> int:
+    """Close (as aborted) the associations a listener process left open when it died.
+
+    `ended_at`: when it died, as far as we know (now for a child its supervisor just reaped; its
+    last heartbeat otherwise; without one, when each association started). Not the time we
+    noticed: a study the sender sent again meanwhile must see the resend as its last association.
+    """
+    open_rows = StoreAssociation.objects.filter(listener=listener, ended_at=None)
+    closed = open_rows.update(ended_at=ended_at or F("started_at"), released_normally=False)
+    if closed:
+        logger.warning("closed %s association(s) of listener %s, which stopped", closed, listener)
+    return closed
+
+
+def associations_orphaned_close(*, now: datetime | None = None) -> int:
+    """Close the open associations of listener processes that stopped beating (killed, host down)."""
+    now = now or timezone.now()
+    beats = dict(Heartbeat.objects.filter(role=HeartbeatRole.LISTENER).values_list("identity", "beat_at"))
+    # Only associations older than the silence itself: a listener that just started may not have beaten yet.
+    open_listeners = set(
+        StoreAssociation.objects.filter(ended_at=None, started_at__lt=now - LISTENER_GONE_AFTER)
+        .exclude(listener="")
+        .values_list("listener", flat=True)
+        .distinct()
+    )
+    closed = 0
+    for listener in open_listeners:
+        last_beat = beats.get(listener)
+        if last_beat is None or last_beat < now - LISTENER_GONE_AFTER:
+            closed += associations_close_for(listener=listener, ended_at=last_beat)
+    return closed
