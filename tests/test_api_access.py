@@ -46,7 +46,7 @@ def matrix(p: dict) -> list[tuple[str, str, dict, set[str]]]:
         ("GET", f"/studies/{p['done'].pk}", {}, EVERYONE),
         ("POST", f"/studies/{p['done'].pk}/rerun", {}, INFORMATICIST),
         ("POST", f"/studies/{p['failed'].pk}/redeliver", {}, INFORMATICIST),
-        ("GET", "/deliveries", {}, INFORMATICIST | AUDITOR),
+        ("GET", "/deliveries", {}, EVERYONE),  # PACS administrators see the queue, read-only
         ("POST", "/deliveries/retry", {"json": {}}, INFORMATICIST),
         ("POST", f"/deliveries/{p['delivery'].pk}/retry", {}, INFORMATICIST),
         ("POST", f"/deliveries/{p['delivery'].pk}/discard", {"json": {"reason": ""}}, INFORMATICIST),

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from ninja import Schema
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 # The study_status document's timestamps: kept as the serializer wrote them (isoformat, to the
 # microsecond), so the API and `study_status --json` give the same bytes.
@@ -52,7 +52,12 @@ class StudyPage(Schema):
     next: str | None
 
 
-class SeriesStatus(Schema):
+class StatusPart(Schema):
+    # study_status --json only ever adds keys: one this schema does not name yet passes through.
+    model_config = ConfigDict(extra="allow")
+
+
+class SeriesStatus(StatusPart):
     series_instance_uid: str
     modality: str
     body_part_examined: str
@@ -61,7 +66,7 @@ class SeriesStatus(Schema):
     bytes: int
 
 
-class TimelineEvent(Schema):
+class TimelineEvent(StatusPart):
     at: IsoDateTime
     kind: str
     from_state: str
@@ -70,7 +75,7 @@ class TimelineEvent(Schema):
     seconds_since_previous: float | None
 
 
-class RoutingStatus(Schema):
+class RoutingStatus(StatusPart):
     decided_at: IsoDateTime
     matched_rules: list[str]
     models: list[str]
@@ -78,7 +83,7 @@ class RoutingStatus(Schema):
     reason: str
 
 
-class ResultStatus(Schema):
+class ResultStatus(StatusPart):
     id: int
     created_at: IsoDateTime
     model: str
@@ -101,7 +106,7 @@ class ResultStatus(Schema):
     uid: str
 
 
-class AttemptStatus(Schema):
+class AttemptStatus(StatusPart):
     number: int
     started_at: IsoDateTime
     ended_at: IsoDateTime
@@ -110,7 +115,7 @@ class AttemptStatus(Schema):
     message: str
 
 
-class DeliveryStatus(Schema):
+class DeliveryStatus(StatusPart):
     id: int
     result: int
     destination: str
@@ -119,13 +124,15 @@ class DeliveryStatus(Schema):
     state: str
     attempts: int
     next_attempt_at: IsoDateTime | None
+    next_try_at: IsoDateTime | None = None
+    held_by_breaker: bool = False
     delivered_at: IsoDateTime | None
     last_error: str | None
     last_error_class: str | None
     attempt_log: list[AttemptStatus]
 
 
-class StudyStatus(Schema):
+class StudyStatus(StatusPart):
     study_instance_uid: str
     internal_id: int
     state: str
