@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
@@ -137,15 +137,16 @@ def associations_completion_due(*, now: datetime | None = None, limit: int = 200
     return claimed
 
 
-def associations_close_for(*, listener: str, ended_at: datetime | None = None) -> int:
+def associations_close_for(*, listener: str, now: datetime | None = None) -> int:
     """Close (as aborted) the associations a listener process left open when it died.
 
-    `ended_at`: when it died, as far as we know (now for a child its supervisor just reaped; its
-    last heartbeat otherwise; without one, when each association started). Not the time we
-    noticed: a study the sender sent again meanwhile must see the resend as its last association.
+    Dated when we close them, not when the process may have died: an aborted association that
+    ended last makes its study wait for the quiet period (the sender may send again), so a study
+    completes on a release only if that release came after we knew of the death.
     """
-    open_rows = StoreAssociation.objects.filter(listener=listener, ended_at=None)
-    closed = open_rows.update(ended_at=ended_at or F("started_at"), released_normally=False)
+    closed = StoreAssociation.objects.filter(listener=listener, ended_at=None).update(
+        ended_at=now or timezone.now(), released_normally=False
+    )
     if closed:
         logger.warning("closed %s association(s) of listener %s, which stopped", closed, listener)
     return closed
@@ -154,7 +155,11 @@ def associations_close_for(*, listener: str, ended_at: datetime | None = None) -
 def associations_orphaned_close(*, now: datetime | None = None) -> int:
     """Close the open associations of listener processes that stopped beating (killed, host down)."""
     now = now or timezone.now()
-    beats = dict(Heartbeat.objects.filter(role=HeartbeatRole.LISTENER).values_list("identity", "beat_at"))
+    alive = set(
+        Heartbeat.objects.filter(role=HeartbeatRole.LISTENER, beat_at__gte=now - LISTENER_GONE_AFTER).values_list(
+            "identity", flat=True
+        )
+    )
     # Only associations older than the silence itself: a listener that just started may not have beaten yet.
     open_listeners = set(
         StoreAssociation.objects.filter(ended_at=None, started_at__lt=now - LISTENER_GONE_AFTER)
@@ -162,9 +167,4 @@ def associations_orphaned_close(*, now: datetime | None = None) -> int:
         .values_list("listener", flat=True)
         .distinct()
     )
-    closed = 0
-    for listener in open_listeners:
-        last_beat = beats.get(listener)
-        if last_beat is None or last_beat < now - LISTENER_GONE_AFTER:
-            closed += associations_close_for(listener=listener, ended_at=last_beat)
-    return closed
+    return sum(associations_close_for(listener=listener, now=now) for listener in open_listeners - alive)

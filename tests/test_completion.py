@@ -139,17 +139,30 @@ class TestAssociationsOfAStoppedListener:
         assert gone.ended_at is not None and not gone.released_normally
         assert alive.ended_at is None and young.ended_at is None
 
-    def test_the_resent_study_completes_on_release_once_the_dead_association_is_closed(self, data_dir, settings):
+    def test_a_study_sent_again_completes_on_release_once_the_dead_association_is_closed(self, data_dir, settings):
         settings.STUDY_RELEASE_GRACE = 0
         ds = make_ct()
         dead = self.open_association("host:111")
         receive(data_dir, ds, dead)
-        resent = self.open_association("host:222")
+        assert associations_orphaned_close() == 1  # no heartbeat from host:111
+        resent = self.open_association("host:222", started_seconds_ago=1)
         study = receive(data_dir, make_ct(study_uid=ds.StudyInstanceUID), resent)
         StoreAssociation.objects.filter(pk=resent.pk).update(ended_at=timezone.now(), released_normally=True)
-        assert check_completion_after_release(resent.pk) == 0  # the killed listener's association looks open
-        assert sweep_completion() == 1  # closes it (no heartbeat from host:111), then completes the study
+        assert check_completion_after_release(resent.pk) == 1
         assert Study.objects.get(pk=study.pk).state == StudyState.COMPLETE
+
+    def test_a_release_before_the_death_was_known_waits_for_the_quiet_period(self, data_dir, settings):
+        # The dead association may still be sent again: closed after the release, it is the last
+        # to end, and it was aborted.
+        settings.STUDY_RELEASE_GRACE = 0
+        ds = make_ct()
+        receive(data_dir, ds, self.open_association("host:111"))
+        released = self.open_association("host:222", started_seconds_ago=1)
+        study = receive(data_dir, make_ct(study_uid=ds.StudyInstanceUID), released)
+        StoreAssociation.objects.filter(pk=released.pk).update(ended_at=timezone.now(), released_normally=True)
+        assert check_completion_after_release(released.pk) == 0  # the dead listener's association looks open
+        assert sweep_completion() == 0  # closes it, and the study still waits
+        assert Study.objects.get(pk=study.pk).state == StudyState.RECEIVING
 
 
 class TestLateAndForced:

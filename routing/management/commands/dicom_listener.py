@@ -18,7 +18,6 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import DatabaseError, connections
-from django.utils import timezone
 
 from pacslens.ops.heartbeat import AssociationCounter, HeartbeatThread
 from routing.completion import associations_close_for
@@ -92,7 +91,7 @@ class Command(BaseCommand):
         """Its open associations will never end by themselves: close them now (as aborted), so the
         studies they delivered are not held back until the sweep notices the missing heartbeat."""
         try:
-            associations_close_for(listener=f"{socket.gethostname()}:{pid}", ended_at=timezone.now())
+            associations_close_for(listener=f"{socket.gethostname()}:{pid}")
         except DatabaseError as exc:  # the sweep closes them later (routing.completion.associations_orphaned_close)
             self.stderr.write(f"cannot close the associations of listener process {pid}: {type(exc).__name__}")
         finally:
