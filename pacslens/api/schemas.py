@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from ninja import Schema
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 # The study_status document's timestamps: kept as the serializer wrote them (isoformat, to the
 # microsecond), so the API and `study_status --json` give the same bytes.
@@ -52,8 +52,9 @@ class StudyPage(Schema):
     next: str | None
 
 
-class StatusPart(Schema):
-    # study_status --json only ever adds keys: one this schema does not name yet passes through.
+class StatusPart(BaseModel):
+    # study_status --json only ever adds keys: one this schema does not name yet passes through
+    # (a plain pydantic model: ninja's Schema reads only the fields it declares).
     model_config = ConfigDict(extra="allow")
 
 
@@ -89,10 +90,12 @@ class ResultStatus(StatusPart):
     model: str
     model_version: str
     model_sha256: str
+    shadow: bool = False
     status: str
     score: float | None
     flagged: bool | None
     label: str
+    key_region: dict[str, Any] | None = None
     failure_reason: str | None
     message: str
     series_instance_uid: str
@@ -211,6 +214,7 @@ class ResultRow(Schema):
     model: str
     model_version: str
     model_sha256: str
+    shadow: bool
     status: str
     score: float | None
     flagged: bool | None

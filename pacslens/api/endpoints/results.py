@@ -83,6 +83,7 @@ def _row(r: InferenceResult) -> dict:
         "model": r.model_name,
         "model_version": r.model_version,
         "model_sha256": r.model_sha256,
+        "shadow": r.shadow,
         "status": r.status,
         "score": r.score,
         "flagged": r.flagged,
