@@ -21,6 +21,8 @@ pytest_plugins = [
     "tests.support.orthanc",
     "tests.support.postgres",
     "tests.support.pull",
+    "tests.support.web",
+    "tests.support.api",
 ]
 
 
