@@ -27,6 +27,7 @@ PROJECT = Path(__file__).resolve().parent / "medplum_fhir"
 TOKEN = "router-token"
 # Loading and indexing the R4 definitions takes a few seconds on a busy 2-core machine.
 STARTUP_TIMEOUT_S = 60
+NODE_MINIMUM = (20, 19)  # package.json "engines" of @medplum/fhir-router 4.5
 
 
 class FHIRRouterPeer:
@@ -78,6 +79,12 @@ def fhir_router_install() -> None:
 
 def fhir_router_start() -> FHIRRouterPeer:
     node = require_program("node")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+    if tuple(int(part) for part in version.lstrip("v").split(".")[:2]) < NODE_MINIMUM:
+        peer_missing(
+            f"node {version} is older than the {'.'.join(map(str, NODE_MINIMUM))} @medplum/fhir-router 4.x needs "
+            "(Debian trixie's nodejs, or NodeSource's on bookworm)"
+        )
     fhir_router_install()
     process = subprocess.Popen(
         [node, "server.mjs", "--port", "0", "--token", TOKEN],
