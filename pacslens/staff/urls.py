@@ -7,6 +7,7 @@ from django.urls import path
 from pacslens.staff.views import (
     audit,
     auth,
+    coding,
     dashboard,
     destinations,
     endpoints,
@@ -59,4 +60,8 @@ urlpatterns += [
     path("models/", models_page.model_list, name="model_list"),
     path("audit/triage/", triage.triage_audit, name="triage_audit"),
     path("audit/triage.csv", triage.triage_audit_csv, name="triage_audit_csv"),
+]
+
+urlpatterns += [
+    path("endpoints/destinations/<int:pk>/coding/", coding.destination_coding, name="destination_coding"),
 ]

@@ -1,5 +1,6 @@
 """Results app models, one module per seam: inference (model registry, results), delivery (ledger)."""
 
+from results.models.coding import CodingProfile
 from results.models.delivery import (
     AckAction,
     AuthKind,
@@ -21,6 +22,7 @@ from results.models.installation import Installation
 
 __all__ = [
     "AckAction",
+    "CodingProfile",
     "AuthKind",
     "Delivery",
     "DeliveryAttempt",
