@@ -6,6 +6,8 @@ delivery keeps the profile it was created with, so a re-send is the same message
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 from typing import Any
 
 import highdicom as hd
@@ -18,9 +20,10 @@ from hl7apy.parser import parse_message, parse_segment
 
 from pacslens.site_config.document import ConfigError, config_export, config_import
 from results.deliver.coding import coding_profile_problems, fhir_settings, hl7_settings, sr_codes
-from results.deliver.fhir import FHIRSettings
+from results.deliver.fhir import FHIRSettings, build_imaging_study, build_observation
 from results.deliver.hl7 import HL7Settings, build_hl7_message
 from results.deliver.ledger import deliveries_create, deliveries_run_pending, delivery_retry
+from results.deliver.payload import fhir_observation_identifier
 from results.deliver.sr import SRCodes
 from results.models import CodingProfile, Delivery, DeliveryState, Destination
 from routing.models import AuditEntry
@@ -434,3 +437,47 @@ class TestCodingProfilePage:
         ris = Destination.objects.create(name="ris", kind="hl7", host="ris", port=2575, hl7_message_type="ORU^R01")
         client.force_login(users["informaticist"])
         assert client.get(f"/endpoints/destinations/{ris.pk}/coding/").status_code == 403
+
+
+# --- The documentation ----------------------------------------------------------------------------------
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_the_documented_hl7_examples_are_what_the_code_builds():
+    doc = (DOCS / "hl7-mapping.md").read_text()
+    documented = [block.split("```", 1)[0].strip().replace("\n", "\r") for block in doc.split("```hl7\n")[1:]]
+    site = yaml.safe_load(doc.split("```yaml\n")[1].split("```", 1)[0])
+    entry = {k: v for k, v in site["destinations"][0].items() if k != "kind"}
+    profile = {k: v for k, v in site["coding_profiles"][0].items() if k != "destination"}
+    built = []
+    # The default examples: a destination as created, without a profile.
+    for fields, coding in (({"name": "ris"}, {}), (entry, profile)):
+        for message_type in ("ORU^R01", "ORM^O01"):
+            destination = Destination(kind="hl7", **{**fields, "hl7_message_type": message_type})
+            settings = hl7_settings(destination, coding)
+            built.append(
+                build_hl7_message(
+                    result_payload(), message_type=message_type, control_id="AB3DE7QK2M4NP6RS8TUV", settings=settings
+                )
+            )
+    assert documented == [built[0], built[1], built[2], built[3]]
+    # The profile in the page is one the import accepts.
+    assert coding_profile_problems(CodingProfile(**profile), Destination(kind="hl7", **entry)) == []
+
+
+def test_the_documented_fhir_profile_examples_are_what_the_code_builds():
+    doc = (DOCS / "fhir-mapping.md").read_text()
+    blocks = [json.loads(block.split("```", 1)[0]) for block in doc.split("```json\n")[1:]]
+    site = yaml.safe_load(doc.split("```yaml\n")[1].split("```", 1)[0])
+    profile = {k: v for k, v in site["coding_profiles"][0].items() if k != "destination"}
+    settings = fhir_settings(profile)
+    identifier = fhir_observation_identifier(
+        result_payload().identity, system=profile["fhir_observation_identifier_system"]
+    )
+    observation = build_observation(result_payload(), settings, identifier=identifier)
+    study = build_imaging_study(result_payload(), settings, observation_id="123", identifier=identifier)
+    assert blocks[2:] == [observation, study]
+    ris = Destination(name="ris-fhir", kind="fhir", base_url="https://ris.example/fhir")
+    assert coding_profile_problems(CodingProfile(**profile), ris) == []
