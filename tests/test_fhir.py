@@ -93,21 +93,6 @@ def test_the_imaging_study_merges_into_the_ris_copy():
     assert again["extension"] == body["extension"] and again["identifier"] == body["identifier"]
 
 
-def test_an_invalid_resource_fails_before_sending_without_patient_data(fhir_server):
-    bad_code = FHIRSettings(flag_code=" PL0002")  # FHIR codes cannot start with a space
-    outcome = send(fhir_server, make_payload(patient_id="SECRET-ID"), settings=bad_code)
-    assert (outcome.kind, outcome.code) == (OutcomeKind.PERMANENT, None)
-    assert "component.0.code.coding.0.code" in outcome.message
-    assert "SECRET" not in outcome.describe()
-    assert fhir_server.requests == []
-
-
-def test_a_missing_patient_id_is_permanent(fhir_server):
-    outcome = send(fhir_server, make_payload(patient_id=""))
-    assert outcome.kind is OutcomeKind.PERMANENT
-    assert fhir_server.requests == []
-
-
 # --- Against a real FHIR server ----------------------------------------------------------------
 
 
@@ -115,6 +100,21 @@ def send_to(peer: router.FHIRRouterPeer, payload=None, **kwargs):
     return send_fhir_result(
         peer.url, payload or make_payload(), bearer_token=kwargs.pop("token", router.TOKEN), **kwargs
     )
+
+
+def test_an_invalid_resource_fails_before_sending_without_patient_data(fhir_router):
+    bad_code = FHIRSettings(flag_code=" PL0002")  # FHIR codes cannot start with a space
+    outcome = send_to(fhir_router, make_payload(patient_id="SECRET-ID"), settings=bad_code)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.PERMANENT, None)
+    assert "component.0.code.coding.0.code" in outcome.message
+    assert "SECRET" not in outcome.describe()
+    assert fhir_router.search("Observation") == [] and fhir_router.search("ImagingStudy") == []
+
+
+def test_a_missing_patient_id_is_permanent(fhir_router):
+    outcome = send_to(fhir_router, make_payload(patient_id=""))
+    assert outcome.kind is OutcomeKind.PERMANENT
+    assert fhir_router.search("Observation") == []
 
 
 def test_it_creates_the_observation_and_the_imaging_study(fhir_router):
