@@ -19,7 +19,7 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message, parse_segment
 
 from pacslens.site_config.document import ConfigError, config_export, config_import
-from results.deliver.coding import coding_profile_problems, fhir_settings, hl7_settings, sr_codes
+from results.deliver.coding import HL7_LINK_FIELDS, coding_profile_problems, fhir_settings, hl7_settings, sr_codes
 from results.deliver.fhir import FHIRSettings, build_imaging_study, build_observation
 from results.deliver.hl7 import HL7Settings, build_hl7_message
 from results.deliver.ledger import deliveries_create, deliveries_run_pending, delivery_retry
@@ -118,11 +118,11 @@ def test_the_model_defaults_are_the_builders_defaults():
     assert hl7_settings(destination, snapshot) == hl7_settings(destination, {}) == HL7Settings()
 
 
-def test_a_destination_without_a_profile_keeps_an_empty_snapshot(data_dir, rule, mllp):
+def test_a_destination_without_a_profile_sends_the_defaults(data_dir, rule, mllp):
     study, result = inferred_study(data_dir)
     hl7_destination(rule, mllp.port)
     [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
-    assert delivery.coding == {}
+    assert set(delivery.coding) == set(HL7_LINK_FIELDS), "no profile fields: the defaults"
     deliveries_run_pending()
     (er7,) = mllp.messages
     message = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
@@ -290,11 +290,29 @@ def test_a_resend_is_the_same_message_whatever_the_profile_says_now(data_dir, ru
     deliveries_run_pending()
     profile.hl7_score_code, profile.hl7_study_uid, profile.hl7_patient_id_authority = "CHANGED", "obx-st", "OTHER"
     profile.save()
+    Destination.objects.filter(pk=destination.pk).update(
+        receiving_facility="ELSEWHERE", hl7_message_type="ORM^O01", accession_field="OBR-3"
+    )
     delivery_retry(deliveries=Delivery.objects.filter(pk=delivery.pk), actor="test")
     deliveries_run_pending()
     first, again = mllp.messages
-    assert first == again and "AI-SCORE" in again and "OTHER" not in again
+    assert first == again and "AI-SCORE" in again and "OTHER" not in again and "ELSEWHERE" not in again
     assert Delivery.objects.get(pk=delivery.pk).coding["hl7_score_code"] == "AI-SCORE"
+
+
+def test_a_result_delivered_before_profiles_re_sends_as_it_was_sent(data_dir, rule, mllp):
+    """Rows from before this version have no recorded coding: they keep sending the defaults,
+    which is what they were sent with, even after the site gives the destination a profile."""
+    study, result = inferred_study(data_dir)
+    destination = hl7_destination(rule, mllp.port)
+    [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+    Delivery.objects.filter(pk=delivery.pk).update(coding={})
+    deliveries_run_pending()
+    with_profile(destination, HL7_PROFILE)
+    delivery_retry(deliveries=Delivery.objects.filter(pk=delivery.pk), actor="test")
+    deliveries_run_pending()
+    first, again = mllp.messages
+    assert first == again and "PL0001^AI triage score^99PACSLENS" in again
 
 
 # --- DICOM SR -------------------------------------------------------------------------------------

@@ -36,12 +36,31 @@ def coding_profile(destination: Destination) -> CodingProfile:
         return CodingProfile(destination=destination)
 
 
+# The HL7 link identity is the destination's, not the profile's, but a re-send must carry it
+# as first sent too (MSH-3..6, the version, the message type, the accession field).
+HL7_LINK_FIELDS = (
+    "hl7_message_type",
+    "hl7_version",
+    "sending_application",
+    "sending_facility",
+    "receiving_application",
+    "receiving_facility",
+    "accession_field",
+)
+
+
 def coding_snapshot(destination: Destination) -> dict[str, Any]:
-    """What a new delivery to `destination` keeps: {} (the defaults) when it has no profile."""
+    """What a new delivery to `destination` keeps: its profile's fields for the destination's
+    kind (none when it has no profile: the defaults), and for HL7 the link identity."""
     try:
-        return destination.coding_profile.snapshot()
+        profile = destination.coding_profile
     except CodingProfile.DoesNotExist:
-        return {}
+        snapshot = {}
+    else:
+        snapshot = {name: getattr(profile, name) for name in CodingProfile.fields_for_kind(destination.kind)}
+    if destination.kind == "hl7":
+        snapshot.update({name: getattr(destination, name) for name in HL7_LINK_FIELDS})
+    return snapshot
 
 
 def fhir_settings(coding: dict[str, Any]) -> FHIRSettings:
@@ -67,16 +86,21 @@ def fhir_observation_system(destination: Destination) -> str:
 
 
 def hl7_settings(destination: Destination, coding: dict[str, Any]) -> HL7Settings:
-    """The destination's link identity (MSH-3..6, version, accession field) and the profile's coding."""
+    """The link identity (MSH-3..6, version, accession field) and the profile's coding, as the
+    delivery recorded them; rows from before profiles recorded neither: the destination's now."""
     defaults = HL7Settings()
     order_numbers = coding.get("hl7_order_number_fields", "")
+
+    def link(name: str) -> str:
+        return coding.get(name, getattr(destination, name))
+
     return HL7Settings(
-        sending_application=destination.sending_application or defaults.sending_application,
-        sending_facility=destination.sending_facility,
-        receiving_application=destination.receiving_application,
-        receiving_facility=destination.receiving_facility,
-        version=destination.hl7_version or defaults.version,
-        accession_field=destination.accession_field or defaults.accession_field,
+        sending_application=link("sending_application") or defaults.sending_application,
+        sending_facility=link("sending_facility"),
+        receiving_application=link("receiving_application"),
+        receiving_facility=link("receiving_facility"),
+        version=link("hl7_version") or defaults.version,
+        accession_field=link("accession_field") or defaults.accession_field,
         patient_id_authority=coding.get("hl7_patient_id_authority", defaults.patient_id_authority),
         patient_id_type=coding.get("hl7_patient_id_type", defaults.patient_id_type),
         order_number_fields=tuple(part.strip() for part in order_numbers.split(",") if part.strip()),
@@ -101,6 +125,11 @@ def hl7_settings(destination: Destination, coding: dict[str, Any]) -> HL7Setting
     )
 
 
+def hl7_message_type(destination: Destination, coding: dict[str, Any]) -> MessageType:
+    # Destination.hl7_message_type's choices are exactly the MessageType values.
+    return "ORM^O01" if coding.get("hl7_message_type", destination.hl7_message_type) == "ORM^O01" else "ORU^R01"
+
+
 def sr_codes(coding: dict[str, Any]) -> SRCodes:
     defaults = SRCodes()
     return SRCodes(
@@ -122,9 +151,11 @@ def coding_profile_problems(profile: CodingProfile, destination: Destination) ->
     payload = _sample_payload()
     try:
         if destination.kind == "hl7":
-            message_type: MessageType = "ORM^O01" if destination.hl7_message_type == "ORM^O01" else "ORU^R01"
             build_hl7_message(
-                payload, message_type=message_type, control_id="SAMPLE", settings=hl7_settings(destination, coding)
+                payload,
+                message_type=hl7_message_type(destination, coding),
+                control_id="SAMPLE",
+                settings=hl7_settings(destination, coding),
             )
         elif destination.kind == "fhir":
             fhir = fhir_settings(coding)

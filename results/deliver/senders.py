@@ -12,13 +12,12 @@ from typing import Any, cast
 
 from django.conf import settings
 
-from results.deliver.coding import fhir_settings, hl7_settings, sr_codes
+from results.deliver.coding import fhir_settings, hl7_message_type, hl7_settings, sr_codes
 from results.deliver.dicom_send import StoreSession
 from results.deliver.fhir import FHIRBuildError, send_fhir_result
 from results.deliver.hl7 import (
     AckPolicy,
     HL7BuildError,
-    MessageType,
     build_hl7_message,
     send_mllp,
 )
@@ -72,8 +71,7 @@ def send(
         assert isinstance(key, str)
         message = build_hl7_message(
             payload,
-            # Destination.hl7_message_type's choices are exactly the MessageType values.
-            message_type=cast(MessageType, destination.hl7_message_type),
+            message_type=hl7_message_type(destination, coding),
             control_id=key,
             settings=hl7_settings(destination, coding),
         )
