@@ -189,6 +189,57 @@ class TestInformaticist:
         screenshot(page, "forbidden")
 
 
+class TestDailyQueue:
+    def test_retry_all_discard_and_re_deliver_say_what_they_did(self, page):
+        from results.models import Delivery
+        from routing.models import Study
+
+        ris, pacs = make_destination(name="ris"), make_destination(name="pacs", port=2576)
+        cancelled = make_study(accession="ACC7001", state="failed")
+        make_failed_delivery(cancelled, make_result(cancelled), ris)
+        down = make_study(accession="ACC7002", state="failed")
+        waiting = make_failed_delivery(down, make_result(down), pacs)
+        done = make_study(accession="ACC7003", state="delivered")
+        sent = make_failed_delivery(done, make_result(done), ris)
+        Delivery.objects.filter(pk=sent.pk).update(state="delivered")
+
+        login(page, "informaticist")
+        page.click("text=Failure queue")
+        # Retry all of one destination, without choosing it in the filter first.
+        page.click("button:has-text('Retry all 1 failed for pacs')")
+        page.wait_for_selector("#queue-message:has-text('1 delivery to pacs queued again')")
+        page.wait_for_selector(f"#delivery-{waiting.pk}[data-state=pending]")
+        # Discard with a reason: confirmed, and the study is closed, not delivered.
+        row = page.locator("tr:has-text('ACC7001')")
+        row.locator("a:has-text('Discard')").click()
+        page.fill("textarea[name=reason], input[name=reason]", "Order cancelled in the RIS")
+        page.click("button:has-text('Discard')")
+        page.wait_for_selector("#queue-message:has-text('discarded')")
+        assert Study.objects.get(pk=cancelled.pk).state == "closed"
+        page.goto(f"/studies/{cancelled.pk}/")
+        assert "Closed (discarded)" in page.inner_text("#study-live")
+        # Re-deliver a delivered study: it asks first, and only the confirmation sends.
+        page.goto(f"/studies/{done.pk}/")
+        page.click("button:has-text('Re-deliver')")
+        page.wait_for_selector("#redeliver-confirm:has-text('already delivered to ris')")
+        assert Delivery.objects.get(pk=sent.pk).state == "delivered"
+        screenshot(page, "redeliver_confirm")
+        page.click("#redeliver-confirm button:has-text('Send again')")
+        page.wait_for_selector("#study-message:has-text('1 delivery queued again')")
+        assert Delivery.objects.get(pk=sent.pk).state == "pending"
+
+    def test_a_pacs_administrator_reads_the_queue(self, page):
+        destination = make_destination(name="ris")
+        study = make_study(accession="ACC7101", state="failed")
+        failed = make_failed_delivery(study, make_result(study), destination)
+        login(page, "admin")
+        page.click("text=Failure queue")
+        row = page.locator(f"#delivery-{failed.pk}")
+        assert "RIS answered AE" in row.inner_text()
+        assert page.locator("button:has-text('Retry')").count() == 0
+        assert "Read-only" in page.inner_text("#failure-table")
+
+
 class TestSuperuser:
     def test_filters_the_triage_audit_and_downloads_the_csv(self, page, tmp_path):
         from routing.models import AuditEntry

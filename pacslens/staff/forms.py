@@ -246,13 +246,31 @@ class DiscardForm(forms.Form):
     )
 
 
+_DATE_ERROR = {"invalid": "Enter a date as YYYY-MM-DD."}
+_NUMBER_ERROR = {"invalid": "Enter a number, such as 0.5."}
+
+
 class TriageFilterForm(forms.Form):
     model = forms.ModelChoiceField(queryset=AIModel.objects.all(), required=False, empty_label="any")
-    date_from = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
-    date_to = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    date_from = forms.DateField(
+        required=False, label="From date", widget=forms.DateInput(attrs={"type": "date"}), error_messages=_DATE_ERROR
+    )
+    date_to = forms.DateField(
+        required=False, label="To date", widget=forms.DateInput(attrs={"type": "date"}), error_messages=_DATE_ERROR
+    )
     flag = forms.ChoiceField(required=False, choices=[("", "any"), ("yes", "flagged"), ("no", "not flagged")])
-    score_min = forms.FloatField(required=False, widget=forms.NumberInput(attrs={"step": "0.01"}))
-    score_max = forms.FloatField(required=False, widget=forms.NumberInput(attrs={"step": "0.01"}))
+    score_min = forms.FloatField(
+        required=False,
+        label="Minimum score",
+        widget=forms.NumberInput(attrs={"step": "0.01"}),
+        error_messages=_NUMBER_ERROR,
+    )
+    score_max = forms.FloatField(
+        required=False,
+        label="Maximum score",
+        widget=forms.NumberInput(attrs={"step": "0.01"}),
+        error_messages=_NUMBER_ERROR,
+    )
 
     def clean(self):
         cleaned = super().clean()
@@ -265,8 +283,19 @@ class TriageFilterForm(forms.Form):
             self.add_error("date_to", "The end date is before the start date.")
         return cleaned
 
+    def error_lines(self) -> list[str]:
+        """Each error in words, named by the field's label (never its internal name)."""
+        return [
+            f"{self.fields[name].label or name}: {message}"
+            for name, errors in self.errors.items()
+            for message in errors
+        ]
+
     def filter(self, results: QuerySet[InferenceResult]) -> QuerySet[InferenceResult]:
-        data = self.cleaned_data if self.is_valid() else {}
+        """The results the filter selects; none while the filter is not valid (never all of them)."""
+        if not self.is_valid():
+            return results.none()
+        data = self.cleaned_data
         if data.get("model"):
             results = results.filter(model=data["model"])
         if data.get("date_from"):
@@ -283,6 +312,7 @@ class TriageFilterForm(forms.Form):
 
     def describe(self) -> str:
         """The filters as audit text: model, dates, flag, scores; never patient data."""
-        data = self.cleaned_data if self.is_valid() else {}
-        parts = [f"{k}={v}" for k, v in data.items() if v not in (None, "")]
+        if not self.is_valid():
+            return "filters: not valid, nothing shown"
+        parts = [f"{k}={v}" for k, v in self.cleaned_data.items() if v not in (None, "")]
         return "filters: " + (", ".join(parts) if parts else "none")

@@ -108,6 +108,10 @@ class Destination(models.Model):
     circuit_open_until = models.DateTimeField(null=True, blank=True)
     last_success_at = models.DateTimeField(null=True, blank=True)
     last_failure_at = models.DateTimeField(null=True, blank=True)
+    # The last Test button press (staff), kept so Health can say "Test failed 2 min ago: why".
+    last_test_at = models.DateTimeField(null=True, blank=True)
+    last_test_ok = models.BooleanField(null=True, blank=True)
+    last_test_detail = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -184,6 +188,25 @@ class Destination(models.Model):
     def circuit_open(self) -> bool:
         return bool(self.circuit_open_until and self.circuit_open_until > timezone.now())
 
+    @property
+    def circuit_open_until_text(self) -> str:
+        """When the open breaker lets deliveries through again, in local time ("" when closed)."""
+        return f"{timezone.localtime(self.circuit_open_until):%H:%M:%S}" if self.circuit_open else ""
+
+    @property
+    def last_test_failed(self) -> bool:
+        """The last Test failed and no delivery succeeded since."""
+        if self.last_test_ok is not False or self.last_test_at is None:
+            return False
+        return self.last_success_at is None or self.last_test_at > self.last_success_at
+
+    def test_record(self, *, ok: bool, detail: str) -> None:
+        """Keep the outcome of a Test (the Test button) for the dashboard's Health panel."""
+        self.last_test_at, self.last_test_ok, self.last_test_detail = timezone.now(), ok, detail[:500]
+        Destination.objects.filter(pk=self.pk).update(
+            last_test_at=self.last_test_at, last_test_ok=ok, last_test_detail=self.last_test_detail
+        )
+
     def backoff(self, attempts: int, jitter: float) -> timedelta:
         """Delay before attempt `attempts + 1`: exponential, capped, with `jitter` in [0, 1)."""
         delay = min(self.backoff_cap_seconds, self.backoff_base_seconds * (2 ** max(attempts - 1, 0)))
@@ -246,6 +269,19 @@ class Delivery(models.Model):
 
     def __str__(self) -> str:
         return f"Delivery {self.pk} of result {self.result_id} to {self.destination_id}: {self.state}"
+
+    @property
+    def next_try_at(self):
+        """When a pending delivery is tried next: its own time, or later while its destination's
+        circuit breaker is open (the claim skips those rows). None unless pending."""
+        if self.state != DeliveryState.PENDING:
+            return None
+        held = self.destination.circuit_open_until if self.destination.circuit_open else None
+        return max(self.next_attempt_at, held) if held else self.next_attempt_at
+
+    @property
+    def held_by_breaker(self) -> bool:
+        return self.state == DeliveryState.PENDING and self.next_try_at != self.next_attempt_at
 
 
 class DeliveryAttempt(models.Model):

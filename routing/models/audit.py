@@ -35,6 +35,8 @@ class AuditAction(models.TextChoices):
     LOGIN_FAILED = "login_failed", "Failed login"
     VIEW_AUDIT = "view_audit", "Viewed the triage audit"
     EXPORT_AUDIT = "export_audit", "Exported the triage audit"
+    # Users, groups, memberships, permissions, tokens (routing/models/access_audit.py).
+    ACCESS = "access", "Changed access"
 
 
 class AuditEntry(models.Model):

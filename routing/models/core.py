@@ -129,6 +129,10 @@ class StudyState(models.TextChoices):
     DELIVERING = "delivering", "Delivering"
     DELIVERED = "delivered", "Delivered"
     FAILED = "failed", "Failed"
+    # Settled without every delivery succeeding: staff discarded at least one (and none failed).
+    # Not `delivered` (README's rule: delivered means every delivery succeeded) and not `failed`
+    # (nothing is left for staff to do; its files follow the retention rule of settled studies).
+    CLOSED = "closed", "Closed (discarded)"
 
 
 class Priority(models.IntegerChoices):
@@ -260,6 +264,12 @@ class StoreAssociation(models.Model):
     ended_at = models.DateTimeField(null=True, blank=True)
     released_normally = models.BooleanField(default=False)
     instances_received = models.PositiveIntegerField(default=0)
+    # When a worker was asked to check its studies for completion, the release grace after it
+    # ended (pacslens/ops/due_wake.py); null while that is still to come.
+    completion_checked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["completion_checked_at", "ended_at"], name="assoc_completion_due")]
 
     def __str__(self) -> str:
         return f"Association {self.pk} from {self.calling_ae_title}"

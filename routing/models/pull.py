@@ -16,11 +16,12 @@ import secrets
 from datetime import datetime, timedelta
 
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+from routing.models.access_audit import access_change_record, access_snapshot
 from routing.models.core import ApplicationEntity, Study
 from routing.validators import validate_ae_title
 
@@ -304,7 +305,17 @@ class StowSender(models.Model):
         return sender
 
     def revoke(self, *, now: datetime | None = None) -> bool:
-        return bool(StowSender.objects.filter(pk=self.pk, revoked_at=None).update(revoked_at=now or timezone.now()))
+        now = now or timezone.now()
+        with transaction.atomic():
+            if not StowSender.objects.filter(pk=self.pk, revoked_at=None).update(revoked_at=now):
+                return False
+            # A compare-and-set UPDATE sends no post_save: audit it here (access_audit.py audits the rest).
+            before = access_snapshot(self)
+            self.revoked_at = now
+            access_change_record(
+                obj=self, before=before, after=access_snapshot(self), detail="stow sender token revoked"
+            )
+        return True
 
 
 class Backfill(models.Model):

@@ -49,6 +49,7 @@ def destination_test(request, pk: int) -> HttpResponse:
         problem = f"Configuration error: {SECRET_UNREADABLE}."
     if not problem:
         result = probe_destination(destination)
+    destination.test_record(ok=bool(result and result.ok), detail=result.in_words() if result else problem)
     AuditEntry.record(
         actor=actor(request),
         action=AuditAction.TEST,

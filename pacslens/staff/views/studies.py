@@ -17,12 +17,12 @@ from routing.models import Study, StudyState
 
 PAGE_SIZE = 25
 # States in which the study page keeps refreshing itself: something is still going to happen.
+# Not INFERRED: its deliveries are written with that state and move it on, so it has nothing to deliver.
 WORKING_STATES = {
     StudyState.RECEIVING,
     StudyState.COMPLETE,
     StudyState.ROUTED,
     StudyState.INFERRING,
-    StudyState.INFERRED,
     StudyState.DELIVERING,
 }
 

@@ -50,8 +50,12 @@ def triage_audit(request) -> HttpResponse:
 
 
 @staff_view(superuser=True)
-def triage_audit_csv(request) -> StreamingHttpResponse:
+def triage_audit_csv(request) -> StreamingHttpResponse | HttpResponse:
     form = TriageFilterForm(request.GET)
+    if not form.is_valid():
+        # Exporting everything because a date was mistyped would hand out more than was asked for.
+        text = "The filter is not valid, nothing was exported: " + "; ".join(form.error_lines())
+        return HttpResponse(text, status=400, content_type="text/plain; charset=utf-8")
     results = form.filter(_results())
     AuditEntry.record(
         actor=actor(request),

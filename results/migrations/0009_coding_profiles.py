@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('results', '0005_sealed_secrets'),
+        ('results', '0008_pacs_admins_see_failure_queue'),
     ]
 
     operations = [
