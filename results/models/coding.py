@@ -50,31 +50,45 @@ class CodingProfile(models.Model):
 
     # --- FHIR ---
     fhir_patient_identifier_system = models.CharField(
-        max_length=255, blank=True, validators=[uri_validator], help_text="Patient.identifier.system of the RIS (MRN)"
+        "Patient identifier system",
+        max_length=255,
+        blank=True,
+        validators=[uri_validator],
+        help_text="Patient.identifier.system of the RIS (MRN)",
     )
     fhir_accession_identifier_system = models.CharField(
-        max_length=255, blank=True, validators=[uri_validator], help_text="System of the accession identifier (ACSN)"
+        "Accession identifier system",
+        max_length=255,
+        blank=True,
+        validators=[uri_validator],
+        help_text="System of the accession identifier (ACSN)",
     )
     fhir_study_identifier_system = models.CharField(
+        "Study identifier system",
         max_length=255,
         default="urn:dicom:uid",
         validators=[uri_validator],
         help_text="ImagingStudy identifier system: urn:dicom:uid sends urn:oid:<UID>, any other the bare UID",
     )
     fhir_observation_identifier_system = models.CharField(
+        "Observation identifier system",
         max_length=255,
         blank=True,
         validators=[uri_validator],
         help_text="System of our Observation identifier (empty: urn:uuid values, or PACSLENS_FHIR_IDENTIFIER_SYSTEM)",
     )
     fhir_code_system = models.CharField(
-        max_length=255, default="http://pacslens.local/fhir/CodeSystem/ai-triage", validators=[uri_validator]
+        "Code system",
+        max_length=255,
+        default="http://pacslens.local/fhir/CodeSystem/ai-triage",
+        validators=[uri_validator],
     )
-    fhir_score_code = models.CharField(max_length=64, default="PL0001", validators=[fhir_code_validator])
-    fhir_score_display = models.CharField(max_length=200, default="AI triage score")
-    fhir_flag_code = models.CharField(max_length=64, default="PL0002", validators=[fhir_code_validator])
-    fhir_flag_display = models.CharField(max_length=200, default="AI triage finding")
+    fhir_score_code = models.CharField("Score code", max_length=64, default="PL0001", validators=[fhir_code_validator])
+    fhir_score_display = models.CharField("Score display", max_length=200, default="AI triage score")
+    fhir_flag_code = models.CharField("Finding code", max_length=64, default="PL0002", validators=[fhir_code_validator])
+    fhir_flag_display = models.CharField("Finding display", max_length=200, default="AI triage finding")
     fhir_result_extension_url = models.CharField(
+        "Result extension URL",
         max_length=255,
         default="http://pacslens.local/fhir/StructureDefinition/ai-triage-result",
         validators=[uri_validator],
@@ -83,35 +97,49 @@ class CodingProfile(models.Model):
 
     # --- HL7 v2 (MSH-3..6, the version and the main accession field are on the destination) ---
     hl7_patient_id_authority = models.CharField(
-        max_length=50, blank=True, help_text="PID-3.4 assigning authority (namespace id)"
+        "PID-3 assigning authority", max_length=50, blank=True, help_text="PID-3.4 assigning authority (namespace id)"
     )
-    hl7_patient_id_type = models.CharField(max_length=5, blank=True, help_text="PID-3.5 identifier type, e.g. MR")
+    hl7_patient_id_type = models.CharField(
+        "PID-3 identifier type", max_length=5, blank=True, help_text="PID-3.5 identifier type, e.g. MR"
+    )
     hl7_order_number_fields = models.CharField(
+        "Accession number also in",
         max_length=40,
         blank=True,
         help_text=f"Also put the accession number, as order number, in: comma-separated {', '.join(ORDER_NUMBER_FIELDS)}",
     )
     hl7_order_control = models.CharField(
+        "ORM order control",
         max_length=2,
         default="XO",
         choices=[("XO", "XO: change order"), ("SC", "SC: status changed")],
         help_text="ORC-1 of ORM^O01",
     )
-    hl7_service_code = models.CharField(max_length=20, default="PACSLENS-AI", help_text="OBR-4.1")
-    hl7_service_text = models.CharField(max_length=199, default="PacsLens AI triage", help_text="OBR-4.2")
-    hl7_service_coding_system = models.CharField(max_length=20, default="L", help_text="OBR-4.3")
-    hl7_coding_system = models.CharField(max_length=20, default="99PACSLENS", help_text="OBX-3.3 of score and finding")
-    hl7_score_code = models.CharField(max_length=20, default="PL0001", help_text="OBX-3.1 of the score")
-    hl7_score_text = models.CharField(max_length=199, default="AI triage score")
-    hl7_flag_code = models.CharField(max_length=20, default="PL0002", help_text="OBX-3.1 of the finding")
-    hl7_flag_text = models.CharField(max_length=199, default="AI triage finding")
+    hl7_service_code = models.CharField("Service code", max_length=20, default="PACSLENS-AI", help_text="OBR-4.1")
+    hl7_service_text = models.CharField(
+        "Service text", max_length=199, default="PacsLens AI triage", help_text="OBR-4.2"
+    )
+    hl7_service_coding_system = models.CharField(
+        "Service coding system", max_length=20, default="L", help_text="OBR-4.3"
+    )
+    hl7_coding_system = models.CharField(
+        "OBX coding system", max_length=20, default="99PACSLENS", help_text="OBX-3.3 of score and finding"
+    )
+    hl7_score_code = models.CharField("Score code", max_length=20, default="PL0001", help_text="OBX-3.1 of the score")
+    hl7_score_text = models.CharField("Score text", max_length=199, default="AI triage score")
+    hl7_flag_code = models.CharField(
+        "Finding code", max_length=20, default="PL0002", help_text="OBX-3.1 of the finding"
+    )
+    hl7_flag_text = models.CharField("Finding text", max_length=199, default="AI triage finding")
     hl7_result_status = models.CharField(
+        "Result status",
         max_length=1,
         choices=HL7ResultStatus.choices,
         default=HL7ResultStatus.PRELIMINARY,
         help_text="OBR-25 and OBX-11 (a result confirmed as final is always F)",
     )
     hl7_study_uid = models.CharField(
+        "Study Instance UID in",
         max_length=6,
         blank=True,
         choices=StudyUidPlacement.choices,
@@ -121,18 +149,25 @@ class CodingProfile(models.Model):
 
     # --- DICOM SR ---
     sr_scheme_designator = models.CharField(
+        "Coding scheme designator",
         max_length=16,
         default="99PACSLENS",
         validators=[dicom_short_validator],
         help_text="Coding Scheme Designator: 99... for a private scheme",
     )
-    sr_scheme_version = models.CharField(max_length=16, blank=True, validators=[dicom_short_validator])
-    sr_scheme_name = models.CharField(max_length=64, default="PacsLens local codes")
-    sr_scheme_organization = models.CharField(max_length=64, default="PacsLens")
-    sr_score_code = models.CharField(max_length=16, default="PL0001", validators=[dicom_short_validator])
-    sr_score_meaning = models.CharField(max_length=64, default="AI triage score")
-    sr_flag_code = models.CharField(max_length=16, default="PL0002", validators=[dicom_short_validator])
-    sr_flag_meaning = models.CharField(max_length=64, default="AI triage finding")
+    sr_scheme_version = models.CharField(
+        "Coding scheme version", max_length=16, blank=True, validators=[dicom_short_validator]
+    )
+    sr_scheme_name = models.CharField("Coding scheme name", max_length=64, default="PacsLens local codes")
+    sr_scheme_organization = models.CharField("Coding scheme organisation", max_length=64, default="PacsLens")
+    sr_score_code = models.CharField(
+        "Score code value", max_length=16, default="PL0001", validators=[dicom_short_validator]
+    )
+    sr_score_meaning = models.CharField("Score code meaning", max_length=64, default="AI triage score")
+    sr_flag_code = models.CharField(
+        "Finding code value", max_length=16, default="PL0002", validators=[dicom_short_validator]
+    )
+    sr_flag_meaning = models.CharField("Finding code meaning", max_length=64, default="AI triage finding")
 
     def __str__(self) -> str:
         return f"for {self.destination.name}"
