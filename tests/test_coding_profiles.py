@@ -387,6 +387,8 @@ def test_an_import_names_each_bad_profile_field():
             {"destination": "pacs-web", "sr_scheme_designator": "HOSP"},
             {"destination": "nowhere", "hl7_patient_id_type": "MR"},
             {"destination": "ris", "hl7_order_number_fields": "PID-3", "colour": "red"},
+            {"destination": ["ris"], "hl7_patient_id_type": "MR"},
+            {"destination": "ris", "hl7_order_number_fields": "PID-3"},
         ],
     }
     with pytest.raises(ConfigError) as refused:
@@ -396,6 +398,8 @@ def test_an_import_names_each_bad_profile_field():
     assert "coding_profiles[1] ('pacs-web'): " in problems and "must start with 99" in problems
     assert "coding_profiles[2] ('nowhere'): field 'destination': no destination 'nowhere'" in problems
     assert "coding_profiles[3] ('ris'): unknown field(s) colour" in problems
+    assert "coding_profiles[4] (['ris']): field 'destination': give the name of a destination" in problems
+    assert "coding_profiles[5] ('ris'): field 'hl7_order_number_fields': Unknown field PID-3" in problems
     assert not Destination.objects.exists(), "nothing applied"
 
 

@@ -48,11 +48,14 @@ class CodingProfilesSection:
         problems: list[str] = []
         for label, entry in entries_labelled(self.name, entries, problems, key=lambda e: e.get("destination")):
             name = entry.get("destination")
-            destination: Destination | None
+            destination: Destination | None = None
+            if not isinstance(name, str):
+                problems.append(f"{label}: field 'destination': give the name of a destination")
+                continue
             if name in in_file:
                 destination, _ = destination_from_entry(in_file[name], resolve_ae=False)
             else:
-                destination = Destination.objects.filter(name=name).first() if isinstance(name, str) else None
+                destination = Destination.objects.filter(name=name).first()
             if destination is None:
                 problems.append(f"{label}: field 'destination': no destination {name!r} here or in destinations")
                 continue
