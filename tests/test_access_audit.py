@@ -67,7 +67,8 @@ class TestDjangoAdmin:
         assert details == ["user changed: is_superuser", "groups added: Informaticists"]
         assert all(row.actor == "root" for row in rows)
         assert ("is_superuser", False, True) in rows[0].changed_fields
-        assert rows[1].changed_fields == [("groups", [], ["Informaticists"])]
+        assert rows[1].changed_fields == [("groups", "(none)", "Informaticists")]  # as the audit page shows them
+        assert (rows[1].before, rows[1].after) == ({"groups": []}, {"groups": ["Informaticists"]})
 
     def test_group_permissions_and_deletion(self, root):
         group = Group.objects.create(name="Night shift")

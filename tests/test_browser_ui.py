@@ -1,14 +1,13 @@
 """The staff UI in a real browser: Playwright driving Debian's Chromium against a live test server.
 
-One browser for the whole session (each test gets a fresh context, so no cookies leak between
-roles). A screenshot of every main page lands in tests/artifacts/ (ignored by git). Waits are
+One browser for the whole session (the `browser` fixture of tests/support/browser.py); each test
+gets a fresh context, so no cookies leak between roles. A screenshot of every main page lands in tests/artifacts/ (ignored by git). Waits are
 conditions (an element's state), never timings.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import re
 import threading
 from pathlib import Path
@@ -26,41 +25,11 @@ from tests.support.factories import (
     make_user,
 )
 from tests.support.mllp import MLLPListener
-from tests.support.net import require_program
 
 pytestmark = pytest.mark.usefixtures("plain_static_storage")
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 WAIT_MS = 15_000  # upper bound for a condition to come true; the tests never sleep
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if not Path(CHROMIUM).exists():
-        require_program("chromium")  # skips on a laptop without it, fails under CI=true
-    from playwright.sync_api import sync_playwright
-
-    # Playwright's sync API keeps an event loop in this thread; the test code itself stays synchronous.
-    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    playwright = sync_playwright().start()
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-    yield browser
-    browser.close()
-    playwright.stop()
-    if previous is None:
-        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-    else:
-        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
 @pytest.fixture

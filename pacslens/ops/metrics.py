@@ -51,6 +51,7 @@ from results.models import (
     Destination,
     InferenceResult,
 )
+from results.monitoring import scored_results
 from routing.models import (
     Heartbeat,
     Instance,
@@ -72,6 +73,7 @@ class DatabaseCollector(Collector):
         yield from associations()
         yield from studies()
         yield from inference()
+        yield from model_scores()
         yield from deliveries()
         yield from worklist_latency()
         yield from queue()
@@ -183,6 +185,62 @@ def inference() -> Iterator[Metric]:
     for row in rows:
         histogram.add_metric([row["model_name"]], _buckets(row, INFERENCE_BUCKETS), row["s"] or 0.0)
     yield histogram
+
+
+SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SHARE_WINDOWS = {"1d": timedelta(days=1), "7d": timedelta(days=7)}
+
+
+def model_scores() -> Iterator[Metric]:
+    """Score monitoring per model version, live and shadow apart (results/monitoring.py): the
+    score histogram and flagged count over all current results (use increase() for a period),
+    and the share flagged over the last day and week for alerts that need no PromQL."""
+    labels = ["model", "version", "shadow"]
+    rows = (
+        scored_results()
+        .values("model_name", "model_version", "shadow")
+        .annotate(
+            n=Count("pk"),
+            s=Sum("score"),
+            flagged_n=Count("pk", filter=Q(flagged=True)),
+            **_bucket_counts("score", SCORE_BUCKETS),
+        )
+        .order_by()
+    )
+    histogram = HistogramMetricFamily(
+        "pacslens_model_score", "Scores of current succeeded results per model version", labels=labels
+    )
+    flagged = CounterMetricFamily(
+        "pacslens_model_flagged", "Current succeeded results the model flagged", labels=labels
+    )
+    for row in rows:
+        key = [row["model_name"], row["model_version"], "true" if row["shadow"] else "false"]
+        histogram.add_metric(key, _buckets(row, SCORE_BUCKETS), row["s"] or 0.0)
+        flagged.add_metric(key, row["flagged_n"])
+    yield histogram
+    yield flagged
+    share = GaugeMetricFamily(
+        "pacslens_model_flagged_share",
+        "Share of scored results flagged over the window (absent when there were none)",
+        labels=[*labels, "window"],
+    )
+    scored = GaugeMetricFamily(
+        "pacslens_model_scored_results", "Scored results over the window", labels=[*labels, "window"]
+    )
+    now = timezone.now()
+    for window, span in SHARE_WINDOWS.items():
+        for recent in (
+            scored_results()
+            .filter(created_at__gte=now - span)
+            .values("model_name", "model_version", "shadow")
+            .annotate(n=Count("pk"), flagged_n=Count("pk", filter=Q(flagged=True)))
+            .order_by()
+        ):
+            key = [recent["model_name"], recent["model_version"], "true" if recent["shadow"] else "false", window]
+            scored.add_metric(key, recent["n"])
+            share.add_metric(key, recent["flagged_n"] / recent["n"])
+    yield share
+    yield scored
 
 
 # --- delivery --------------------------------------------------------------------------------

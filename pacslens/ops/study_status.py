@@ -112,10 +112,13 @@ def study_results_status(study: Study) -> list[dict]:
             "model": r.model_name,
             "model_version": r.model_version,
             "model_sha256": r.model_sha256,
+            # Shadow mode: recorded and audited, never delivered.
+            "shadow": r.shadow,
             "status": r.status,
             "score": r.score,
             "flagged": r.flagged,
             "label": r.label,
+            "key_region": r.key_region or None,
             "failure_reason": r.failure_reason or None,
             "message": r.message,
             "series_instance_uid": r.series_instance_uid,

@@ -32,11 +32,13 @@ urlpatterns = [
     path("endpoints/ae/<int:pk>/toggle/", endpoints.ae_toggle, name="ae_toggle"),
     path("endpoints/ae/<int:pk>/test/", endpoints.ae_test, name="ae_test"),
     path("endpoints/ae/<int:pk>/assess/", endpoints.ae_assess, name="ae_assess"),
+    path("endpoints/ae/<int:pk>/delete/", endpoints.ae_delete, name="ae_delete"),
     path("rules/", rules.rule_list, name="rule_list"),
     path("rules/new/", rules.rule_edit, name="rule_create"),
     path("rules/<int:pk>/", rules.rule_edit, name="rule_edit"),
     path("rules/<int:pk>/toggle/", rules.rule_toggle, name="rule_toggle"),
     path("rules/<int:pk>/move/", rules.rule_move, name="rule_move"),
+    path("rules/<int:pk>/delete/", rules.rule_delete, name="rule_delete"),
     path("rules/dry-run/", rules.rule_dry_run, name="rule_dry_run"),
 ]
 
@@ -57,6 +59,7 @@ urlpatterns += [
     path("endpoints/destinations/<int:pk>/", destinations.destination_edit, name="destination_edit"),
     path("endpoints/destinations/<int:pk>/toggle/", destinations.destination_toggle, name="destination_toggle"),
     path("endpoints/destinations/<int:pk>/test/", destinations.destination_test, name="destination_test"),
+    path("endpoints/destinations/<int:pk>/delete/", destinations.destination_delete, name="destination_delete"),
     path("models/", models_page.model_list, name="model_list"),
     path("audit/triage/", triage.triage_audit, name="triage_audit"),
     path("audit/triage.csv", triage.triage_audit_csv, name="triage_audit_csv"),

@@ -52,11 +52,12 @@ def worker_identity() -> str:
 
 
 def deliveries_create(*, study: Study, results: Iterable[InferenceResult], rule_ids: Iterable[int]) -> list[Delivery]:
-    """One Delivery per succeeded result and destination of the matched rules; wakes a worker on commit."""
+    """One Delivery per succeeded live result and destination of the matched rules; wakes a worker on commit."""
     destinations = list(Destination.objects.filter(enabled=True, rules__id__in=list(rule_ids)).distinct())
     created = []
     for result in results:
-        if result.status != ResultStatus.SUCCEEDED:
+        # Shadow results are recorded and audited, never delivered.
+        if result.status != ResultStatus.SUCCEEDED or result.shadow:
             continue
         for destination in destinations:
             system, key = delivery_identifier(result=result, destination=destination)
@@ -387,7 +388,7 @@ def study_redeliver(*, study: Study, actor: str, destination_name: str | None = 
     """Send the study's current results again: create the deliveries missing for destinations
     routed since, then re-queue them all (failed or delivered alike, with their original
     idempotency keys, so receivers keep one copy). Returns (how many were re-queued, the ids)."""
-    current = study.inference_results.current().filter(status=ResultStatus.SUCCEEDED)
+    current = study.inference_results.current().live().filter(status=ResultStatus.SUCCEEDED)
     with transaction.atomic():
         if study.state == StudyState.INFERRED:
             decision = study.routing_decision()

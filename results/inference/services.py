@@ -32,6 +32,7 @@ from results.inference.volume import (
     volume_load,
     volume_preprocess,
 )
+from results.key_region import key_region_find
 from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
 from routing.models import Study, StudyState
 
@@ -84,9 +85,16 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
     """
     decision = study.routing_decision()
     models = list(decision.ai_models.filter(enabled=True)) if decision else []
+    shadow = set(decision.shadow_ai_models.values_list("pk", flat=True)) if decision else set()
     outcomes = [_model_infer_guarded(study=study, model=model) for model in models]
-    failed = [r for r in outcomes if r.status == ResultStatus.FAILED]
-    succeeded = [r for r in outcomes if r.status == ResultStatus.SUCCEEDED]
+    for result in outcomes:
+        result.shadow = result.model_id in shadow
+    live = [r for r in outcomes if not r.shadow]
+    # Beside live models, shadow results decide nothing: a failing trial version must not fail
+    # the study. A study routed to shadow models only ends as they did.
+    deciding = live if live else outcomes
+    failed = [r for r in deciding if r.status == ResultStatus.FAILED]
+    succeeded = [r for r in deciding if r.status == ResultStatus.SUCCEEDED]
     if failed:
         to_state = StudyState.FAILED
     elif succeeded:
@@ -100,21 +108,23 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
             transaction.set_rollback(True)
             return []
         for result in outcomes:
-            result.supersedes = result_current(study=study, model_name=result.model_name)
+            result.supersedes = result_current(study=study, model_name=result.model_name, shadow=result.shadow)
             result.save()
         # The transactional outbox: one Delivery row per destination, in this transaction.
+        # Shadow results get none: they are recorded and audited, never delivered.
         deliveries_create(
-            study=study, results=outcomes, rule_ids=[rule["id"] for rule in decision.matched_rules] if decision else []
+            study=study, results=live, rule_ids=[rule["id"] for rule in decision.matched_rules] if decision else []
         )
     logger.info("study %s %s: %s", study.pk, to_state, detail)
     return outcomes
 
 
-def result_current(*, study: Study, model_name: str) -> InferenceResult | None:
-    """The result of `model_name` for `study` that no later result supersedes."""
+def result_current(*, study: Study, model_name: str, shadow: bool = False) -> InferenceResult | None:
+    """The result of `model_name` for `study` that no later result supersedes. Live and shadow
+    results supersede only their own kind, so a version in shadow runs beside the live one."""
     return (
         InferenceResult.objects.current()
-        .filter(study=study, model_name=model_name)
+        .filter(study=study, model_name=model_name, shadow=shadow)
         .order_by("-created_at", "-id")
         .first()
     )
@@ -158,6 +168,8 @@ def model_infer(*, study: Study, model: AIModel) -> InferenceResult:
         tensor = volume_preprocess(volume=volume, manifest=manifest)
     except UnreadablePixels as exc:
         return _fail(result, FailureReason.UNREADABLE_PIXELS, str(exc))
+    # Found now, kept only if the model flags the study: the slices are freed before the run.
+    region = key_region_find(volume=volume, instance_ids=[chosen.slices[i].instance_id for i in indices])
     del volume  # the full-resolution slices are no longer needed: free them before the run
     prepared = time.perf_counter()
     result.preprocess_seconds = prepared - loaded
@@ -169,7 +181,10 @@ def model_infer(*, study: Study, model: AIModel) -> InferenceResult:
     except Exception as exc:  # onnxruntime raises its own types for shape/type/runtime errors
         return _fail(result, FailureReason.MODEL_ERROR, f"{type(exc).__name__}: {str(exc)[:300]}")
     result.infer_seconds = time.perf_counter() - prepared
-    return _read_outputs(result, outputs=outputs, manifest=manifest)
+    result = _read_outputs(result, outputs=outputs, manifest=manifest)
+    if result.flagged and region is not None:
+        result.key_region = region
+    return result
 
 
 def _model_infer_guarded(*, study: Study, model: AIModel) -> InferenceResult:
@@ -196,6 +211,7 @@ def studies_inferring_stale(*, older_than: timedelta) -> int:
     for study in Study.objects.filter(state=StudyState.INFERRING, state_changed_at__lt=cutoff):
         decision = study.routing_decision()
         models = list(decision.ai_models.all()) if decision else []
+        shadow = set(decision.shadow_ai_models.values_list("pk", flat=True)) if decision else set()
         message = f"inference did not finish within {int(older_than.total_seconds())} s (worker stopped or killed)"
         if not _inference_retried(study):
             study.transition(
@@ -217,9 +233,10 @@ def studies_inferring_stale(*, older_than: timedelta) -> int:
                     model_name=model.name,
                     model_version=model.version,
                     model_sha256=model.sha256,
+                    shadow=model.pk in shadow,
                 )
                 _fail(result, FailureReason.TIMEOUT, message)
-                result.supersedes = result_current(study=study, model_name=model.name)
+                result.supersedes = result_current(study=study, model_name=model.name, shadow=result.shadow)
                 result.save()
         count += 1
     return count

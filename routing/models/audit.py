@@ -92,7 +92,9 @@ class AuditEntry(models.Model):
         """(field, before, after) for each field whose value differs."""
         before, after = self.before or {}, self.after or {}
         return [
-            (k, before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
+            (k, _shown(before.get(k)), _shown(after.get(k)))
+            for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)
         ]
 
 
@@ -110,6 +112,14 @@ def config_snapshot(obj: models.Model) -> dict:
         else:
             snapshot[key] = str(value)
     return snapshot
+
+
+def _shown(value: object) -> object:
+    """A snapshot value as staff typed it: a list's items joined, not Python's repr of the list
+    (which doubles every backslash of a DICOM multi-value such as HEAD\\BRAIN)."""
+    if isinstance(value, list):
+        return "; ".join(str(item) for item in value) or "(none)"
+    return value
 
 
 def _remote_addr(request) -> str | None:

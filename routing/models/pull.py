@@ -23,6 +23,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from routing.models.access_audit import access_change_record, access_snapshot
 from routing.models.core import ApplicationEntity, Study
+from routing.models.fields import NameField
 from routing.validators import validate_ae_title
 
 
@@ -73,7 +74,7 @@ class PollSource(models.Model):
         C_MOVE = "c-move", "C-MOVE to our listener"
         C_GET = "c-get", "C-GET on the query association"
 
-    name = models.SlugField(max_length=50, unique=True)
+    name = NameField(max_length=50, unique=True)
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.DIMSE)
     enabled = models.BooleanField(default=True)
     pacs = models.ForeignKey(

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('results', '0008_pacs_admins_see_failure_queue'),
+        ('results', '0010_result_key_region_shadow_summary_objects'),
     ]
 
     operations = [
