@@ -100,6 +100,46 @@ class TestPacsAdministrator:
             listener.stop(grace=2)
 
 
+class TestCodingProfile:
+    def test_sets_the_ris_coding_and_the_next_result_carries_it(self, page, data_dir):
+        from results.deliver.ledger import deliveries_create, deliveries_run_pending
+        from routing.models import RoutingRule
+
+        ris = MLLPListener()
+        try:
+            rule = RoutingRule.objects.create(name="CT head")
+            destination = hl7_destination(rule, ris.port)
+            login(page, "admin")
+            page.click("text=Endpoints")
+            page.locator("tr", has=page.locator("td", has_text=re.compile(r"^ris$"))).locator("text=Coding").click()
+            page.wait_for_url(re.compile(rf"/endpoints/destinations/{destination.pk}/coding/$"))
+            assert page.locator("#id_fhir_code_system").count() == 0, "only the HL7 fields"
+            page.fill("#id_hl7_patient_id_authority", "HOSP")
+            page.fill("#id_hl7_patient_id_type", "MR")
+            page.check("input[name=hl7_order_number_fields][value='ORC-2']")
+            page.check("input[name=hl7_order_number_fields][value='OBR-2']")
+            page.select_option("#id_hl7_study_uid", "zds")
+            page.fill("#id_hl7_flag_code", "PL0001")  # the score's code: refused inline
+            page.click("button:has-text('Save')")
+            page.wait_for_selector("#id_hl7_flag_code-errors:has-text('different codes')")
+            page.fill("#id_hl7_flag_code", "AI-FLAG")
+            screenshot(page, "coding_profile")
+            page.click("button:has-text('Save')")
+            page.wait_for_url(re.compile(r"/endpoints/$"))
+
+            study, result = inferred_study(data_dir)
+            deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+            deliveries_run_pending()
+            (message,) = ris.messages
+            segments = {line[:3]: line.split("|") for line in message.split("\r")}
+            assert segments["PID"][3] == f"{study.patient_id}^^^HOSP^MR"
+            assert segments["ORC"][2] == segments["OBR"][2] == study.accession_number
+            assert segments["ZDS"][1].startswith(study.study_instance_uid + "^")
+            assert "AI-FLAG^AI triage finding^99PACSLENS" in message
+        finally:
+            ris.stop()
+
+
 class TestInformaticist:
     def test_retries_a_failed_delivery_and_watches_it_turn_delivered(self, page, data_dir):
         from results.deliver.ledger import deliveries_create, deliveries_run_pending
@@ -290,3 +330,29 @@ class TestTour:
         page.goto("/studies/")
         page.click("#study-table th a:has-text('Accession')")
         page.wait_for_url(re.compile(r"sort=accession"))
+
+
+class TestAlerts:
+    def test_adds_an_email_channel_and_sends_a_test_alert(self, page, smtp_server):
+        from results.models import AlertChannel
+
+        login(page, "admin")
+        page.click("nav >> text=Alerts")
+        page.click("text=Add channel")
+        page.fill("#id_name", "it-team")
+        page.select_option("#id_kind", "email")
+        page.fill("#id_email_to", "not an address")
+        page.click("button:has-text('Save')")
+        page.wait_for_selector("#id_email_to-errors:has-text('is not an e-mail address')")
+        page.fill("#id_email_to", "it@hospital.example")
+        page.click("button:has-text('Save')")
+        page.wait_for_url(re.compile(r"/alerts/$"))
+        channel = AlertChannel.objects.get(name="it-team")
+        row = page.locator(f"#channel-{channel.pk}")
+        row.locator("button:has-text('Send test alert')").click()
+        result = row.locator(".probe")
+        result.wait_for()
+        assert "test alert sent to it-team" in result.inner_text()
+        assert smtp_server.messages[0][0] == ["it@hospital.example"]
+        assert "Test alert" in smtp_server.messages[0][1]["Subject"]
+        screenshot(page, "alerts")

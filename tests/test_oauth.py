@@ -23,7 +23,7 @@ from routing.models.audit import MASK, config_snapshot
 from routing.models.oauth import validate_ca_bundle
 from routing.oauth import OAuthClient, access_token
 from tests.support.factories import inferred_study
-from tests.support.fhir_server import TOKEN as FHIR_TOKEN
+from tests.support.fhir_router import TOKEN as ROUTER_TOKEN
 from tests.support.fhir_server import FHIRServer
 from tests.support.identities import result_payload
 from tests.support.oauth_server import OAuthGateway
@@ -35,9 +35,11 @@ CLIENT_ID, CLIENT_SECRET = "pacslens-gateway", "client-s3cret-value"
 
 
 @pytest.fixture
-def fhir_gateway(oauth_gateway_factory, fhir_server) -> OAuthGateway:
+def fhir_gateway(oauth_gateway_factory, fhir_router) -> OAuthGateway:
+    """The token endpoint in front of the suite's FHIR server (Medplum's router), which takes
+    its own static token from the gateway."""
     gateway = oauth_gateway_factory(
-        upstream=fhir_server.url, upstream_headers={"Authorization": f"Bearer {FHIR_TOKEN}"}, lifetime=60
+        upstream=fhir_router.url, upstream_headers={"Authorization": f"Bearer {ROUTER_TOKEN}"}, lifetime=60
     )
     gateway.register(CLIENT_ID, CLIENT_SECRET)
     return gateway
@@ -124,7 +126,7 @@ class TestFhirThroughTheTokenEndpoint:
         assert fhir_gateway.refused == 0  # refreshed before use, not after a 401
 
     def test_a_token_the_server_forgot_is_refreshed_once_on_401_and_the_request_sent_again(
-        self, data_dir, rule, fhir_gateway, oauth_ca, fhir_server
+        self, data_dir, rule, fhir_gateway, oauth_ca, fhir_router
     ):
         oauth_destination(fhir_gateway, oauth_ca, rule)
         assert deliver_one(data_dir, rule).state == DeliveryState.DELIVERED
@@ -135,10 +137,11 @@ class TestFhirThroughTheTokenEndpoint:
         assert later.state == DeliveryState.DELIVERED, later.last_error
         assert (len(fhir_gateway.token_requests), fhir_gateway.refused) == (2, 1)
         assert later.attempts == 1  # the retry was inside the attempt
-        assert len(fhir_server.resources["Observation"]) == 2
+        assert len(fhir_router.search("Observation")) == 2
 
     def test_a_peer_that_still_answers_401_is_retried_once_only(self, data_dir, rule, oauth_gateway_factory, oauth_ca):
-        # The gateway accepts our token but the FHIR server behind it wants another: 401 each time.
+        # The gateway accepts our token but the FHIR server behind it (the fault-injection stub)
+        # wants another: 401 each time.
         server = FHIRServer()
         try:
             gateway = oauth_gateway_factory(upstream=server.url)

@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from pacslens.ops.heartbeat import ASSOCIATIONS_COUNTER
 from results.models import (
+    AlertState,
     Delivery,
     DeliveryAttempt,
     DeliveryState,
@@ -56,8 +57,11 @@ from routing.models import (
     Heartbeat,
     Instance,
     OpsCounter,
+    Poll,
+    PollSource,
     StoreAssociation,
     Study,
+    StudyRetrieve,
     StudyState,
 )
 from routing.receive.pynetdicom_speedups import PDUS_REFUSED_COUNTER
@@ -75,10 +79,12 @@ class DatabaseCollector(Collector):
         yield from inference()
         yield from model_scores()
         yield from deliveries()
+        yield from pulls()
         yield from worklist_latency()
         yield from queue()
         yield from disk()
         yield from heartbeats()
+        yield from alerts()
 
 
 def registry() -> CollectorRegistry:
@@ -290,6 +296,37 @@ def deliveries() -> Iterator[Metric]:
     )
 
 
+# --- pull ------------------------------------------------------------------------------------
+
+
+def pulls() -> Iterator[Metric]:
+    """Retrieves by source and state (`failed`: failed for good, in the failure queue), polls by
+    outcome, and each source's failed polls in a row."""
+    sources = list(PollSource.objects.order_by("name"))
+    retrieves = GaugeMetricFamily(
+        "pacslens_retrieves", "Study retrieves by poll source and state", labels=["source", "state"]
+    )
+    counts = {
+        (row["source__name"], row["state"]): row["n"]
+        for row in StudyRetrieve.objects.values("source__name", "state").annotate(n=Count("pk")).order_by()
+    }
+    polls = CounterMetricFamily("pacslens_polls", "Polls by poll source and outcome", labels=["source", "status"])
+    poll_counts = {
+        (row["source__name"], row["status"]): row["n"]
+        for row in Poll.objects.values("source__name", "status").annotate(n=Count("pk")).order_by()
+    }
+    failing = GaugeMetricFamily("pacslens_poll_source_consecutive_failures", "Failed polls in a row", labels=["source"])
+    for source in sources:
+        for state in StudyRetrieve.State.values:
+            retrieves.add_metric([source.name, state], counts.get((source.name, state), 0))
+        for status in Poll.Status.values:
+            polls.add_metric([source.name, status], poll_counts.get((source.name, status), 0))
+        failing.add_metric([source.name], source.consecutive_failures)
+    yield retrieves
+    yield polls
+    yield failing
+
+
 def worklist_latency() -> Iterator[Metric]:
     """Last instance received → worklist updated (an HL7 or FHIR delivery acknowledged)."""
     latency = ExpressionWrapper(F("delivered_at") - F("study__last_received_at"), output_field=DurationField())
@@ -353,6 +390,20 @@ def heartbeats() -> Iterator[Metric]:
     )
     for beat in Heartbeat.objects.order_by("role", "identity"):
         metric.add_metric([beat.role, beat.identity], (now - beat.beat_at).total_seconds())
+    yield metric
+
+
+def alerts() -> Iterator[Metric]:
+    metric = GaugeMetricFamily(
+        "pacslens_alerts_active", "Alert conditions active now, by condition", labels=["condition"]
+    )
+    for row in (
+        AlertState.objects.filter(active=True, rule__enabled=True)
+        .values("rule__condition")
+        .annotate(n=Count("pk"))
+        .order_by()
+    ):
+        metric.add_metric([row["rule__condition"]], row["n"])
     yield metric
 
 

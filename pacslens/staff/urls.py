@@ -5,13 +5,16 @@ from __future__ import annotations
 from django.urls import path
 
 from pacslens.staff.views import (
+    alerts,
     audit,
     auth,
+    coding,
     dashboard,
     destinations,
     endpoints,
     failures,
     models_page,
+    retrieves,
     rules,
     studies,
     study_actions,
@@ -52,6 +55,11 @@ urlpatterns += [
     path("failures/", failures.failure_queue, name="failure_queue"),
     path("failures/retry/", failures.failure_retry, name="failure_retry"),
     path("failures/<int:pk>/discard/", failures.failure_discard, name="failure_discard"),
+    path("failures/retrieves/", retrieves.failure_retrieves, name="failure_retrieves"),
+    path("failures/retrieves/retry/", retrieves.failure_retrieve_retry, name="failure_retrieve_retry"),
+    path("failures/retrieves/<int:pk>/discard/", retrieves.failure_retrieve_discard, name="failure_retrieve_discard"),
+    path("failures/poll-sources/<int:pk>/poll-now/", retrieves.failure_source_poll_now, name="failure_source_poll_now"),
+    path("failures/poll-sources/<int:pk>/stop/", retrieves.failure_source_stop, name="failure_source_stop"),
     path("studies/<int:pk>/rerun/", study_actions.study_rerun_view, name="study_rerun"),
     path("studies/<int:pk>/redeliver/", study_actions.study_redeliver, name="study_redeliver"),
     path("endpoints/destinations/new/", destinations.destination_edit, name="destination_create"),
@@ -62,4 +70,14 @@ urlpatterns += [
     path("models/", models_page.model_list, name="model_list"),
     path("audit/triage/", triage.triage_audit, name="triage_audit"),
     path("audit/triage.csv", triage.triage_audit_csv, name="triage_audit_csv"),
+]
+
+urlpatterns += [
+    path("alerts/", alerts.alert_page, name="alert_page"),
+    path("alerts/channels/new/", alerts.alert_channel_edit, name="alert_channel_create"),
+    path("alerts/channels/<int:pk>/", alerts.alert_channel_edit, name="alert_channel_edit"),
+    path("alerts/channels/<int:pk>/test/", alerts.alert_channel_test, name="alert_channel_test"),
+    path("alerts/rules/new/", alerts.alert_rule_edit, name="alert_rule_create"),
+    path("alerts/rules/<int:pk>/", alerts.alert_rule_edit, name="alert_rule_edit"),
+    path("endpoints/destinations/<int:pk>/coding/", coding.destination_coding, name="destination_coding"),
 ]

@@ -9,7 +9,7 @@ one costs far more).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 import requests
 from django.conf import settings
@@ -20,13 +20,12 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from results.deliver.coding import fhir_settings, hl7_message_type, hl7_settings, sr_codes
 from results.deliver.dicom_send import StoreSession
 from results.deliver.fhir import FHIRBuildError, send_fhir_result
 from results.deliver.hl7 import (
     AckPolicy,
     HL7BuildError,
-    HL7Settings,
-    MessageType,
     build_hl7_message,
     send_mllp,
 )
@@ -42,18 +41,27 @@ from routing.receive import dicom_tls
 BuildError = (SRBuildError, HL7BuildError, FHIRBuildError, SummaryBuildError)
 
 
-def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[str, str], context) -> Outcome:
+def send(
+    *,
+    destination: Destination,
+    payload: ResultPayload,
+    key: str | tuple[str, str],
+    context,
+    coding: dict[str, Any] | None = None,
+) -> Outcome:
     """Send `payload` to `destination` under its idempotency `key`: the SR's SOP Instance UID,
-    the HL7 MSH-10 control id, or for FHIR the Observation identifier (system, value)."""
+    the HL7 MSH-10 control id, or for FHIR the Observation identifier (system, value).
+    `coding` is the delivery's coding profile snapshot (Delivery.coding; {}: the defaults)."""
+    coding = coding or {}
     if destination.kind not in ("dicomweb", "fhir"):
-        return _send(destination, payload, key, context, None)
+        return _send(destination, payload, key, context, coding, None)
     key_value = str(key[1] if isinstance(key, tuple) else key)
     unreadable = destination.oauth_secret_unreadable if destination.auth == "oauth2" else destination.secret_unreadable
     if destination.auth != "none" and unreadable:
         return Outcome(OutcomeKind.CONFIG_ERROR, Protocol(destination.kind), None, SECRET_UNREADABLE, key_value)
     try:
         with http_session(destination) as session:
-            return _send(destination, payload, key, context, session)
+            return _send(destination, payload, key, context, coding, session)
     except TokenError as exc:
         return Outcome(OutcomeKind.TOKEN_ERROR, Protocol(destination.kind), exc.code, str(exc), key_value)
 
@@ -76,6 +84,7 @@ def _send(
     payload: ResultPayload,
     key: str | tuple[str, str],
     context,
+    coding: dict[str, Any],
     session: requests.Session | None,
 ) -> Outcome:
     """`session`: a DICOMweb or FHIR destination's (http_session), None for the other kinds."""
@@ -85,7 +94,7 @@ def _send(
         summary = build_summary_image(payload) if destination.send_summary_image else None
         # Key images only for a flagged result: a KOS on a negative study would point at nothing.
         kos = build_key_objects(payload, summary) if destination.send_key_objects and payload.finding_flag else None
-        sr = build_sr(payload, summary=summary)
+        sr = build_sr(payload, summary=summary, sr_codes=sr_codes(coding))
         if sr.SOPInstanceUID != key:
             # Keys are minted once; an SR under another UID would be a second copy at the PACS.
             return Outcome(
@@ -116,10 +125,9 @@ def _send(
         assert isinstance(key, str)
         message = build_hl7_message(
             payload,
-            # Destination.hl7_message_type's choices are exactly the MessageType values.
-            message_type=cast(MessageType, destination.hl7_message_type),
+            message_type=hl7_message_type(destination, coding),
             control_id=key,
-            settings=hl7_settings(destination),
+            settings=hl7_settings(destination, coding),
         )
         return send_mllp(
             destination.host,
@@ -132,7 +140,12 @@ def _send(
     if destination.kind == "fhir":
         assert isinstance(key, tuple)
         return send_fhir_result(
-            destination.base_url, payload, timeout=destination.timeout_seconds, identifier=key, session=session
+            destination.base_url,
+            payload,
+            settings=fhir_settings(coding),
+            timeout=destination.timeout_seconds,
+            identifier=key,
+            session=session,
         )
     raise ValueError(f"unknown destination kind {destination.kind!r}")
 
@@ -180,17 +193,6 @@ def _send_dicom(destination: Destination, dataset, context) -> Outcome:
             return failure
         context.sessions[destination.pk] = session
     return session.store(dataset)
-
-
-def hl7_settings(destination: Destination) -> HL7Settings:
-    return HL7Settings(
-        sending_application=destination.sending_application or "PACSLENS",
-        sending_facility=destination.sending_facility,
-        receiving_application=destination.receiving_application,
-        receiving_facility=destination.receiving_facility,
-        version=destination.hl7_version or "2.5.1",
-        accession_field=destination.accession_field or "OBR-18",
-    )
 
 
 def ack_policy(destination: Destination) -> AckPolicy:

@@ -1,5 +1,18 @@
-"""Results app models, one module per seam: inference (model registry, results), delivery (ledger)."""
+"""Results app models, one module per seam: alerts (channels, rules, their state), inference (model registry, results), delivery (ledger)."""
 
+from results.models.alerts import (
+    AlertChannel,
+    AlertChannelKind,
+    AlertCondition,
+    AlertEvent,
+    AlertEventKind,
+    AlertNotification,
+    AlertRule,
+    AlertState,
+    NotificationState,
+    WebhookFormat,
+)
+from results.models.coding import CodingProfile
 from results.models.delivery import (
     AckAction,
     AuthKind,
@@ -20,7 +33,18 @@ from results.models.inference import (
 from results.models.installation import Installation
 
 __all__ = [
+    "AlertChannel",
+    "AlertChannelKind",
+    "AlertCondition",
+    "AlertEvent",
+    "AlertEventKind",
+    "AlertNotification",
+    "AlertRule",
+    "AlertState",
+    "NotificationState",
+    "WebhookFormat",
     "AckAction",
+    "CodingProfile",
     "AuthKind",
     "Delivery",
     "DeliveryAttempt",

@@ -145,7 +145,11 @@ class InferenceResult(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["study", "model_name", "created_at"])]
+        indexes = [
+            models.Index(fields=["study", "model_name", "created_at"]),
+            # The alert rules' windows (model failure rate, flagged share) read the last hours only.
+            models.Index(fields=["created_at"], name="result_created_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"Result {self.pk} for study {self.study_id}: {self.status}"

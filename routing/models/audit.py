@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from pacslens.client_address import client_address
 
-SECRET_FIELDS = {"secret", "token_hash", "password", "oauth_client_secret", "access_token"}
+SECRET_FIELDS = {"secret", "token_hash", "password", "webhook_url", "oauth_client_secret", "access_token"}
 MASK = "********"
 
 
@@ -37,6 +37,9 @@ class AuditAction(models.TextChoices):
     EXPORT_AUDIT = "export_audit", "Exported the triage audit"
     # Users, groups, memberships, permissions, tokens (routing/models/access_audit.py).
     ACCESS = "access", "Changed access"
+    REVOKE = "revoke", "Revoked"
+    IMPORT = "import", "Imported the site configuration"
+    EXPORT = "export", "Exported the site configuration"
 
 
 class AuditEntry(models.Model):

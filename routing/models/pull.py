@@ -222,6 +222,7 @@ class StudyRetrieve(models.Model):
         RETRIEVING = "retrieving", "Retrieving"
         DONE = "done", "Done"
         FAILED = "failed", "Failed (no more automatic retries)"
+        DISCARDED = "discarded", "Discarded by staff"
 
     source = models.ForeignKey(PollSource, on_delete=models.CASCADE, related_name="retrieves")
     study_instance_uid = models.CharField(max_length=64)
@@ -241,8 +242,14 @@ class StudyRetrieve(models.Model):
     found_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    discarded_by = models.CharField(max_length=150, blank=True)
+    discard_reason = models.TextField(blank=True)
 
     class Meta:
+        permissions = [
+            ("retry_studyretrieve", "Can retry a failed retrieve"),
+            ("discard_studyretrieve", "Can discard a failed retrieve"),
+        ]
         constraints = [
             models.UniqueConstraint(fields=["source", "study_instance_uid"], name="studyretrieve_once_per_source")
         ]

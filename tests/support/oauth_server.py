@@ -1,7 +1,7 @@
 """An OAuth 2.0 authorization server and resource gateway for the tests, built on authlib's server
 side: the token endpoint (client credentials, RFC 6749 §4.4) issues expiring bearer tokens, and
 every other path is a protected resource that checks the token (RFC 6750) and forwards the
-request to a real peer behind it (the FHIR server, Orthanc's DICOMweb).
+request to a real peer behind it (the Medplum FHIR server, Orthanc's DICOMweb).
 
     gateway = OAuthGateway(upstream=orthanc.dicomweb_url, tls=tls_pair, lifetime=3)
     gateway.register("pacslens", "s3cret")

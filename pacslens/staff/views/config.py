@@ -25,7 +25,14 @@ REFRESH = "_refresh"
 
 
 def config_edit(
-    request, *, form_class, instance: models.Model | None, title: str, success_url: str, form_kwargs: dict | None = None
+    request,
+    *,
+    form_class,
+    instance: models.Model | None,
+    title: str,
+    success_url: str,
+    form_kwargs: dict | None = None,
+    nav: str = "endpoints",
 ) -> HttpResponse:
     """GET: the form. POST: validate; errors inline in the same form (htmx swaps only the form),
     success saves, writes the audit row and goes back to the list."""
@@ -70,7 +77,7 @@ def config_edit(
         "instance": instance,
         "creating": creating,
         "cancel_url": success_url,
-        "nav": "endpoints",
+        "nav": nav,
         "refresh_field": refresh_field,
     }
     template = "ui/config_form.html#form" if request.htmx else "ui/config_form.html"

@@ -26,6 +26,7 @@ from django.views.decorators.http import require_POST
 
 from pacslens.staff.forms import DiscardForm
 from pacslens.staff.views.access import actor, render_page, staff_view
+from pacslens.staff.views.retrieves import retrieve_queue_context
 from results.deliver.ledger import delivery_discard, delivery_retry
 from results.models import Delivery, DeliveryState, Destination, ErrorClass
 from routing.models import AuditAction, AuditEntry, Study, StudyState
@@ -154,6 +155,7 @@ def _render_queue(request, params: QueryDict, *, message: str = "", message_leve
             }
         ),
         "failed_studies": Study.objects.filter(state=StudyState.FAILED).order_by("-state_changed_at")[:50],
+        **retrieve_queue_context(request),  # failed pulls: their own section (failures/retrieves.html)
     }
     return render_page(request, "failures/queue.html", context, fragment="table")
 

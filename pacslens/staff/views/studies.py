@@ -14,6 +14,7 @@ from pacslens.staff.forms import StudyFilterForm
 from pacslens.staff.views.access import render_page, staff_view
 from results.models import Delivery, InferenceResult
 from routing.models import Study, StudyState
+from routing.pull.failed import retrieves_failed
 
 PAGE_SIZE = 25
 # States in which the study page keeps refreshing itself: something is still going to happen.
@@ -46,6 +47,8 @@ def study_list(request) -> HttpResponse:
         "sort_query": without_sort.urlencode(),
         **_findings([s.pk for s in page]),
     }
+    if not request.htmx and request.user.has_perm("routing.view_studyretrieve"):
+        context["not_fetched"] = retrieves_failed()[:50]  # studies a PACS holds that we could not fetch
     return render_page(request, "studies/list.html", context, fragment="table")
 
 
