@@ -26,6 +26,8 @@ class TestHeaderReader:
             header.instance_number,
             header.position,
             header.orientation,
+            header.pixel_spacing,
+            header.slice_thickness,
         )
 
     def test_it_agrees_with_pydicom_and_locates_the_pixels(self, tmp_path):

@@ -28,9 +28,8 @@ from results.inference.volume import (
     NotApplicable,
     UnreadablePixels,
     series_choose,
-    slice_indices,
-    volume_load,
-    volume_preprocess,
+    volume_prepare,
+    volume_slice_indices,
 )
 from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
 from routing.models import Study, StudyState
@@ -148,27 +147,25 @@ def model_infer(*, study: Study, model: AIModel) -> InferenceResult:
         return _fail(result, FailureReason.MODEL_ERROR, str(exc))
 
     spec = manifest["input"]
-    started = time.perf_counter() - headers_read
-    indices = slice_indices(count=len(chosen.slices), depth=spec["shape"][-3], sampling=spec["slices"])
+    indices = volume_slice_indices(slices=chosen.slices, manifest=manifest)
     result.evaluated_instances = sorted({chosen.slices[i].instance_id for i in indices})
     try:
-        volume = volume_load(chosen=chosen, indices=indices)
-        loaded = time.perf_counter()
-        result.load_seconds = loaded - started
-        tensor = volume_preprocess(volume=volume, manifest=manifest)
+        prepared = volume_prepare(slices=chosen.slices, indices=indices, manifest=manifest)
     except UnreadablePixels as exc:
         return _fail(result, FailureReason.UNREADABLE_PIXELS, str(exc))
-    del volume  # the full-resolution slices are no longer needed: free them before the run
-    prepared = time.perf_counter()
-    result.preprocess_seconds = prepared - loaded
+    result.load_seconds = headers_read + prepared.load_seconds
+    result.preprocess_seconds = prepared.preprocess_seconds
+    tensor = prepared.tensor
+    del prepared
+    prepared_at = time.perf_counter()
     try:
         outputs = session_run(session, input_name=spec["name"], tensor=tensor, timeout=settings.INFERENCE_TIMEOUT)
     except InferenceTimeout as exc:
-        result.infer_seconds = time.perf_counter() - prepared
+        result.infer_seconds = time.perf_counter() - prepared_at
         return _fail(result, FailureReason.TIMEOUT, str(exc))
     except Exception as exc:  # onnxruntime raises its own types for shape/type/runtime errors
         return _fail(result, FailureReason.MODEL_ERROR, f"{type(exc).__name__}: {str(exc)[:300]}")
-    result.infer_seconds = time.perf_counter() - prepared
+    result.infer_seconds = time.perf_counter() - prepared_at
     return _read_outputs(result, outputs=outputs, manifest=manifest)
 
 
