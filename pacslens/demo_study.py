@@ -57,7 +57,7 @@ TISSUES = {  # name: (CT HU, MR value)
 }
 NOISE_SD = 4.0
 LESION_HU = 68.0
-BEAM_HARDENING_WIDTH_MM = 6.0  # the band fades from its amplitude at the inner table to 0 this far in
+BEAM_HARDENING_WIDTH_MM = 5.0  # the band fades from its amplitude at the inner table to 0 this far in
 FIRST_NAMES = ("ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT", "GOLF", "HOTEL")
 
 

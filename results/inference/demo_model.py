@@ -42,15 +42,17 @@ from routing.models import Operator, RoutingRule
 
 NAME = "demo-hyperdense-head-ct"
 VERSION = "2.0"
-INPUT_SHAPE = [1, 1, 72, 128, 128]  # 180 x 256 x 256 mm
-SPACING_MM = [2.5, 2.0, 2.0]  # z, y, x
-HOT_HU = 120.0
-NEAR_HOT_KERNEL = [5, 5, 5]  # voxels: +-5 mm along z, +-4 mm in-plane
-SMOOTH_KERNEL = [3, 3, 3]
-DENSE_HU = (46.0, 100.0)
-OPENING_KERNEL = [3, 3, 3]
-MIN_ML = 0.2
-SLOPE = 20.0  # per mL: 0.1 mL either side of MIN_ML moves the score from 0.12 to 0.88
+INPUT_SHAPE = [1, 1, 90, 128, 128]  # 180 x 256 x 256 mm
+SPACING_MM = [2.0, 2.0, 2.0]  # z, y, x
+HOT_HU = 120.0  # bone and calcification; blood is at most 90 HU
+NEAR_HOT_KERNEL = [5, 5, 5]  # voxels: 4 mm around bone and calcification
+CLIP_HU = 100.0
+HOT_FILL = 38.0  # what bone and calcified voxels count as in the mean: brain
+SMOOTH_KERNEL = [3, 3, 3]  # 6 x 6 x 6 mm
+DENSE_HU = 42.0
+OPENING_KERNEL = [2, 2, 2]  # 4 x 4 x 4 mm
+MIN_ML = 0.1
+SLOPE = 40.0  # per mL: the score is 0.02 with no dense core at all, 0.5 at MIN_ML, 0.83 at MIN_ML + 0.04 mL
 THRESHOLD = 0.5
 INTENDED_USE = (
     "DEMONSTRATION ONLY, NOT FOR CLINICAL USE. Built by PacsLens from code to exercise the pipeline "
@@ -93,11 +95,16 @@ def demo_model_build() -> onnx.ModelProto:
     def const(name: str, value: float) -> onnx.TensorProto:
         return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
 
-    def pool(op: str, source: str, target: str, kernel: list[int], **attributes) -> onnx.NodeProto:
-        # Odd kernels, padded by half on each side: the output has the input's shape. MaxPool
-        # ignores the padding; AveragePool leaves it out of the count.
-        pads = [k // 2 for k in kernel] * 2
-        return helper.make_node(op, [source], [target], kernel_shape=kernel, pads=pads, **attributes)
+    def pool(op: str, source: str, target: str, kernel: list[int], *, reflect: bool = False, **attributes):
+        # Padded so the output has the input's shape (MaxPool ignores the padding, AveragePool
+        # leaves it out of the count). An even kernel has one more pad after than before;
+        # `reflect` swaps that, so an erosion and the dilation after it cover the same voxels.
+        before, after = [(k - 1) // 2 for k in kernel], [k // 2 for k in kernel]
+        if reflect:
+            before, after = after, before
+        return helper.make_node(
+            op, [source], [target], kernel_shape=kernel, pads=before + after, **attributes
+        )
 
     voxel_ml = float(np.prod(SPACING_MM)) / 1000
     nodes = [
@@ -105,17 +112,20 @@ def demo_model_build() -> onnx.ModelProto:
         helper.make_node("Cast", ["hot"], ["hot_f"], to=TensorProto.FLOAT),
         pool("MaxPool", "hot_f", "near_hot", NEAR_HOT_KERNEL),
         helper.make_node("Sub", ["one", "near_hot"], ["away_from_hot"]),
-        pool("AveragePool", "volume", "smooth", SMOOTH_KERNEL, count_include_pad=0),
-        helper.make_node("GreaterOrEqual", ["smooth", "dense_low"], ["dense_ge"]),
-        helper.make_node("LessOrEqual", ["smooth", "dense_high"], ["dense_le"]),
-        helper.make_node("And", ["dense_ge", "dense_le"], ["dense_in"]),
+        # Clipped first: a small bright focus (a calcification) weighs no more than blood would.
+        helper.make_node("Min", ["volume", "clip_hu"], ["clipped_raw"]),
+        # Bone and calcified voxels count as water in the mean: they neither lift the brain
+        # next to them into the blood range nor hide a bleed beside them.
+        helper.make_node("Where", ["hot", "hot_fill", "clipped_raw"], ["clipped"]),
+        pool("AveragePool", "clipped", "smooth", SMOOTH_KERNEL, count_include_pad=0),
+        helper.make_node("GreaterOrEqual", ["smooth", "dense_hu"], ["dense_in"]),
         helper.make_node("Cast", ["dense_in"], ["dense_f"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["dense_f", "away_from_hot"], ["dense"]),
         # Opening: erosion (a min-pool, as 1 - max-pool of the complement), then dilation.
         helper.make_node("Sub", ["one", "dense"], ["not_dense"]),
         pool("MaxPool", "not_dense", "not_eroded", OPENING_KERNEL),
         helper.make_node("Sub", ["one", "not_eroded"], ["eroded"]),
-        pool("MaxPool", "eroded", "core", OPENING_KERNEL),
+        pool("MaxPool", "eroded", "core", OPENING_KERNEL, reflect=True),
         helper.make_node("ReduceSum", ["core"], ["core_voxels"], keepdims=0),
         helper.make_node("Mul", ["core_voxels", "voxel_ml"], ["volume_ml"]),
         helper.make_node("Sub", ["volume_ml", "min_ml"], ["centred"]),
@@ -127,8 +137,9 @@ def demo_model_build() -> onnx.ModelProto:
     initializers = [
         const("hot_hu", HOT_HU),
         const("one", 1.0),
-        const("dense_low", DENSE_HU[0]),
-        const("dense_high", DENSE_HU[1]),
+        const("clip_hu", CLIP_HU),
+        const("hot_fill", HOT_FILL),
+        const("dense_hu", DENSE_HU),
         const("voxel_ml", voxel_ml),
         const("min_ml", MIN_ML),
         const("slope", SLOPE),

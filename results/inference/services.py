@@ -166,7 +166,7 @@ def model_infer(*, study: Study, model: AIModel) -> InferenceResult:
     except Exception as exc:  # onnxruntime raises its own types for shape/type/runtime errors
         return _fail(result, FailureReason.MODEL_ERROR, f"{type(exc).__name__}: {str(exc)[:300]}")
     result.infer_seconds = time.perf_counter() - prepared_at
-    return _read_outputs(result, outputs=outputs, manifest=manifest)
+    return outputs_read(result, outputs=outputs, manifest=manifest)
 
 
 def _model_infer_guarded(*, study: Study, model: AIModel) -> InferenceResult:
@@ -231,7 +231,7 @@ def _inference_retried(study: Study) -> bool:
     return study.events.filter(kind=INFERENCE_RETRY, id__gt=routed or 0).exists()
 
 
-def _read_outputs(result: InferenceResult, *, outputs: dict, manifest: dict) -> InferenceResult:
+def outputs_read(result: InferenceResult, *, outputs: dict, manifest: dict) -> InferenceResult:
     spec = manifest["output"]
     values = outputs.get(spec["score"])
     if values is None or values.size != 1:
