@@ -57,6 +57,7 @@ TISSUES = {  # name: (CT HU, MR value)
 }
 NOISE_SD = 4.0
 LESION_HU = 68.0
+LESION_SKULL_GAP_MM = 5.0
 BEAM_HARDENING_WIDTH_MM = 5.0  # the band fades from its amplitude at the inner table to 0 this far in
 FIRST_NAMES = ("ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT", "GOLF", "HOTEL")
 
@@ -79,7 +80,7 @@ class Realism:
     """What makes a synthetic head CT look like a scanner's: all off or mild by default.
 
     noise_sd: image noise (HU, per voxel as stored); calcifications: pineal gland and choroid
-    plexus foci of 100-400 HU near the midline; beam_hardening: a band of this many HU added
+    plexus foci of 100-400 HU, 2-5 mm across, near the midline; beam_hardening: a band of this many HU added
     to the brain next to the inner table of the skull, fading over BEAM_HARDENING_WIDTH_MM.
     """
 
@@ -295,7 +296,7 @@ class _Phantom:
                         cx + float(rng.uniform(-1.5, 1.5)),
                         cy + float(rng.uniform(-2, 2)),
                         cz + float(rng.uniform(-2, 2)),
-                        float(rng.uniform(1.5, 4.0)),
+                        float(rng.uniform(1.0, 2.5)),
                         float(rng.uniform(100, 400)),
                     )
                 )
@@ -327,8 +328,9 @@ class _Phantom:
                 self.lesion_center = self._random_place_in_brain(rng, self.lesion_radius)
 
     def _random_place_in_brain(self, rng: np.random.Generator, radius: float) -> tuple[float, float, float]:
-        """Uniform in the brain, the whole lesion inside it (its edge at least 1 mm from the skull)."""
-        a, b, c = (axis - radius - 1 for axis in self.brain[:3])
+        """Uniform in the brain, the whole lesion in the parenchyma: its edge at least 5 mm from the
+        inner table of the skull (blood against the skull is extra-axial, another finding)."""
+        a, b, c = (axis - radius - LESION_SKULL_GAP_MM for axis in self.brain[:3])
         zc = self.brain[3]
         while True:
             point = rng.uniform(-1, 1, 3)

@@ -89,7 +89,7 @@ class TestPipeline:
         assert result.status == ResultStatus.SUCCEEDED
         assert result.flagged and result.score > demo_site.threshold
         assert result.label == "hyperdense region"
-        assert result.outputs["hyperdense_fraction"] > 0.001
+        assert result.outputs["hyperdense_volume_ml"] > 0.5
         assert (result.model_name, result.model_version, result.model_sha256) == (
             demo_site.name,
             demo_site.version,
@@ -333,14 +333,14 @@ class TestStatusAndSetup:
         call_command("study_status", study.study_instance_uid, "--json")
         data = json.loads(capsys.readouterr().out)
         assert data["routing"]["matched_rules"] == ["Demo: CT head to the demonstration model"]
-        assert data["routing"]["models"] == ["demo-hyperdense-head-ct 1.0"]
+        assert data["routing"]["models"] == ["demo-hyperdense-head-ct 2.0"]
         assert data["routing"]["priority"] == "routine"
         [result] = data["results"]
         assert result["status"] == "succeeded" and result["flagged"] is True and result["current"] is True
         assert result["demonstration"] is True and result["infer_seconds"] is not None
         call_command("study_status", study.study_instance_uid)
         out = capsys.readouterr().out
-        assert "Routing    Demo: CT head to the demonstration model -> demo-hyperdense-head-ct 1.0" in out
+        assert "Routing    Demo: CT head to the demonstration model -> demo-hyperdense-head-ct 2.0" in out
         assert "FLAGGED" in out and "(demonstration)" in out
         assert "ZZDEMO" not in out  # no patient data in support output
 

@@ -6,7 +6,7 @@ routing_rules:
   position: 10
   priority: stat            # stat | routine
   stop_at_first_match: true
-  models: [{name: demo-hyperdense-head-ct, version: '1.0'}]
+  models: [{name: demo-hyperdense-head-ct, version: '2.0'}]
   conditions:
   - {attribute: Modality, operator: equals, value: CT}
   - {attribute: BodyPartExamined, operator: one_of, value: [HEAD, BRAIN]}

@@ -45,12 +45,13 @@ VERSION = "2.0"
 INPUT_SHAPE = [1, 1, 90, 128, 128]  # 180 x 256 x 256 mm
 SPACING_MM = [2.0, 2.0, 2.0]  # z, y, x
 HOT_HU = 120.0  # bone and calcification; blood is at most 90 HU
-NEAR_HOT_KERNEL = [5, 5, 5]  # voxels: 4 mm around bone and calcification
+NEAR_HOT_KERNEL = [7, 7, 7]  # voxels: 6 mm around bone and calcification
 CLIP_HU = 100.0
 HOT_FILL = 38.0  # what bone and calcified voxels count as in the mean: brain
 SMOOTH_KERNEL = [3, 3, 3]  # 6 x 6 x 6 mm
 DENSE_HU = 42.0
 OPENING_KERNEL = [2, 2, 2]  # 4 x 4 x 4 mm
+REGION_KERNEL = 7  # a 14 mm cube: holds most of a 0.5-1 mL bleed, not two foci 2 cm apart
 MIN_ML = 0.1
 SLOPE = 40.0  # per mL: the score is 0.02 with no dense core at all, 0.5 at MIN_ML, 0.83 at MIN_ML + 0.04 mL
 THRESHOLD = 0.5
@@ -128,11 +129,20 @@ def demo_model_build() -> onnx.ModelProto:
         pool("MaxPool", "eroded", "core", OPENING_KERNEL, reflect=True),
         helper.make_node("ReduceSum", ["core"], ["core_voxels"], keepdims=0),
         helper.make_node("Mul", ["core_voxels", "voxel_ml"], ["volume_ml"]),
-        helper.make_node("Sub", ["volume_ml", "min_ml"], ["centred"]),
+        # The score looks at the largest compact region, not the sum: the core volume inside
+        # the best-placed cube of REGION_KERNEL (a separable mean, then the maximum), so a
+        # few small foci far apart do not add up to one bleed.
+        pool("AveragePool", "core", "region_z", [REGION_KERNEL, 1, 1], count_include_pad=1),
+        pool("AveragePool", "region_z", "region_zy", [1, REGION_KERNEL, 1], count_include_pad=1),
+        pool("AveragePool", "region_zy", "region", [1, 1, REGION_KERNEL], count_include_pad=1),
+        helper.make_node("ReduceMax", ["region"], ["region_share"], keepdims=0),
+        helper.make_node("Mul", ["region_share", "region_ml"], ["largest_ml"]),
+        helper.make_node("Sub", ["largest_ml", "min_ml"], ["centred"]),
         helper.make_node("Mul", ["centred", "slope"], ["logit"]),
         helper.make_node("Sigmoid", ["logit"], ["score_scalar"]),
         helper.make_node("Reshape", ["score_scalar", "shape_1"], ["score"]),
         helper.make_node("Reshape", ["volume_ml", "shape_1"], ["hyperdense_volume_ml"]),
+        helper.make_node("Reshape", ["largest_ml", "shape_1"], ["largest_region_ml"]),
     ]
     initializers = [
         const("hot_hu", HOT_HU),
@@ -141,6 +151,7 @@ def demo_model_build() -> onnx.ModelProto:
         const("hot_fill", HOT_FILL),
         const("dense_hu", DENSE_HU),
         const("voxel_ml", voxel_ml),
+        const("region_ml", voxel_ml * REGION_KERNEL**3),
         const("min_ml", MIN_ML),
         const("slope", SLOPE),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "shape_1"),
@@ -152,6 +163,7 @@ def demo_model_build() -> onnx.ModelProto:
         [
             helper.make_tensor_value_info("score", TensorProto.FLOAT, [1]),
             helper.make_tensor_value_info("hyperdense_volume_ml", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("largest_region_ml", TensorProto.FLOAT, [1]),
         ],
         initializers,
     )
