@@ -52,8 +52,8 @@ SMOOTH_KERNEL = [3, 3, 3]  # 6 x 6 x 6 mm
 DENSE_HU = 42.0
 OPENING_KERNEL = [2, 2, 2]  # 4 x 4 x 4 mm
 REGION_KERNEL = 7  # a 14 mm cube: holds most of a 0.5-1 mL bleed, not two foci 2 cm apart
-MIN_ML = 0.1
-SLOPE = 40.0  # per mL: the score is 0.02 with no dense core at all, 0.5 at MIN_ML, 0.83 at MIN_ML + 0.04 mL
+MIN_ML = 0.08
+SLOPE = 60.0  # per mL: the score is 0.01 with no dense core at all, 0.5 at MIN_ML, 0.72 at MIN_ML + 0.016 mL (2 voxels)
 THRESHOLD = 0.5
 INTENDED_USE = (
     "DEMONSTRATION ONLY, NOT FOR CLINICAL USE. Built by PacsLens from code to exercise the pipeline "
