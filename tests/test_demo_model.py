@@ -209,7 +209,7 @@ class TestDemoStudy:
             str(tmp_path / "out"),
             "--slice-thickness", "5",
             "--pixel-spacing", "0.8",
-            "--size", "64",
+            "--size", "300",
             "--storage", "signed",
             "--noise", "12",
             "--calcifications",
