@@ -385,7 +385,9 @@ class TestStatusAndSetup:
         # A site set up by the previous release: the demo rule runs demo version 1.0, with a result.
         manifest_path, manifest = demo_model_write(directory=tmp_path / "old")
         old_file = tmp_path / "old" / manifest["file"]
-        old_file.write_bytes(old_file.read_bytes() + b" ")  # another file, as 1.0 was
+        old_model = onnx.load(old_file)
+        old_model.doc_string = "version 1.0"  # another file, as 1.0 was
+        onnx.save(old_model, old_file)
         manifest.update(version="1.0", sha256=hashlib.sha256(old_file.read_bytes()).hexdigest())
         manifest_path.write_text(yaml.safe_dump(manifest))
         old, _ = model_register(manifest_path=manifest_path)
