@@ -150,6 +150,13 @@ def _writer(kwargs: dict[str, Any]) -> Callable[[Path], list[Path]]:
     return write
 
 
+def _listed(paths: list[Path]) -> Callable[[Path], list[Path]]:
+    def write(_directory: Path) -> list[Path]:
+        return paths
+
+    return write
+
+
 def folder_cases(*, folder: Path, labels_csv: Path) -> list[Case]:
     """Labelled studies from a folder of DICOM files (any depth) and a CSV with a header row:
     StudyInstanceUID, label (1/0, yes/no, true/false, positive/negative), and optionally more
@@ -163,13 +170,17 @@ def folder_cases(*, folder: Path, labels_csv: Path) -> list[Case]:
         for line, row in enumerate(reader, start=2):
             value = (row["label"] or "").strip().lower()
             if value not in ("1", "0", "yes", "no", "true", "false", "positive", "negative"):
-                raise ValueError(f"{labels_csv} line {line}: label must be 1/0, yes/no, true/false or positive/negative")
+                raise ValueError(
+                    f"{labels_csv} line {line}: label must be 1/0, yes/no, true/false or positive/negative"
+                )
             extra = {k: (v or "").strip() for k, v in row.items() if k not in ("StudyInstanceUID", "label") and k}
             labels[(row["StudyInstanceUID"] or "").strip()] = (value in ("1", "yes", "true", "positive"), extra)
     by_study: dict[str, list[Path]] = defaultdict(list)
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p != labels_csv):
         try:
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+            uid = str(
+                pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID
+            )
         except Exception:  # not DICOM, or no Study Instance UID: not part of any labelled study
             continue
         if uid in labels:
@@ -177,11 +188,13 @@ def folder_cases(*, folder: Path, labels_csv: Path) -> list[Case]:
     cases = []
     for uid, (label, extra) in labels.items():
         paths = by_study.get(uid, [])
-        cases.append(Case(label=label, conditions=extra, write=lambda _d, paths=paths: paths))
+        cases.append(Case(label=label, conditions=extra, write=_listed(paths)))
     return cases
 
 
-def evaluate(*, model: AIModel, cases: list[Case], progress: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
+def evaluate(
+    *, model: AIModel, cases: list[Case], progress: Callable[[int, Outcome], None] | None = None
+) -> list[Outcome]:
     """Run `model` on every case as the pipeline would; generated files are deleted after each."""
     session = session_for(model)
     outcomes = []
@@ -320,4 +333,3 @@ def _natural(value: str) -> tuple:
         return (0, float(value.replace("σ", "").split()[0].split("-")[0]), value)
     except (ValueError, IndexError):
         return (1, 0.0, value)
-

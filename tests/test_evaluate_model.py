@@ -67,7 +67,13 @@ def test_a_labelled_folder(demo_model, tmp_path, capsys):
     folder = tmp_path / "studies"
     hard = Realism(noise_sd=10, calcifications=True)
     lesion = demo_study_write(
-        outdir=folder / "a", slices=30, slice_thickness=5, size=256, realism=hard, seed=1, lesion=LesionSpec(ml=2, hu=65)
+        outdir=folder / "a",
+        slices=30,
+        slice_thickness=5,
+        size=256,
+        realism=hard,
+        seed=1,
+        lesion=LesionSpec(ml=2, hu=65),
     )
     clean = demo_study_write(outdir=folder / "b", slices=30, slice_thickness=5, size=256, realism=hard, seed=2)
     (folder / "notes.txt").write_text("not DICOM")

@@ -1,26 +1,29 @@
 """The demonstration model: hyperdense-region triage for head CT, built from code. NOT FOR CLINICAL USE.
 
 No weights, nothing downloaded: the ONNX graph is a few transparent operations on a volume
-in Hounsfield units that preprocessing has resampled to 2.5 x 2 x 2 mm voxels (the manifest's
-`spacing`, from each series' Pixel Spacing and slice positions), so every kernel below has a
-fixed size in millimetres and anyone can read exactly why a study scored what it did:
+in Hounsfield units that preprocessing has resampled to 2 mm voxels (the manifest's `spacing`:
+box means from each series' Pixel Spacing and slice positions, so thin noisy slices average
+out and every kernel below has a fixed size in millimetres). Anyone can read why a study
+scored what it did:
 
-    hot       = volume > 120 HU                     (bone, calcifications, on the resampled grid)
-    near_hot  = 3-D max-pool of hot, +-5 mm in-plane, +-5 mm along z
-                (the skull's partial-volume rim, its beam-hardening band, calcification halos)
-    smooth    = 3-D mean over 3 x 3 x 3 voxels (7.5 x 6 x 6 mm): image noise averages out
-    dense     = 46 <= smooth <= 100 HU, not near_hot (acute blood; brain is 25-40 HU)
-    core      = opening of dense by a 3 x 3 x 3 block (min-pool, then max-pool): what is left is
-                made of whole 7.5 x 6 x 6 mm blocks of dense tissue; thin bands and specks vanish
-    volume_ml = sum(core) x voxel volume
-    score     = sigmoid(SLOPE * (volume_ml - MIN_ML))
+    hot       = volume > 120 HU                 bone and calcification (blood is at most 90 HU)
+    near_hot  = max-pool of hot, 7x7x7 voxels   the 6 mm around them: the skull's partial-volume
+                                                rim, the beam-hardening band inside it, the halo
+                                                of a calcification
+    smooth    = 3x3x3 mean (6 mm) of the volume clipped at 100 HU, hot voxels counted as brain
+    dense     = smooth >= 42 HU and not near_hot        (brain is 25-40 HU, acute blood 50-90)
+    core      = opening of dense by a 2x2x2 block (min-pool, then max-pool): only whole
+                4 mm cubes of dense tissue are left; noise specks and thin bands vanish
+    largest   = the most core volume inside any 14 mm cube (separable 7x7x7 mean, max)
+    score     = sigmoid(SLOPE * (largest_ml - MIN_ML))    flagged from 0.5: 0.08 mL of core
+    outputs   : score, hyperdense_volume_ml (all core), largest_region_ml
 
 Version 1.0 thresholded single voxels and flagged clean studies with ordinary scanner noise;
-results made by it still name it (a version always means one file). See docs/demo-model.md for
-what it was evaluated on (manage.py evaluate_model) and what it cannot do.
-
-It exists so the README tour, the tests and the benchmarks run offline end to end. It knows
-nothing about real anatomy: blood next to the skull (subdural, epidural) is where it is blind.
+results made by it still name it (a version always means one file; setup_site registers 2.0
+beside it and moves its own demo rule). docs/demo-model.md has the evaluation (manage.py
+evaluate_model) and what the model cannot see: blood within ~5 mm of the skull (subdural,
+epidural) is excluded with the bone, and a calcification wider than about 5 mm on thick slices
+can look like a small bleed.
 """
 
 from __future__ import annotations
@@ -103,9 +106,7 @@ def demo_model_build() -> onnx.ModelProto:
         before, after = [(k - 1) // 2 for k in kernel], [k // 2 for k in kernel]
         if reflect:
             before, after = after, before
-        return helper.make_node(
-            op, [source], [target], kernel_shape=kernel, pads=before + after, **attributes
-        )
+        return helper.make_node(op, [source], [target], kernel_shape=kernel, pads=before + after, **attributes)
 
     voxel_ml = float(np.prod(SPACING_MM)) / 1000
     nodes = [

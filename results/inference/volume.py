@@ -135,9 +135,7 @@ def slices_from_files(paths: list[Path], *, orientation: str = "axial") -> list[
 
     A slice's `instance_id` is its index in `paths`. Raises NoSuitableSeries.
     """
-    problem, slices = _slices_sorted(
-        [(index, path, None) for index, path in enumerate(paths)], orientation=orientation
-    )
+    problem, slices = _slices_sorted([(index, path, None) for index, path in enumerate(paths)], orientation=orientation)
     if problem:
         raise NoSuitableSeries(problem)
     return slices

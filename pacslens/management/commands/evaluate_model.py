@@ -23,7 +23,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name", help="the model's name")
-        parser.add_argument("--model-version", dest="model_version", default=None, help="default: the newest registered")
+        parser.add_argument(
+            "--model-version", dest="model_version", default=None, help="default: the newest registered"
+        )
         parser.add_argument("--cases", type=int, default=200, help="generated studies (default 200, half positive)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the generated mix (default 0)")
         parser.add_argument("--folder", type=Path, default=None, help="evaluate the DICOM files under DIR instead")
@@ -31,7 +33,9 @@ class Command(BaseCommand):
             "--labels", type=Path, default=None, help="the CSV of StudyInstanceUID,label (default DIR/labels.csv)"
         )
         parser.add_argument("--quiet", action="store_true", help="no progress line per study")
-        parser.add_argument("--cases-list", action="store_true", help="also print every study: label, score, conditions")
+        parser.add_argument(
+            "--cases-list", action="store_true", help="also print every study: label, score, conditions"
+        )
 
     def handle(self, *args, **options) -> None:
         models = AIModel.objects.filter(name=options["name"])
@@ -40,7 +44,10 @@ class Command(BaseCommand):
         model = models.order_by("-registered_at", "-id").first()
         if model is None:
             known = ", ".join(sorted({f"{m.name} {m.version}" for m in AIModel.objects.all()})) or "none"
-            raise CommandError(f"no registered model {options['name']} {options['model_version'] or ''}".rstrip() + f" (registered: {known})")
+            raise CommandError(
+                f"no registered model {options['name']} {options['model_version'] or ''}".rstrip()
+                + f" (registered: {known})"
+            )
         if options["folder"] is not None:
             labels = options["labels"] or options["folder"] / "labels.csv"
             if not options["folder"].is_dir() or not labels.is_file():

@@ -33,7 +33,10 @@ class Command(BaseCommand):
             "--lesion-ml", type=float, default=None, help="lesion volume in mL (implies --lesion; default 3.6-17 mL)"
         )
         parser.add_argument(
-            "--lesion-hu", type=float, default=None, help=f"lesion density in HU (implies --lesion; default {LESION_HU:g})"
+            "--lesion-hu",
+            type=float,
+            default=None,
+            help=f"lesion density in HU (implies --lesion; default {LESION_HU:g})",
         )
         parser.add_argument(
             "--lesion-position",
@@ -42,7 +45,10 @@ class Command(BaseCommand):
             help="lesion centre in mm from the brain's centre (x left-right, y front-back, z up); default random",
         )
         parser.add_argument(
-            "--slices", type=int, default=None, help="number of axial slices (default 64, or the head at --slice-thickness)"
+            "--slices",
+            type=int,
+            default=None,
+            help="number of axial slices (default 64, or the head at --slice-thickness)",
         )
         parser.add_argument(
             "--slice-thickness",
