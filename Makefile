@@ -25,7 +25,7 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/honcho --procfile Procfile start
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest
 
 # ruff (lint, then format check), mypy with django-stubs, import-linter's layout contracts.

@@ -10,7 +10,12 @@ instance.
 TCP_NODELAY=1 is in every dcmtk process's environment: Debian's dcmtk leaves Nagle on otherwise
 and every instance stalls on a delayed ACK, which would measure the stall, not the software.
 
-    .venv/bin/python bench/listener.py [--rounds 3] [--quick] [--processes 2]
+    .venv/bin/python bench/listener.py [--rounds 3] [--quick] [--processes 2] [--against DIR]
+
+`--against DIR` adds a third server: the listener of another checkout (say the commit before a
+change: `git worktree add /tmp/before <commit>`), alternated with this one in every round, so a
+before/after comparison shares the machine's load instead of running at another time. Its own
+`.venv` is used when it has one.
 
 Results go to stdout and bench/out/listener-*.json. Everything runs in a temporary directory;
 the user's var/ is never touched.
@@ -175,7 +180,7 @@ class Storescp:
 class Pacslens:
     name = "pacslens"
 
-    def __init__(self, folder: Path, template_db: Path, processes: int, **env: str) -> None:
+    def __init__(self, folder: Path, template_db: Path, processes: int, repo: Path = REPO, **env: str) -> None:
         data_dir = data_dir_create(folder, template_db)
         port = free_port()
         self.listener = ListenerProcess(
@@ -183,6 +188,7 @@ class Pacslens:
             port=port,
             processes=processes,
             env=base_env(data_dir, PACSLENS_DICOM_PORT=str(port), PACSLENS_LOG_LEVEL="WARNING", **env),
+            repo=repo,
         ).start()
         self.host, self.port, self.ae_title = self.listener.host, port, self.listener.ae_title
 
@@ -250,19 +256,25 @@ def measure(server, dataset: str, files: list[Path], associations: int, round_: 
     return Run(dataset, server.name, associations, round_, len(files), megabytes, seconds, cpu, sampler.peak / MiB)
 
 
-def throughput(args, datasets: dict[str, list[Path]], template_db: Path) -> list[Run]:
+def throughput(args, datasets: dict[str, list[Path]], template_db: Path, baseline_db: Path | None = None) -> list[Run]:
     runs: list[Run] = []
     counter = 0
+    names = [*SERVERS, *(["baseline"] if baseline_db else [])]
     for dataset, files in datasets.items():
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         for associations in args.associations:
             for round_ in range(args.rounds + 1):  # round 0 is the warm-up
-                order = ["storescp", "pacslens"] if round_ % 2 == 0 else ["pacslens", "storescp"]
+                order = names if round_ % 2 == 0 else names[::-1]
                 for name in order:
                     counter += 1
                     folder = WORK / "stores" / f"{counter:03d}-{name}"
+                    server: Storescp | Pacslens
                     if name == "storescp":
                         server = Storescp(folder)
+                    elif name == "baseline":
+                        assert baseline_db is not None
+                        server = Pacslens(folder, baseline_db, args.processes, repo=args.against.resolve())
+                        server.name = "baseline"
                     else:
                         server = Pacslens(folder, template_db, args.processes)
                     try:
@@ -356,12 +368,16 @@ def big_instance_write(folder: Path) -> Path:
 # --- report ------------------------------------------------------------------------------------
 
 
+SERVERS = ["storescp", "pacslens"]
+
+
 def summarise(runs: list[Run]) -> list[dict]:
     rows = []
     keys = sorted({(r.dataset, r.associations) for r in runs}, key=lambda k: (k[0] != "ct", k[1]))
+    servers = [name for name in (*SERVERS, "baseline") if any(r.server == name for r in runs)]
     for dataset, associations in keys:
         row: dict = {"dataset": dataset, "associations": associations}
-        for server in ("storescp", "pacslens"):
+        for server in servers:
             measured = [
                 r
                 for r in runs
@@ -374,6 +390,8 @@ def summarise(runs: list[Run]) -> list[dict]:
                 "peak_rss_mib": max(r.peak_rss_mib for r in measured),
             }
         row["ratio"] = row["pacslens"]["instances_per_s"] / row["storescp"]["instances_per_s"]
+        if "baseline" in row:
+            row["vs_baseline"] = row["pacslens"]["instances_per_s"] / row["baseline"]["instances_per_s"]
         rows.append(row)
     return rows
 
@@ -391,6 +409,18 @@ def print_summary(rows: list[dict], memory_results: dict, args) -> None:
             f"{s['cpu_ms_per_instance']:7.2f} | {p['instances_per_s']:15.1f} {p['mb_per_s']:7.1f} "
             f"{p['cpu_ms_per_instance']:7.2f} {p['peak_rss_mib']:8.1f}M | {row['ratio']:5.2f}"
         )
+    if any("baseline" in row for row in rows):
+        print(f"\nAgainst the baseline checkout {args.against}")
+        print(
+            f"{'dataset':7} {'assoc':>5} | {'baseline inst/s':>15} {'CPU ms':>7} | {'pacslens inst/s':>15} {'CPU ms':>7} | {'ratio':>5}"
+        )
+        for row in rows:
+            b, p = row["baseline"], row["pacslens"]
+            print(
+                f"{row['dataset']:7} {row['associations']:>5} | {b['instances_per_s']:15.1f} "
+                f"{b['cpu_ms_per_instance']:7.2f} | {p['instances_per_s']:15.1f} {p['cpu_ms_per_instance']:7.2f} | "
+                f"{row['vs_baseline']:5.2f}"
+            )
     if memory_results:
         print("\nListener memory")
         for key, value in memory_results.items():
@@ -406,7 +436,10 @@ def main() -> None:
     parser.add_argument("--idle-associations", type=int, default=50)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a small smoke run: 1 round, fewer instances")
+    parser.add_argument("--against", type=Path, help="another checkout whose listener runs as the baseline")
     args = parser.parse_args()
+    if args.against and not (args.against / "manage.py").exists():
+        raise SystemExit(f"{args.against} is not a PacsLens checkout (no manage.py)")
     if not shutil.which("storescu") or not shutil.which("storescp"):
         raise SystemExit("dcmtk is not installed (apt-get install dcmtk)")
     if args.quick:
@@ -422,11 +455,12 @@ def main() -> None:
             # 140 x 140 int16: ~39 kB of pixels plus the header, ~40 kB per file.
             datasets["small"] = ct_series_write(WORK / "small", small_count, rows=140, columns=140, seed=1)
         template_db = template_db_create(WORK / "template")
+        baseline_db = template_db_create(WORK / "baseline", repo=args.against.resolve()) if args.against else None
         for name, files in datasets.items():
             size = sum(f.stat().st_size for f in files)
             print(f"  {name}: {len(files)} instances, {size / len(files) / 1e3:.0f} kB each, {size / 1e6:.0f} MB")
         print(f"cpus: {os.cpu_count()}; rounds: warm-up + {args.rounds}", flush=True)
-        runs = throughput(args, datasets, template_db)
+        runs = throughput(args, datasets, template_db, baseline_db)
         memory_results = {}
         if not args.no_memory:
             memory_results = memory(args, template_db, big_instance_write(WORK / "big"))

@@ -157,10 +157,14 @@ def studies_generate(folder: Path, *, count: int, mix: list[tuple[float, int, in
 # --- the RIS -----------------------------------------------------------------------------------
 
 
+class _ReusableServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True  # bench/retry_due.py brings the RIS up on a port it kept free
+
+
 class RIS:
     """An MLLP receiver answering AA and stamping when each MSH-10 arrived (wall clock)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
         self.arrivals: dict[str, float] = {}
         self.messages = 0
         ris = self
@@ -183,8 +187,8 @@ class RIS:
                     ack = f"MSH|^~\\&|RIS|HOSP|PACSLENS||20240101120000||ACK^R01|A{control_id}|P|{version}\rMSA|AA|{control_id}"
                     self.request.sendall(b"\x0b" + ack.encode() + b"\x1c\r")
 
-        self.port = free_port()
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        self.port = port or free_port()
+        self.server = _ReusableServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from django.http import HttpRequest, HttpResponse
 
 from pacslens.logs import request_id_var
+from routing.models.access_audit import audit_request
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
@@ -33,3 +34,16 @@ class RequestIdMiddleware:
         response = self.get_response(request)
         response[REQUEST_ID_HEADER] = request_id
         return response
+
+
+class AuditRequestMiddleware:
+    """Changes of users, groups, permissions and tokens made while serving a request (the admin,
+    the staff UI) are attributed to its user (routing/models/access_audit.py). After
+    AuthenticationMiddleware, which gives the request its user."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        with audit_request(request):
+            return self.get_response(request)

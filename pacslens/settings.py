@@ -244,6 +244,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Who changed a user, group, permission or token (the audit log), however the change is made.
+    "pacslens.middleware.AuditRequestMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
@@ -355,6 +357,22 @@ if envbool("PACSLENS_HTTPS", False):
         # team's decision, not an application default. Off on purpose, so `check --deploy`
         # need not warn about it.
         SILENCED_SYSTEM_CHECKS = ["security.W021"]
+
+# Alerts by e-mail go through Django's SMTP backend (pacslens/ops/alerts, docs/operations.md).
+EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+EMAIL_HOST = envstr("PACSLENS_EMAIL_HOST", "localhost")
+EMAIL_PORT = envint("PACSLENS_EMAIL_PORT", 25, minimum=1, maximum=65535)
+EMAIL_HOST_USER = envstr("PACSLENS_EMAIL_USER", "")
+EMAIL_HOST_PASSWORD = envsecret("PACSLENS_EMAIL_PASSWORD", "") or ""
+EMAIL_USE_TLS = envbool("PACSLENS_EMAIL_STARTTLS", False)
+EMAIL_USE_SSL = envbool("PACSLENS_EMAIL_SSL", False)
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured("PACSLENS_EMAIL_STARTTLS and PACSLENS_EMAIL_SSL exclude each other: choose one")
+EMAIL_TIMEOUT = envint("PACSLENS_EMAIL_TIMEOUT", 10, minimum=1)
+DEFAULT_FROM_EMAIL = envstr("PACSLENS_EMAIL_FROM", "pacslens@localhost")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+# How alerts name this gateway (default: the host name).
+ALERT_SITE_NAME = envstr("PACSLENS_ALERT_SITE_NAME", "")
 
 # django-q2 workers. Tasks carry ids only; the database decides order (DESIGN.md).
 # retry must exceed timeout plus time spent waiting in the cluster's internal queue.

@@ -22,9 +22,12 @@ from django.db.models import Q
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from routing.models import Instance, StoreAssociation, Study, StudyRetrieve, StudyState
+from routing.models import Heartbeat, HeartbeatRole, Instance, StoreAssociation, Study, StudyRetrieve, StudyState
 
 ACTIVE_RETRIEVE_STATES = [StudyRetrieve.State.PENDING, StudyRetrieve.State.RETRIEVING]
+# A listener process that has not beaten for this long is gone (three missed 10-second beats,
+# as /healthz counts): its associations that never ended are closed as aborted.
+LISTENER_GONE_AFTER = timedelta(seconds=30)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def study_complete(
 
 
 # States a study may be re-run from: nothing is in flight for it.
-RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.FAILED, StudyState.IGNORED]
+RERUNNABLE = [StudyState.INFERRED, StudyState.DELIVERED, StudyState.CLOSED, StudyState.FAILED, StudyState.IGNORED]
 
 
 def study_request_rerun(*, study: Study, actor: str) -> bool:
@@ -117,3 +120,51 @@ def studies_complete_due(*, now: datetime | None = None) -> int:
         if study_try_complete(study=study, now=now):
             completed += 1
     return completed
+
+
+def associations_completion_due(*, now: datetime | None = None, limit: int = 200) -> list[int]:
+    """Ids of ended associations whose release grace has passed and whose completion check nobody
+    was asked for yet; each is marked asked (compare-and-set) by this call, so once only."""
+    now = now or timezone.now()
+    due_before = now - timedelta(seconds=settings.STUDY_RELEASE_GRACE)
+    candidates = StoreAssociation.objects.filter(completion_checked_at=None, ended_at__lte=due_before)
+    claimed = []
+    for association_id in candidates.order_by("ended_at").values_list("pk", flat=True)[:limit]:
+        if StoreAssociation.objects.filter(pk=association_id, completion_checked_at=None).update(
+            completion_checked_at=now
+        ):
+            claimed.append(association_id)
+    return claimed
+
+
+def associations_close_for(*, listener: str, now: datetime | None = None) -> int:
+    """Close (as aborted) the associations a listener process left open when it died.
+
+    Dated when we close them, not when the process may have died: an aborted association that
+    ended last makes its study wait for the quiet period (the sender may send again), so a study
+    completes on a release only if that release came after we knew of the death.
+    """
+    closed = StoreAssociation.objects.filter(listener=listener, ended_at=None).update(
+        ended_at=now or timezone.now(), released_normally=False
+    )
+    if closed:
+        logger.warning("closed %s association(s) of listener %s, which stopped", closed, listener)
+    return closed
+
+
+def associations_orphaned_close(*, now: datetime | None = None) -> int:
+    """Close the open associations of listener processes that stopped beating (killed, host down)."""
+    now = now or timezone.now()
+    alive = set(
+        Heartbeat.objects.filter(role=HeartbeatRole.LISTENER, beat_at__gte=now - LISTENER_GONE_AFTER).values_list(
+            "identity", flat=True
+        )
+    )
+    # Only associations older than the silence itself: a listener that just started may not have beaten yet.
+    open_listeners = set(
+        StoreAssociation.objects.filter(ended_at=None, started_at__lt=now - LISTENER_GONE_AFTER)
+        .exclude(listener="")
+        .values_list("listener", flat=True)
+        .distinct()
+    )
+    return sum(associations_close_for(listener=listener, now=now) for listener in open_listeners - alive)

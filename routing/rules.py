@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from django.conf import settings
@@ -104,7 +105,9 @@ def study_explain_routing(*, study: Study) -> RoutingExplanation:
     context = StudyContext(study)
     explanation = RoutingExplanation(study=study)
     stopped_by: RoutingRule | None = None
-    rules = RoutingRule.objects.prefetch_related("conditions", "ai_models").order_by("position", "id")
+    rules = RoutingRule.objects.prefetch_related("conditions", "ai_models", "shadow_ai_models").order_by(
+        "position", "id"
+    )
     for rule in rules:
         verdict = rule_evaluate(rule=rule, context=context)
         if not rule.enabled:
@@ -124,7 +127,7 @@ def study_route(*, study: Study) -> RoutingDecision | None:
     """
     explanation = study_explain_routing(study=study)
     rules = explanation.matched_rules
-    models = {m.pk: m for rule in rules for m in rule.ai_models.all() if m.enabled}
+    models, shadow = rules_models(rules)
     reason = explanation.reason
     if rules and not models:
         # A matching rule without an enabled model is configuration in progress, not work.
@@ -144,10 +147,28 @@ def study_route(*, study: Study) -> RoutingDecision | None:
             reason=reason,
         )
         decision.ai_models.set(models.values())
+        decision.shadow_ai_models.set([models[pk] for pk in shadow])
     if models:
         study.priority = priority
     logger.info("study %s %s: %s", study.pk, to_state, ", ".join(r.name for r in rules) or "no rule")
     return decision
+
+
+def rules_models(rules: list[RoutingRule]) -> tuple[dict[int, Any], set[int]]:
+    """The enabled models the matched `rules` run, by id, and which of them run in shadow: a
+    model is shadow when no matched rule runs it live (a shadow rule, or its shadow models)."""
+    models: dict[int, Any] = {}
+    live: set[int] = set()
+    for rule in rules:
+        for model in rule.ai_models.all():
+            if model.enabled:
+                models[model.pk] = model
+                if not rule.shadow:
+                    live.add(model.pk)
+        for model in rule.shadow_ai_models.all():
+            if model.enabled:
+                models[model.pk] = model
+    return models, set(models) - live
 
 
 def studies_route_lost(*, idle: timedelta) -> int:

@@ -9,7 +9,6 @@ Task arguments are pickled into the broker table, so they are ids only, never pa
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 from django.conf import settings
@@ -17,7 +16,12 @@ from django.db import transaction
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from routing.completion import studies_complete_due, study_try_complete
+from routing.completion import (
+    associations_completion_due,
+    associations_orphaned_close,
+    studies_complete_due,
+    study_try_complete,
+)
 from routing.models import StoreAssociation, Study, StudyState
 from routing.rules import studies_route_lost, study_route
 from routing.store.spool import incoming_sweep
@@ -28,26 +32,44 @@ INFER_TASK = "results.tasks.infer_pending"
 
 
 def enqueue_completion_check(association_id: int) -> None:
-    """Called by the listener when an association ends (inside its transaction)."""
+    """Called by the listener when an association ends (inside its transaction).
+
+    With a release grace (the default: 2 s) the workers' due-time timer asks for the check when
+    the grace has passed; without one, it is asked for now."""
+    if settings.STUDY_RELEASE_GRACE > 0:
+        return
+    StoreAssociation.objects.filter(pk=association_id).update(completion_checked_at=timezone.now())
     transaction.on_commit(lambda: async_task("routing.tasks.check_completion_after_release", association_id))
 
 
 def check_completion_after_release(association_id: int) -> int:
-    """Complete the studies an ended association delivered, once the release grace period passed."""
+    """Complete the studies an ended association delivered, once the release grace period passed.
+
+    Never waits in a worker slot: before the grace has passed it does nothing, and the workers'
+    due-time timer (pacslens/ops/due_wake.py) asks again when it has.
+    """
     association = StoreAssociation.objects.filter(pk=association_id).first()
-    if association is None:
+    if association is None or association.ended_at is None:
         return 0
-    ended_at = association.ended_at or timezone.now()
-    # Wait out the (short, bounded) grace period here: django-q2 has no delayed tasks and its
-    # scheduler only wakes every 30 s, which would make every study wait that long.
-    remaining = settings.STUDY_RELEASE_GRACE - (timezone.now() - ended_at).total_seconds()
-    if remaining > 0:
-        time.sleep(min(remaining, settings.STUDY_RELEASE_GRACE))
+    now = timezone.now()
+    if (now - association.ended_at).total_seconds() < settings.STUDY_RELEASE_GRACE:
+        return 0
+    StoreAssociation.objects.filter(pk=association_id, completion_checked_at=None).update(completion_checked_at=now)
     completed = 0
     study_ids = association.instance_set.values_list("study_id", flat=True).distinct()
     for study in Study.objects.filter(pk__in=list(study_ids)).select_related("sender"):
-        completed += study_try_complete(study=study)
+        completed += study_try_complete(study=study, now=now)
     return completed
+
+
+def completion_checks_enqueue_due() -> int:
+    """Ask a worker to check each association whose release grace has just passed (the timer's
+    call, every fraction of a second). Claimed by compare-and-set, so each is asked for once."""
+    count = 0
+    for association_id in associations_completion_due():
+        async_task("routing.tasks.check_completion_after_release", association_id)
+        count += 1
+    return count
 
 
 def route_study(study_id: int) -> bool:
@@ -61,7 +83,9 @@ def route_study(study_id: int) -> bool:
 
 def sweep_completion() -> int:
     """Scheduled: quiet periods and forced ceilings, anything a lost trigger missed, and complete
-    studies whose routing task was lost."""
+    studies whose routing task was lost. Associations of a listener that stopped beating are
+    closed first (as aborted), so they hold no study back."""
+    associations_orphaned_close()
     completed = studies_complete_due()
     if studies_route_lost(idle=ROUTING_IDLE):
         async_task(INFER_TASK)

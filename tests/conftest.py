@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 
 pytest_plugins = [
+    "tests.support.alert_receivers",
+    "tests.support.browser",
     "tests.support.dicom_peers",
     "tests.support.factories",
     "tests.support.fhir_server",

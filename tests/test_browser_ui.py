@@ -1,14 +1,13 @@
 """The staff UI in a real browser: Playwright driving Debian's Chromium against a live test server.
 
-One browser for the whole session (each test gets a fresh context, so no cookies leak between
-roles). A screenshot of every main page lands in tests/artifacts/ (ignored by git). Waits are
+One browser for the whole session (the `browser` fixture of tests/support/browser.py); each test
+gets a fresh context, so no cookies leak between roles. A screenshot of every main page lands in tests/artifacts/ (ignored by git). Waits are
 conditions (an element's state), never timings.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import re
 import threading
 from pathlib import Path
@@ -26,41 +25,11 @@ from tests.support.factories import (
     make_user,
 )
 from tests.support.mllp import MLLPListener
-from tests.support.net import require_program
 
 pytestmark = pytest.mark.usefixtures("plain_static_storage")
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 WAIT_MS = 15_000  # upper bound for a condition to come true; the tests never sleep
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if not Path(CHROMIUM).exists():
-        require_program("chromium")  # skips on a laptop without it, fails under CI=true
-    from playwright.sync_api import sync_playwright
-
-    # Playwright's sync API keeps an event loop in this thread; the test code itself stays synchronous.
-    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    playwright = sync_playwright().start()
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-    yield browser
-    browser.close()
-    playwright.stop()
-    if previous is None:
-        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-    else:
-        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
 @pytest.fixture
@@ -189,6 +158,57 @@ class TestInformaticist:
         screenshot(page, "forbidden")
 
 
+class TestDailyQueue:
+    def test_retry_all_discard_and_re_deliver_say_what_they_did(self, page):
+        from results.models import Delivery
+        from routing.models import Study
+
+        ris, pacs = make_destination(name="ris"), make_destination(name="pacs", port=2576)
+        cancelled = make_study(accession="ACC7001", state="failed")
+        make_failed_delivery(cancelled, make_result(cancelled), ris)
+        down = make_study(accession="ACC7002", state="failed")
+        waiting = make_failed_delivery(down, make_result(down), pacs)
+        done = make_study(accession="ACC7003", state="delivered")
+        sent = make_failed_delivery(done, make_result(done), ris)
+        Delivery.objects.filter(pk=sent.pk).update(state="delivered")
+
+        login(page, "informaticist")
+        page.click("text=Failure queue")
+        # Retry all of one destination, without choosing it in the filter first.
+        page.click("button:has-text('Retry all 1 failed for pacs')")
+        page.wait_for_selector("#queue-message:has-text('1 delivery to pacs queued again')")
+        page.wait_for_selector(f"#delivery-{waiting.pk}[data-state=pending]")
+        # Discard with a reason: confirmed, and the study is closed, not delivered.
+        row = page.locator("tr:has-text('ACC7001')")
+        row.locator("a:has-text('Discard')").click()
+        page.fill("textarea[name=reason], input[name=reason]", "Order cancelled in the RIS")
+        page.click("button:has-text('Discard')")
+        page.wait_for_selector("#queue-message:has-text('discarded')")
+        assert Study.objects.get(pk=cancelled.pk).state == "closed"
+        page.goto(f"/studies/{cancelled.pk}/")
+        assert "Closed (discarded)" in page.inner_text("#study-live")
+        # Re-deliver a delivered study: it asks first, and only the confirmation sends.
+        page.goto(f"/studies/{done.pk}/")
+        page.click("button:has-text('Re-deliver')")
+        page.wait_for_selector("#redeliver-confirm:has-text('already delivered to ris')")
+        assert Delivery.objects.get(pk=sent.pk).state == "delivered"
+        screenshot(page, "redeliver_confirm")
+        page.click("#redeliver-confirm button:has-text('Send again')")
+        page.wait_for_selector("#study-message:has-text('1 delivery queued again')")
+        assert Delivery.objects.get(pk=sent.pk).state == "pending"
+
+    def test_a_pacs_administrator_reads_the_queue(self, page):
+        destination = make_destination(name="ris")
+        study = make_study(accession="ACC7101", state="failed")
+        failed = make_failed_delivery(study, make_result(study), destination)
+        login(page, "admin")
+        page.click("text=Failure queue")
+        row = page.locator(f"#delivery-{failed.pk}")
+        assert "RIS answered AE" in row.inner_text()
+        assert page.locator("button:has-text('Retry')").count() == 0
+        assert "Read-only" in page.inner_text("#failure-table")
+
+
 class TestSuperuser:
     def test_filters_the_triage_audit_and_downloads_the_csv(self, page, tmp_path):
         from routing.models import AuditEntry
@@ -270,3 +290,29 @@ class TestTour:
         page.goto("/studies/")
         page.click("#study-table th a:has-text('Accession')")
         page.wait_for_url(re.compile(r"sort=accession"))
+
+
+class TestAlerts:
+    def test_adds_an_email_channel_and_sends_a_test_alert(self, page, smtp_server):
+        from results.models import AlertChannel
+
+        login(page, "admin")
+        page.click("nav >> text=Alerts")
+        page.click("text=Add channel")
+        page.fill("#id_name", "it-team")
+        page.select_option("#id_kind", "email")
+        page.fill("#id_email_to", "not an address")
+        page.click("button:has-text('Save')")
+        page.wait_for_selector("#id_email_to-errors:has-text('is not an e-mail address')")
+        page.fill("#id_email_to", "it@hospital.example")
+        page.click("button:has-text('Save')")
+        page.wait_for_url(re.compile(r"/alerts/$"))
+        channel = AlertChannel.objects.get(name="it-team")
+        row = page.locator(f"#channel-{channel.pk}")
+        row.locator("button:has-text('Send test alert')").click()
+        result = row.locator(".probe")
+        result.wait_for()
+        assert "test alert sent to it-team" in result.inner_text()
+        assert smtp_server.messages[0][0] == ["it@hospital.example"]
+        assert "Test alert" in smtp_server.messages[0][1]["Subject"]
+        screenshot(page, "alerts")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
-from routing.completion import studies_complete_due, study_try_complete
-from routing.models import ApplicationEntity, StoreAssociation, Study, StudyState
-from routing.tasks import check_completion_after_release
+from routing.completion import (
+    associations_completion_due,
+    associations_orphaned_close,
+    studies_complete_due,
+    study_try_complete,
+)
+from routing.models import ApplicationEntity, Heartbeat, HeartbeatRole, StoreAssociation, Study, StudyState
+from routing.tasks import check_completion_after_release, sweep_completion
 from tests.support.ct import make_ct
 from tests.support.factories import receive
 
@@ -79,6 +85,12 @@ class TestAssociationRelease:
         association = self.make_association()
         study = receive(data_dir, make_ct(), association)
         StoreAssociation.objects.filter(pk=association.pk).update(ended_at=timezone.now(), released_normally=True)
+        # Too early: the task does not wait in its worker slot, and the timer has nothing due yet.
+        assert check_completion_after_release(association.pk) == 0
+        assert associations_completion_due() == []
+        time.sleep(0.25)
+        assert associations_completion_due() == [association.pk]
+        assert associations_completion_due() == []  # claimed: asked for once
         assert check_completion_after_release(association.pk) == 1
         study.refresh_from_db()
         assert study.state == StudyState.COMPLETE
@@ -102,6 +114,54 @@ class TestAssociationRelease:
         study = receive(data_dir, make_ct(), association)
         StoreAssociation.objects.filter(pk=association.pk).update(ended_at=timezone.now(), released_normally=False)
         assert check_completion_after_release(association.pk) == 0
+        assert Study.objects.get(pk=study.pk).state == StudyState.RECEIVING
+
+
+class TestAssociationsOfAStoppedListener:
+    def open_association(self, listener, started_seconds_ago=60):
+        return StoreAssociation.objects.create(
+            calling_ae_title="MODALITY1",
+            called_ae_title="PACSLENS",
+            listener=listener,
+            started_at=timezone.now() - timedelta(seconds=started_seconds_ago),
+        )
+
+    def test_a_silent_listener_s_open_associations_are_closed_as_aborted(self, data_dir):
+        gone = self.open_association("host:111")
+        alive = self.open_association("host:222")
+        young = self.open_association("host:333", started_seconds_ago=1)  # its listener may not have beaten yet
+        Heartbeat.beat(role=HeartbeatRole.LISTENER, identity="host:222")
+        Heartbeat.objects.create(
+            role=HeartbeatRole.LISTENER, identity="host:111", beat_at=timezone.now() - timedelta(minutes=5)
+        )
+        assert associations_orphaned_close() == 1
+        gone.refresh_from_db(), alive.refresh_from_db(), young.refresh_from_db()
+        assert gone.ended_at is not None and not gone.released_normally
+        assert alive.ended_at is None and young.ended_at is None
+
+    def test_a_study_sent_again_completes_on_release_once_the_dead_association_is_closed(self, data_dir, settings):
+        settings.STUDY_RELEASE_GRACE = 0
+        ds = make_ct()
+        dead = self.open_association("host:111")
+        receive(data_dir, ds, dead)
+        assert associations_orphaned_close() == 1  # no heartbeat from host:111
+        resent = self.open_association("host:222", started_seconds_ago=1)
+        study = receive(data_dir, make_ct(study_uid=ds.StudyInstanceUID), resent)
+        StoreAssociation.objects.filter(pk=resent.pk).update(ended_at=timezone.now(), released_normally=True)
+        assert check_completion_after_release(resent.pk) == 1
+        assert Study.objects.get(pk=study.pk).state == StudyState.COMPLETE
+
+    def test_a_release_before_the_death_was_known_waits_for_the_quiet_period(self, data_dir, settings):
+        # The dead association may still be sent again: closed after the release, it is the last
+        # to end, and it was aborted.
+        settings.STUDY_RELEASE_GRACE = 0
+        ds = make_ct()
+        receive(data_dir, ds, self.open_association("host:111"))
+        released = self.open_association("host:222", started_seconds_ago=1)
+        study = receive(data_dir, make_ct(study_uid=ds.StudyInstanceUID), released)
+        StoreAssociation.objects.filter(pk=released.pk).update(ended_at=timezone.now(), released_normally=True)
+        assert check_completion_after_release(released.pk) == 0  # the dead listener's association looks open
+        assert sweep_completion() == 0  # closes it, and the study still waits
         assert Study.objects.get(pk=study.pk).state == StudyState.RECEIVING
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
-from results.deliver import ledger
+from results.deliver import lease, ledger
 from results.deliver.identity import installation_current
 from results.deliver.ledger import (
     DiscardReasonRequired,
@@ -22,7 +24,7 @@ from results.deliver.ledger import (
     delivery_send,
 )
 from results.models import Delivery, DeliveryState, Destination, InferenceResult
-from routing.models import Study, StudyState
+from routing.models import ApplicationEntity, Study, StudyState
 from tests.support.factories import dicom_destination, hl7_destination, inferred_study
 from tests.support.fhir_server import TOKEN, FHIRServer
 from tests.support.mllp import MLLPListener
@@ -190,6 +192,31 @@ class TestResilience:
         Delivery.objects.update(next_attempt_at=timezone.now())
         assert delivery_claim_next(worker="test") is None  # the open circuit hides the dead PACS's rows
 
+    def test_the_timeline_shows_the_breaker_and_when_it_really_retries(self, data_dir, rule, scps):
+        dead = dicom_destination(rule, 1, breaker_threshold=1, breaker_cooldown_seconds=600, backoff_base_seconds=1)
+        study, result = inferred_study(data_dir)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        deliveries_run_pending()
+        dead.refresh_from_db()
+        delivery.refresh_from_db()
+        events = {e.kind: e.detail for e in study.events.all()}
+        until = timezone.localtime(dead.circuit_open_until)
+        assert events["circuit_open"] == (
+            f"pacs: circuit open until {until:%H:%M:%S} after 1 failures in a row; its deliveries wait until then"
+        )
+        # Backoff alone would say about a second from now; the breaker holds it for ten minutes.
+        assert f"retry at {until:%H:%M:%S} (held by the circuit breaker)" in events["delivery_retry"]
+        assert delivery.next_attempt_at == dead.circuit_open_until == delivery.next_try_at
+        # The PACS is back and the cool-down over: the next attempt gets through and closes the breaker.
+        scp = scps()
+        ApplicationEntity.objects.filter(pk=dead.application_entity_id).update(port=scp.port)
+        Destination.objects.filter(pk=dead.pk).update(circuit_open_until=timezone.now() - timedelta(seconds=1))
+        make_due(delivery)
+        deliveries_run_pending()
+        kinds = list(study.events.values_list("kind", flat=True))
+        assert kinds[-3:] == ["circuit_closed", "delivered", "delivered"]
+        assert study.events.get(kind="circuit_closed").detail == "pacs: circuit closed, the destination answers again"
+
     def test_a_killed_worker_s_claim_expires_and_is_sent_once_more_with_the_same_key(self, data_dir, rule, mllp):
         study, result = inferred_study(data_dir)
         hl7_destination(rule, mllp.port)
@@ -229,7 +256,26 @@ class TestDiscard:
         assert delivery_discard(delivery=delivery, actor="informaticist", reason="RIS order cancelled")
         delivery.refresh_from_db()
         assert (delivery.state, delivery.discarded_by) == ("discarded", "informaticist")
-        assert Study.objects.get(pk=study.pk).state == StudyState.DELIVERED
+        # Discarded is not delivered: the study is closed, its timeline says why.
+        study = Study.objects.get(pk=study.pk)
+        assert study.state == StudyState.CLOSED
+        assert study.events.last().detail == "closed without full delivery: 0 of 1 delivered, 1 discarded"
+
+    def test_a_closed_study_is_out_of_the_delivery_latency_and_re_delivers(self, data_dir, rule, mllp):
+        from pacslens.staff.dashboard_data import stage_latencies
+
+        study, result = inferred_study(data_dir)
+        hl7_destination(rule, mllp.port, on_ack_error="fail")
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        mllp.mode = "AE"
+        deliveries_run_pending()
+        delivery_discard(delivery=delivery, actor="informaticist", reason="RIS order cancelled")
+        inferred_to_delivered = stage_latencies()[-1]
+        assert (inferred_to_delivered.to_state, inferred_to_delivered.count) == ("delivered", 0)
+        # Staff may still send it: the closed study goes back to delivering.
+        Delivery.objects.filter(pk=delivery.pk).update(state="failed")
+        delivery_retry(deliveries=Delivery.objects.filter(pk=delivery.pk), actor="informaticist")
+        assert Study.objects.get(pk=study.pk).state == StudyState.DELIVERING
 
 
 class TestFhirDelivery:
@@ -257,10 +303,12 @@ class TestFhirDelivery:
 
 
 class TestLease:
+    # Transactional: the renewal thread has its own connection, which a test's open transaction would lock out.
+    @pytest.mark.django_db(transaction=True)
     def test_the_lease_outlives_a_slow_fhir_send_of_three_requests(self, data_dir, rule, fhir_server, monkeypatch):
         # Each request answers just inside the timeout: the send takes about 3 timeouts, more
         # than one request's allowance. Without the margin, the lease must still cover it.
-        monkeypatch.setattr(ledger, "LEASE_EXTRA_SECONDS", 0.0)
+        monkeypatch.setattr(lease, "LEASE_EXTRA_SECONDS", 0.0)
         answer = fhir_server.handle
 
         def slowly(request, method):
@@ -282,6 +330,49 @@ class TestLease:
         assert outcome.ok and len(fhir_server.requests) == 3
         assert timezone.now() < lease_until  # no other worker could have claimed it mid-send
         assert delivery_claim_next(worker="w2") is None
+
+    @pytest.mark.django_db(transaction=True)
+    def test_the_lease_is_renewed_while_a_send_outlasts_it(self, data_dir, rule, fhir_server, monkeypatch):
+        # A lease of 0.3 s against a send of about 1.5 s (three slow requests): only renewal
+        # keeps another worker from taking the row over mid-send.
+        monkeypatch.setattr(lease, "LEASE_EXTRA_SECONDS", 0.0)
+        monkeypatch.setattr(Destination, "send_seconds_max", lambda self: 0.3)
+        answer = fhir_server.handle
+
+        def slowly(request, method):
+            time.sleep(0.5)
+            answer(request, method)
+
+        monkeypatch.setattr(fhir_server, "handle", slowly)
+        study, result = inferred_study(data_dir)
+        destination = Destination.objects.create(
+            name="fhir", kind="fhir", base_url=fhir_server.url, auth="bearer", secret=TOKEN, timeout_seconds=5.0
+        )
+        destination.rules.add(rule)
+        deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        delivery = delivery_claim_next(worker="w1")
+        takeovers = []
+        sending = threading.Event()
+
+        def other_worker():
+            while not sending.wait(0.05):
+                if (claimed := delivery_claim_next(worker="w2")) is not None:
+                    takeovers.append(claimed.pk)
+            connection.close()
+
+        thief = threading.Thread(target=other_worker)
+        thief.start()
+        try:
+            outcome = delivery_send(delivery=delivery, context=ledger.RunContext(worker="w1"))
+        finally:
+            sending.set()
+            thief.join()
+
+        assert outcome.ok and len(fhir_server.requests) == 3
+        assert takeovers == []
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.DELIVERED  # recorded by its own worker, the lease holder
+        assert [a.worker for a in delivery.attempt_log.all()] == ["w1"]
 
 
 class TestOrthanc:

@@ -84,6 +84,7 @@ def test_clean_studies_with_noise_calcifications_and_beam_hardening_are_not_flag
     "ml, hu, position, thickness",
     [
         (0.5, 50, (20, -30, 10), 2.5),  # the smallest and faintest, noisy slices
+        (0.5, 50, (20, -30, 10), 5.0),  # ... on thick slices: a 0.1 mL core, score 0.72
         (0.5, 60, (20, -30, 10), 5.0),  # thick noisy slices
         (0.5, 50, (0, 0, 30), 0.625),  # near the midline, above the ventricles
         (0.5, 90, (-35, 20, -20), 2.5),

@@ -54,7 +54,7 @@ from django_q.models import OrmQ, Schedule, Task
 from django_q.signing import SignedPackage
 from prometheus_client import generate_latest
 from pacslens.ops.metrics import registry
-from results.models import Delivery, DeliveryAttempt, InferenceResult
+from results.models import AlertEvent, Delivery, DeliveryAttempt, InferenceResult
 from routing.models import Heartbeat, OpsCounter, StoreAssociation, StudyEvent
 out = []
 for row in OrmQ.objects.all():
@@ -68,6 +68,7 @@ out += [("attempt", a.code + " " + a.message) for a in DeliveryAttempt.objects.a
 out += [("delivery", d.last_error + " " + d.discard_reason) for d in Delivery.objects.all()]
 out += [("result", r.message + " " + repr(r.outputs)) for r in InferenceResult.objects.all()]
 out += [("heartbeat", repr(h.detail)) for h in Heartbeat.objects.all()]
+out += [("alert", e.title + " " + e.text) for e in AlertEvent.objects.all()]
 out += [("counter", c.label) for c in OpsCounter.objects.all()]
 out += [("association", repr(vars(a))) for a in StoreAssociation.objects.all()]
 out.append(("metrics", generate_latest(registry()).decode()))
@@ -172,6 +173,7 @@ def test_markers_appear_in_no_log_queue_or_error(listener_factory, ris, tmp_path
     assert {d["state"] for d in deliveries} == {"delivered", "failed"}
     assert echo.messages, "the echoing RIS was sent a message and answered AE naming the patient"
 
+    command_output.append(_manage(env, "alerts_check"))  # the failure queue's alert, made from these failures
     dump = _manage(env, "shell", "-c", DUMP_SCRIPT)
     status = _manage(env, "study_status", study.study_instance_uid, "--json")
     searched = {
@@ -182,6 +184,7 @@ def test_markers_appear_in_no_log_queue_or_error(listener_factory, ris, tmp_path
         "study_status": status,
     }
     assert "COUNTS" in dump and "delivery_failed" in dump  # the dump saw the failure paths
+    assert "alert\t" in dump and "in the failure queue" in dump  # and the alert about them
     assert "DEBUG" in searched["workers log"]  # debug logging really was on
     leaks = [
         f"{where}: {line.strip()[:300]}"

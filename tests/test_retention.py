@@ -108,12 +108,12 @@ class TestWhatIsKept:
         assert study.state == StudyState.FAILED
         age(study, 30)
         assert retention_sweep() == 0
-        # staff discard it (resolved): the study settles as delivered and becomes eligible
+        # staff discard it (resolved): the study is closed (not delivered) and becomes eligible
         from results.deliver.ledger import delivery_discard
 
         delivery_discard(delivery=Delivery.objects.get(study=study), actor="informaticist", reason="RIS retired")
         study.refresh_from_db()
-        assert study.state == StudyState.DELIVERED
+        assert study.state == StudyState.CLOSED
         assert retention_sweep() == 1
 
     def test_a_pending_delivery_keeps_the_study(self, data_dir, rule, mllp, settings):

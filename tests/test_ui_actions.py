@@ -149,11 +149,26 @@ class TestRules:
         data = _rule_form("Head CT", [("Modality", "equals", "CT"), ("BodyPartExamined", "one_of", "HEAD\\BRAIN")])
         assert admin.post("/rules/new/", data, **HX)["HX-Redirect"] == "/rules/"
         rule = RoutingRule.objects.get()
+        # A DICOM multi-value reads as typed, with one backslash: in the rule, its list and the audit log.
         assert [str(c) for c in rule.conditions.all()] == [
             "Modality equals 'CT'",
-            "BodyPartExamined is one of 'HEAD\\\\BRAIN'",
+            "BodyPartExamined is one of 'HEAD\\BRAIN'",
         ]
         assert AuditEntry.objects.get(action="create").after["conditions"][0] == "Modality equals 'CT'"
+        assert "is one of &#x27;HEAD\\BRAIN&#x27;" in admin.get("/rules/").content.decode()
+
+    def test_the_audit_log_shows_a_changed_multi_value_as_typed(self, admin, client, users):
+        data = _rule_form("Head CT", [("BodyPartExamined", "one_of", "HEAD\\BRAIN")])
+        admin.post("/rules/new/", data, **HX)
+        rule = RoutingRule.objects.get()
+        edit = _rule_form("Head CT", [("BodyPartExamined", "one_of", "HEAD\\BRAIN\\SKULL")])
+        condition = rule.conditions.get()
+        edit.update({"conditions-INITIAL_FORMS": "1", "conditions-0-id": str(condition.pk)})
+        assert admin.post(f"/rules/{rule.pk}/", edit, **HX)["HX-Redirect"] == "/rules/"
+        client.force_login(users["superuser"])
+        page = client.get("/audit/log/").content.decode()
+        assert "is one of &#x27;HEAD\\BRAIN&#x27; → BodyPartExamined is one of &#x27;HEAD\\BRAIN\\SKULL&#x27;" in page
+        assert "\\\\" not in page
 
     def test_reorder_and_toggle(self, admin):
         first = RoutingRule.objects.create(name="first", position=10)

@@ -140,7 +140,7 @@ class TestOtherPages:
         page = root.get("/rules/dry-run/", {"study": pipeline["done"].pk}).content.decode()
         assert "Modality equals &#x27;MR&#x27;" in page and "no match" in page and "CT" in page
         page = root.get("/rules/dry-run/", {"study": 999999}, HTTP_HX_REQUEST="true").content.decode()
-        assert "No study has this id" in page
+        assert "No study has this accession number, Study UID or id." in page and "No study received" not in page
 
     @pytest.mark.parametrize("query", ["", "?page=1", "?flag=yes&page=1"])
     def test_the_triage_audit_is_audited_also_as_an_htmx_fragment(self, root, pipeline, query):

@@ -45,18 +45,23 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from pacslens.ops.heartbeat import ASSOCIATIONS_COUNTER
 from results.models import (
+    AlertState,
     Delivery,
     DeliveryAttempt,
     DeliveryState,
     Destination,
     InferenceResult,
 )
+from results.monitoring import scored_results
 from routing.models import (
     Heartbeat,
     Instance,
     OpsCounter,
+    Poll,
+    PollSource,
     StoreAssociation,
     Study,
+    StudyRetrieve,
     StudyState,
 )
 from routing.receive.pynetdicom_speedups import PDUS_REFUSED_COUNTER
@@ -72,11 +77,14 @@ class DatabaseCollector(Collector):
         yield from associations()
         yield from studies()
         yield from inference()
+        yield from model_scores()
         yield from deliveries()
+        yield from pulls()
         yield from worklist_latency()
         yield from queue()
         yield from disk()
         yield from heartbeats()
+        yield from alerts()
 
 
 def registry() -> CollectorRegistry:
@@ -185,6 +193,62 @@ def inference() -> Iterator[Metric]:
     yield histogram
 
 
+SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SHARE_WINDOWS = {"1d": timedelta(days=1), "7d": timedelta(days=7)}
+
+
+def model_scores() -> Iterator[Metric]:
+    """Score monitoring per model version, live and shadow apart (results/monitoring.py): the
+    score histogram and flagged count over all current results (use increase() for a period),
+    and the share flagged over the last day and week for alerts that need no PromQL."""
+    labels = ["model", "version", "shadow"]
+    rows = (
+        scored_results()
+        .values("model_name", "model_version", "shadow")
+        .annotate(
+            n=Count("pk"),
+            s=Sum("score"),
+            flagged_n=Count("pk", filter=Q(flagged=True)),
+            **_bucket_counts("score", SCORE_BUCKETS),
+        )
+        .order_by()
+    )
+    histogram = HistogramMetricFamily(
+        "pacslens_model_score", "Scores of current succeeded results per model version", labels=labels
+    )
+    flagged = CounterMetricFamily(
+        "pacslens_model_flagged", "Current succeeded results the model flagged", labels=labels
+    )
+    for row in rows:
+        key = [row["model_name"], row["model_version"], "true" if row["shadow"] else "false"]
+        histogram.add_metric(key, _buckets(row, SCORE_BUCKETS), row["s"] or 0.0)
+        flagged.add_metric(key, row["flagged_n"])
+    yield histogram
+    yield flagged
+    share = GaugeMetricFamily(
+        "pacslens_model_flagged_share",
+        "Share of scored results flagged over the window (absent when there were none)",
+        labels=[*labels, "window"],
+    )
+    scored = GaugeMetricFamily(
+        "pacslens_model_scored_results", "Scored results over the window", labels=[*labels, "window"]
+    )
+    now = timezone.now()
+    for window, span in SHARE_WINDOWS.items():
+        for recent in (
+            scored_results()
+            .filter(created_at__gte=now - span)
+            .values("model_name", "model_version", "shadow")
+            .annotate(n=Count("pk"), flagged_n=Count("pk", filter=Q(flagged=True)))
+            .order_by()
+        ):
+            key = [recent["model_name"], recent["model_version"], "true" if recent["shadow"] else "false", window]
+            scored.add_metric(key, recent["n"])
+            share.add_metric(key, recent["flagged_n"] / recent["n"])
+    yield share
+    yield scored
+
+
 # --- delivery --------------------------------------------------------------------------------
 
 
@@ -230,6 +294,37 @@ def deliveries() -> Iterator[Metric]:
         "Age of the oldest delivery not yet delivered or failed (0: none)",
         (now - oldest).total_seconds() if oldest else 0,
     )
+
+
+# --- pull ------------------------------------------------------------------------------------
+
+
+def pulls() -> Iterator[Metric]:
+    """Retrieves by source and state (`failed`: failed for good, in the failure queue), polls by
+    outcome, and each source's failed polls in a row."""
+    sources = list(PollSource.objects.order_by("name"))
+    retrieves = GaugeMetricFamily(
+        "pacslens_retrieves", "Study retrieves by poll source and state", labels=["source", "state"]
+    )
+    counts = {
+        (row["source__name"], row["state"]): row["n"]
+        for row in StudyRetrieve.objects.values("source__name", "state").annotate(n=Count("pk")).order_by()
+    }
+    polls = CounterMetricFamily("pacslens_polls", "Polls by poll source and outcome", labels=["source", "status"])
+    poll_counts = {
+        (row["source__name"], row["status"]): row["n"]
+        for row in Poll.objects.values("source__name", "status").annotate(n=Count("pk")).order_by()
+    }
+    failing = GaugeMetricFamily("pacslens_poll_source_consecutive_failures", "Failed polls in a row", labels=["source"])
+    for source in sources:
+        for state in StudyRetrieve.State.values:
+            retrieves.add_metric([source.name, state], counts.get((source.name, state), 0))
+        for status in Poll.Status.values:
+            polls.add_metric([source.name, status], poll_counts.get((source.name, status), 0))
+        failing.add_metric([source.name], source.consecutive_failures)
+    yield retrieves
+    yield polls
+    yield failing
 
 
 def worklist_latency() -> Iterator[Metric]:
@@ -295,6 +390,20 @@ def heartbeats() -> Iterator[Metric]:
     )
     for beat in Heartbeat.objects.order_by("role", "identity"):
         metric.add_metric([beat.role, beat.identity], (now - beat.beat_at).total_seconds())
+    yield metric
+
+
+def alerts() -> Iterator[Metric]:
+    metric = GaugeMetricFamily(
+        "pacslens_alerts_active", "Alert conditions active now, by condition", labels=["condition"]
+    )
+    for row in (
+        AlertState.objects.filter(active=True, rule__enabled=True)
+        .values("rule__condition")
+        .annotate(n=Count("pk"))
+        .order_by()
+    ):
+        metric.add_metric([row["rule__condition"]], row["n"])
     yield metric
 
 

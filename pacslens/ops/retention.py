@@ -1,7 +1,8 @@
 """Retention: delete received pixel data once a study no longer needs it.
 
 A study's files go PACSLENS_RETENTION_DAYS after it settled, and never before:
-- `delivered`: every delivery of its current results succeeded (or staff discarded it);
+- `delivered`: every delivery of its current results succeeded;
+- `closed`: staff discarded what was not delivered;
 - `ignored`: no routing rule matched;
 - `inferred` with no delivery at all (its rules have no destinations).
 Failed studies, and any study with a pending, in-flight or failed delivery, keep their files
@@ -76,8 +77,8 @@ def studies_due(*, now: datetime, days: float):
     unresolved = Delivery.objects.filter(UNRESOLVED, study=OuterRef("pk"))
     any_delivery = Delivery.objects.filter(study=OuterRef("pk"))
     files_left = Instance.objects.filter(study=OuterRef("pk"), deleted_at=None)
-    settled = (
-        Q(state=StudyState.DELIVERED) | Q(state=StudyState.IGNORED) | Q(state=StudyState.INFERRED, has_deliveries=False)
+    settled = Q(state__in=[StudyState.DELIVERED, StudyState.CLOSED, StudyState.IGNORED]) | Q(
+        state=StudyState.INFERRED, has_deliveries=False
     )
     return (
         Study.objects.alias(

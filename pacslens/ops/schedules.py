@@ -21,6 +21,8 @@ SCHEDULES: list[tuple[str, int]] = [
     ("pacslens.ops.retention.retention_sweep", 60),
     # Loops ~55 s claiming due poll sources, so intervals below the scheduler's 30 s work.
     ("routing.pull.poll.poll_due_sources", 1),
+    # Alert rules: one alert when a condition starts, one when it clears (pacslens/ops/alerts).
+    ("pacslens.ops.alerts.service.alerts_check", 1),
 ]
 
 

@@ -112,10 +112,13 @@ def study_results_status(study: Study) -> list[dict]:
             "model": r.model_name,
             "model_version": r.model_version,
             "model_sha256": r.model_sha256,
+            # Shadow mode: recorded and audited, never delivered.
+            "shadow": r.shadow,
             "status": r.status,
             "score": r.score,
             "flagged": r.flagged,
             "label": r.label,
+            "key_region": r.key_region or None,
             "failure_reason": r.failure_reason or None,
             "message": r.message,
             "series_instance_uid": r.series_instance_uid,
@@ -145,6 +148,9 @@ def study_deliveries_status(study: Study) -> list[dict]:
             "state": d.state,
             "attempts": d.attempts,
             "next_attempt_at": d.next_attempt_at.isoformat() if d.state == "pending" else None,
+            # The later of next_attempt_at and the destination's open circuit breaker.
+            "next_try_at": d.next_try_at.isoformat() if d.next_try_at else None,
+            "held_by_breaker": d.held_by_breaker,
             "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None,
             "last_error": d.last_error or None,
             "last_error_class": d.last_error_class or None,

@@ -35,6 +35,8 @@ FIELDS = [
     "description",
     "application_entity",
     "rules",
+    "send_summary_image",
+    "send_key_objects",
     "base_url",
     "auth",
     "username",

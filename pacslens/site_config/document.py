@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 from django.db import transaction
 
-from pacslens.site_config.ae_titles import AE_TITLES
+from pacslens.site_config.ae_titles import AE_TITLES, ae_title_warnings
 from pacslens.site_config.ai_models import ModelsSection
+from pacslens.site_config.alerts import AlertChannelsSection, AlertRulesSection
 from pacslens.site_config.destinations import DestinationsSection
 from pacslens.site_config.poll_sources import PollSourcesSection
 from pacslens.site_config.routing_rules import RoutingRulesSection
@@ -38,6 +39,8 @@ SECTIONS: list[Any] = [
     ModelsSection(),
     RoutingRulesSection(),  # names models
     DestinationsSection(),  # names AE titles and routing rules
+    AlertChannelsSection(),
+    AlertRulesSection(),
 ]
 
 
@@ -78,6 +81,16 @@ def config_import(text: str, *, prune: bool = False, dry_run: bool = False) -> d
         if dry_run:
             transaction.set_rollback(True)
     return summary
+
+
+def config_warnings(text: str) -> list[str]:
+    """What is allowed but probably a slip (unusual AE titles); the import goes ahead."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return []  # config_import says why
+    entries = document.get(AE_TITLES.name) if isinstance(document, dict) else None
+    return ae_title_warnings(entries) if isinstance(entries, list) else []
 
 
 def _check_document(document: dict[str, Any]) -> list[str]:

@@ -7,6 +7,8 @@ routing_rules:
   priority: stat            # stat | routine
   stop_at_first_match: true
   models: [{name: demo-hyperdense-head-ct, version: '2.0'}]
+  shadow: false             # true: run the models, record the results, deliver nothing
+  shadow_models: [{name: demo-hyperdense-head-ct, version: '2.1'}]   # run beside, never delivered
   conditions:
   - {attribute: Modality, operator: equals, value: CT}
   - {attribute: BodyPartExamined, operator: one_of, value: [HEAD, BRAIN]}
@@ -28,7 +30,18 @@ from routing.models.rules import (
 )
 
 PRIORITIES = {"stat": Priority.STAT, "routine": Priority.ROUTINE}
-RULE_FIELDS = ["name", "description", "enabled", "position", "priority", "stop_at_first_match", "models", "conditions"]
+RULE_FIELDS = [
+    "name",
+    "description",
+    "enabled",
+    "position",
+    "priority",
+    "stop_at_first_match",
+    "models",
+    "shadow",
+    "shadow_models",
+    "conditions",
+]
 
 
 class RoutingRulesSection:
@@ -38,7 +51,9 @@ class RoutingRulesSection:
 
     def export(self) -> list[dict[str, Any]]:
         entries = []
-        for rule in RoutingRule.objects.prefetch_related("conditions", "ai_models").order_by("position", "id"):
+        for rule in RoutingRule.objects.prefetch_related("conditions", "ai_models", "shadow_ai_models").order_by(
+            "position", "id"
+        ):
             entries.append(
                 {
                     "name": rule.name,
@@ -49,6 +64,11 @@ class RoutingRulesSection:
                     "stop_at_first_match": rule.stop_at_first_match,
                     "models": [
                         {"name": m.name, "version": m.version} for m in rule.ai_models.order_by("name", "version")
+                    ],
+                    "shadow": rule.shadow,
+                    "shadow_models": [
+                        {"name": m.name, "version": m.version}
+                        for m in rule.shadow_ai_models.order_by("name", "version")
                     ],
                     # Destinations join here (`destinations: [...]`) with the delivery issue.
                     "conditions": [_condition_export(c) for c in rule.conditions.all()],
@@ -77,14 +97,14 @@ class RoutingRulesSection:
                     "position": entry.get("position", 100),
                     "priority": PRIORITIES[entry.get("priority", "routine")],
                     "stop_at_first_match": entry.get("stop_at_first_match", True),
+                    "shadow": entry.get("shadow", False),
                 },
             )
             rule.conditions.all().delete()
             for position, condition in enumerate(entry.get("conditions") or []):
                 rule.conditions.create(position=position, **_condition_fields(condition))
-            rule.ai_models.set(
-                [AIModel.objects.get(name=m["name"], version=m["version"]) for m in entry.get("models") or []]
-            )
+            for relation, key in ((rule.ai_models, "models"), (rule.shadow_ai_models, "shadow_models")):
+                relation.set([AIModel.objects.get(name=m["name"], version=m["version"]) for m in entry.get(key) or []])
             created += was_created
             updated += not was_created
         deleted = 0
@@ -103,7 +123,7 @@ def _rule_problems(entry: dict[str, Any], known_models: set[tuple[Any, Any]]) ->
         problems.append("field 'name': required, at most 100 characters")
     if not isinstance(entry.get("description", ""), str):
         problems.append("field 'description': must be text")
-    for flag in ("enabled", "stop_at_first_match"):
+    for flag in ("enabled", "stop_at_first_match", "shadow"):
         if not isinstance(entry.get(flag, True), bool):
             problems.append(f"field {flag!r}: must be true or false")
     position = entry.get("position", 100)
@@ -111,17 +131,24 @@ def _rule_problems(entry: dict[str, Any], known_models: set[tuple[Any, Any]]) ->
         problems.append("field 'position': must be a whole number of at least 0")
     if entry.get("priority", "routine") not in PRIORITIES:
         problems.append("field 'priority': must be stat or routine")
-    models = entry.get("models") or []
-    if not isinstance(models, list):
-        problems.append("field 'models': must be a list of {name, version}")
-        models = []
-    for i, model in enumerate(models):
-        if not isinstance(model, dict) or set(model) != {"name", "version"}:
-            problems.append(f"field 'models[{i}]': must be {{name: ..., version: ...}}")
-        elif (model["name"], model["version"]) not in known_models:
-            problems.append(
-                f"field 'models[{i}]': no model {model['name']} {model['version']} is registered or in this file"
-            )
+    named: dict[str, set[tuple[Any, Any]]] = {}
+    for key in ("models", "shadow_models"):
+        models = entry.get(key) or []
+        if not isinstance(models, list):
+            problems.append(f"field {key!r}: must be a list of {{name, version}}")
+            models = []
+        named[key] = set()
+        for i, model in enumerate(models):
+            if not isinstance(model, dict) or set(model) != {"name", "version"}:
+                problems.append(f"field '{key}[{i}]': must be {{name: ..., version: ...}}")
+            elif (model["name"], model["version"]) not in known_models:
+                problems.append(
+                    f"field '{key}[{i}]': no model {model['name']} {model['version']} is registered or in this file"
+                )
+            else:
+                named[key].add((model["name"], model["version"]))
+    for name_version in sorted(named["models"] & named["shadow_models"]):
+        problems.append(f"field 'shadow_models': {name_version[0]} {name_version[1]} is also in 'models' (live)")
     conditions = entry.get("conditions") or []
     if not isinstance(conditions, list):
         return problems + ["field 'conditions': must be a list"]

@@ -29,14 +29,16 @@ HEALTH_STATUS = {"ok": "ok", "warn": "warning", "down": "down"}
 
 
 def stuck_thresholds() -> dict[str, timedelta]:
-    """How long a study may sit in each working state before the dashboard calls it stuck."""
+    """How long a study may sit in each working state before the dashboard calls it stuck.
+    Settled states (ignored, inferred with nothing to deliver, delivered, closed, failed) are never stuck."""
     task_timeout = settings.Q_CLUSTER["timeout"]
     return {
         StudyState.RECEIVING: timedelta(seconds=settings.STUDY_FORCE_COMPLETE_AFTER + 120),
         StudyState.COMPLETE: timedelta(minutes=5),
         StudyState.ROUTED: timedelta(minutes=15),
         StudyState.INFERRING: timedelta(seconds=task_timeout * 1.5),
-        StudyState.INFERRED: timedelta(minutes=5),
+        # No INFERRED: its deliveries are written in the transaction that makes it inferred
+        # (and move it on to delivering), so an inferred study has nothing to deliver: settled.
         StudyState.DELIVERING: timedelta(hours=1),
     }
 
@@ -173,19 +175,41 @@ def health_disk() -> Health:
     )
 
 
-def health_destinations() -> list[dict]:
+def health_destinations(*, now: datetime | None = None) -> list[dict]:
+    """Each destination's state as deliveries and the last Test left it, the breaker included."""
+    now = now or timezone.now()
     rows = []
     for destination in Destination.objects.order_by("name"):
         if not destination.enabled:
             status, label = "disabled", "disabled"
         elif destination.circuit_open:
-            status, label = "open", "circuit open"
+            status, label = "open", f"circuit open until {destination.circuit_open_until_text}"
         elif destination.consecutive_failures:
             status, label = "warning", f"{destination.consecutive_failures} failure(s) in a row"
+        elif destination.last_test_failed:
+            status, label = "warning", "last Test failed"
         else:
             status, label = "ok", "ok"
-        rows.append({"destination": destination, "status": status, "label": label})
+        rows.append(
+            {
+                "destination": destination,
+                "status": status,
+                "label": label,
+                "detail": _destination_detail(destination, now),
+            }
+        )
     return rows
+
+
+def _destination_detail(destination: Destination, now: datetime) -> str:
+    success = destination.last_success_at
+    parts = [f"last delivery {_ago(now - success)} ago" if success else "no delivery yet"]
+    if destination.last_test_at is not None:
+        outcome = "passed" if destination.last_test_ok else "failed"
+        parts.append(f"Test {outcome} {_ago(now - destination.last_test_at)} ago: {destination.last_test_detail}")
+    else:
+        parts.append("never tested")
+    return " · ".join(parts)
 
 
 def dashboard_data() -> dict:
@@ -196,7 +220,7 @@ def dashboard_data() -> dict:
         "latencies": stage_latencies(now=now),
         "stuck": studies_stuck(now=now),
         "health": [health_listener(now=now), health_workers(), health_disk()],
-        "destinations": health_destinations(),
+        "destinations": health_destinations(now=now),
         "installation": installation_current(),
         "generated_at": now,
     }

@@ -25,16 +25,24 @@ from results.models import Delivery, Destination, InferenceResult
 def result_payload(*, result: InferenceResult) -> ResultPayload:
     study = result.study
     sources = []
+    key_image: Path | None = None
+    key_bbox = None
     series = result.series
     if series is not None:
         # The SR cites the images the model evaluated (older results: the whole input series).
         instances = series.instances.filter(deleted_at=None)
         if result.evaluated_instances:
             instances = instances.filter(pk__in=result.evaluated_instances)
-        sources = [
-            Path(settings.DATA_DIR) / path
-            for path in instances.order_by("instance_number", "pk").values_list("path", flat=True)
-        ]
+        rows = list(instances.order_by("instance_number", "pk").values_list("pk", "path"))
+        sources = [Path(settings.DATA_DIR) / path for _, path in rows]
+        # The key slice: where the finding is, else the middle of what the model read.
+        region = result.key_region or {}
+        key_path = dict(rows).get(int(region.get("instance", 0)))
+        if key_path is not None:
+            key_image = Path(settings.DATA_DIR) / key_path
+            key_bbox = tuple(region["bbox"])
+        elif sources:
+            key_image = sources[len(sources) // 2]
     assert result.score is not None  # only scored results are delivered
     return ResultPayload(
         study_instance_uid=study.study_instance_uid,
@@ -50,6 +58,9 @@ def result_payload(*, result: InferenceResult) -> ResultPayload:
         # The worklist priority the AI asks for: a flagged finding goes to the top.
         priority=Priority.STAT if result.flagged else Priority.ROUTINE,
         source_instances=tuple(sources),
+        key_image=key_image,
+        key_bbox=key_bbox,
+        finding=result.label,
     )
 
 

@@ -23,6 +23,7 @@ from django_q.tasks import async_task
 
 from results.deliver import senders
 from results.deliver.contents import delivery_identifier, delivery_key, result_payload
+from results.deliver.lease import LeaseRenewal, lease_duration
 from results.deliver.payload import (
     Outcome,
     OutcomeKind,
@@ -41,8 +42,6 @@ from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
 
-LEASE_EXTRA_SECONDS = 30.0  # added to a send's longest honest duration: the lease outlives the attempt
-
 
 def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -52,11 +51,12 @@ def worker_identity() -> str:
 
 
 def deliveries_create(*, study: Study, results: Iterable[InferenceResult], rule_ids: Iterable[int]) -> list[Delivery]:
-    """One Delivery per succeeded result and destination of the matched rules; wakes a worker on commit."""
+    """One Delivery per succeeded live result and destination of the matched rules; wakes a worker on commit."""
     destinations = list(Destination.objects.filter(enabled=True, rules__id__in=list(rule_ids)).distinct())
     created = []
     for result in results:
-        if result.status != ResultStatus.SUCCEEDED:
+        # Shadow results are recorded and audited, never delivered.
+        if result.status != ResultStatus.SUCCEEDED or result.shadow:
             continue
         for destination in destinations:
             system, key = delivery_identifier(result=result, destination=destination)
@@ -142,7 +142,7 @@ def delivery_claim_next(*, worker: str, only_ids: list[int] | None = None) -> De
 def _claim_first(candidates: list[Delivery], *, worker: str, now) -> Delivery | None:
     for candidate in candidates:
         # The whole send, not one request: a FHIR send makes three, each with its own timeout.
-        lease = timedelta(seconds=candidate.destination.send_seconds_max() + LEASE_EXTRA_SECONDS)
+        lease = lease_duration(candidate.destination)
         claimed = Delivery.objects.filter(
             pk=candidate.pk, state=candidate.state, attempts=candidate.attempts, lease_until=candidate.lease_until
         ).update(
@@ -176,9 +176,10 @@ def delivery_send(*, delivery: Delivery, context: RunContext | None = None) -> O
     started = timezone.now()
     try:
         payload = result_payload(result=delivery.result)
-        outcome = senders.send(
-            destination=delivery.destination, payload=payload, key=delivery_key(delivery), context=context
-        )
+        with LeaseRenewal(delivery, delivery.lease_owner or context.worker):
+            outcome = senders.send(
+                destination=delivery.destination, payload=payload, key=delivery_key(delivery), context=context
+            )
     except senders.BuildError as exc:
         outcome = Outcome(OutcomeKind.PERMANENT, Protocol(delivery.kind), None, str(exc), delivery.idempotency_key)
     except Exception as exc:  # a bug or an unforeseen library error: retry, then fail visibly
@@ -208,6 +209,7 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: st
     )
     message = outcome.describe()[:2000]
     fields: dict = {"lease_until": None, "lease_owner": ""}
+    retry_at = None
     if outcome.ok:
         fields.update(state=DeliveryState.DELIVERED, delivered_at=now, last_error="", last_error_class="")
         event = ("delivered", f"{destination.name}: delivered ({delivery.kind}, key {delivery.idempotency_key})")
@@ -221,7 +223,7 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: st
         )
         event = (
             "delivery_retry",
-            f"{destination.name}: attempt {delivery.attempts} failed, retry at {retry_at:%H:%M:%S}: {message}",
+            f"{destination.name}: attempt {delivery.attempts} failed, retry at {timezone.localtime(retry_at):%H:%M:%S}: {message}",
         )
     else:
         fields.update(state=DeliveryState.FAILED, last_error=message, last_error_class=outcome.kind.value)
@@ -244,37 +246,68 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: st
         if updated != 1:
             logger.warning("delivery %s: lease lost before recording attempt %s", delivery.pk, delivery.attempts)
             return
-        _destination_health(destination, outcome, now)
+        breaker_event = _destination_health(destination, outcome, now)
+        if breaker_event:
+            delivery.study.log_event(*breaker_event)
+        held_until = destination.circuit_open_until
+        if retry_at is not None and held_until is not None and held_until > retry_at:
+            # The claim skips an open circuit's rows: the retry happens when the breaker lets it, say so.
+            Delivery.objects.filter(pk=delivery.pk).update(next_attempt_at=held_until)
+            event = (
+                "delivery_retry",
+                f"{destination.name}: attempt {delivery.attempts} failed, retry at {timezone.localtime(held_until):%H:%M:%S} "
+                f"(held by the circuit breaker): {message}",
+            )
         delivery.study.log_event(*event)
         study_delivery_settle(study=delivery.study)
     logger.info("delivery %s attempt %s: %s", delivery.pk, delivery.attempts, outcome.kind.value)
 
 
-def _destination_health(destination: Destination, outcome: Outcome, now) -> None:
+def _destination_health(destination: Destination, outcome: Outcome, now) -> tuple[str, str] | None:
+    """Count the destination's failures and open or close its circuit breaker; returns the
+    timeline event (kind, detail) when the breaker opened or closed, else None.
+    `destination.circuit_open_until` is left as the database now holds it."""
     if outcome.ok:
-        Destination.objects.filter(pk=destination.pk).update(
+        # A success closes a breaker that had opened (its cool-down over, this attempt got through).
+        closed = Destination.objects.filter(pk=destination.pk, circuit_open_until__isnull=False).update(
             consecutive_failures=0, circuit_open_until=None, last_success_at=now
         )
-        return
+        if not closed:
+            Destination.objects.filter(pk=destination.pk).update(consecutive_failures=0, last_success_at=now)
+        destination.circuit_open_until = None
+        if closed:
+            return ("circuit_closed", f"{destination.name}: circuit closed, the destination answers again")
+        return None
     if outcome.kind is OutcomeKind.PERMANENT:
-        return  # this object is refused; the destination itself is working
+        # this object is refused; the destination itself is working
+        destination.refresh_from_db(fields=["circuit_open_until"])
+        return None
     Destination.objects.filter(pk=destination.pk).update(
         consecutive_failures=F("consecutive_failures") + 1, last_failure_at=now
     )
-    destination.refresh_from_db(fields=["consecutive_failures"])
+    destination.refresh_from_db(fields=["consecutive_failures", "circuit_open_until"])
     if destination.consecutive_failures >= destination.breaker_threshold:
         until = now + timedelta(seconds=destination.breaker_cooldown_seconds)
         Destination.objects.filter(pk=destination.pk).update(circuit_open_until=until)
+        destination.circuit_open_until = until
         logger.warning(
             "destination %s: circuit open until %s after %s failures",
             destination.name,
             until,
             destination.consecutive_failures,
         )
+        return (
+            "circuit_open",
+            f"{destination.name}: circuit open until {timezone.localtime(until):%H:%M:%S} after "
+            f"{destination.consecutive_failures} failures in a row; its deliveries wait until then",
+        )
+    return None
 
 
 def study_delivery_settle(*, study: Study) -> None:
-    """DELIVERED when every delivery of the study's current results is done; FAILED if any failed."""
+    """Settle the study once no delivery of its current results is pending or in flight:
+    DELIVERED when every one succeeded, FAILED when any failed (staff may retry it), CLOSED when
+    staff discarded at least one and none failed (a discarded delivery was not delivered)."""
     # Lock the study first: two workers settling its last two deliveries at once would each see
     # the other's row still in flight (PostgreSQL, READ COMMITTED) and neither would settle it.
     Study.objects.select_for_update().filter(pk=study.pk).first()
@@ -297,6 +330,12 @@ def study_delivery_settle(*, study: Study) -> None:
             from_states=[StudyState.DELIVERING],
             detail=f"partial delivery: {summary}",
             kind="delivery_incomplete",
+        )
+    elif discarded:
+        study.transition(
+            StudyState.CLOSED,
+            from_states=[StudyState.DELIVERING, StudyState.FAILED],
+            detail=f"closed without full delivery: {summary}",
         )
     else:
         study.transition(StudyState.DELIVERED, from_states=[StudyState.DELIVERING, StudyState.FAILED], detail=summary)
@@ -324,10 +363,15 @@ def delivery_retry(*, deliveries, actor: str) -> int:
         for study in Study.objects.filter(deliveries__pk__in=ids).distinct():
             study.transition(
                 StudyState.DELIVERING,
-                from_states=[StudyState.FAILED, StudyState.DELIVERED],
+                from_states=[StudyState.FAILED, StudyState.DELIVERED, StudyState.CLOSED],
                 detail=f"re-delivery requested by {actor}",
                 kind="delivery_requeued",
             )
+        # Staff asked for it now: an open breaker must not hold these rows. Say so in the timelines.
+        held = Destination.objects.filter(deliveries__pk__in=ids, circuit_open_until__gt=now).distinct()
+        for destination in held:
+            for study in Study.objects.filter(deliveries__pk__in=ids, deliveries__destination=destination).distinct():
+                study.log_event("circuit_closed", f"{destination.name}: circuit closed by the retry {actor} requested")
         Destination.objects.filter(deliveries__pk__in=ids).update(circuit_open_until=None)
         transaction.on_commit(enqueue_delivery)
     return count
@@ -337,7 +381,7 @@ def study_redeliver(*, study: Study, actor: str, destination_name: str | None = 
     """Send the study's current results again: create the deliveries missing for destinations
     routed since, then re-queue them all (failed or delivered alike, with their original
     idempotency keys, so receivers keep one copy). Returns (how many were re-queued, the ids)."""
-    current = study.inference_results.current().filter(status=ResultStatus.SUCCEEDED)
+    current = study.inference_results.current().live().filter(status=ResultStatus.SUCCEEDED)
     with transaction.atomic():
         if study.state == StudyState.INFERRED:
             decision = study.routing_decision()
@@ -349,6 +393,13 @@ def study_redeliver(*, study: Study, actor: str, destination_name: str | None = 
         ids = list(rows.values_list("pk", flat=True))
         requeued = delivery_retry(deliveries=Delivery.objects.filter(pk__in=ids), actor=actor)
     return requeued, ids
+
+
+def study_delivered_destinations(*, study: Study) -> list[str]:
+    """Names of the destinations that already hold the study's current results (ask before re-sending)."""
+    current = study.inference_results.current()
+    rows = Delivery.objects.filter(result__in=current, state=DeliveryState.DELIVERED)
+    return sorted(set(rows.values_list("destination__name", flat=True)))
 
 
 class DiscardReasonRequired(ValueError):

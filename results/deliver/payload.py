@@ -110,6 +110,12 @@ class ResultPayload:
     source_instances: tuple[Dataset | Path, ...] = field(default=(), repr=False)
     # The result is preliminary until a radiologist confirms it; sites may send final.
     is_final: bool = False
+    # For the summary image and the key object selection (results/deliver/summary.py): the
+    # key slice (a dataset with pixels, or its Part 10 file), the flagged region's bounding
+    # box on it (row0, col0, row1, col1, inclusive; None: nothing to outline) and the finding.
+    key_image: Dataset | Path | None = field(default=None, repr=False)
+    key_bbox: tuple[int, int, int, int] | None = None
+    finding: str = ""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.triage_score <= 1.0:
@@ -138,6 +144,11 @@ class ResultPayload:
 
 # Purposes of derived identifiers. The delivery ledger stores the same values as idempotency keys.
 SR_SOP_INSTANCE = "sr-sop-instance"
+# The summary image and key object selection sent beside the SR, in series of their own.
+SUMMARY_SOP_INSTANCE = "sc-sop-instance"
+SUMMARY_SERIES = "sc-series"
+KOS_SOP_INSTANCE = "kos-sop-instance"
+KOS_SERIES = "kos-series"
 FHIR_OBSERVATION = "fhir-observation"
 URI_SYSTEM = "urn:ietf:rfc:3986"  # FHIR's system for identifiers that are URIs (urn:uuid:...)
 

@@ -8,9 +8,16 @@ one costs far more).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import cast
 
 from django.conf import settings
+from pydicom.uid import (
+    UID,
+    Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from results.deliver.dicom_send import StoreSession
 from results.deliver.fhir import FHIRBuildError, send_fhir_result
@@ -25,11 +32,12 @@ from results.deliver.hl7 import (
 from results.deliver.payload import Outcome, OutcomeKind, Protocol, ResultPayload
 from results.deliver.sr import SRBuildError, build_sr
 from results.deliver.stow_client import HttpAuth, stow_datasets
+from results.deliver.summary import SummaryBuildError, build_key_objects, build_summary_image
 from results.models import Destination
 from results.models.sealed import SECRET_UNREADABLE
 from routing.receive import dicom_tls
 
-BuildError = (SRBuildError, HL7BuildError, FHIRBuildError)
+BuildError = (SRBuildError, HL7BuildError, FHIRBuildError, SummaryBuildError)
 
 
 def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[str, str], context) -> Outcome:
@@ -44,7 +52,12 @@ def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[s
             str(key[1] if isinstance(key, tuple) else key),
         )
     if destination.kind in ("dicom", "dicomweb"):
-        sr = build_sr(payload)
+        # The summary image and KOS go with the SR in this one delivery (one ledger row, one
+        # retry schedule); their UIDs derive from the result like the SR's.
+        summary = build_summary_image(payload) if destination.send_summary_image else None
+        # Key images only for a flagged result: a KOS on a negative study would point at nothing.
+        kos = build_key_objects(payload, summary) if destination.send_key_objects and payload.finding_flag else None
+        sr = build_sr(payload, summary=summary)
         if sr.SOPInstanceUID != key:
             # Keys are minted once; an SR under another UID would be a second copy at the PACS.
             return Outcome(
@@ -54,11 +67,19 @@ def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[s
                 f"the SR built for this result has SOP Instance UID {sr.SOPInstanceUID}, not the delivery's {key}",
                 str(key),
             )
+        # The SR last: when it is stored, everything it references is.
+        datasets = [ds for ds in (summary, kos) if ds is not None] + [sr]
         if destination.kind == "dicom":
-            return _send_dicom(destination, sr, context)
-        return stow_datasets(
-            destination.base_url, [sr], auth=http_auth(destination), timeout=destination.timeout_seconds
-        )[0]
+            outcomes: list[Outcome] = []
+            for ds in datasets:
+                outcomes.append(_send_dicom(destination, ds, context))
+                if not outcomes[-1].ok:
+                    break  # the next attempt sends them all again, under the same UIDs
+        else:
+            outcomes = stow_datasets(
+                destination.base_url, datasets, auth=http_auth(destination), timeout=destination.timeout_seconds
+            )
+        return outcome_combined(outcomes, total=len(datasets))
     if destination.kind == "hl7":
         assert isinstance(key, str)
         message = build_hl7_message(
@@ -85,7 +106,31 @@ def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[s
     raise ValueError(f"unknown destination kind {destination.kind!r}")
 
 
-def _send_dicom(destination: Destination, sr, context) -> Outcome:
+def outcome_combined(outcomes: list[Outcome], *, total: int) -> Outcome:
+    """One outcome for the objects of one delivery (the SR's last): the SR's when all
+    succeeded, else the failure retrying can help least (configuration, permanent, transient)."""
+    failures = [o for o in outcomes if not o.ok]
+    if not failures:
+        warnings = "; ".join(o.warning for o in outcomes if o.warning)
+        return replace(outcomes[-1], warning=warnings)
+    order = (OutcomeKind.CONFIG_ERROR, OutcomeKind.PERMANENT, OutcomeKind.TRANSIENT)
+    worst = min(failures, key=lambda o: order.index(o.kind))
+    if total > 1:
+        stored = len(outcomes) - len(failures)
+        worst = replace(worst, message=f"{worst.message} ({stored} of {total} objects stored)")
+    return worst
+
+
+def sop_classes(destination: Destination) -> list[UID]:
+    """What a DICOM destination's association must offer: the SR, and the objects sent beside it."""
+    return (
+        [Comprehensive3DSRStorage]
+        + ([SecondaryCaptureImageStorage] if destination.send_summary_image else [])
+        + ([KeyObjectSelectionDocumentStorage] if destination.send_key_objects else [])
+    )
+
+
+def _send_dicom(destination: Destination, dataset, context) -> Outcome:
     session = context.sessions.get(destination.pk)
     if session is None or not session.is_open:
         ae = destination.application_entity
@@ -95,6 +140,7 @@ def _send_dicom(destination: Destination, sr, context) -> Outcome:
             host=ae.host,
             port=cast(int, ae.port),  # Destination.clean requires the AE to have a port
             called_ae_title=ae.ae_title,
+            sop_class_uids=sop_classes(destination),
             timeout=destination.timeout_seconds,
             tls=dicom_tls.client_tls_args(tls=ae.tls, host=ae.host),
         )
@@ -102,7 +148,7 @@ def _send_dicom(destination: Destination, sr, context) -> Outcome:
         if failure is not None:
             return failure
         context.sessions[destination.pk] = session
-    return session.store(sr)
+    return session.store(dataset)
 
 
 def http_auth(destination: Destination) -> HttpAuth:

@@ -80,8 +80,12 @@ def build_sr(
     *,
     sr_codes: SRCodes = DEFAULT_CODES,
     software_version: str = SOFTWARE_VERSION,
+    summary: Dataset | None = None,
 ) -> Dataset:
     """Build and validate the result SR. Raises SRBuildError (message without patient data).
+
+    `summary`, the Secondary Capture sent with the SR (results/deliver/summary.py), is listed in
+    the SR's Current Requested Procedure Evidence, so the SR references it.
 
     Returns the SR as read back from its validated Part 10 encoding, so what leaves is
     exactly what was checked, and its elements are still raw: C-STORE and STOW-RS pass them
@@ -97,7 +101,8 @@ def build_sr(
     try:
         report = _measurement_report(payload, sources, sr_codes)
         sr = hd.sr.Comprehensive3DSR(
-            evidence=sources,
+            # The summary image sent beside the SR is listed in its evidence: the SR names it.
+            evidence=sources + ([summary] if summary is not None else []),
             content=report,
             series_instance_uid=payload.sr_series_instance_uid,
             series_number=SERIES_NUMBER,

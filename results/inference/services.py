@@ -24,13 +24,17 @@ from results.inference.runtime import (
     session_run,
 )
 from results.inference.volume import (
+    ChosenSeries,
     NoSuitableSeries,
     NotApplicable,
     UnreadablePixels,
     series_choose,
+    slice_indices,
+    volume_load,
     volume_prepare,
     volume_slice_indices,
 )
+from results.key_region import key_region_find
 from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
 from routing.models import Study, StudyState
 
@@ -83,9 +87,16 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
     """
     decision = study.routing_decision()
     models = list(decision.ai_models.filter(enabled=True)) if decision else []
+    shadow = set(decision.shadow_ai_models.values_list("pk", flat=True)) if decision else set()
     outcomes = [_model_infer_guarded(study=study, model=model) for model in models]
-    failed = [r for r in outcomes if r.status == ResultStatus.FAILED]
-    succeeded = [r for r in outcomes if r.status == ResultStatus.SUCCEEDED]
+    for result in outcomes:
+        result.shadow = result.model_id in shadow
+    live = [r for r in outcomes if not r.shadow]
+    # Beside live models, shadow results decide nothing: a failing trial version must not fail
+    # the study. A study routed to shadow models only ends as they did.
+    deciding = live if live else outcomes
+    failed = [r for r in deciding if r.status == ResultStatus.FAILED]
+    succeeded = [r for r in deciding if r.status == ResultStatus.SUCCEEDED]
     if failed:
         to_state = StudyState.FAILED
     elif succeeded:
@@ -99,21 +110,23 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
             transaction.set_rollback(True)
             return []
         for result in outcomes:
-            result.supersedes = result_current(study=study, model_name=result.model_name)
+            result.supersedes = result_current(study=study, model_name=result.model_name, shadow=result.shadow)
             result.save()
         # The transactional outbox: one Delivery row per destination, in this transaction.
+        # Shadow results get none: they are recorded and audited, never delivered.
         deliveries_create(
-            study=study, results=outcomes, rule_ids=[rule["id"] for rule in decision.matched_rules] if decision else []
+            study=study, results=live, rule_ids=[rule["id"] for rule in decision.matched_rules] if decision else []
         )
     logger.info("study %s %s: %s", study.pk, to_state, detail)
     return outcomes
 
 
-def result_current(*, study: Study, model_name: str) -> InferenceResult | None:
-    """The result of `model_name` for `study` that no later result supersedes."""
+def result_current(*, study: Study, model_name: str, shadow: bool = False) -> InferenceResult | None:
+    """The result of `model_name` for `study` that no later result supersedes. Live and shadow
+    results supersede only their own kind, so a version in shadow runs beside the live one."""
     return (
         InferenceResult.objects.current()
-        .filter(study=study, model_name=model_name)
+        .filter(study=study, model_name=model_name, shadow=shadow)
         .order_by("-created_at", "-id")
         .first()
     )
@@ -166,7 +179,30 @@ def model_infer(*, study: Study, model: AIModel) -> InferenceResult:
     except Exception as exc:  # onnxruntime raises its own types for shape/type/runtime errors
         return _fail(result, FailureReason.MODEL_ERROR, f"{type(exc).__name__}: {str(exc)[:300]}")
     result.infer_seconds = time.perf_counter() - prepared_at
-    return outputs_read(result, outputs=outputs, manifest=manifest)
+    result = outputs_read(result, outputs=outputs, manifest=manifest)
+    if result.flagged:
+        region = _key_region(chosen=chosen, indices=indices)
+        if region is not None:
+            result.key_region = region
+    return result
+
+
+KEY_REGION_SLICES = 64
+
+
+def _key_region(*, chosen: ChosenSeries, indices: list[int]) -> dict | None:
+    """The key slice and region box for the summary image (results/key_region.py), looked for
+    only once the model has flagged the study, in at most KEY_REGION_SLICES of the slices it
+    read, at full resolution: bounded memory on a 600-slice series, no cost on clean ones."""
+    picks = [
+        indices[i]
+        for i in slice_indices(count=len(indices), depth=min(len(indices), KEY_REGION_SLICES), sampling="nearest")
+    ]
+    try:
+        volume = volume_load(chosen=chosen, indices=picks)
+    except UnreadablePixels:  # the model read them a moment ago; a file changed meanwhile
+        return None
+    return key_region_find(volume=volume, instance_ids=[chosen.slices[i].instance_id for i in picks])
 
 
 def _model_infer_guarded(*, study: Study, model: AIModel) -> InferenceResult:
@@ -193,6 +229,7 @@ def studies_inferring_stale(*, older_than: timedelta) -> int:
     for study in Study.objects.filter(state=StudyState.INFERRING, state_changed_at__lt=cutoff):
         decision = study.routing_decision()
         models = list(decision.ai_models.all()) if decision else []
+        shadow = set(decision.shadow_ai_models.values_list("pk", flat=True)) if decision else set()
         message = f"inference did not finish within {int(older_than.total_seconds())} s (worker stopped or killed)"
         if not _inference_retried(study):
             study.transition(
@@ -214,9 +251,10 @@ def studies_inferring_stale(*, older_than: timedelta) -> int:
                     model_name=model.name,
                     model_version=model.version,
                     model_sha256=model.sha256,
+                    shadow=model.pk in shadow,
                 )
                 _fail(result, FailureReason.TIMEOUT, message)
-                result.supersedes = result_current(study=study, model_name=model.name)
+                result.supersedes = result_current(study=study, model_name=model.name, shadow=result.shadow)
                 result.save()
         count += 1
     return count

@@ -1,5 +1,17 @@
-"""Results app models, one module per seam: inference (model registry, results), delivery (ledger)."""
+"""Results app models, one module per seam: alerts (channels, rules, their state), inference (model registry, results), delivery (ledger)."""
 
+from results.models.alerts import (
+    AlertChannel,
+    AlertChannelKind,
+    AlertCondition,
+    AlertEvent,
+    AlertEventKind,
+    AlertNotification,
+    AlertRule,
+    AlertState,
+    NotificationState,
+    WebhookFormat,
+)
 from results.models.delivery import (
     AckAction,
     AuthKind,
@@ -20,6 +32,16 @@ from results.models.inference import (
 from results.models.installation import Installation
 
 __all__ = [
+    "AlertChannel",
+    "AlertChannelKind",
+    "AlertCondition",
+    "AlertEvent",
+    "AlertEventKind",
+    "AlertNotification",
+    "AlertRule",
+    "AlertState",
+    "NotificationState",
+    "WebhookFormat",
     "AckAction",
     "AuthKind",
     "Delivery",

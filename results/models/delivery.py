@@ -19,6 +19,8 @@ from django.db.models import Q
 from django.utils import timezone
 
 from results.models.sealed import SealedSecretField, UnreadableSecret
+from routing.models.fields import NameField, PortField
+from routing.validators import validate_host
 
 # Where an HL7 destination's RIS keeps the accession number; results/deliver/hl7.py maps each to
 # its segment and field (tests/test_hl7.py keeps the two lists equal). Kept here so the models
@@ -52,7 +54,7 @@ REQUESTS_PER_SEND = {"fhir": 3, "dicom": 2, "dicomweb": 1, "hl7": 1}
 class Destination(models.Model):
     """Where results go. One row per PACS, DICOMweb server, HL7 receiver or FHIR server."""
 
-    name = models.SlugField(max_length=50, unique=True, help_text="Short name used in the UI, CLI and YAML")
+    name = NameField(max_length=50, unique=True, help_text="Short name used in the UI, CLI and YAML")
     kind = models.CharField(max_length=10, choices=DestinationKind.choices)
     enabled = models.BooleanField(default=True)
     description = models.CharField(max_length=200, blank=True)
@@ -63,6 +65,15 @@ class Destination(models.Model):
     application_entity = models.ForeignKey(
         "routing.ApplicationEntity", null=True, blank=True, on_delete=models.PROTECT, related_name="destinations"
     )
+    # DICOM / DICOMweb: what goes beside the SR, in the same delivery (one ledger row, one retry
+    # schedule); results/deliver/summary.py builds them.
+    send_summary_image = models.BooleanField(
+        default=False,
+        help_text="Also send a Secondary Capture of the key slice with the finding outlined, for viewers without SR",
+    )
+    send_key_objects = models.BooleanField(
+        default=False, help_text="Also send a Key Object Selection flagging the key images, for viewers that show KOS"
+    )
     # DICOMweb / FHIR
     base_url = models.CharField(max_length=300, blank=True, help_text="e.g. https://pacs.example/dicom-web")
     auth = models.CharField(max_length=10, choices=AuthKind.choices, default=AuthKind.NONE)
@@ -71,8 +82,8 @@ class Destination(models.Model):
     # YAML; write-only in the UI; dropped whenever the target or auth changes (TARGET_FIELDS).
     secret = SealedSecretField(blank=True)
     # HL7 v2 over MLLP
-    host = models.CharField(max_length=255, blank=True)
-    port = models.PositiveIntegerField(null=True, blank=True, validators=[MaxValueValidator(65535)])
+    host = models.CharField(max_length=255, blank=True, validators=[validate_host])
+    port = PortField(null=True, blank=True)
     hl7_message_type = models.CharField(
         max_length=7, blank=True, choices=[("ORU^R01", "ORU^R01 result"), ("ORM^O01", "ORM^O01 priority change")]
     )
@@ -108,6 +119,10 @@ class Destination(models.Model):
     circuit_open_until = models.DateTimeField(null=True, blank=True)
     last_success_at = models.DateTimeField(null=True, blank=True)
     last_failure_at = models.DateTimeField(null=True, blank=True)
+    # The last Test button press (staff), kept so Health can say "Test failed 2 min ago: why".
+    last_test_at = models.DateTimeField(null=True, blank=True)
+    last_test_ok = models.BooleanField(null=True, blank=True)
+    last_test_detail = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -152,8 +167,9 @@ class Destination(models.Model):
         if self.kind == DestinationKind.DICOM:
             if not self.application_entity_id:
                 errors["application_entity"] = "A DICOM destination needs the PACS's AE title."
-            elif self.application_entity is None or not (self.application_entity.host and self.application_entity.port):
-                errors["application_entity"] = "That AE title has no host and port to send to."
+            elif self.application_entity is None or self.application_entity.missing_address:
+                missing = self.application_entity.missing_address if self.application_entity else "host and port"
+                errors["application_entity"] = f"That AE title has no {missing} to send to: add it under AE titles."
         if self.kind in (DestinationKind.DICOMWEB, DestinationKind.FHIR):
             try:
                 URLValidator(schemes=["http", "https"])(self.base_url)
@@ -164,16 +180,32 @@ class Destination(models.Model):
         if self.kind == DestinationKind.HL7:
             if not self.host:
                 errors["host"] = "An HL7 destination needs the RIS host."
-            if not self.port:
+            if self.port is None:  # 0 is out of range, which the field's validators say
                 errors["port"] = "An HL7 destination needs the RIS MLLP port."
             if not self.hl7_message_type:
                 errors["hl7_message_type"] = "Choose ORU^R01 or ORM^O01."
             if self.accession_field not in ACCESSION_FIELDS:
                 errors["accession_field"] = f"Use one of {', '.join(ACCESSION_FIELDS)}."
+        if self.kind not in (DestinationKind.DICOM, DestinationKind.DICOMWEB):
+            for option in ("send_summary_image", "send_key_objects"):
+                if getattr(self, option):
+                    errors[option] = "Only DICOM and DICOMweb destinations send images and key objects."
         if self.backoff_cap_seconds < self.backoff_base_seconds:
             errors["backoff_cap_seconds"] = "The cap must be at least the base delay."
         if errors:
             raise ValidationError(errors)
+
+    def delete_blockers(self) -> list[str]:
+        """Why this destination cannot be deleted: rules sending to it, deliveries it holds (the
+        ledger is history: disable the destination instead)."""
+        blockers = []
+        rules = sorted(self.rules.values_list("name", flat=True))
+        if rules:
+            blockers.append(f"routing rule(s) {', '.join(rules)} send to it")
+        deliveries = self.deliveries.count()
+        if deliveries:
+            blockers.append(f"it holds {deliveries} deliver{'y' if deliveries == 1 else 'ies'} (disable it instead)")
+        return blockers
 
     def send_seconds_max(self) -> float:
         """How long one honest send may take: every request it makes, each allowed its timeout
@@ -183,6 +215,25 @@ class Destination(models.Model):
     @property
     def circuit_open(self) -> bool:
         return bool(self.circuit_open_until and self.circuit_open_until > timezone.now())
+
+    @property
+    def circuit_open_until_text(self) -> str:
+        """When the open breaker lets deliveries through again, in local time ("" when closed)."""
+        return f"{timezone.localtime(self.circuit_open_until):%H:%M:%S}" if self.circuit_open else ""
+
+    @property
+    def last_test_failed(self) -> bool:
+        """The last Test failed and no delivery succeeded since."""
+        if self.last_test_ok is not False or self.last_test_at is None:
+            return False
+        return self.last_success_at is None or self.last_test_at > self.last_success_at
+
+    def test_record(self, *, ok: bool, detail: str) -> None:
+        """Keep the outcome of a Test (the Test button) for the dashboard's Health panel."""
+        self.last_test_at, self.last_test_ok, self.last_test_detail = timezone.now(), ok, detail[:500]
+        Destination.objects.filter(pk=self.pk).update(
+            last_test_at=self.last_test_at, last_test_ok=ok, last_test_detail=self.last_test_detail
+        )
 
     def backoff(self, attempts: int, jitter: float) -> timedelta:
         """Delay before attempt `attempts + 1`: exponential, capped, with `jitter` in [0, 1)."""
@@ -243,6 +294,19 @@ class Delivery(models.Model):
 
     def __str__(self) -> str:
         return f"Delivery {self.pk} of result {self.result_id} to {self.destination_id}: {self.state}"
+
+    @property
+    def next_try_at(self):
+        """When a pending delivery is tried next: its own time, or later while its destination's
+        circuit breaker is open (the claim skips those rows). None unless pending."""
+        if self.state != DeliveryState.PENDING:
+            return None
+        held = self.destination.circuit_open_until if self.destination.circuit_open else None
+        return max(self.next_attempt_at, held) if held else self.next_attempt_at
+
+    @property
+    def held_by_breaker(self) -> bool:
+        return self.state == DeliveryState.PENDING and self.next_try_at != self.next_attempt_at
 
 
 class DeliveryAttempt(models.Model):

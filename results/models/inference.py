@@ -83,6 +83,10 @@ class InferenceResultQuerySet(models.QuerySet):
         """Results not superseded by a re-run: the ones that count."""
         return self.filter(superseded_by__isnull=True)
 
+    def live(self) -> InferenceResultQuerySet:
+        """Results that are delivered: not run in shadow mode."""
+        return self.filter(shadow=False)
+
 
 class InferenceResult(models.Model):
     study = models.ForeignKey("routing.Study", on_delete=models.CASCADE, related_name="inference_results")
@@ -105,6 +109,13 @@ class InferenceResult(models.Model):
     # Internal Instance ids of the slices the model actually read (it samples a series): the SR
     # cites these as the evaluated images. Empty for results made before this field existed.
     evaluated_instances = models.JSONField(default=list, blank=True)
+    # Where the finding is, for the summary image and the key object selection: {"instance": id,
+    # "bbox": [row0, col0, row1, col1] (inclusive, in that instance's pixels), "pixels": n}.
+    # Found by our code in the volume the model read (results/inference/key_region.py), whatever
+    # the model's outputs; empty when the result is not flagged or no dense region was found.
+    key_region = models.JSONField(default=dict, blank=True)
+    # Shadow mode: inferred, recorded and audited, never delivered (the rule ran the model in shadow).
+    shadow = models.BooleanField(default=False)
     load_seconds = models.FloatField(null=True, blank=True)
     preprocess_seconds = models.FloatField(null=True, blank=True)
     infer_seconds = models.FloatField(null=True, blank=True)
@@ -134,7 +145,11 @@ class InferenceResult(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["study", "model_name", "created_at"])]
+        indexes = [
+            models.Index(fields=["study", "model_name", "created_at"]),
+            # The alert rules' windows (model failure rate, flagged share) read the last hours only.
+            models.Index(fields=["created_at"], name="result_created_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"Result {self.pk} for study {self.study_id}: {self.status}"
@@ -150,9 +165,10 @@ class InferenceResult(models.Model):
         return not InferenceResult.objects.filter(supersedes=self).exists()
 
     def summary(self) -> str:
+        shadow = " (shadow)" if self.shadow else ""
         if self.status == ResultStatus.SUCCEEDED:
             flag = "FLAGGED" if self.flagged else "not flagged"
-            return f"{self.model_name} {self.model_version}: score {self.score:.3f}, {flag}"
+            return f"{self.model_name} {self.model_version}{shadow}: score {self.score:.3f}, {flag}"
         if self.status == ResultStatus.NOT_APPLICABLE:
             return f"{self.model_name} {self.model_version}: not applicable ({self.message})"
         return f"{self.model_name} {self.model_version}: failed, {self.failure_reason} ({self.message})"

@@ -1,6 +1,8 @@
 """Routing app models, one module per seam: core (AE titles, studies, timeline), rules (routing),
-pull (poll sources, polls, retrieves, STOW-RS senders)."""
+pull (poll sources, polls, retrieves, STOW-RS senders), audit and access_audit (the audit log,
+and the receivers that audit every change of users, groups, permissions and tokens)."""
 
+from routing.models import access_audit  # noqa: F401  (connects the access-change receivers)
 from routing.models.audit import AuditAction, AuditEntry
 from routing.models.core import (
     ApplicationEntity,

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from pacslens.client_address import client_address
 
-SECRET_FIELDS = {"secret", "token_hash", "password"}
+SECRET_FIELDS = {"secret", "token_hash", "password", "webhook_url"}
 MASK = "********"
 
 
@@ -35,6 +35,8 @@ class AuditAction(models.TextChoices):
     LOGIN_FAILED = "login_failed", "Failed login"
     VIEW_AUDIT = "view_audit", "Viewed the triage audit"
     EXPORT_AUDIT = "export_audit", "Exported the triage audit"
+    # Users, groups, memberships, permissions, tokens (routing/models/access_audit.py).
+    ACCESS = "access", "Changed access"
 
 
 class AuditEntry(models.Model):
@@ -90,7 +92,9 @@ class AuditEntry(models.Model):
         """(field, before, after) for each field whose value differs."""
         before, after = self.before or {}, self.after or {}
         return [
-            (k, before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
+            (k, _shown(before.get(k)), _shown(after.get(k)))
+            for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)
         ]
 
 
@@ -108,6 +112,14 @@ def config_snapshot(obj: models.Model) -> dict:
         else:
             snapshot[key] = str(value)
     return snapshot
+
+
+def _shown(value: object) -> object:
+    """A snapshot value as staff typed it: a list's items joined, not Python's repr of the list
+    (which doubles every backslash of a DICOM multi-value such as HEAD\\BRAIN)."""
+    if isinstance(value, list):
+        return "; ".join(str(item) for item in value) or "(none)"
+    return value
 
 
 def _remote_addr(request) -> str | None:

@@ -17,7 +17,8 @@ from django.db import DatabaseError, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from routing.validators import validate_ae_title
+from routing.models.fields import PortField
+from routing.validators import validate_ae_title, validate_host
 
 if TYPE_CHECKING:
     from routing.models.rules import RoutingDecision
@@ -65,8 +66,8 @@ class ApplicationEntity(models.Model):
     ]
 
     ae_title = models.CharField(max_length=16, unique=True, validators=[validate_ae_title])
-    host = models.CharField(max_length=255, blank=True, help_text="Host name or IP address")
-    port = models.PositiveIntegerField(null=True, blank=True)
+    host = models.CharField(max_length=255, blank=True, validators=[validate_host], help_text="Host name or IP address")
+    port = PortField(null=True, blank=True)
     description = models.CharField(max_length=200, blank=True)
     enabled = models.BooleanField(default=True)
     may_send = models.BooleanField(
@@ -112,6 +113,23 @@ class ApplicationEntity(models.Model):
                 {"host": "A node that may send to us needs its host: the listener checks associations come from it."}
             )
 
+    @property
+    def missing_address(self) -> str:
+        """What PacsLens lacks to connect to this node ("host", "port", "host and port"), or ""."""
+        return " and ".join(part for part in ("host", "port") if not getattr(self, part))
+
+    def delete_blockers(self) -> list[str]:
+        """Why this node cannot be deleted: what still points at it (empty: nothing does)."""
+        blockers = []
+        # Reverse relations by name: results' Destination refers to us, we never import it.
+        destinations = sorted(self.destinations.values_list("name", flat=True))
+        if destinations:
+            blockers.append(f"result destination(s) {', '.join(destinations)} send to it")
+        sources = sorted(self.pollsource_set.values_list("name", flat=True))
+        if sources:
+            blockers.append(f"poll source(s) {', '.join(sources)} query it")
+        return blockers
+
     def certificate_accepted(self, names: set[str]) -> bool:
         """Whether a client certificate with these names (CN and DNS subjectAltNames) may speak for this AE."""
         if not self.tls_certificate_name:
@@ -129,6 +147,10 @@ class StudyState(models.TextChoices):
     DELIVERING = "delivering", "Delivering"
     DELIVERED = "delivered", "Delivered"
     FAILED = "failed", "Failed"
+    # Settled without every delivery succeeding: staff discarded at least one (and none failed).
+    # Not `delivered` (README's rule: delivered means every delivery succeeded) and not `failed`
+    # (nothing is left for staff to do; its files follow the retention rule of settled studies).
+    CLOSED = "closed", "Closed (discarded)"
 
 
 class Priority(models.IntegerChoices):
@@ -145,6 +167,16 @@ class StudyManager(models.Manager["Study"]):
         if study is None and value.isdigit():
             study = self.filter(pk=int(value)).first()
         return study
+
+    def by_reference(self, value: str) -> list[Study]:
+        """The studies staff mean by `value`: a Study Instance UID, an accession number (several
+        studies may share one) or an internal id, in that order; newest first."""
+        value = value.strip()
+        for lookup in ({"study_instance_uid": value}, {"accession_number": value}):
+            studies = list(self.filter(**lookup).order_by("-first_received_at", "-id")) if value else []
+            if studies:
+                return studies
+        return list(self.filter(pk=int(value))) if value.isdigit() else []
 
 
 class Study(models.Model):
@@ -260,6 +292,12 @@ class StoreAssociation(models.Model):
     ended_at = models.DateTimeField(null=True, blank=True)
     released_normally = models.BooleanField(default=False)
     instances_received = models.PositiveIntegerField(default=0)
+    # When a worker was asked to check its studies for completion, the release grace after it
+    # ended (pacslens/ops/due_wake.py); null while that is still to come.
+    completion_checked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["completion_checked_at", "ended_at"], name="assoc_completion_due")]
 
     def __str__(self) -> str:
         return f"Association {self.pk} from {self.calling_ae_title}"

@@ -16,12 +16,14 @@ import secrets
 from datetime import datetime, timedelta
 
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+from routing.models.access_audit import access_change_record, access_snapshot
 from routing.models.core import ApplicationEntity, Study
+from routing.models.fields import NameField
 from routing.validators import validate_ae_title
 
 
@@ -72,7 +74,7 @@ class PollSource(models.Model):
         C_MOVE = "c-move", "C-MOVE to our listener"
         C_GET = "c-get", "C-GET on the query association"
 
-    name = models.SlugField(max_length=50, unique=True)
+    name = NameField(max_length=50, unique=True)
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.DIMSE)
     enabled = models.BooleanField(default=True)
     pacs = models.ForeignKey(
@@ -204,6 +206,7 @@ class StudyRetrieve(models.Model):
         RETRIEVING = "retrieving", "Retrieving"
         DONE = "done", "Done"
         FAILED = "failed", "Failed (no more automatic retries)"
+        DISCARDED = "discarded", "Discarded by staff"
 
     source = models.ForeignKey(PollSource, on_delete=models.CASCADE, related_name="retrieves")
     study_instance_uid = models.CharField(max_length=64)
@@ -223,8 +226,14 @@ class StudyRetrieve(models.Model):
     found_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    discarded_by = models.CharField(max_length=150, blank=True)
+    discard_reason = models.TextField(blank=True)
 
     class Meta:
+        permissions = [
+            ("retry_studyretrieve", "Can retry a failed retrieve"),
+            ("discard_studyretrieve", "Can discard a failed retrieve"),
+        ]
         constraints = [
             models.UniqueConstraint(fields=["source", "study_instance_uid"], name="studyretrieve_once_per_source")
         ]
@@ -304,7 +313,17 @@ class StowSender(models.Model):
         return sender
 
     def revoke(self, *, now: datetime | None = None) -> bool:
-        return bool(StowSender.objects.filter(pk=self.pk, revoked_at=None).update(revoked_at=now or timezone.now()))
+        now = now or timezone.now()
+        with transaction.atomic():
+            if not StowSender.objects.filter(pk=self.pk, revoked_at=None).update(revoked_at=now):
+                return False
+            # A compare-and-set UPDATE sends no post_save: audit it here (access_audit.py audits the rest).
+            before = access_snapshot(self)
+            self.revoked_at = now
+            access_change_record(
+                obj=self, before=before, after=access_snapshot(self), detail="stow sender token revoked"
+            )
+        return True
 
 
 class Backfill(models.Model):

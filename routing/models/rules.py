@@ -127,6 +127,18 @@ class RoutingRule(models.Model):
         default=True, help_text="When this rule matches, later rules are not considered"
     )
     ai_models = models.ManyToManyField("results.AIModel", blank=True, related_name="routing_rules")
+    # Shadow mode: the rule's models run and their results are recorded and audited, but nothing
+    # is delivered. `shadow_ai_models` run in shadow beside the live ones (a new model version
+    # tried on the same studies as the current one).
+    shadow = models.BooleanField(
+        default=False, help_text="Shadow mode: run the models and record the results, deliver nothing"
+    )
+    shadow_ai_models = models.ManyToManyField(
+        "results.AIModel",
+        blank=True,
+        related_name="shadow_routing_rules",
+        help_text="Models run in shadow beside the live ones: recorded, never delivered",
+    )
     # Result destinations are added by the delivery issue as a ManyToManyField here
     # (`destinations`), exported/imported next to `models` in the YAML section.
     created_at = models.DateTimeField(auto_now_add=True)
@@ -137,6 +149,11 @@ class RoutingRule(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def delete_blockers(self) -> list[str]:
+        """Why this rule cannot be deleted: destinations still chosen for it (untick them first)."""
+        destinations = sorted(self.destinations.values_list("name", flat=True))
+        return [f"it sends results to destination(s) {', '.join(destinations)}"] if destinations else []
 
 
 class RuleCondition(models.Model):
@@ -156,7 +173,8 @@ class RuleCondition(models.Model):
     def __str__(self) -> str:
         if self.operator in VALUELESS_OPERATORS:
             return f"{self.attribute} {self.get_operator_display()}"
-        return f"{self.attribute} {self.get_operator_display()} {self.value!r}"
+        # As typed: repr() would double DICOM's backslash separator (HEAD\\BRAIN).
+        return f"{self.attribute} {self.get_operator_display()} '{self.value}'"
 
     def save(self, *args, **kwargs) -> None:
         # Validated on every save, not only in forms: a bad regex must never reach the matcher.
@@ -181,6 +199,8 @@ class RoutingDecision(models.Model):
     # Names and ids as they were: rules are edited and deleted, the decision must still read true.
     matched_rules = models.JSONField(default=list, help_text='[{"id": 1, "name": "CT head"}]')
     ai_models = models.ManyToManyField("results.AIModel", blank=True, related_name="routing_decisions")
+    # Those of `ai_models` that run in shadow: no matched rule runs them live.
+    shadow_ai_models = models.ManyToManyField("results.AIModel", blank=True, related_name="shadow_routing_decisions")
     priority = models.SmallIntegerField(choices=Priority.choices, default=Priority.ROUTINE)
     reason = models.TextField(help_text="Why: the matching rules, or why no rule matched")
 

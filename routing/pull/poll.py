@@ -252,6 +252,18 @@ def retrieves_run(
     return succeeded, len(claimed) - succeeded
 
 
+def retrieve_run_one(retrieve_id: int) -> bool:
+    """Task enqueued when staff retry a failed retrieve (routing/pull/failed.py): run it now rather
+    than at the source's next poll, which may be far off or failing. The claim in retrieves_run
+    makes a duplicate task harmless."""
+    record = StudyRetrieve.objects.filter(pk=retrieve_id, state=StudyRetrieve.State.PENDING).first()
+    if record is None:
+        return False
+    source = PollSource.objects.select_related("pacs").get(pk=record.source_id)
+    succeeded, _ = retrieves_run(source=source, limit=1, study_instance_uids=[record.study_instance_uid])
+    return succeeded == 1
+
+
 def retrieve(*, record: StudyRetrieve, source: PollSource) -> RetrieveOutcome:
     """Retrieve one claimed study, record the outcome, and complete the study on success."""
     association = None

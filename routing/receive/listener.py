@@ -241,6 +241,7 @@ class DicomListener:
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self._allow_list: dict[str, ApplicationEntity] = {}
         self._allow_list_read_at = 0.0
+        self._host_addresses: dict[str, frozenset[str]] = {}
         self._lock = threading.Lock()
         self.speedups = False  # whether our pynetdicom receive path (and its PDU limits) is installed
 
@@ -441,10 +442,17 @@ class DicomListener:
                 self._allow_list = {
                     ae.ae_title: ae for ae in ApplicationEntity.objects.filter(enabled=True, may_send=True)
                 }
+                self._host_addresses = {}  # names are looked up again with the list (DNS may have moved)
                 self._allow_list_read_at = time.monotonic()
             sender = self._allow_list.get(calling)
-        if sender and sender.check_peer_ip and not _same_host(sender.host, address):
-            return None
+            if sender and sender.check_peer_ip:
+                # Every C-STORE asks again (the list may have changed); the name's addresses are
+                # resolved once per list read, not once per instance.
+                addresses = self._host_addresses.get(sender.host)
+                if addresses is None:
+                    addresses = self._host_addresses[sender.host] = _host_addresses(sender.host)
+                if address not in addresses:
+                    return None
         return sender
 
     def refresh_allow_list(self) -> None:
@@ -479,11 +487,12 @@ def _partial_receive_remove(assoc) -> None:
         logger.debug("cannot remove a partial receive file", exc_info=True)
 
 
-def _same_host(configured: str, address: str) -> bool:
+def _host_addresses(configured: str) -> frozenset[str]:
+    """The addresses a configured host name (or address) stands for; none when it does not resolve."""
     try:
-        return address in {info[4][0] for info in socket.getaddrinfo(configured, None)}
+        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(configured, None))
     except OSError:
-        return False
+        return frozenset()
 
 
 def listener_endpoints(tls_mode: str, port: int, tls_port: int | None) -> list[tuple[int, bool]]:

@@ -38,6 +38,11 @@ _IMAGE_TAGS = {0x00280002: 0, 0x00280008: 1, 0x00280010: 2, 0x00280011: 3, 0x002
 
 
 _PIXEL_TAGS = {0x7FE00008, 0x7FE00009, PIXEL_DATA}
+# Elements the fast loop leaves to the general step: they are counted or measured, not only skipped.
+_NOTED_TAGS = frozenset(_PIXEL_TAGS | set(_IMAGE_TAGS))
+_EXPLICIT_LE_HEAD = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length
+_IMPLICIT_LE_HEAD = struct.Struct("<HHI")  # group, element, 4-byte length
+_LE_U32 = struct.Struct("<I")
 
 
 class StructureError(ValueError):
@@ -145,6 +150,7 @@ class _Walk:
         self.tag_struct = struct.Struct(">HH" if big else "<HH")
         self.u16 = struct.Struct(">H" if big else "<H")
         self.u32 = struct.Struct(">I" if big else "<I")
+        self.little = not big
 
     def run(self, pos: int) -> None:
         size = len(self.data)
@@ -156,6 +162,12 @@ class _Walk:
                 continue
             if pos + 8 > (frame.end if frame.end is not None else size):
                 raise StructureError(f"cut short at byte {pos} (an element needs 8 bytes, {size - pos} left)")
+            if frame.kind == "dataset" and self.little:
+                pos = self.plain_elements_skip(pos, frame, size)
+                if frame.end is not None and pos == frame.end:
+                    continue
+                if pos + 8 > (frame.end if frame.end is not None else size):
+                    raise StructureError(f"cut short at byte {pos} (an element needs 8 bytes, {size - pos} left)")
             tag, vr, length, value_at = self.element(pos, frame.implicit)
             if frame.kind == "dataset":
                 if tag == ITEM_END and frame.end is None:
@@ -225,6 +237,45 @@ class _Walk:
         if top and tag == PIXEL_DATA and self.syntax in NATIVE_SYNTAXES:
             self.pixel_length_check(length)
         return end
+
+    def plain_elements_skip(self, pos: int, frame: _Frame, size: int) -> int:
+        """Step over a run of plain elements of a little-endian data set; where the general step must look.
+
+        The same checks as dataset_element, inlined for the common case (most of a header: short
+        text and numbers of defined length). It stops, without judging, at anything else: a
+        sequence, an undefined length, an item tag, an element out of order, an image attribute,
+        Pixel Data, a VR it does not know, a value that runs past its end; the general step then
+        walks or reports that element. A CT header is about 60 elements: this loop is what keeps
+        the check to tens of microseconds per instance.
+        """
+        data, limit, last = self.data, frame.end if frame.end is not None else size, frame.last_tag
+        implicit = frame.implicit
+        head = _IMPLICIT_LE_HEAD if implicit else _EXPLICIT_LE_HEAD
+        while pos + 8 <= limit:
+            if implicit:
+                group, element, length = head.unpack_from(data, pos)
+                at, vr = pos + 8, b""
+            else:
+                group, element, vr, length = head.unpack_from(data, pos)
+                if vr in LONG_VRS:
+                    if vr == b"SQ" or vr == b"UN" or pos + 12 > limit:
+                        break
+                    (length,) = _LE_U32.unpack_from(data, pos + 8)
+                    at = pos + 12
+                elif vr in VRS:
+                    at = pos + 8
+                else:
+                    break
+            tag = group << 16 | element
+            if tag <= last or group == 0xFFFE or length == UNDEFINED or tag in _NOTED_TAGS or at + length > limit:
+                break
+            fixed = _FIXED_SIZE.get(vr)
+            if fixed and length % fixed:
+                break
+            last = tag
+            pos = at + length
+        frame.last_tag = last
+        return pos
 
     def element(self, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:
         group, element = self.tag_struct.unpack_from(self.data, pos)

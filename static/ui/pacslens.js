@@ -1,3 +1,6 @@
+// Loaded in <head>, not deferred: the class hides what only a browser without JavaScript needs
+// (e.g. the destination form's "Show the fields" button) before the page is first painted.
+document.documentElement.classList.add("js");
 // htmx does not swap 4xx/5xx answers: say so instead of leaving a click without effect.
 document.addEventListener("htmx:responseError", function (event) {
   var status = event.detail.xhr.status;

@@ -62,6 +62,8 @@ def staff_groups_ensure() -> None:
     if Group.objects.filter(name__in=GROUP_OF_ROLE.values()).count() < len(GROUP_OF_ROLE):
         migration = importlib.import_module("routing.migrations.0004_audit_entry_staff_groups")
         migration.create_staff_groups(apps, None)
+        importlib.import_module("results.migrations.0008_pacs_admins_see_failure_queue").grant_queue_view(apps, None)
+        importlib.import_module("results.migrations.0012_alert_roles_default_rules").grant_permissions(apps, None)
 
 
 def make_user(role: str) -> User:

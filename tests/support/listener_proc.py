@@ -82,21 +82,39 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-def template_db_create(folder: Path, calling_ae_titles: Sequence[str] = DEFAULT_CALLING_AE_TITLES) -> Path:
-    """Migrate a database once in `folder`, allow-list `calling_ae_titles`, return the DB file."""
+def template_db_create(
+    folder: Path, calling_ae_titles: Sequence[str] = DEFAULT_CALLING_AE_TITLES, repo: Path = REPO
+) -> Path:
+    """Migrate a database once in `folder`, allow-list `calling_ae_titles`, return the DB file.
+
+    `repo`: the checkout whose migrations make the schema (the benchmark's --against baseline)."""
     folder.mkdir(parents=True, exist_ok=True)
-    database_migrate(base_env(folder), calling_ae_titles)
+    database_migrate(base_env(folder), calling_ae_titles, repo=repo)
     db = folder / DB_NAME
     with sqlite3.connect(db) as conn:  # fold the WAL into the main file so one file copy is complete
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return db
 
 
-def database_migrate(env: Mapping[str, str], calling_ae_titles: Sequence[str] = DEFAULT_CALLING_AE_TITLES) -> None:
+def database_migrate(
+    env: Mapping[str, str], calling_ae_titles: Sequence[str] = DEFAULT_CALLING_AE_TITLES, repo: Path = REPO
+) -> None:
     """Migrate the database `env` points at and allow-list `calling_ae_titles`, in a subprocess."""
     subprocess.run(
-        [PYTHON, "-c", _TEMPLATE_SCRIPT, *calling_ae_titles], cwd=REPO, env=dict(env), check=True, timeout=300
+        [checkout_python(repo), "-c", _TEMPLATE_SCRIPT, *calling_ae_titles],
+        cwd=repo,
+        env=dict(env),
+        check=True,
+        timeout=300,
     )
+
+
+def checkout_python(repo: Path) -> str:
+    """The Python that runs `repo`'s code: this one, or another checkout's own virtualenv."""
+    if repo == REPO:
+        return PYTHON
+    venv = repo / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else PYTHON
 
 
 def data_dir_create(folder: Path, template_db: Path) -> Path:
@@ -117,6 +135,7 @@ class ListenerProcess:
     host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     log_path: Path | None = None
+    repo: Path = REPO  # the checkout whose listener runs (another one: the benchmark's baseline)
 
     @property
     def db_path(self) -> Path:
@@ -128,10 +147,11 @@ class ListenerProcess:
         assert self.process is None or self.process.poll() is not None, "already running"
         self.log_path = self.data_dir / "listener.log"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
-        cmd = [PYTHON, "manage.py", "dicom_listener", "--port", str(self.port), "--processes", str(self.processes)]
+        cmd = [checkout_python(self.repo), "manage.py", "dicom_listener", "--port", str(self.port)]
+        cmd += ["--processes", str(self.processes)]
         # Own process group: a SIGKILL "crash" takes the forked workers down with the supervisor.
         self.process = subprocess.Popen(
-            cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=self.repo, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
         self.wait_ready(timeout)

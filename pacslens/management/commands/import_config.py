@@ -5,7 +5,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from pacslens.site_config.document import ConfigError, config_import
+from pacslens.site_config.document import ConfigError, config_import, config_warnings
 
 
 class Command(BaseCommand):
@@ -27,6 +27,8 @@ class Command(BaseCommand):
             raise CommandError(
                 f"{file}: {len(exc.problems)} problem(s), nothing was changed:\n  " + "\n  ".join(exc.problems)
             ) from None
+        for warning in config_warnings(text):
+            self.stderr.write(f"warning: {warning}")
         for section, counts in summary.items():
             self.stdout.write(
                 f"{section}: {counts['created']} created, {counts['updated']} updated, {counts['deleted']} deleted"

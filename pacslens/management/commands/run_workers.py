@@ -16,6 +16,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django_q.cluster import Cluster
 
+from pacslens.ops.due_wake import DueWakeThread
 from pacslens.ops.heartbeat import HeartbeatThread
 from pacslens.ops.schedules import schedules_ensure
 from routing.models import HeartbeatRole
@@ -38,6 +39,9 @@ class Command(BaseCommand):
             detail={"workers": cluster_workers()},
         )
         heartbeat.start()
+        # Due retries and release graces start on time, not at the scheduler's next ~30 s look.
+        due_wake = DueWakeThread()
+        due_wake.start()
         while not self.shutdown:
             time.sleep(0.5)
             if self.shutdown:
@@ -45,6 +49,7 @@ class Command(BaseCommand):
             if not cluster.sentinel.is_alive():
                 self.stderr.write("worker cluster died; exiting so the supervisor restarts it")
                 sys.exit(1)
+        due_wake.stop()
         heartbeat.stop()
         if cluster.sentinel.is_alive():
             cluster.stop()

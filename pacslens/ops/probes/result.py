@@ -23,6 +23,10 @@ class ProbeResult:
     def took(self) -> str:
         return f"{self.seconds * 1000:.0f} ms"
 
+    def in_words(self) -> str:
+        """One line for a person: what was found, the peer's code and why (as the Test button shows it)."""
+        return " · ".join(part for part in (self.summary, self.code, self.reason) if part)[:500]
+
     def audit_text(self) -> str:
         return f"{'ok' if self.ok else 'failed'} {self.code} {self.reason or self.summary}".strip()[:500]
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from django.http import HttpResponse
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from pacslens.ops.probes import probe_destination
 from pacslens.staff.forms import DestinationForm
 from pacslens.staff.views.access import actor, staff_view
-from pacslens.staff.views.config import config_edit, config_toggle
-from pacslens.staff.views.endpoints import endpoint_list
+from pacslens.staff.views.config import config_delete, config_edit, config_toggle
+from pacslens.staff.views.endpoints import endpoint_list, render_probe
 from results.models import Destination
 from results.models.sealed import SECRET_UNREADABLE
 from routing.models import AuditAction, AuditEntry
@@ -36,6 +36,14 @@ def destination_toggle(request, pk: int) -> HttpResponse:
     return endpoint_list(request)
 
 
+@staff_view("results.delete_destination")
+def destination_delete(request, pk: int) -> HttpResponse:
+    destination = get_object_or_404(Destination, pk=pk)
+    return config_delete(
+        request, obj=destination, title="Destination", success_url=reverse("endpoint_list"), nav="endpoints"
+    )
+
+
 @staff_view("results.change_destination")
 @require_POST
 def destination_test(request, pk: int) -> HttpResponse:
@@ -49,6 +57,7 @@ def destination_test(request, pk: int) -> HttpResponse:
         problem = f"Configuration error: {SECRET_UNREADABLE}."
     if not problem:
         result = probe_destination(destination)
+    destination.test_record(ok=bool(result and result.ok), detail=result.in_words() if result else problem)
     AuditEntry.record(
         actor=actor(request),
         action=AuditAction.TEST,
@@ -58,4 +67,4 @@ def destination_test(request, pk: int) -> HttpResponse:
         request=request,
     )
     what = {"dicom": "C-ECHO", "hl7": "MLLP connect"}.get(destination.kind, "HTTP probe")
-    return render(request, "endpoints/probe.html", {"result": result, "problem": problem, "what": what})
+    return render_probe(request, obj=destination, result=result, problem=problem, what=what)

@@ -10,10 +10,10 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from pacslens.ops.assess import node_assess
-from pacslens.ops.probes import probe_dicom_echo, probe_http
+from pacslens.ops.probes import ProbeResult, probe_dicom_echo, probe_http
 from pacslens.staff.forms import ApplicationEntityForm, PollSourceForm
 from pacslens.staff.views.access import actor, render_page, staff_view
-from pacslens.staff.views.config import config_edit, config_toggle
+from pacslens.staff.views.config import config_delete, config_edit, config_toggle
 from results.models import Destination
 from routing.models import (
     ApplicationEntity,
@@ -60,14 +60,20 @@ def ae_toggle(request, pk: int) -> HttpResponse:
     return endpoint_list(request)
 
 
+@staff_view("routing.delete_applicationentity")
+def ae_delete(request, pk: int) -> HttpResponse:
+    entity = get_object_or_404(ApplicationEntity, pk=pk)
+    return config_delete(request, obj=entity, title="AE title", success_url=reverse("endpoint_list"), nav="endpoints")
+
+
 @staff_view("routing.change_applicationentity")
 @require_POST
 def ae_test(request, pk: int) -> HttpResponse:
     """C-ECHO the node from our AE title; the answer replaces the row's result cell."""
     entity = get_object_or_404(ApplicationEntity, pk=pk)
-    if not (entity.host and entity.port):
+    if entity.missing_address or entity.port is None:
         result = None
-        problem = "This AE title has no host and port: PacsLens cannot connect to it."
+        problem = f"This AE title has no {entity.missing_address}: edit it to add one, then test again."
     else:
         result = probe_dicom_echo(host=entity.host, port=entity.port, called_ae_title=entity.ae_title, tls=entity.tls)
         problem = ""
@@ -79,7 +85,7 @@ def ae_test(request, pk: int) -> HttpResponse:
         detail=result.audit_text() if result else problem,
         request=request,
     )
-    return render(request, "endpoints/probe.html", {"result": result, "problem": problem, "what": "C-ECHO"})
+    return render_probe(request, obj=entity, result=result, problem=problem, what="C-ECHO")
 
 
 # Per probe: an assessment runs about ten probes in the request, so keep each short enough that
@@ -88,20 +94,22 @@ ASSESS_PROBE_TIMEOUT = 2.0
 
 
 @staff_view("routing.change_applicationentity")
-@require_POST
 def ae_assess(request, pk: int) -> HttpResponse:
-    """The integration assessment of `manage.py assess`, inline: what this node supports, nothing stored in it."""
+    """The integration assessment of `manage.py assess` on its own page (the report is wide and
+    long): GET offers the button, POST runs it; nothing is stored in the node."""
     entity = get_object_or_404(ApplicationEntity, pk=pk)
-    report = node_assess(node=entity.ae_title, timeout=ASSESS_PROBE_TIMEOUT)
-    AuditEntry.record(
-        actor=actor(request),
-        action=AuditAction.TEST,
-        obj=entity,
-        object_repr=str(entity),
-        detail="integration assessment",
-        request=request,
-    )
-    return render(request, "endpoints/assessment.html", {"report": report.as_text()})
+    context = {"nav": "endpoints", "entity": entity, "report": None}
+    if request.method == "POST" and not entity.missing_address:
+        context["report"] = node_assess(node=entity.ae_title, timeout=ASSESS_PROBE_TIMEOUT).as_text()
+        AuditEntry.record(
+            actor=actor(request),
+            action=AuditAction.TEST,
+            obj=entity,
+            object_repr=str(entity),
+            detail="integration assessment",
+            request=request,
+        )
+    return render_page(request, "endpoints/assessment.html", context, fragment="report")
 
 
 @staff_view("routing.view_pollsource", "routing.change_pollsource", "routing.add_pollsource")
@@ -127,8 +135,10 @@ def poll_source_test(request, pk: int) -> HttpResponse:
     problem, result = "", None
     if source.kind == PollSource.Kind.DIMSE:
         pacs = source.pacs
-        if pacs is None or not (pacs.host and pacs.port):
-            problem = "The source's PACS has no host and port."
+        if pacs is None:
+            problem = "The source has no PACS: choose its AE title."
+        elif pacs.missing_address or pacs.port is None:
+            problem = f"The source's PACS ({pacs.ae_title}) has no {pacs.missing_address}: edit its AE title."
         else:
             result = probe_dicom_echo(host=pacs.host, port=pacs.port, called_ae_title=pacs.ae_title, tls=pacs.tls)
     else:
@@ -147,4 +157,11 @@ def poll_source_test(request, pk: int) -> HttpResponse:
         detail=result.audit_text() if result else problem,
         request=request,
     )
-    return render(request, "endpoints/probe.html", {"result": result, "problem": problem, "what": "Test"})
+    return render_probe(request, obj=source, result=result, problem=problem, what="Test")
+
+
+def render_probe(request, *, obj, result: ProbeResult | None, problem: str, what: str) -> HttpResponse:
+    """A Test button's answer: the result cell for htmx, a whole page without JavaScript."""
+    context = {"result": result, "problem": problem, "what": what, "tested": obj, "nav": "endpoints"}
+    template = "endpoints/probe.html" if request.htmx else "endpoints/probe_page.html"
+    return render(request, template, context)

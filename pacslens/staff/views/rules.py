@@ -13,18 +13,21 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from pacslens.staff.forms import DryRunForm, RoutingRuleForm, RuleConditionFormSet
 from pacslens.staff.views.access import actor, render_page, staff_view
-from pacslens.staff.views.config import config_toggle
+from pacslens.staff.views.config import config_delete, config_toggle
 from routing.models import AuditAction, AuditEntry, RoutingRule, Study
 from routing.models.audit import config_snapshot
 from routing.rules import study_explain_routing
 
 DRY_RUN_STUDIES = 5
+UNKNOWN_STUDY = "No study has this accession number, Study UID or id."
 POSITION_STEP = 10
 
 
 @staff_view("routing.view_routingrule")
 def rule_list(request) -> HttpResponse:
-    rules = RoutingRule.objects.prefetch_related("conditions", "ai_models", "destinations").order_by("position", "id")
+    rules = RoutingRule.objects.prefetch_related(
+        "conditions", "ai_models", "shadow_ai_models", "destinations"
+    ).order_by("position", "id")
     return render_page(request, "rules/list.html", {"nav": "rules", "rules": rules}, fragment="table")
 
 
@@ -67,6 +70,14 @@ def rule_toggle(request, pk: int) -> HttpResponse:
     return _list_or_redirect(request)
 
 
+@staff_view("routing.delete_routingrule")
+def rule_delete(request, pk: int) -> HttpResponse:
+    rule = get_object_or_404(RoutingRule, pk=pk)
+    return config_delete(
+        request, obj=rule, title="Routing rule", success_url=reverse("rule_list"), nav="rules", snapshot=rule_snapshot
+    )
+
+
 @staff_view("routing.change_routingrule")
 @require_POST
 def rule_move(request, pk: int) -> HttpResponse:
@@ -101,9 +112,11 @@ def rule_dry_run(request) -> HttpResponse:
     form = DryRunForm(request.GET or None)
     studies: list[Study] = []
     if form.is_valid() and form.cleaned_data.get("study"):
-        studies = list(Study.objects.filter(pk=form.cleaned_data["study"]))
+        studies = Study.objects.by_reference(form.cleaned_data["study"])[:DRY_RUN_STUDIES]
         if not studies:
-            form.add_error("study", "No study has this id.")
+            form.add_error("study", UNKNOWN_STUDY)
+    elif form.is_bound and not form.is_valid():
+        form.errors["study"] = form.error_class([UNKNOWN_STUDY])
     else:
         studies = list(Study.objects.order_by("-first_received_at", "-id")[:DRY_RUN_STUDIES])
     explanations = [study_explain_routing(study=study) for study in studies]

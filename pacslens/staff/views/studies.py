@@ -14,15 +14,16 @@ from pacslens.staff.forms import StudyFilterForm
 from pacslens.staff.views.access import render_page, staff_view
 from results.models import Delivery, InferenceResult
 from routing.models import Study, StudyState
+from routing.pull.failed import retrieves_failed
 
 PAGE_SIZE = 25
 # States in which the study page keeps refreshing itself: something is still going to happen.
+# Not INFERRED: its deliveries are written with that state and move it on, so it has nothing to deliver.
 WORKING_STATES = {
     StudyState.RECEIVING,
     StudyState.COMPLETE,
     StudyState.ROUTED,
     StudyState.INFERRING,
-    StudyState.INFERRED,
     StudyState.DELIVERING,
 }
 
@@ -44,8 +45,10 @@ def study_list(request) -> HttpResponse:
         "query": query.urlencode(),
         "sort": sort,
         "sort_query": without_sort.urlencode(),
-        "flagged_ids": _flagged_ids([s.pk for s in page]),
+        **_findings([s.pk for s in page]),
     }
+    if not request.htmx and request.user.has_perm("routing.view_studyretrieve"):
+        context["not_fetched"] = retrieves_failed()[:50]  # studies a PACS holds that we could not fetch
     return render_page(request, "studies/list.html", context, fragment="table")
 
 
@@ -89,12 +92,14 @@ def study_story(study: Study) -> dict:
     }
 
 
-def _flagged_ids(study_ids: list[int]) -> set[int]:
-    return set(
-        InferenceResult.objects.current()
-        .filter(study_id__in=study_ids, flagged=True)
-        .values_list("study_id", flat=True)
-    )
+def _findings(study_ids: list[int]) -> dict[str, set[int]]:
+    """Which studies have a current live result that is flagged, and which one at all (else: no finding yet);
+    shadow results are not findings."""
+    rows = InferenceResult.objects.current().live().filter(study_id__in=study_ids).values_list("study_id", "flagged")
+    return {
+        "flagged_ids": {study_id for study_id, flagged in rows if flagged},
+        "scored_ids": {study_id for study_id, flagged in rows if flagged is not None},
+    }
 
 
 def _delta_text(seconds: float | None) -> str:

@@ -32,8 +32,14 @@ def study_rerun_view(request, pk: int) -> HttpResponse:
 @staff_view("routing.view_study", "results.retry_delivery")
 @require_POST
 def study_redeliver(request, pk: int) -> HttpResponse:
-    """Send the study's current results again, to every destination, with the same idempotency keys."""
+    """Send the study's current results again, to every destination, with the same idempotency keys.
+    A study already delivered somewhere is re-sent only once staff confirm (`confirm=yes`)."""
     study = get_object_or_404(Study, pk=pk)
+    delivered_to = ledger.study_delivered_destinations(study=study)
+    if delivered_to and request.POST.get("confirm") != "yes":
+        context = {"study": study, "delivered_to": delivered_to, "nav": "studies"}
+        template = "studies/redeliver_confirm.html"
+        return render(request, f"{template}#prompt" if request.htmx else template, context)
     count, ids = ledger.study_redeliver(study=study, actor=actor(request))
     AuditEntry.record(
         actor=actor(request),

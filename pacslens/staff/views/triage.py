@@ -13,6 +13,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.utils import timezone
 
 from pacslens.staff.forms import TriageFilterForm
+from pacslens.staff.score_charts import score_charts
 from pacslens.staff.views.access import actor, render_page, staff_view
 from results.models import InferenceResult
 from routing.models import AuditAction, AuditEntry
@@ -24,6 +25,7 @@ CSV_COLUMNS = [
     "model",
     "model_version",
     "model_sha256",
+    "shadow",
     "status",
     "score",
     "flagged",
@@ -46,12 +48,19 @@ def triage_audit(request) -> HttpResponse:
     query = request.GET.copy()
     query.pop("page", None)
     context = {"nav": "triage", "form": form, "page": page, "query": query.urlencode()}
+    if not getattr(request, "htmx", None):
+        chosen = form.cleaned_data.get("model") if form.is_valid() else None
+        context |= score_charts(period=request.GET.get("period", "day"), model_name=chosen.name if chosen else None)
     return render_page(request, "results/triage.html", context, fragment="table")
 
 
 @staff_view(superuser=True)
-def triage_audit_csv(request) -> StreamingHttpResponse:
+def triage_audit_csv(request) -> StreamingHttpResponse | HttpResponse:
     form = TriageFilterForm(request.GET)
+    if not form.is_valid():
+        # Exporting everything because a date was mistyped would hand out more than was asked for.
+        text = "The filter is not valid, nothing was exported: " + "; ".join(form.error_lines())
+        return HttpResponse(text, status=400, content_type="text/plain; charset=utf-8")
     results = form.filter(_results())
     AuditEntry.record(
         actor=actor(request),
@@ -88,6 +97,7 @@ def _csv_rows(results):
                 r.model_name,
                 r.model_version,
                 r.model_sha256,
+                "yes" if r.shadow else "no",
                 r.status,
                 "" if r.score is None else f"{r.score:.6f}",
                 "" if r.flagged is None else ("yes" if r.flagged else "no"),

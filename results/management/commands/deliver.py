@@ -31,7 +31,7 @@ class Command(BaseCommand):
         if destination and not Destination.objects.filter(name=destination).exists():
             names = ", ".join(Destination.objects.values_list("name", flat=True)) or "none configured"
             raise CommandError(f"no destination named {destination!r} (destinations: {names})")
-        if not study.inference_results.current().filter(status=ResultStatus.SUCCEEDED).exists():
+        if not study.inference_results.current().live().filter(status=ResultStatus.SUCCEEDED).exists():
             raise CommandError(f"study {study_uid} has no successful inference result to deliver (state {study.state})")
         requeued, ids = study_redeliver(study=study, destination_name=destination, actor="manage.py deliver")
         self.stdout.write(f"{requeued} delivery(ies) re-queued, {len(ids)} in all")

@@ -17,9 +17,10 @@ import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from pacslens.ops.heartbeat import AssociationCounter, HeartbeatThread
+from routing.completion import associations_close_for
 from routing.models import HeartbeatRole
 from routing.receive import dicom_tls
 from routing.receive.listener import DicomListener, listener_endpoints
@@ -86,6 +87,16 @@ class Command(BaseCommand):
         listener.stop()
         heartbeat.stop()
 
+    def associations_of_dead_child_close(self, pid: int) -> None:
+        """Its open associations will never end by themselves: close them now (as aborted), so the
+        studies they delivered are not held back until the sweep notices the missing heartbeat."""
+        try:
+            associations_close_for(listener=f"{socket.gethostname()}:{pid}")
+        except DatabaseError as exc:  # the sweep closes them later (routing.completion.associations_orphaned_close)
+            self.stderr.write(f"cannot close the associations of listener process {pid}: {type(exc).__name__}")
+        finally:
+            connections.close_all()  # the supervisor forks again later: it must hold no connection
+
     def supervise(self, port: int, processes: int, sockets: list[socket.socket]) -> None:
         """Fork `processes` listeners on the bound `sockets` and restart any that dies; forward SIGTERM to all."""
         connections.close_all()  # never share a database connection across fork
@@ -102,6 +113,7 @@ class Command(BaseCommand):
                 self.stderr.write(f"listener process {pid} exited ({status}); restarting it")
                 children.pop(pid, None)
                 children[self.spawn(port, sockets)] = 0
+                self.associations_of_dead_child_close(pid)
         for pid in children:
             try:
                 os.kill(pid, signal.SIGTERM)
