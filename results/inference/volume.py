@@ -271,7 +271,7 @@ def _z_weights(*, slices: list[Slice], depth: int, spacing: float) -> np.ndarray
     positions = np.array([s.position for s in slices], dtype=np.float64)
     if not all(s.header.position and len(s.header.position) == 3 for s in slices):
         # Sorted by Instance Number, no positions: the slices are taken as Slice Thickness apart.
-        positions = np.arange(len(slices)) * (slices[0].header.slice_thickness or spacing)
+        positions = np.arange(len(slices), dtype=np.float64) * float(slices[0].header.slice_thickness or spacing)
     weights = np.zeros((depth, len(slices)), dtype=np.float32)
     if not len(positions):
         return weights
