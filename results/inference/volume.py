@@ -205,10 +205,12 @@ def _resample_physical(*, slices: list[Slice], indices: list[int], manifest: dic
         began = time.perf_counter()
         stored = _read_pixels_guarded(item, rows=rows, cols=cols, dtype=dtype)
         read_seconds += time.perf_counter() - began
-        plane = stored.astype(np.float32)
+        # Box means are linear: resample the stored values, then rescale the small plane (the
+        # intercept only where the image covers it; the rest is the fill).
+        small = _band_apply(_band_apply(stored, y_band, axis=0), x_band, axis=1)
         if spec["rescale"] == "hu":
-            plane = plane * np.float32(item.header.rescale_slope) + np.float32(item.header.rescale_intercept)
-        small = _band_apply(_band_apply(plane, y_band, axis=0), x_band, axis=1) + fill * (1 - covered)
+            small = small * np.float32(item.header.rescale_slope) + np.float32(item.header.rescale_intercept) * covered
+        small += fill * (1 - covered)
         for target in np.flatnonzero(z_weights[:, index]):
             out[target] += z_weights[target, index] * small
     out += fill * (1 - out_weight)[:, None, None]
