@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+# The FHIR server the tests talk to (Node, from the committed lock file): tests/support/fhir_router.py.
+FHIR_PEER := tests/support/medplum_fhir
+FHIR_PEER_STAMP := $(FHIR_PEER)/node_modules/.installed
 
 .PHONY: run test lint bench setup clean
 
@@ -25,7 +28,13 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/honcho --procfile Procfile start
 
-test: $(DEV_STAMP)
+# Without npm the FHIR server tests skip on a developer machine (and fail under CI=true).
+$(FHIR_PEER_STAMP): $(FHIR_PEER)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		cd $(FHIR_PEER) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "npm not found: the tests against the FHIR server will skip (apt-get install nodejs npm)"; fi
+
+test: $(DEV_STAMP) $(FHIR_PEER_STAMP)
 	$(PY) -m pytest
 
 # ruff (lint, then format check), mypy with django-stubs, import-linter's layout contracts.
@@ -39,4 +48,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(FHIR_PEER)/node_modules

@@ -233,6 +233,10 @@ INSTALLED_APPS = [
     "results",
     # The site as a whole: project-wide management commands (pacslens/management); no models.
     "pacslens",
+    # The automation API (/api/v1/, docs/api.md): clients, tokens and the django-ninja endpoints.
+    # "ninja" makes its docs page use the Swagger UI files it ships (static files, no CDN).
+    "pacslens.api",
+    "ninja",
 ]
 
 MIDDLEWARE = [

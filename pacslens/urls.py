@@ -9,6 +9,8 @@ urlpatterns = [
     path("conformance", views.conformance, name="conformance"),
     path("admin/", admin.site.urls),
     path("dicomweb/", include("routing.receive.urls")),
+    # The automation API (docs/api.md): /api/v1/ (bearer tokens only) and its clients page.
+    path("", include("pacslens.api.urls")),
     # The staff UI (docs/ui.md): dashboard, studies, failure queue, endpoints, rules, models,
     # triage audit, audit log.
     path("", include("pacslens.staff.urls")),

@@ -2,7 +2,7 @@
 
 The peers, generators and factories live in tests/support/; the fixtures of several test
 files are registered here from their support modules. Interop tests talk to real programs
-(dcmtk, Orthanc): a missing one skips on a developer machine and fails under CI=true
+(dcmtk, Orthanc, a Node FHIR server): a missing one skips on a developer machine and fails under CI=true
 (tests/support/net.py).
 """
 
@@ -15,12 +15,15 @@ pytest_plugins = [
     "tests.support.browser",
     "tests.support.dicom_peers",
     "tests.support.factories",
+    "tests.support.fhir_router",
     "tests.support.fhir_server",
     "tests.support.listener_proc",
     "tests.support.mllp",
     "tests.support.orthanc",
     "tests.support.postgres",
     "tests.support.pull",
+    "tests.support.web",
+    "tests.support.api",
 ]
 
 

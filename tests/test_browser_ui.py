@@ -100,6 +100,46 @@ class TestPacsAdministrator:
             listener.stop(grace=2)
 
 
+class TestCodingProfile:
+    def test_sets_the_ris_coding_and_the_next_result_carries_it(self, page, data_dir):
+        from results.deliver.ledger import deliveries_create, deliveries_run_pending
+        from routing.models import RoutingRule
+
+        ris = MLLPListener()
+        try:
+            rule = RoutingRule.objects.create(name="CT head")
+            destination = hl7_destination(rule, ris.port)
+            login(page, "admin")
+            page.click("text=Endpoints")
+            page.locator("tr", has=page.locator("td", has_text=re.compile(r"^ris$"))).locator("text=Coding").click()
+            page.wait_for_url(re.compile(rf"/endpoints/destinations/{destination.pk}/coding/$"))
+            assert page.locator("#id_fhir_code_system").count() == 0, "only the HL7 fields"
+            page.fill("#id_hl7_patient_id_authority", "HOSP")
+            page.fill("#id_hl7_patient_id_type", "MR")
+            page.check("input[name=hl7_order_number_fields][value='ORC-2']")
+            page.check("input[name=hl7_order_number_fields][value='OBR-2']")
+            page.select_option("#id_hl7_study_uid", "zds")
+            page.fill("#id_hl7_flag_code", "PL0001")  # the score's code: refused inline
+            page.click("button:has-text('Save')")
+            page.wait_for_selector("#id_hl7_flag_code-errors:has-text('different codes')")
+            page.fill("#id_hl7_flag_code", "AI-FLAG")
+            screenshot(page, "coding_profile")
+            page.click("button:has-text('Save')")
+            page.wait_for_url(re.compile(r"/endpoints/$"))
+
+            study, result = inferred_study(data_dir)
+            deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+            deliveries_run_pending()
+            (message,) = ris.messages
+            segments = {line[:3]: line.split("|") for line in message.split("\r")}
+            assert segments["PID"][3] == f"{study.patient_id}^^^HOSP^MR"
+            assert segments["ORC"][2] == segments["OBR"][2] == study.accession_number
+            assert segments["ZDS"][1].startswith(study.study_instance_uid + "^")
+            assert "AI-FLAG^AI triage finding^99PACSLENS" in message
+        finally:
+            ris.stop()
+
+
 class TestInformaticist:
     def test_retries_a_failed_delivery_and_watches_it_turn_delivered(self, page, data_dir):
         from results.deliver.ledger import deliveries_create, deliveries_run_pending

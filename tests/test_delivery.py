@@ -26,7 +26,8 @@ from results.deliver.ledger import (
 from results.models import Delivery, DeliveryState, Destination, InferenceResult
 from routing.models import ApplicationEntity, Study, StudyState
 from tests.support.factories import dicom_destination, hl7_destination, inferred_study
-from tests.support.fhir_server import TOKEN, FHIRServer
+from tests.support.fhir_router import TOKEN as ROUTER_TOKEN
+from tests.support.fhir_server import TOKEN
 from tests.support.mllp import MLLPListener
 
 pytestmark = pytest.mark.django_db
@@ -279,27 +280,21 @@ class TestDiscard:
 
 
 class TestFhirDelivery:
-    def test_fhir_resend_never_duplicates(self, data_dir, rule):
-        server = FHIRServer()
-        try:
-            study, result = inferred_study(data_dir)
-            destination = Destination.objects.create(
-                name="fhir", kind="fhir", base_url=f"http://127.0.0.1:{server.port}/fhir", auth="bearer", secret=TOKEN
-            )
-            destination.rules.add(rule)
-            [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
-            deliveries_run_pending()
-            delivery.refresh_from_db()
-            assert delivery.state == DeliveryState.DELIVERED, delivery.last_error
-            delivery_retry(deliveries=Delivery.objects.filter(pk=delivery.pk), actor="test")
-            deliveries_run_pending()
-            assert len(server.resources["Observation"]) == 1
-            assert server.resources["Observation"][0]["identifier"][0]["value"] == delivery.idempotency_key
-            assert len(server.resources["ImagingStudy"]) == 1
-        finally:
-            server.release.set()
-            server.httpd.shutdown()
-            server.httpd.server_close()
+    def test_fhir_resend_never_duplicates(self, data_dir, rule, fhir_router):
+        study, result = inferred_study(data_dir)
+        destination = Destination.objects.create(
+            name="fhir", kind="fhir", base_url=fhir_router.url, auth="bearer", secret=ROUTER_TOKEN
+        )
+        destination.rules.add(rule)
+        [delivery] = deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
+        deliveries_run_pending()
+        delivery.refresh_from_db()
+        assert delivery.state == DeliveryState.DELIVERED, delivery.last_error
+        delivery_retry(deliveries=Delivery.objects.filter(pk=delivery.pk), actor="test")
+        deliveries_run_pending()
+        (observation,) = fhir_router.search("Observation")
+        assert observation["identifier"][0]["value"] == delivery.idempotency_key
+        assert len(fhir_router.search("ImagingStudy")) == 1
 
 
 class TestLease:

@@ -1,9 +1,11 @@
-"""FHIR R4 result delivery against a local FHIR server that validates bodies with
-fhir.resources and implements conditional create and conditional update."""
+"""FHIR R4 result delivery: the normal path against a real FHIR server (Medplum's FHIR router,
+tests/support/fhir_router.py), faults (scripted statuses, silence) against the stub of
+tests/support/fhir_server.py."""
 
 from __future__ import annotations
 
 import json
+import urllib.error
 
 import pytest
 from fhir.resources.R4B.imagingstudy import ImagingStudy
@@ -17,6 +19,7 @@ from results.deliver.fhir import (
     send_fhir_result,
 )
 from results.deliver.payload import OutcomeKind, Protocol
+from tests.support import fhir_router as router
 from tests.support.fhir_server import TOKEN, send
 from tests.support.identities import identity
 from tests.support.identities import result_payload as make_payload
@@ -90,50 +93,57 @@ def test_the_imaging_study_merges_into_the_ris_copy():
     assert again["extension"] == body["extension"] and again["identifier"] == body["identifier"]
 
 
-def test_an_invalid_resource_fails_before_sending_without_patient_data(fhir_server):
+# --- Against a real FHIR server ----------------------------------------------------------------
+
+
+def send_to(peer: router.FHIRRouterPeer, payload=None, **kwargs):
+    return send_fhir_result(
+        peer.url, payload or make_payload(), bearer_token=kwargs.pop("token", router.TOKEN), **kwargs
+    )
+
+
+def test_an_invalid_resource_fails_before_sending_without_patient_data(fhir_router):
     bad_code = FHIRSettings(flag_code=" PL0002")  # FHIR codes cannot start with a space
-    outcome = send(fhir_server, make_payload(patient_id="SECRET-ID"), settings=bad_code)
+    outcome = send_to(fhir_router, make_payload(patient_id="SECRET-ID"), settings=bad_code)
     assert (outcome.kind, outcome.code) == (OutcomeKind.PERMANENT, None)
     assert "component.0.code.coding.0.code" in outcome.message
     assert "SECRET" not in outcome.describe()
-    assert fhir_server.requests == []
+    assert fhir_router.search("Observation") == [] and fhir_router.search("ImagingStudy") == []
 
 
-def test_a_missing_patient_id_is_permanent(fhir_server):
-    outcome = send(fhir_server, make_payload(patient_id=""))
+def test_a_missing_patient_id_is_permanent(fhir_router):
+    outcome = send_to(fhir_router, make_payload(patient_id=""))
     assert outcome.kind is OutcomeKind.PERMANENT
-    assert fhir_server.requests == []
+    assert fhir_router.search("Observation") == []
 
 
-# --- Against the server ----------------------------------------------------------------------
-
-
-def test_it_creates_the_observation_and_the_imaging_study(fhir_server):
+def test_it_creates_the_observation_and_the_imaging_study(fhir_router):
     payload = make_payload()
-    outcome = send(fhir_server, payload)
+    outcome = send_to(fhir_router, payload)
 
     assert outcome.kind is OutcomeKind.SUCCESS, outcome.describe()
     assert (outcome.protocol, outcome.key) == (Protocol.FHIR, observation_identifier(payload)[1])
-    assert fhir_server.count("Observation", *observation_identifier(payload)) == 1
-    (study,) = fhir_server.resources["ImagingStudy"]
-    (observation,) = fhir_server.resources["Observation"]
+    (observation,) = fhir_router.search("Observation", identifier="|".join(observation_identifier(payload)))
+    (study,) = fhir_router.search("ImagingStudy")
     assert study["extension"][0]["valueReference"]["reference"] == f"Observation/{observation['id']}"
+    Observation.model_validate(observation)
+    ImagingStudy.model_validate(study)
 
 
-def test_a_re_send_never_duplicates(fhir_server):
+def test_a_re_send_never_duplicates(fhir_router):
     payload = make_payload()
-    assert send(fhir_server, payload).ok
-    again = send(fhir_server, payload)
+    assert send_to(fhir_router, payload).ok
+    again = send_to(fhir_router, payload)
     assert again.ok, again.describe()
-    assert fhir_server.count("Observation", *observation_identifier(payload)) == 1
-    assert len(fhir_server.resources["Observation"]) == 1
-    assert len(fhir_server.resources["ImagingStudy"]) == 1
-    assert len(fhir_server.resources["ImagingStudy"][0]["extension"]) == 1
+    assert fhir_router.count("Observation", *observation_identifier(payload)) == 1
+    assert len(fhir_router.search("Observation")) == 1
+    (study,) = fhir_router.search("ImagingStudy")
+    assert len(study["extension"]) == 1
 
 
-def test_it_updates_the_imaging_study_the_ris_already_has(fhir_server):
+def test_it_updates_the_imaging_study_the_ris_already_has(fhir_router):
     payload = make_payload()
-    fhir_server.seed(
+    seeded = fhir_router.create(
         {
             "resourceType": "ImagingStudy",
             "status": "available",
@@ -142,10 +152,51 @@ def test_it_updates_the_imaging_study_the_ris_already_has(fhir_server):
             "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{payload.study_instance_uid}"}],
         }
     )
-    assert send(fhir_server, payload).ok
-    (study,) = fhir_server.resources["ImagingStudy"]
-    assert study["numberOfInstances"] == 42 and study["meta"]["versionId"] == "2"
+    assert send_to(fhir_router, payload).ok
+    (study,) = fhir_router.search("ImagingStudy")
+    assert study["id"] == seeded["id"] and study["numberOfInstances"] == 42
+    assert study["meta"]["versionId"] != seeded["meta"]["versionId"], "updated in place, a new version"
     assert study["extension"][0]["url"].endswith("ai-triage-result")
+
+
+def test_the_server_finds_the_study_by_its_identifier_not_by_luck(fhir_router):
+    """Another study at the RIS stays untouched: the conditional update's search is the server's."""
+    other = fhir_router.create(
+        {
+            "resourceType": "ImagingStudy",
+            "status": "available",
+            "subject": {"reference": "Patient/p2"},
+            "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.999"}],
+        }
+    )
+    assert send_to(fhir_router, make_payload()).ok
+    studies = {s["id"]: s for s in fhir_router.search("ImagingStudy")}
+    assert len(studies) == 2 and "extension" not in studies[other["id"]]
+
+
+def test_the_server_refuses_an_invalid_resource(fhir_router):
+    """Our own validation is not the only line: a real server's validator refuses bad bodies too."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        fhir_router.create({"resourceType": "Observation", "code": {"text": "no status"}})
+    assert refused.value.code == 400
+
+
+def test_duplicate_observations_at_the_real_server_are_permanent(fhir_router):
+    payload = make_payload()
+    observation = build_observation(payload)
+    fhir_router.create(observation)
+    fhir_router.create(observation)
+    outcome = send_to(fhir_router, payload)
+    assert (outcome.kind, outcome.code) == (OutcomeKind.PERMANENT, 412)
+
+
+def test_a_wrong_token_at_the_real_server_is_a_config_error(fhir_router):
+    outcome = send_to(fhir_router, token="wrong")
+    assert (outcome.kind, outcome.code) == (OutcomeKind.CONFIG_ERROR, 401)
+    assert "wrong" not in outcome.describe()
+
+
+# --- Faults, injected by the stub -------------------------------------------------------------
 
 
 def test_down_then_up_is_delivered_exactly_once(fhir_server):
@@ -155,15 +206,6 @@ def test_down_then_up_is_delivered_exactly_once(fhir_server):
     assert (first.kind, first.code) == (OutcomeKind.TRANSIENT, 503)
     assert send(fhir_server, payload).ok
     assert fhir_server.count("Observation", *observation_identifier(payload)) == 1
-
-
-def test_duplicate_observations_at_the_server_are_permanent(fhir_server):
-    payload = make_payload()
-    observation = build_observation(payload)
-    fhir_server.seed(observation)
-    fhir_server.seed(observation)
-    outcome = send(fhir_server, payload)
-    assert (outcome.kind, outcome.code) == (OutcomeKind.PERMANENT, 412)
 
 
 @pytest.mark.parametrize(
@@ -205,12 +247,6 @@ def test_a_failing_second_step_is_classified_too(fhir_server):
     assert fhir_server.count("Observation", *observation_identifier(payload)) == 1
 
 
-def test_a_wrong_token_is_a_config_error(fhir_server):
-    outcome = send(fhir_server, token="wrong")
-    assert (outcome.kind, outcome.code) == (OutcomeKind.CONFIG_ERROR, 401)
-    assert "wrong" not in outcome.describe()
-
-
 def test_a_timeout_is_transient(fhir_server):
     fhir_server.hang.set()
     outcome = send(fhir_server, timeout=1)
@@ -227,6 +263,7 @@ def test_the_documented_examples_are_what_the_code_builds():
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "fhir-mapping.md").read_text()
     blocks = [block.split("```", 1)[0] for block in doc.split("```json\n")[1:]]
-    documented_observation, documented_study = (json.loads(block) for block in blocks)
+    # The first two: the defaults; the profile's examples are checked in test_coding_profiles.
+    documented_observation, documented_study = (json.loads(block) for block in blocks[:2])
     assert documented_observation == build_observation(make_payload())
     assert documented_study == build_imaging_study(make_payload(), observation_id="123")

@@ -113,9 +113,10 @@ def test_the_order_message_raises_priority(version, order_control):
         ("ORC-2", "ORC", 2),
     ],
 )
-def test_the_accession_field_is_configurable(mapping, segment, number):
+@pytest.mark.parametrize("message_type", MESSAGE_TYPES)
+def test_the_accession_field_is_configurable(mapping, segment, number, message_type):
     er7 = build_hl7_message(
-        make_payload(), message_type="ORM^O01", control_id="C1", settings=HL7Settings(accession_field=mapping)
+        make_payload(), message_type=message_type, control_id="C1", settings=HL7Settings(accession_field=mapping)
     )
     assert fields(er7, segment)[number] == "ACC0042"
     if mapping != "OBR-18":

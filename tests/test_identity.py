@@ -22,7 +22,7 @@ from results.deliver.ledger import deliveries_create
 from results.deliver.payload import ResultIdentity
 from results.models import Installation
 from tests.support.factories import dicom_destination, hl7_destination, inferred_study
-from tests.support.fhir_server import send
+from tests.support.fhir_router import TOKEN as ROUTER_TOKEN
 from tests.support.identities import identity
 from tests.support.identities import result_payload as make_payload
 
@@ -240,15 +240,17 @@ def test_the_migration_gives_results_uuids_and_keeps_delivered_keys(data_dir):
     assert Delivery.objects.get(pk=delivery.pk).identifier_system == "urn:ietf:rfc:3986"
 
 
-def test_an_observation_of_another_study_under_our_identifier_is_never_linked(fhir_server):
+def test_an_observation_of_another_study_under_our_identifier_is_never_linked(fhir_router):
     """What the old keys did at a real FHIR server: 200 with another patient's Observation."""
-    from results.deliver.fhir import build_observation
+    from results.deliver.fhir import build_observation, send_fhir_result
     from results.deliver.payload import OutcomeKind
 
-    server = fhir_server
+    def send(payload):
+        return send_fhir_result(fhir_router.url, payload, bearer_token=ROUTER_TOKEN)
+
     earlier = build_observation(make_payload(study_instance_uid="1.2.826.0.1.3680043.8.498.1"))
-    server.seed(earlier)
-    outcome = send(server, make_payload())  # same result identity, another study
+    fhir_router.create(earlier)
+    outcome = send(make_payload())  # same result identity, another study
     assert outcome.kind is OutcomeKind.PERMANENT and "another study" in outcome.message
-    assert server.resources["ImagingStudy"] == []
-    assert send(server, make_payload(study_instance_uid="1.2.826.0.1.3680043.8.498.1")).ok
+    assert fhir_router.search("ImagingStudy") == []
+    assert send(make_payload(study_instance_uid="1.2.826.0.1.3680043.8.498.1")).ok

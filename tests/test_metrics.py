@@ -70,9 +70,13 @@ class TestFigures:
         assert value(samples, "pacslens_delivery_attempts_total", destination="ris", outcome="success") == 1
         assert value(samples, "pacslens_delivery_attempts_total", destination="pacs", outcome="transient") == 1
         assert value(samples, "pacslens_delivery_oldest_pending_age_seconds") == 0
-        # last instance 7 s before the ACK: in the 10 s bucket, not the 5 s one
+        # last instance 7 s before the send began: never in the 5 s bucket; in the 10 s one unless
+        # this busy machine took over 3 s to send (the bucket follows the latency recorded)
+        delivered = Delivery.objects.get(destination__kind="hl7")
+        study.refresh_from_db()
+        latency = (delivered.delivered_at - study.last_received_at).total_seconds()
         assert value(samples, "pacslens_worklist_latency_seconds_bucket", kind="hl7", le="5.0") == 0
-        assert value(samples, "pacslens_worklist_latency_seconds_bucket", kind="hl7", le="10.0") == 1
+        assert value(samples, "pacslens_worklist_latency_seconds_bucket", kind="hl7", le="10.0") == (latency <= 10)
         assert value(samples, "pacslens_worklist_latency_seconds_count", kind="hl7") == 1
         assert value(samples, "pacslens_worklist_latency_seconds_sum", kind="hl7") >= 7
 

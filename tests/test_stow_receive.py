@@ -5,14 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
@@ -25,8 +17,6 @@ from routing.receive import stow
 from routing.receive.multipart import MAX_PREAMBLE_BYTES, MultipartError, iter_parts
 from tests.support.ct import make_ct_slices
 from tests.support.dicom_files import part10_bytes
-from tests.support.net import free_port
-from tests.support.postgres import database_url_of
 
 URL = "/dicomweb/studies"
 BOUNDARY = "pacslens-test-boundary-7f3a"
@@ -290,55 +280,6 @@ class TestRealSenders:
             str(ds.SOPInstanceUID) for ds in slices
         )
         assert study.calling_ae_title == "ORTHANC"
-
-
-@pytest.fixture
-def gunicorn(transactional_db, data_dir, settings):
-    """The production web server on the test database: it de-chunks chunked request bodies."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PACSLENS_DATA_DIR": str(data_dir),
-        "PACSLENS_ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "DATABASE_URL": database_url_of(settings.DATABASES["default"]),
-        "DJANGO_SETTINGS_MODULE": "pacslens.settings",
-    }
-    repo = Path(__file__).resolve().parent.parent
-    log_path = data_dir / "gunicorn.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "pacslens.wsgi:application",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "1",
-            ],
-            cwd=repo,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/healthz", timeout=2).read()
-            break
-        except urllib.error.HTTPError:
-            break  # it answers (healthz may report other processes missing): the server is up
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"gunicorn did not start: {log_path.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.1)
-    yield url
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
 
 
 class TestChunkedUnderGunicorn:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pacslens.demo_study import demo_study_write
-from tests.support.fhir_server import TOKEN, FHIRServer
+from tests.support.fhir_router import TOKEN, FHIRRouterPeer
 from tests.support.listener_proc import PYTHON, REPO, ListenerProcess, base_env, template_db_create
 from tests.support.mllp import MLLPListener
 from tests.support.net import free_port
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.interop
 RULE = "Demo: CT head to the demonstration model"
 
 
-def site_config(orthanc, ris: MLLPListener, fhir: FHIRServer) -> str:
+def site_config(orthanc, ris: MLLPListener, fhir: FHIRRouterPeer) -> str:
     return f"""\
 pacslens_config: 1
 ae_titles:
@@ -105,9 +105,9 @@ class Gateway:
 
 
 @pytest.fixture
-def peers(orthanc, mllp, fhir_server):
+def peers(orthanc, mllp, fhir_router):
     orthanc.clear()
-    return orthanc, mllp, fhir_server
+    return orthanc, mllp, fhir_router
 
 
 def test_two_installations_never_share_an_identifier(peers, tmp_path):
@@ -132,12 +132,14 @@ def test_two_installations_never_share_an_identifier(peers, tmp_path):
             s.study_instance_uid for s in studies
         }
         assert sorted(ris.received) == sorted(r["hl7"]["idempotency_key"] for r in rows)
-        observations = fhir.resources["Observation"]
+        observations = fhir.search("Observation")
         assert sorted(o["identifier"][0]["value"] for o in observations) == sorted(
             r["fhir"]["idempotency_key"] for r in rows
         )
         for study, row in zip(studies, rows, strict=True):
-            [imaging_study] = fhir.matching("ImagingStudy", f"urn:dicom:uid|urn:oid:{study.study_instance_uid}")
+            [imaging_study] = fhir.search(
+                "ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study.study_instance_uid}"
+            )
             linked = [e["valueReference"]["identifier"]["value"] for e in imaging_study["extension"]]
             assert linked == [row["fhir"]["idempotency_key"]]
 
@@ -145,7 +147,7 @@ def test_two_installations_never_share_an_identifier(peers, tmp_path):
         out = Gateway.manage(gateways[0].env, "deliver", studies[0].study_instance_uid, "--wait", "60")
         assert out.count("delivered") == 3, out
         assert len(orthanc.find_instances({"Modality": "SR"})) == 2
-        assert len(fhir.resources["Observation"]) == 2
+        assert len(fhir.search("Observation")) == 2
         assert sorted(ris.received) == sorted(
             [rows[0]["hl7"]["idempotency_key"]] * 2 + [rows[1]["hl7"]["idempotency_key"]]
         )

@@ -102,7 +102,7 @@ class DestinationsSection:
                 if rule not in known_rules:
                     problems.append(f"{label}: field 'rules': no routing rule named {rule!r}")
             # The AE reference is checked above; it may only exist once the import is applied.
-            row, secret_dropped = _row(entry, resolve_ae=False)
+            row, secret_dropped = destination_from_entry(entry, resolve_ae=False)
             if secret_dropped and row.auth != "none":
                 problems.append(
                     f"{label}: field 'secret': the target or auth changed, so the stored secret is not kept; give it"
@@ -115,7 +115,7 @@ class DestinationsSection:
         names = []
         with transaction.atomic():
             for entry in entries:
-                row, _ = _row(entry, resolve_ae=True)
+                row, _ = destination_from_entry(entry, resolve_ae=True)
                 was_new = row.pk is None
                 row.full_clean(validate_unique=False, validate_constraints=False)
                 row.save()
@@ -129,7 +129,7 @@ class DestinationsSection:
         return {"created": created, "updated": updated, "deleted": deleted}
 
 
-def _row(entry: dict[str, Any], *, resolve_ae: bool) -> tuple[Destination, bool]:
+def destination_from_entry(entry: dict[str, Any], *, resolve_ae: bool) -> tuple[Destination, bool]:
     """The destination as the entry would make it, and whether its stored secret was dropped."""
     row = Destination.objects.filter(name=entry.get("name")).first() or Destination()
     for field_name, value in entry.items():

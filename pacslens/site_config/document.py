@@ -17,6 +17,7 @@ from django.db import transaction
 from pacslens.site_config.ae_titles import AE_TITLES, ae_title_warnings
 from pacslens.site_config.ai_models import ModelsSection
 from pacslens.site_config.alerts import AlertChannelsSection, AlertRulesSection
+from pacslens.site_config.coding_profiles import CodingProfilesSection
 from pacslens.site_config.destinations import DestinationsSection
 from pacslens.site_config.poll_sources import PollSourcesSection
 from pacslens.site_config.routing_rules import RoutingRulesSection
@@ -41,6 +42,7 @@ SECTIONS: list[Any] = [
     DestinationsSection(),  # names AE titles and routing rules
     AlertChannelsSection(),
     AlertRulesSection(),
+    CodingProfilesSection(),  # names destinations
 ]
 
 

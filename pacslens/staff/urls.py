@@ -8,6 +8,7 @@ from pacslens.staff.views import (
     alerts,
     audit,
     auth,
+    coding,
     dashboard,
     destinations,
     endpoints,
@@ -78,4 +79,5 @@ urlpatterns += [
     path("alerts/channels/<int:pk>/test/", alerts.alert_channel_test, name="alert_channel_test"),
     path("alerts/rules/new/", alerts.alert_rule_edit, name="alert_rule_create"),
     path("alerts/rules/<int:pk>/", alerts.alert_rule_edit, name="alert_rule_edit"),
+    path("endpoints/destinations/<int:pk>/coding/", coding.destination_coding, name="destination_coding"),
 ]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from results.deliver.coding import fhir_observation_system
 from results.deliver.identity import hl7_control_id, installation_current, result_identity
 from results.deliver.payload import (
     SR_SOP_INSTANCE,
@@ -72,7 +73,7 @@ def delivery_identifier(*, result: InferenceResult, destination: Destination) ->
         return "", str(result_identity(result).uid(SR_SOP_INSTANCE))
     if destination.kind == "hl7":
         return "", hl7_control_id(installation_current())
-    return fhir_observation_identifier(result_identity(result), system=settings.FHIR_IDENTIFIER_SYSTEM)
+    return fhir_observation_identifier(result_identity(result), system=fhir_observation_system(destination))
 
 
 def delivery_key(delivery: Delivery) -> str | tuple[str, str]:

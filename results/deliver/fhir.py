@@ -56,6 +56,8 @@ class FHIRSettings:
     flag_display: str = "AI triage finding"
     patient_identifier_system: str = ""
     accession_identifier_system: str = ""
+    # urn:dicom:uid identifies the study by urn:oid:<UID>; a site's own system by the bare UID.
+    study_identifier_system: str = DICOM_UID_SYSTEM
     result_extension_url: str = "http://pacslens.local/fhir/StructureDefinition/ai-triage-result"
 
 
@@ -67,15 +69,18 @@ def observation_identifier(payload: ResultPayload, identifier: Identifier | None
     return identifier or payload.fhir_observation_identifier
 
 
-def study_identifier(payload: ResultPayload) -> Identifier:
-    return DICOM_UID_SYSTEM, f"urn:oid:{payload.study_instance_uid}"
+def study_identifier(payload: ResultPayload, settings: FHIRSettings = FHIRSettings()) -> Identifier:
+    system = settings.study_identifier_system or DICOM_UID_SYSTEM
+    if system == DICOM_UID_SYSTEM:
+        return system, f"urn:oid:{payload.study_instance_uid}"
+    return system, payload.study_instance_uid
 
 
 def build_observation(
     payload: ResultPayload, settings: FHIRSettings = FHIRSettings(), *, identifier: Identifier | None = None
 ) -> dict[str, Any]:
     system, value = observation_identifier(payload, identifier)
-    study_system, study_value = study_identifier(payload)
+    study_system, study_value = study_identifier(payload, settings)
     model = f"{payload.model_name} {payload.model_version}"
     body = {
         "resourceType": "Observation",
@@ -124,7 +129,7 @@ def build_imaging_study(
     if existing:
         # The RIS's copy must be an ImagingStudy before we merge into it (a malformed one is permanent).
         _validated(ImagingStudy, existing, payload)
-    study_system, study_value = study_identifier(payload)
+    study_system, study_value = study_identifier(payload, settings)
     obs_system, obs_value = observation_identifier(payload, identifier)
     body: dict[str, Any] = (
         dict(existing)
@@ -219,7 +224,7 @@ def send_fhir_result(
             )
         observation_id = _resource_id(response, "Observation")
 
-        study_system, study_value = study_identifier(payload)
+        study_system, study_value = study_identifier(payload, settings)
         # One query for both the search and the conditional update, so they match the same.
         search = {"identifier": f"{study_system}|{study_value}"}
         found = _request(http, "GET", f"{base}/ImagingStudy", None, timeout, headers, search)

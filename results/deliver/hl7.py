@@ -11,8 +11,14 @@ recognise a duplicate and the ACK can be matched to what we sent.
 
 Field choices (defaults in `HL7Settings`, per destination):
 - accession number: OBR-18 (Placer Field 1, where IHE radiology puts it); or OBR-2, OBR-3,
-  ORC-2, ORC-3 via `accession_field`.
-- patient id: PID-3 (CX, assigning authority from settings); name: PID-5 from DICOM PN.
+  ORC-2, ORC-3 via `accession_field`; copied as order number into `order_number_fields`
+  (ORC-2/3, OBR-2/3, OBR-19) where the RIS matches on those.
+- patient id: PID-3 (CX: id^^^assigning authority^identifier type); name: PID-5 from DICOM PN.
+- result status (OBR-25, OBX-11): the profile's (P by default); F once the result is final.
+- Study Instance UID (`study_uid`): not sent; a ZDS segment (IHE scheduled workflow's
+  `ZDS|<UID>^<sending application>^Application^DICOM`, last in the message); or an OBX coded
+  DCM 110180 of type RP (the same reference pointer) or ST (the bare UID).
+The whole mapping, with example messages, is in docs/hl7-mapping.md.
 - priority: ORC-7.6 and OBR-27.6 (TQ "S"/"R"). ORM^O01 has no TQ1 segment in 2.5/2.5.1, and
   ORC-7/OBR-27 are retained there for backward compatibility, so ORM always uses them; ORU in
   2.5+ also carries TQ1-9 (S^Stat^HL70485 / R^Routine^HL70485).
@@ -29,7 +35,7 @@ from typing import Literal
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Segment
-from hl7apy.parser import parse_message
+from hl7apy.parser import parse_message, parse_segment
 
 from results.deliver.payload import Outcome, OutcomeKind, Protocol, ResultPayload
 
@@ -42,6 +48,17 @@ ACCESSION_FIELDS = {
     "ORC-2": ("ORC", 2),
     "ORC-3": ("ORC", 3),
 }
+# Order-number fields that may carry a copy of the accession number (placer, filler, placer field 2).
+ORDER_NUMBER_FIELDS = {
+    "ORC-2": ("ORC", 2),
+    "ORC-3": ("ORC", 3),
+    "OBR-2": ("OBR", 2),
+    "OBR-3": ("OBR", 3),
+    "OBR-19": ("OBR", 19),
+}
+STUDY_UID_PLACEMENTS = ("", "zds", "obx-rp", "obx-st")
+# DICOM's own code for the concept (PS3.16 CID 7xxx "Study Instance UID").
+STUDY_UID_CODE = ("110180", "Study Instance UID", "DCM")
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
 # An ACK is a few hundred bytes; a peer that sends more without an end block is not answering.
 MAX_ACK_BYTES = 1024 * 1024
@@ -67,6 +84,12 @@ class HL7Settings:
     processing_id: str = "P"
     accession_field: str = "OBR-18"
     patient_id_authority: str = ""
+    patient_id_type: str = ""
+    # Fields that also carry the accession number (as placer / filler order number).
+    order_number_fields: tuple[str, ...] = ()
+    # OBR-25 / OBX-11 of a result not (yet) final: P, or F where the site sends final results.
+    result_status: str = "P"
+    study_uid: str = ""  # one of STUDY_UID_PLACEMENTS
     # ORM^O01 ORC-1: XO (change order) or SC (status changed).
     order_control: str = "XO"
     # OBR-4 universal service identifier (code, text, coding system); sites may map their own.
@@ -81,6 +104,13 @@ class HL7Settings:
             raise ValueError(f"accession_field must be one of {', '.join(ACCESSION_FIELDS)}")
         if self.order_control not in ("XO", "SC"):
             raise ValueError("order_control must be XO or SC")
+        unknown = set(self.order_number_fields) - set(ORDER_NUMBER_FIELDS)
+        if unknown:
+            raise ValueError(f"order_number_fields must be among {', '.join(ORDER_NUMBER_FIELDS)}")
+        if self.result_status not in ("P", "F"):
+            raise ValueError("result_status must be P or F")
+        if self.study_uid not in STUDY_UID_PLACEMENTS:
+            raise ValueError(f"study_uid must be one of {', '.join(STUDY_UID_PLACEMENTS)}")
 
 
 def build_hl7_message(
@@ -102,7 +132,7 @@ def build_hl7_message(
             segments += _orm_order(payload, settings)
         else:
             raise HL7BuildError(f"unsupported message type {message_type}")
-        er7 = "\r".join(segment.to_er7() for segment in segments)
+        er7 = "\r".join(segment if isinstance(segment, str) else segment.to_er7() for segment in segments)
     except HL7BuildError:
         raise
     except Exception as exc:
@@ -114,15 +144,27 @@ def build_hl7_message(
 
 
 def validate_hl7(er7: str, *, version: str, control_id: str = "") -> None:
-    """Strictly re-parse (groups found from the message structure) and validate."""
+    """Strictly re-parse (groups found from the message structure) and validate.
+
+    Z segments (ZDS) are site-defined, so no standard says what they hold: hl7apy would drop a
+    trailing one silently when it finds groups, and refuse components in it when it does not.
+    They must come last; each is checked for being a well-formed segment on its own, the rest
+    of the message strictly as before."""
+    names = [segment[:3] for segment in er7.split("\r") if segment]
+    z_segments = [segment for segment in er7.split("\r") if segment.startswith("Z")]
+    if z_segments and any(not name.startswith("Z") for name in names[len(names) - len(z_segments) :]):
+        raise HL7BuildError(f"HL7 message {control_id}: Z segments must come last")
     try:
-        message = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+        for segment in z_segments:
+            parse_segment(segment, version=version, validation_level=VALIDATION_LEVEL.TOLERANT)
+        standard = "\r".join(segment for segment in er7.split("\r") if not segment.startswith("Z"))
+        message = parse_message(standard, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
         if message.msh.msh_9.msh_9_1.value == "ORM":
             # hl7apy models ORM^O01's order-detail CHOICE (OBR | RQD | RQ1 | RXO | ODS | ODT)
             # as a sequence and so demands all six; validate the segments and check the
             # structure ourselves instead.
             _validate_segments(message)
-            _check_orm_structure(er7)
+            _check_orm_structure(standard)
         else:
             message.validate()
     except HL7BuildError:
@@ -143,7 +185,7 @@ def _validate_segments(element: object) -> None:
 
 def _check_orm_structure(er7: str) -> None:
     names = [segment[:3] for segment in er7.split("\r") if segment]
-    if names[:4] != ["MSH", "PID", "ORC", "OBR"] or not set(names[4:]) <= {"NTE"}:
+    if names[:4] != ["MSH", "PID", "ORC", "OBR"] or not set(names[4:]) <= {"NTE", "OBX"}:
         raise HL7BuildError(f"ORM^O01 segments out of order: {'-'.join(names)}")
 
 
@@ -292,8 +334,14 @@ def _msh(payload: ResultPayload, message_type: MessageType, control_id: str, set
 def _pid(payload: ResultPayload, settings: HL7Settings) -> Segment:
     pid = _segment("PID", settings)
     pid.pid_1 = "1"
-    authority = _escape(settings.patient_id_authority)
-    pid.pid_3 = f"{_escape(payload.patient_id)}^^^{authority}" if authority else _escape(payload.patient_id)
+    cx = [
+        _escape(payload.patient_id),
+        "",
+        "",
+        _escape(settings.patient_id_authority),
+        _escape(settings.patient_id_type),
+    ]
+    pid.pid_3 = "^".join(cx).rstrip("^")
     # DICOM PN: family^given^middle^prefix^suffix, optionally "=ideographic=phonetic" groups;
     # XPN has the same first five components, so escape each and keep the alphabetic group.
     alphabetic = payload.patient_name.split("=")[0]
@@ -301,11 +349,14 @@ def _pid(payload: ResultPayload, settings: HL7Settings) -> Segment:
     return pid
 
 
-def _oru_order(payload: ResultPayload, settings: HL7Settings) -> list[Segment]:
-    status = "F" if payload.is_final else "P"
+def _oru_order(payload: ResultPayload, settings: HL7Settings) -> list[Segment | str]:
+    status = "F" if payload.is_final else settings.result_status
     orc = _segment("ORC", settings)
     orc.orc_1 = "RE"  # observations to follow
     obr = _obr(payload, settings)
+    if ACCESSION_FIELDS[settings.accession_field][0] == "ORC":
+        _set_accession(orc, payload, settings)
+    _set_order_numbers(orc, obr, payload, settings)
     obr.obr_22 = _timestamp(payload.created_at)
     obr.obr_25 = status
     segments = [orc, obr]
@@ -331,10 +382,10 @@ def _oru_order(payload: ResultPayload, settings: HL7Settings) -> list[Segment]:
     flag.obx_5 = "Y^Yes^HL70136" if payload.finding_flag else "N^No^HL70136"
     flag.obx_11 = status
     flag.obx_14 = _timestamp(payload.created_at)
-    return segments + [score, _model_note(payload, settings), flag]
+    return [*segments, score, _model_note(payload, settings), flag, *_study_uid(payload, settings, "3", status)]
 
 
-def _orm_order(payload: ResultPayload, settings: HL7Settings) -> list[Segment]:
+def _orm_order(payload: ResultPayload, settings: HL7Settings) -> list[Segment | str]:
     orc = _segment("ORC", settings)
     orc.orc_1 = settings.order_control
     orc.orc_7 = f"^^^^^{payload.priority.hl7_code}"
@@ -345,7 +396,9 @@ def _orm_order(payload: ResultPayload, settings: HL7Settings) -> list[Segment]:
     field_segment, _ = ACCESSION_FIELDS[settings.accession_field]
     if field_segment == "ORC":
         _set_accession(orc, payload, settings)
-    return [orc, obr, _model_note(payload, settings)]
+    _set_order_numbers(orc, obr, payload, settings)
+    status = "F" if payload.is_final else settings.result_status
+    return [orc, obr, _model_note(payload, settings), *_study_uid(payload, settings, "1", status)]
 
 
 def _obr(payload: ResultPayload, settings: HL7Settings) -> Segment:
@@ -361,6 +414,32 @@ def _obr(payload: ResultPayload, settings: HL7Settings) -> Segment:
 def _set_accession(segment: Segment, payload: ResultPayload, settings: HL7Settings) -> None:
     name, number = ACCESSION_FIELDS[settings.accession_field]
     setattr(segment, f"{name.lower()}_{number}", _escape(payload.accession_number))
+
+
+def _set_order_numbers(orc: Segment, obr: Segment, payload: ResultPayload, settings: HL7Settings) -> None:
+    for field_name in settings.order_number_fields:
+        name, number = ORDER_NUMBER_FIELDS[field_name]
+        # EI: the entity identifier is the first component.
+        setattr(orc if name == "ORC" else obr, f"{name.lower()}_{number}", _escape(payload.accession_number))
+
+
+def _study_uid(payload: ResultPayload, settings: HL7Settings, set_id: str, status: str) -> list[Segment | str]:
+    """The Study Instance UID where the profile wants it: nothing, a ZDS, or an OBX (RP or ST)."""
+    uid = payload.study_instance_uid
+    # RP: pointer ^ application id (HD) ^ type of data ^ subtype, as IHE SWF's ZDS-1.
+    pointer = f"{_escape(uid)}^{_escape(settings.sending_application)}^Application^DICOM"
+    if settings.study_uid == "zds":
+        # hl7apy types an unknown Z segment's fields as ST (one component): written as text.
+        return [f"ZDS|{pointer}"]
+    if settings.study_uid in ("obx-rp", "obx-st"):
+        obx = _segment("OBX", settings)
+        obx.obx_1 = set_id
+        obx.obx_2 = "RP" if settings.study_uid == "obx-rp" else "ST"
+        obx.obx_3 = _coded(STUDY_UID_CODE)
+        obx.obx_5 = pointer if settings.study_uid == "obx-rp" else _escape(uid)
+        obx.obx_11 = status
+        return [obx]
+    return []
 
 
 def _model_note(payload: ResultPayload, settings: HL7Settings) -> Segment:

@@ -22,6 +22,7 @@ from django.utils import timezone
 from django_q.tasks import async_task
 
 from results.deliver import senders
+from results.deliver.coding import coding_snapshot
 from results.deliver.contents import delivery_identifier, delivery_key, result_payload
 from results.deliver.lease import LeaseRenewal, lease_duration
 from results.deliver.payload import (
@@ -68,6 +69,8 @@ def deliveries_create(*, study: Study, results: Iterable[InferenceResult], rule_
                     kind=destination.kind,
                     idempotency_key=key,
                     identifier_system=system,
+                    # Fixed here with the key: re-sends send what the first attempt sent.
+                    coding=coding_snapshot(destination),
                     priority=study.priority,
                 )
             )
@@ -178,7 +181,11 @@ def delivery_send(*, delivery: Delivery, context: RunContext | None = None) -> O
         payload = result_payload(result=delivery.result)
         with LeaseRenewal(delivery, delivery.lease_owner or context.worker):
             outcome = senders.send(
-                destination=delivery.destination, payload=payload, key=delivery_key(delivery), context=context
+                destination=delivery.destination,
+                payload=payload,
+                key=delivery_key(delivery),
+                context=context,
+                coding=delivery.coding,
             )
     except senders.BuildError as exc:
         outcome = Outcome(OutcomeKind.PERMANENT, Protocol(delivery.kind), None, str(exc), delivery.idempotency_key)

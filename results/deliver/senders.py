@@ -9,7 +9,7 @@ one costs far more).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 from django.conf import settings
 from pydicom.uid import (
@@ -19,13 +19,12 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from results.deliver.coding import fhir_settings, hl7_message_type, hl7_settings, sr_codes
 from results.deliver.dicom_send import StoreSession
 from results.deliver.fhir import FHIRBuildError, send_fhir_result
 from results.deliver.hl7 import (
     AckPolicy,
     HL7BuildError,
-    HL7Settings,
-    MessageType,
     build_hl7_message,
     send_mllp,
 )
@@ -40,9 +39,18 @@ from routing.receive import dicom_tls
 BuildError = (SRBuildError, HL7BuildError, FHIRBuildError, SummaryBuildError)
 
 
-def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[str, str], context) -> Outcome:
+def send(
+    *,
+    destination: Destination,
+    payload: ResultPayload,
+    key: str | tuple[str, str],
+    context,
+    coding: dict[str, Any] | None = None,
+) -> Outcome:
     """Send `payload` to `destination` under its idempotency `key`: the SR's SOP Instance UID,
-    the HL7 MSH-10 control id, or for FHIR the Observation identifier (system, value)."""
+    the HL7 MSH-10 control id, or for FHIR the Observation identifier (system, value).
+    `coding` is the delivery's coding profile snapshot (Delivery.coding; {}: the defaults)."""
+    coding = coding or {}
     if destination.auth != "none" and destination.kind in ("dicomweb", "fhir") and destination.secret_unreadable:
         return Outcome(
             OutcomeKind.CONFIG_ERROR,
@@ -57,7 +65,7 @@ def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[s
         summary = build_summary_image(payload) if destination.send_summary_image else None
         # Key images only for a flagged result: a KOS on a negative study would point at nothing.
         kos = build_key_objects(payload, summary) if destination.send_key_objects and payload.finding_flag else None
-        sr = build_sr(payload, summary=summary)
+        sr = build_sr(payload, summary=summary, sr_codes=sr_codes(coding))
         if sr.SOPInstanceUID != key:
             # Keys are minted once; an SR under another UID would be a second copy at the PACS.
             return Outcome(
@@ -84,10 +92,9 @@ def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[s
         assert isinstance(key, str)
         message = build_hl7_message(
             payload,
-            # Destination.hl7_message_type's choices are exactly the MessageType values.
-            message_type=cast(MessageType, destination.hl7_message_type),
+            message_type=hl7_message_type(destination, coding),
             control_id=key,
-            settings=hl7_settings(destination),
+            settings=hl7_settings(destination, coding),
         )
         return send_mllp(
             destination.host,
@@ -101,7 +108,12 @@ def send(*, destination: Destination, payload: ResultPayload, key: str | tuple[s
         assert isinstance(key, tuple)
         token = destination.secret if destination.auth == "bearer" else None
         return send_fhir_result(
-            destination.base_url, payload, bearer_token=token, timeout=destination.timeout_seconds, identifier=key
+            destination.base_url,
+            payload,
+            settings=fhir_settings(coding),
+            bearer_token=token,
+            timeout=destination.timeout_seconds,
+            identifier=key,
         )
     raise ValueError(f"unknown destination kind {destination.kind!r}")
 
@@ -157,17 +169,6 @@ def http_auth(destination: Destination) -> HttpAuth:
     if destination.auth == "bearer":
         return HttpAuth(kind="bearer", token=destination.secret)
     return HttpAuth()
-
-
-def hl7_settings(destination: Destination) -> HL7Settings:
-    return HL7Settings(
-        sending_application=destination.sending_application or "PACSLENS",
-        sending_facility=destination.sending_facility,
-        receiving_application=destination.receiving_application,
-        receiving_facility=destination.receiving_facility,
-        version=destination.hl7_version or "2.5.1",
-        accession_field=destination.accession_field or "OBR-18",
-    )
 
 
 def ack_policy(destination: Destination) -> AckPolicy:

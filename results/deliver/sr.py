@@ -34,6 +34,10 @@ SERIES_NUMBER = 9901
 SOFTWARE_VERSION = "0.1"
 
 
+# Besides private schemes (99...), a site may code the result in one of these standard schemes.
+STANDARD_SCHEMES = ("DCM", "SCT", "LN", "RADLEX", "NCIt", "UMLS")
+
+
 class SRBuildError(ValueError):
     """The SR cannot be built or failed validation: a permanent error for this result."""
 
@@ -49,6 +53,7 @@ class SRCodes:
     scheme_designator: str = "99PACSLENS"
     scheme_name: str = "PacsLens local codes"
     scheme_organization: str = "PacsLens"
+    scheme_version: str = ""
     score_code: str = "PL0001"
     score_meaning: str = "AI triage score"
     flag_code: str = "PL0002"
@@ -60,16 +65,18 @@ class SRCodes:
     )
 
     def __post_init__(self) -> None:
-        if not self.scheme_designator.startswith("99"):
-            raise ValueError("a private coding scheme designator must start with '99'")
+        if not (self.scheme_designator.startswith("99") or self.scheme_designator in STANDARD_SCHEMES):
+            raise ValueError(
+                f"a private coding scheme designator must start with 99 (or use one of {', '.join(STANDARD_SCHEMES)})"
+            )
 
     @property
     def score_concept(self) -> CodedConcept:
-        return CodedConcept(self.score_code, self.scheme_designator, self.score_meaning)
+        return CodedConcept(self.score_code, self.scheme_designator, self.score_meaning, self.scheme_version or None)
 
     @property
     def flag_concept(self) -> CodedConcept:
-        return CodedConcept(self.flag_code, self.scheme_designator, self.flag_meaning)
+        return CodedConcept(self.flag_code, self.scheme_designator, self.flag_meaning, self.scheme_version or None)
 
 
 DEFAULT_CODES = SRCodes()
@@ -124,8 +131,9 @@ def build_sr(
             coding_schemes=[
                 hd.coding_schemes.CodingSchemeIdentificationItem(
                     designator=sr_codes.scheme_designator,
-                    name=sr_codes.scheme_name,
-                    responsible_organization=sr_codes.scheme_organization,
+                    name=sr_codes.scheme_name or None,
+                    version=sr_codes.scheme_version or None,
+                    responsible_organization=sr_codes.scheme_organization or None,
                 )
             ],
         )
@@ -309,7 +317,11 @@ def validate_sr(encoded: bytes, *, payload: ResultPayload, sr_codes: SRCodes = D
         raise SRBuildError(f"highdicom cannot parse the SR for study {study}: {type(exc).__name__}") from None
     if len(groups) != 1:
         raise SRBuildError(f"SR for study {study} has {len(groups)} measurement groups, not 1")
-    if not groups[0].get_measurements(name=sr_codes.score_concept):
+    # highdicom 0.28 matches content item names without their Coding Scheme Version, so a
+    # versioned concept would never match: look for the concept without it.
+    score = CodedConcept(sr_codes.score_code, sr_codes.scheme_designator, sr_codes.score_meaning)
+    flag = CodedConcept(sr_codes.flag_code, sr_codes.scheme_designator, sr_codes.flag_meaning)
+    if not groups[0].get_measurements(name=score):
         raise SRBuildError(f"SR for study {study} lacks the triage score measurement")
-    if not groups[0].get_qualitative_evaluations(name=sr_codes.flag_concept):
+    if not groups[0].get_qualitative_evaluations(name=flag):
         raise SRBuildError(f"SR for study {study} lacks the finding qualitative evaluation")

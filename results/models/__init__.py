@@ -12,6 +12,7 @@ from results.models.alerts import (
     NotificationState,
     WebhookFormat,
 )
+from results.models.coding import CodingProfile
 from results.models.delivery import (
     AckAction,
     AuthKind,
@@ -43,6 +44,7 @@ __all__ = [
     "NotificationState",
     "WebhookFormat",
     "AckAction",
+    "CodingProfile",
     "AuthKind",
     "Delivery",
     "DeliveryAttempt",

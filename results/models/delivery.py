@@ -264,6 +264,9 @@ class Delivery(models.Model):
     idempotency_key = models.CharField(max_length=80)
     # FHIR only: the system of the Observation identifier whose value is idempotency_key.
     identifier_system = models.CharField(max_length=255, blank=True, default="")
+    # The destination's coding profile when this row was written (CodingProfile.snapshot), so
+    # every re-send carries the same identifiers and codes; {} (rows from before profiles): the defaults.
+    coding = models.JSONField(default=dict, blank=True)
     state = models.CharField(max_length=10, choices=DeliveryState.choices, default=DeliveryState.PENDING)
     priority = models.SmallIntegerField(default=5, help_text="Copied from the study: lower goes first")
     attempts = models.PositiveIntegerField(default=0)

@@ -37,6 +37,9 @@ class AuditAction(models.TextChoices):
     EXPORT_AUDIT = "export_audit", "Exported the triage audit"
     # Users, groups, memberships, permissions, tokens (routing/models/access_audit.py).
     ACCESS = "access", "Changed access"
+    REVOKE = "revoke", "Revoked"
+    IMPORT = "import", "Imported the site configuration"
+    EXPORT = "export", "Exported the site configuration"
 
 
 class AuditEntry(models.Model):

@@ -1,5 +1,8 @@
-"""A FHIR R4 server for the tests: resources in memory, bodies validated with fhir.resources,
-conditional create (If-None-Exist) and conditional update, bearer `TOKEN` required.
+"""A FHIR R4 stub for fault injection: resources in memory, bodies validated with fhir.resources,
+conditional create (If-None-Exist) and conditional update, bearer `TOKEN` required, and on
+demand scripted statuses (`script`), silence (`hang`) or a replaced handler (slow answers).
+The normal path is tested against a real FHIR server (tests/support/fhir_router.py), which
+cannot be made to answer 503 or to hang.
 
 The `fhir_server` fixture (registered in conftest) is one on a free port, stopped at teardown.
 `send` delivers a result (by default tests.support.identities.result_payload) to a server as

@@ -27,6 +27,7 @@ class MLLPListener:
     def __init__(self, port: int | None = None) -> None:
         self.mode = "AA"
         self.received: list[str] = []  # MSH-10 of every message parsed
+        self.messages: list[str] = []  # and the message itself (ER7), in the same order
         self.release = threading.Event()
         listener = self
 
@@ -40,6 +41,7 @@ class MLLPListener:
                 message = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
                 control_id = message.msh.msh_10.value
                 listener.received.append(control_id)
+                listener.messages.append(er7)
                 mode = listener.mode
                 if mode == "silent":
                     listener.release.wait(30)

@@ -1,0 +1,266 @@
+"""The shapes of the API's answers, for the OpenAPI schema and for checking what we send.
+
+`StudyStatus` describes `study_status_data()` (pacslens/ops/study_status.py), the one serializer
+of a study that `manage.py study_status --json` prints too: the API validates that dict against
+this schema, it does not build its own.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from ninja import Schema
+from pydantic import BaseModel, ConfigDict, Field
+
+# The study_status document's timestamps: kept as the serializer wrote them (isoformat, to the
+# microsecond), so the API and `study_status --json` give the same bytes.
+IsoDateTime = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+
+
+class Problem(Schema):
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    field: str | None = None
+    errors: list[dict[str, str]] | None = None
+
+
+# --- studies ----------------------------------------------------------------------------------
+
+
+class StudySummary(Schema):
+    id: int
+    study_instance_uid: str
+    state: str
+    priority: str
+    accession_number: str
+    modalities: list[str]
+    sending_ae_title: str
+    first_received_at: datetime
+    last_received_at: datetime
+    completed_at: datetime | None
+    flagged: bool = False
+    url: str
+
+
+class StudyPage(Schema):
+    items: list[StudySummary]
+    next_cursor: str | None
+    next: str | None
+
+
+class StatusPart(BaseModel):
+    # study_status --json only ever adds keys: one this schema does not name yet passes through
+    # (a plain pydantic model: ninja's Schema reads only the fields it declares).
+    model_config = ConfigDict(extra="allow")
+
+
+class SeriesStatus(StatusPart):
+    series_instance_uid: str
+    modality: str
+    body_part_examined: str
+    series_description: str
+    instance_count: int
+    bytes: int
+
+
+class TimelineEvent(StatusPart):
+    at: IsoDateTime
+    kind: str
+    from_state: str
+    to_state: str
+    detail: str
+    seconds_since_previous: float | None
+
+
+class RoutingStatus(StatusPart):
+    decided_at: IsoDateTime
+    matched_rules: list[str]
+    models: list[str]
+    priority: str | int
+    reason: str
+
+
+class ResultStatus(StatusPart):
+    id: int
+    created_at: IsoDateTime
+    model: str
+    model_version: str
+    model_sha256: str
+    shadow: bool = False
+    status: str
+    score: float | None
+    flagged: bool | None
+    label: str
+    key_region: dict[str, Any] | None = None
+    failure_reason: str | None
+    message: str
+    series_instance_uid: str
+    instance_count: int | None
+    load_seconds: float | None
+    preprocess_seconds: float | None
+    infer_seconds: float | None
+    supersedes: int | None
+    current: bool
+    demonstration: bool
+    uid: str
+
+
+class AttemptStatus(StatusPart):
+    number: int
+    started_at: IsoDateTime
+    ended_at: IsoDateTime
+    outcome: str
+    code: str | None
+    message: str
+
+
+class DeliveryStatus(StatusPart):
+    id: int
+    result: int
+    destination: str
+    kind: str
+    idempotency_key: str
+    state: str
+    attempts: int
+    next_attempt_at: IsoDateTime | None
+    next_try_at: IsoDateTime | None = None
+    held_by_breaker: bool = False
+    delivered_at: IsoDateTime | None
+    last_error: str | None
+    last_error_class: str | None
+    attempt_log: list[AttemptStatus]
+
+
+class StudyStatus(StatusPart):
+    study_instance_uid: str
+    internal_id: int
+    state: str
+    priority: str
+    accession_number: str
+    modalities: list[str]
+    sending_ae_title: str
+    first_received_at: IsoDateTime
+    last_received_at: IsoDateTime
+    completed_at: IsoDateTime | None
+    series_count: int
+    instance_count: int
+    series: list[SeriesStatus]
+    timeline: list[TimelineEvent]
+    routing: RoutingStatus | None
+    results: list[ResultStatus]
+    deliveries: list[DeliveryStatus]
+    installation: str
+
+
+# --- actions ----------------------------------------------------------------------------------
+
+
+class ActionOutcome(Schema):
+    detail: str
+    queued: int = 0
+    ids: list[int] = []
+
+
+class DiscardIn(Schema):
+    reason: str
+
+
+class RetryIn(Schema):
+    destination: int | None = None
+    deliveries: list[int] | None = None
+
+
+class DeliveryRow(Schema):
+    id: int
+    study_id: int
+    result_id: int
+    destination_id: int
+    destination: str
+    kind: str
+    idempotency_key: str
+    state: str
+    attempts: int
+    last_error: str
+    last_error_class: str
+    created_at: datetime
+    delivered_at: datetime | None
+    discarded_by: str
+    discard_reason: str
+
+
+class RetrieveRow(Schema):
+    id: int
+    source: str
+    study_instance_uid: str
+    state: str
+    attempts: int
+    last_status: int | None
+    last_error: str
+    found_at: datetime
+    finished_at: datetime | None
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+class ResultRow(Schema):
+    id: int
+    created_at: datetime
+    study_id: int
+    model: str
+    model_version: str
+    model_sha256: str
+    shadow: bool
+    status: str
+    score: float | None
+    flagged: bool | None
+    label: str
+    supersedes: int | None
+    current: bool
+
+
+class ResultPage(Schema):
+    items: list[ResultRow]
+    next_cursor: str | None
+    next: str | None
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+class ConfigObject(Schema):
+    id: int
+    etag: str
+    entry: dict[str, Any]
+
+
+class ImportSummary(Schema):
+    dry_run: bool
+    sections: dict[str, dict[str, int]]
+
+
+class RoutingVerdict(Schema):
+    rule: str
+    matched: bool
+    counts: bool
+    skipped: str
+    conditions: list[str]
+
+
+class DryRun(Schema):
+    study_id: int
+    reason: str
+    verdicts: list[RoutingVerdict]
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+class Health(Schema):
+    status: str
+    checks: dict[str, dict[str, Any]]
+    queue: dict[str, Any]
