@@ -94,7 +94,7 @@ def objects(pipeline) -> dict:
 class TestPermissionMatrix:
     def test_every_endpoint_and_method_checks_the_role(self, api, objects):
         rows = matrix(objects)
-        assert len(rows) == 18 + 6 * len(CONFIG_KINDS)
+        assert len(rows) == 19 + 6 * len(CONFIG_KINDS)
         audit_before = AuditEntry.objects.count()
         for method, path, kwargs, allowed in rows:
             assert api.call(None, method, path, **kwargs).status_code == 401, (method, path)
