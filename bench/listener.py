@@ -471,7 +471,9 @@ def main() -> None:
         out.write_text(
             json.dumps(
                 {
-                    "args": vars(args),
+                    "args": {
+                        key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+                    },
                     "cpus": os.cpu_count(),
                     "summary": rows,
                     "memory": memory_results,
