@@ -117,12 +117,12 @@ def webhook_subscription_save(
     *, subscription: WebhookSubscription, actor: str, rotate_secret: bool = False, request=None
 ) -> str:
     """Validate, save and audit a subscription (new or changed). Returns the signing secret when
-    one was made here (a new subscription given none, or `rotate_secret`): shown once, never again.
+    one was made here (none given, or `rotate_secret`): shown once, never again.
     Raises ValidationError with the model's messages."""
     creating = subscription.pk is None
     before = None if creating else _snapshot(WebhookSubscription.objects.get(pk=subscription.pk))
     made = ""
-    if rotate_secret or (creating and not subscription.secret):
+    if rotate_secret or not subscription.secret:
         made = subscription.secret = signing_secret_new()
     subscription.full_clean()
     with transaction.atomic():

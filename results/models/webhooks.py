@@ -79,7 +79,7 @@ class WebhookSubscription(models.Model):
                 URLValidator(schemes=["http", "https"])(self.webhook_url)
             except ValidationError:
                 errors["webhook_url"] = "Enter the receiver's URL, starting with https:// (or http://)."
-        if not self.secret_unreadable and len(self.secret) < 16:
+        if self.secret and not self.secret_unreadable and len(self.secret) < 16:
             errors["secret"] = "A signing secret needs at least 16 characters (leave it empty to have one made)."
         unknown = [event for event in self.event_types if event not in EVENT_TYPES]
         if unknown:
