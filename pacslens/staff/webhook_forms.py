@@ -42,10 +42,7 @@ class WebhookSubscriptionForm(forms.ModelForm):
         assert cleaned is not None  # ModelForm.clean returns cleaned_data
         if not cleaned.get("webhook_url") and self.instance.pk:
             cleaned["webhook_url"] = self.instance.webhook_url
-        return cleaned
-
-    def _post_clean(self) -> None:
-        chosen = set(self.cleaned_data.get("event_types") or [])
-        if chosen:  # none chosen: the field's own "required" error says so
+        chosen = set(cleaned.get("event_types") or [])
+        if chosen:  # set before the model's validation, which runs after clean(); none: "required" says so
             self.instance.events = ",".join(event for event in EVENT_TYPES if event in chosen)
-        super()._post_clean()
+        return cleaned
