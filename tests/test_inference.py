@@ -91,7 +91,7 @@ class TestPipeline:
         assert result.status == ResultStatus.SUCCEEDED
         assert result.flagged and result.score > demo_site.threshold
         assert result.label == "hyperdense region"
-        assert result.outputs["hyperdense_fraction"] > 0.001
+        assert result.outputs["hyperdense_volume_ml"] > 0.5
         assert (result.model_name, result.model_version, result.model_sha256) == (
             demo_site.name,
             demo_site.version,
@@ -177,6 +177,9 @@ class TestPipeline:
         assert study.events.last().kind == "failed" and "unreadable_pixels" in study.events.last().detail
 
     def test_too_few_slices_is_no_suitable_series(self, demo_site, tmp_path):
+        # The demo model takes a single slice; a model that needs 8 says why it did not run.
+        demo_site.manifest["series"]["min_slices"] = 8
+        demo_site.save()
         study = ingest(demo(tmp_path, slices=3, seed=7).paths)
         process_study(study.pk)
         result = InferenceResult.objects.get(study=study)
@@ -356,14 +359,14 @@ class TestStatusAndSetup:
         call_command("study_status", study.study_instance_uid, "--json")
         data = json.loads(capsys.readouterr().out)
         assert data["routing"]["matched_rules"] == ["Demo: CT head to the demonstration model"]
-        assert data["routing"]["models"] == ["demo-hyperdense-head-ct 1.0"]
+        assert data["routing"]["models"] == ["demo-hyperdense-head-ct 2.0"]
         assert data["routing"]["priority"] == "routine"
         [result] = data["results"]
         assert result["status"] == "succeeded" and result["flagged"] is True and result["current"] is True
         assert result["demonstration"] is True and result["infer_seconds"] is not None
         call_command("study_status", study.study_instance_uid)
         out = capsys.readouterr().out
-        assert "Routing    Demo: CT head to the demonstration model -> demo-hyperdense-head-ct 1.0" in out
+        assert "Routing    Demo: CT head to the demonstration model -> demo-hyperdense-head-ct 2.0" in out
         assert "FLAGGED" in out and "(demonstration)" in out
         assert "ZZDEMO" not in out  # no patient data in support output
 
@@ -392,6 +395,38 @@ class TestStatusAndSetup:
         from django_q.models import Schedule
 
         assert Schedule.objects.filter(func="results.tasks.sweep_inference").count() == 1
+
+    def test_setup_site_moves_the_demo_rule_to_a_new_demo_version_and_keeps_the_old(self, data_dir, tmp_path):
+        """Results name the version that made them: an upgrade adds a version, it never rewrites one."""
+        import hashlib
+
+        import yaml
+
+        from results.inference.demo_model import NAME, RULE_NAME, VERSION, demo_model_write
+        from results.inference.registry import model_register
+
+        # A site set up by the previous release: the demo rule runs demo version 1.0, with a result.
+        manifest_path, manifest = demo_model_write(directory=tmp_path / "old")
+        old_file = tmp_path / "old" / manifest["file"]
+        old_model = onnx.load(old_file)
+        old_model.doc_string = "version 1.0"  # another file, as 1.0 was
+        onnx.save(old_model, old_file)
+        manifest.update(version="1.0", sha256=hashlib.sha256(old_file.read_bytes()).hexdigest())
+        manifest_path.write_text(yaml.safe_dump(manifest))
+        old, _ = model_register(manifest_path=manifest_path)
+        rule = RoutingRule.objects.create(name=RULE_NAME, position=1000)
+        rule.ai_models.add(old)
+        study = ingest(demo(tmp_path, seed=90, slices=10, size=64).paths)
+        InferenceResult.objects.create(
+            study=study, model=old, model_name=NAME, model_version="1.0", model_sha256=old.sha256, status="succeeded"
+        )
+        line = ensure_demo_setup()
+        assert "now runs it instead of 1.0" in line
+        new = AIModel.objects.get(version=VERSION)
+        assert list(rule.ai_models.all()) == [new]
+        result = InferenceResult.objects.get()
+        assert (result.model, result.model_version, result.model_sha256) == (old, "1.0", old.sha256)
+        assert ensure_demo_setup().endswith("routing rules exist, demo rule not added")
 
 
 class TestUnreadableFiles:

@@ -26,13 +26,13 @@ pacslens_config: 1
 routing_rules:
 - name: 'Demo: CT head to the demonstration model'
   position: 1000
-  models: [{name: demo-hyperdense-head-ct, version: '1.0'}]
+  models: [{name: demo-hyperdense-head-ct, version: '2.0'}]
   conditions:
   - {attribute: Modality, operator: equals, value: CT}
   - {attribute: BodyPartExamined, operator: one_of, value: [HEAD, BRAIN]}
 - name: Any head
   position: 2000
-  models: [{name: demo-hyperdense-head-ct, version: '1.0'}]
+  models: [{name: demo-hyperdense-head-ct, version: '2.0'}]
   conditions:
   - {attribute: BodyPartExamined, operator: equals, value: HEAD}
 """

@@ -40,12 +40,12 @@ class TestRegister:
     def test_it_registers_and_copies_the_file_under_the_data_dir(self, data_dir, manifest_file, capsys):
         call_command("register_model", str(manifest_file))
         model = AIModel.objects.get()
-        assert model.file.startswith("models/demo-hyperdense-head-ct/1.0/")
+        assert model.file.startswith("models/demo-hyperdense-head-ct/2.0/")
         assert model.file_path.is_file()
         assert hashlib.sha256(model.file_path.read_bytes()).hexdigest() == model.sha256
         assert model.demonstration and model.accepts_modalities == ["CT"]
         out = capsys.readouterr().out
-        assert "Registered demo-hyperdense-head-ct 1.0" in out and "NOT FOR CLINICAL USE" in out
+        assert "Registered demo-hyperdense-head-ct 2.0" in out and "NOT FOR CLINICAL USE" in out
 
     def test_registering_again_is_a_no_op(self, data_dir, manifest_file, capsys):
         call_command("register_model", str(manifest_file))

@@ -304,7 +304,7 @@ class TestYamlConfig:
         ]
         stat = document["routing_rules"][0]
         assert stat["priority"] == "stat" and stat["stop_at_first_match"] is False
-        assert stat["models"] == [{"name": "demo-hyperdense-head-ct", "version": "1.0"}]
+        assert stat["models"] == [{"name": "demo-hyperdense-head-ct", "version": "2.0"}]
         assert stat["conditions"] == [
             {"attribute": "CallingAETitle", "operator": "regex", "value": "^ER_"},
             {"attribute": "BodyPartExamined", "operator": "one_of", "value": ["HEAD", "BRAIN"]},
@@ -346,7 +346,7 @@ class TestYamlConfig:
         rule["models"] = [{"name": "nope", "version": "9"}]
         document["routing_rules"].append({"name": "new", "colour": "red"})
         document["models"][0]["output"]["threshold"] = 0.9  # same version, changed manifest
-        document["models"].append({**document["models"][0], "version": "2.0", "file": "../../etc/passwd"})
+        document["models"].append({**document["models"][0], "version": "9.0", "file": "../../etc/passwd"})
         with pytest.raises(ConfigError) as excinfo:
             config_import(yaml.safe_dump(document, sort_keys=False))
         text = str(excinfo.value)
@@ -354,8 +354,8 @@ class TestYamlConfig:
         assert "routing_rules[0] ('stat trauma'): field 'conditions[0].value': invalid regular expression" in text
         assert "routing_rules[0] ('stat trauma'): field 'models[0]': no model nope 9" in text
         assert "routing_rules[2] ('new'): unknown field(s) colour" in text
-        assert "models[0] ('demo-hyperdense-head-ct' '1.0'): field 'version': this version is registered" in text
-        assert "models[1] ('demo-hyperdense-head-ct' '2.0'): field 'file': must be a path under" in text
+        assert "models[0] ('demo-hyperdense-head-ct' '2.0'): field 'version': this version is registered" in text
+        assert "models[1] ('demo-hyperdense-head-ct' '9.0'): field 'file': must be a path under" in text
         assert config_export() == before
 
     def test_a_rule_may_name_a_model_added_by_the_same_file(self, site, data_dir):

@@ -2,9 +2,9 @@
 
     models:
     - name: demo-hyperdense-head-ct
-      version: '1.0'
+      version: '2.0'
       enabled: true
-      file: models/demo-hyperdense-head-ct/1.0/demo-hyperdense-head-ct-1.0.onnx  # under DATA_DIR
+      file: models/demo-hyperdense-head-ct/2.0/demo-hyperdense-head-ct-2.0.onnx  # under DATA_DIR
       sha256: ...
       ...the rest of the manifest (results/inference/manifest.py)
 

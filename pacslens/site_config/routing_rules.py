@@ -6,9 +6,9 @@ routing_rules:
   position: 10
   priority: stat            # stat | routine
   stop_at_first_match: true
-  models: [{name: demo-hyperdense-head-ct, version: '1.0'}]
+  models: [{name: demo-hyperdense-head-ct, version: '2.0'}]
   shadow: false             # true: run the models, record the results, deliver nothing
-  shadow_models: [{name: demo-hyperdense-head-ct, version: '1.1'}]   # run beside, never delivered
+  shadow_models: [{name: demo-hyperdense-head-ct, version: '2.1'}]   # run beside, never delivered
   conditions:
   - {attribute: Modality, operator: equals, value: CT}
   - {attribute: BodyPartExamined, operator: one_of, value: [HEAD, BRAIN]}

@@ -1,17 +1,29 @@
 """The demonstration model: hyperdense-region triage for head CT, built from code. NOT FOR CLINICAL USE.
 
 No weights, nothing downloaded: the ONNX graph is a few transparent operations on a volume
-in Hounsfield units, so anyone can read exactly why a study scored what it did:
+in Hounsfield units that preprocessing has resampled to 2 mm voxels (the manifest's `spacing`:
+box means from each series' Pixel Spacing and slice positions, so thin noisy slices average
+out and every kernel below has a fixed size in millimetres). Anyone can read why a study
+scored what it did:
 
-    bone      = volume > 150 HU
-    near_bone = 5x5 in-plane max-pool of bone        (drops partial-volume voxels at the skull)
-    region    = 0 <= volume <= 90 HU, not near bone   (soft tissue: the brain, roughly)
-    dense     = 55 <= volume <= 90 HU, not near bone  (the density of acute blood)
-    fraction  = sum(dense) / max(sum(region), 1)
-    score     = sigmoid(SLOPE * (fraction - MIDPOINT))
+    hot       = volume > 120 HU                 bone and calcification (blood is at most 90 HU)
+    near_hot  = max-pool of hot, 7x7x7 voxels   the 6 mm around them: the skull's partial-volume
+                                                rim, the beam-hardening band inside it, the halo
+                                                of a calcification
+    smooth    = 3x3x3 mean (6 mm) of the volume clipped at 100 HU, hot voxels counted as brain
+    dense     = smooth >= 42 HU and not near_hot        (brain is 25-40 HU, acute blood 50-90)
+    core      = opening of dense by a 2x2x2 block (min-pool, then max-pool): only whole
+                4 mm cubes of dense tissue are left; noise specks and thin bands vanish
+    largest   = the most core volume inside any 14 mm cube (separable 7x7x7 mean, max)
+    score     = sigmoid(SLOPE * (largest_ml - MIN_ML))    flagged from 0.5: 0.08 mL of core
+    outputs   : score, hyperdense_volume_ml (all core), largest_region_ml
 
-It exists so the README tour, the tests and the benchmarks run offline end to end. It knows
-nothing about real anatomy, artefacts or calcifications.
+Version 1.0 thresholded single voxels and flagged clean studies with ordinary scanner noise;
+results made by it still name it (a version always means one file; setup_site registers 2.0
+beside it and moves its own demo rule). docs/demo-model.md has the evaluation (manage.py
+evaluate_model) and what the model cannot see: blood within ~5 mm of the skull (subdural,
+epidural) is excluded with the bone, and a calcification wider than about 5 mm on thick slices
+can look like a small bleed.
 """
 
 from __future__ import annotations
@@ -28,21 +40,29 @@ from django.db import transaction
 from onnx import TensorProto, helper, numpy_helper
 
 from results.inference.registry import model_register
+from results.models import AIModel
 from routing.models import Operator, RoutingRule
 
 NAME = "demo-hyperdense-head-ct"
-VERSION = "1.0"
-INPUT_SHAPE = [1, 1, 48, 128, 128]
-BONE_HU = 150.0
-REGION_HU = (0.0, 90.0)
-DENSE_HU = (55.0, 90.0)
-MIDPOINT = 0.0008  # 0.08 % of the region: a lesion of ~1 cm radius in an adult brain
-SLOPE = 4000.0
+VERSION = "2.0"
+INPUT_SHAPE = [1, 1, 90, 128, 128]  # 180 x 256 x 256 mm
+SPACING_MM = [2.0, 2.0, 2.0]  # z, y, x
+HOT_HU = 120.0  # bone and calcification; blood is at most 90 HU
+NEAR_HOT_KERNEL = [7, 7, 7]  # voxels: 6 mm around bone and calcification
+CLIP_HU = 100.0
+HOT_FILL = 38.0  # what bone and calcified voxels count as in the mean: brain
+SMOOTH_KERNEL = [3, 3, 3]  # 6 x 6 x 6 mm
+DENSE_HU = 42.0
+OPENING_KERNEL = [2, 2, 2]  # 4 x 4 x 4 mm
+REGION_KERNEL = 7  # a 14 mm cube: holds most of a 0.5-1 mL bleed, not two foci 2 cm apart
+MIN_ML = 0.08
+SLOPE = 60.0  # per mL: the score is 0.01 with no dense core at all, 0.5 at MIN_ML, 0.72 at MIN_ML + 0.016 mL (2 voxels)
 THRESHOLD = 0.5
 INTENDED_USE = (
     "DEMONSTRATION ONLY, NOT FOR CLINICAL USE. Built by PacsLens from code to exercise the pipeline "
-    "on synthetic studies (make_demo_study): scores the fraction of soft-tissue voxels at acute-blood "
-    "density (55-90 HU) in an axial head CT. It has not been validated on any patient data."
+    "on synthetic studies (make_demo_study): flags an axial head CT holding a compact region at "
+    "acute-blood density (46-100 HU after 3-D smoothing) of at least 0.2 mL away from bone and "
+    "calcification. It has not been validated on any patient data."
 )
 RULE_NAME = "Demo: CT head to the demonstration model"
 
@@ -56,16 +76,16 @@ def demo_manifest(*, file: str, sha256: str) -> dict:
         "intended_use": INTENDED_USE,
         "demonstration": True,
         "accepts": {"modalities": ["CT"], "body_parts": ["HEAD", "BRAIN"]},
-        "series": {"orientation": "axial", "min_slices": 8, "max_slices": 2000, "choose": "most_slices"},
+        "series": {"orientation": "axial", "min_slices": 1, "max_slices": 2000, "choose": "most_slices"},
         "input": {
             "name": "volume",
             "shape": list(INPUT_SHAPE),
             "rescale": "hu",
             "window": None,
-            # Nearest keeps the phantom's sharp edges sharp; averaging would invent voxels at
-            # blood density where brain meets bone.
-            "resize": "nearest",
-            "slices": "nearest",
+            # Resampled to a physical grid: box means, so thin noisy slices average out.
+            "resize": "linear",
+            "slices": "mean",
+            "spacing": list(SPACING_MM),
         },
         "output": {
             "score": "score",
@@ -79,39 +99,61 @@ def demo_model_build() -> onnx.ModelProto:
     def const(name: str, value: float) -> onnx.TensorProto:
         return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
 
-    def between(prefix: str, low: str, high: str) -> list[onnx.NodeProto]:
-        return [
-            helper.make_node("GreaterOrEqual", ["volume", low], [f"{prefix}_ge"]),
-            helper.make_node("LessOrEqual", ["volume", high], [f"{prefix}_le"]),
-            helper.make_node("And", [f"{prefix}_ge", f"{prefix}_le"], [f"{prefix}_in"]),
-            helper.make_node("Cast", [f"{prefix}_in"], [f"{prefix}_f"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{prefix}_f", "away_from_bone"], [f"{prefix}_mask"]),
-            helper.make_node("ReduceSum", [f"{prefix}_mask"], [f"{prefix}_voxels"], keepdims=0),
-        ]
+    def pool(op: str, source: str, target: str, kernel: list[int], *, reflect: bool = False, **attributes):
+        # Padded so the output has the input's shape (MaxPool ignores the padding, AveragePool
+        # leaves it out of the count). An even kernel has one more pad after than before;
+        # `reflect` swaps that, so an erosion and the dilation after it cover the same voxels.
+        before, after = [(k - 1) // 2 for k in kernel], [k // 2 for k in kernel]
+        if reflect:
+            before, after = after, before
+        return helper.make_node(op, [source], [target], kernel_shape=kernel, pads=before + after, **attributes)
 
+    voxel_ml = float(np.prod(SPACING_MM)) / 1000
     nodes = [
-        helper.make_node("Greater", ["volume", "bone_hu"], ["bone"]),
-        helper.make_node("Cast", ["bone"], ["bone_f"], to=TensorProto.FLOAT),
-        helper.make_node("MaxPool", ["bone_f"], ["near_bone"], kernel_shape=[1, 5, 5], pads=[0, 2, 2, 0, 2, 2]),
-        helper.make_node("Sub", ["one", "near_bone"], ["away_from_bone"]),
-        *between("region", "region_low", "region_high"),
-        *between("dense", "dense_low", "dense_high"),
-        helper.make_node("Max", ["region_voxels", "one"], ["region_safe"]),
-        helper.make_node("Div", ["dense_voxels", "region_safe"], ["fraction"]),
-        helper.make_node("Sub", ["fraction", "midpoint"], ["centred"]),
+        helper.make_node("Greater", ["volume", "hot_hu"], ["hot"]),
+        helper.make_node("Cast", ["hot"], ["hot_f"], to=TensorProto.FLOAT),
+        pool("MaxPool", "hot_f", "near_hot", NEAR_HOT_KERNEL),
+        helper.make_node("Sub", ["one", "near_hot"], ["away_from_hot"]),
+        # Clipped first: a small bright focus (a calcification) weighs no more than blood would.
+        helper.make_node("Min", ["volume", "clip_hu"], ["clipped_raw"]),
+        # Bone and calcified voxels count as water in the mean: they neither lift the brain
+        # next to them into the blood range nor hide a bleed beside them.
+        helper.make_node("Where", ["hot", "hot_fill", "clipped_raw"], ["clipped"]),
+        pool("AveragePool", "clipped", "smooth", SMOOTH_KERNEL, count_include_pad=0),
+        helper.make_node("GreaterOrEqual", ["smooth", "dense_hu"], ["dense_in"]),
+        helper.make_node("Cast", ["dense_in"], ["dense_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["dense_f", "away_from_hot"], ["dense"]),
+        # Opening: erosion (a min-pool, as 1 - max-pool of the complement), then dilation.
+        helper.make_node("Sub", ["one", "dense"], ["not_dense"]),
+        pool("MaxPool", "not_dense", "not_eroded", OPENING_KERNEL),
+        helper.make_node("Sub", ["one", "not_eroded"], ["eroded"]),
+        pool("MaxPool", "eroded", "core", OPENING_KERNEL, reflect=True),
+        helper.make_node("ReduceSum", ["core"], ["core_voxels"], keepdims=0),
+        helper.make_node("Mul", ["core_voxels", "voxel_ml"], ["volume_ml"]),
+        # The score looks at the largest compact region, not the sum: the core volume inside
+        # the best-placed cube of REGION_KERNEL (a separable mean, then the maximum), so a
+        # few small foci far apart do not add up to one bleed.
+        pool("AveragePool", "core", "region_z", [REGION_KERNEL, 1, 1], count_include_pad=1),
+        pool("AveragePool", "region_z", "region_zy", [1, REGION_KERNEL, 1], count_include_pad=1),
+        pool("AveragePool", "region_zy", "region", [1, 1, REGION_KERNEL], count_include_pad=1),
+        helper.make_node("ReduceMax", ["region"], ["region_share"], keepdims=0),
+        helper.make_node("Mul", ["region_share", "region_ml"], ["largest_ml"]),
+        helper.make_node("Sub", ["largest_ml", "min_ml"], ["centred"]),
         helper.make_node("Mul", ["centred", "slope"], ["logit"]),
         helper.make_node("Sigmoid", ["logit"], ["score_scalar"]),
         helper.make_node("Reshape", ["score_scalar", "shape_1"], ["score"]),
-        helper.make_node("Reshape", ["fraction", "shape_1"], ["hyperdense_fraction"]),
+        helper.make_node("Reshape", ["volume_ml", "shape_1"], ["hyperdense_volume_ml"]),
+        helper.make_node("Reshape", ["largest_ml", "shape_1"], ["largest_region_ml"]),
     ]
     initializers = [
-        const("bone_hu", BONE_HU),
+        const("hot_hu", HOT_HU),
         const("one", 1.0),
-        const("region_low", REGION_HU[0]),
-        const("region_high", REGION_HU[1]),
-        const("dense_low", DENSE_HU[0]),
-        const("dense_high", DENSE_HU[1]),
-        const("midpoint", MIDPOINT),
+        const("clip_hu", CLIP_HU),
+        const("hot_fill", HOT_FILL),
+        const("dense_hu", DENSE_HU),
+        const("voxel_ml", voxel_ml),
+        const("region_ml", voxel_ml * REGION_KERNEL**3),
+        const("min_ml", MIN_ML),
         const("slope", SLOPE),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "shape_1"),
     ]
@@ -121,7 +163,8 @@ def demo_model_build() -> onnx.ModelProto:
         [helper.make_tensor_value_info("volume", TensorProto.FLOAT, INPUT_SHAPE)],
         [
             helper.make_tensor_value_info("score", TensorProto.FLOAT, [1]),
-            helper.make_tensor_value_info("hyperdense_fraction", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("hyperdense_volume_ml", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("largest_region_ml", TensorProto.FLOAT, [1]),
         ],
         initializers,
     )
@@ -151,13 +194,18 @@ def demo_model_write(*, directory: Path) -> tuple[Path, dict]:
 def ensure_demo_setup() -> str:
     """Build and register the demo model, and add the demo rule when the site has no rules.
 
-    Called by setup_site (so by `make run`): idempotent, returns one line to print.
+    Called by setup_site (so by `make run`): idempotent, returns one line to print. On a site
+    set up with an earlier version, the demo rule moves to this version; the earlier version
+    stays registered, so the results it made still name the file that made them.
     """
     manifest_path, _ = demo_model_write(directory=Path(settings.DATA_DIR) / "models" / "demo")
     model, created = model_register(manifest_path=manifest_path)
     line = f"Demonstration model {model.name} {model.version} {'registered' if created else 'ready'} (not for clinical use)"
     with transaction.atomic():
         if RoutingRule.objects.exists():
+            upgraded = _demo_rule_upgrade(model)
+            if upgraded:
+                return line + f"; routing rule {RULE_NAME!r} now runs it instead of {', '.join(upgraded)}"
             return line + "; routing rules exist, demo rule not added"
         rule = RoutingRule.objects.create(
             name=RULE_NAME,
@@ -168,6 +216,19 @@ def ensure_demo_setup() -> str:
         rule.conditions.create(attribute="BodyPartExamined", operator=Operator.ONE_OF, value="HEAD\\BRAIN", position=1)
         rule.ai_models.add(model)
     return line + f"; routing rule {rule.name!r} added"
+
+
+def _demo_rule_upgrade(model: AIModel) -> list[str]:
+    """Point setup_site's own demo rule from earlier demo versions to `model`; the versions replaced."""
+    rule = RoutingRule.objects.filter(name=RULE_NAME).first()
+    if rule is None:
+        return []
+    older = [m for m in rule.ai_models.filter(name=NAME, demonstration=True) if m.pk != model.pk]
+    if not older:
+        return []
+    rule.ai_models.remove(*older)
+    rule.ai_models.add(model)
+    return [m.version for m in older]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -18,6 +18,9 @@ each naming its field, so a site fixes a manifest in one pass instead of one err
       window: null                         # or {center: 40, width: 80}: clip and scale to 0..1
       resize: nearest                      # in-plane resampling to H x W: nearest | linear
       slices: nearest                      # slice sampling to D: nearest | mean (slab average)
+      spacing: [2.5, 2.0, 2.0]             # optional, mm (z, y, x): resample to this physical voxel
+                                           # grid of D x H x W, centred on the series, instead of
+                                           # resize/slices (box mean in-plane, slab mean along z)
     output:
       score: score                         # the ONNX output holding the score (one number)
       threshold: 0.5                       # flagged when score >= threshold
@@ -108,6 +111,8 @@ def manifest_normalize(data: dict[str, Any]) -> dict[str, Any]:
             "window": inp.get("window"),
             "resize": inp.get("resize", "linear"),
             "slices": inp.get("slices", "nearest"),
+            # Only when given: manifests registered before the field existed stay identical.
+            **({"spacing": [float(v) for v in inp["spacing"]]} if inp.get("spacing") is not None else {}),
         },
         "output": {
             "score": out["score"],
@@ -211,8 +216,16 @@ def _check_input(inp: Any, p: dict[str, str]) -> None:
         p["input.resize"] = f"must be one of {', '.join(RESIZES)}"
     if inp.get("slices", "nearest") not in SLICE_SAMPLINGS:
         p["input.slices"] = f"must be one of {', '.join(SLICE_SAMPLINGS)}"
-    for key in sorted(set(inp) - {"name", "shape", "rescale", "window", "resize", "slices"}):
-        p[f"input.{key}"] = "unknown field (known: name, shape, rescale, window, resize, slices)"
+    spacing = inp.get("spacing")
+    if spacing is not None and not (
+        isinstance(spacing, list)
+        and len(spacing) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.05 <= v <= 50 for v in spacing)
+    ):
+        p["input.spacing"] = "must be null or [z, y, x] voxel spacing in mm, each between 0.05 and 50"
+    known = ("name", "shape", "rescale", "window", "resize", "slices", "spacing")
+    for key in sorted(set(inp) - set(known)):
+        p[f"input.{key}"] = f"unknown field (known: {', '.join(known)})"
 
 
 def _check_output(out: Any, p: dict[str, str]) -> None:

@@ -25,13 +25,15 @@ from results.inference.runtime import (
     session_run,
 )
 from results.inference.volume import (
+    ChosenSeries,
     NoSuitableSeries,
     NotApplicable,
     UnreadablePixels,
     series_choose,
     slice_indices,
     volume_load,
-    volume_preprocess,
+    volume_prepare,
+    volume_slice_indices,
 )
 from results.key_region import key_region_find
 from results.models import AIModel, FailureReason, InferenceResult, ResultStatus, WebhookEventType
@@ -162,33 +164,49 @@ def model_infer(*, study: Study, model: AIModel) -> InferenceResult:
         return _fail(result, FailureReason.MODEL_ERROR, str(exc))
 
     spec = manifest["input"]
-    started = time.perf_counter() - headers_read
-    indices = slice_indices(count=len(chosen.slices), depth=spec["shape"][-3], sampling=spec["slices"])
+    indices = volume_slice_indices(slices=chosen.slices, manifest=manifest)
     result.evaluated_instances = sorted({chosen.slices[i].instance_id for i in indices})
     try:
-        volume = volume_load(chosen=chosen, indices=indices)
-        loaded = time.perf_counter()
-        result.load_seconds = loaded - started
-        tensor = volume_preprocess(volume=volume, manifest=manifest)
+        prepared = volume_prepare(slices=chosen.slices, indices=indices, manifest=manifest)
     except UnreadablePixels as exc:
         return _fail(result, FailureReason.UNREADABLE_PIXELS, str(exc))
-    # Found now, kept only if the model flags the study: the slices are freed before the run.
-    region = key_region_find(volume=volume, instance_ids=[chosen.slices[i].instance_id for i in indices])
-    del volume  # the full-resolution slices are no longer needed: free them before the run
-    prepared = time.perf_counter()
-    result.preprocess_seconds = prepared - loaded
+    result.load_seconds = headers_read + prepared.load_seconds
+    result.preprocess_seconds = prepared.preprocess_seconds
+    tensor = prepared.tensor
+    del prepared
+    prepared_at = time.perf_counter()
     try:
         outputs = session_run(session, input_name=spec["name"], tensor=tensor, timeout=settings.INFERENCE_TIMEOUT)
     except InferenceTimeout as exc:
-        result.infer_seconds = time.perf_counter() - prepared
+        result.infer_seconds = time.perf_counter() - prepared_at
         return _fail(result, FailureReason.TIMEOUT, str(exc))
     except Exception as exc:  # onnxruntime raises its own types for shape/type/runtime errors
         return _fail(result, FailureReason.MODEL_ERROR, f"{type(exc).__name__}: {str(exc)[:300]}")
-    result.infer_seconds = time.perf_counter() - prepared
-    result = _read_outputs(result, outputs=outputs, manifest=manifest)
-    if result.flagged and region is not None:
-        result.key_region = region
+    result.infer_seconds = time.perf_counter() - prepared_at
+    result = outputs_read(result, outputs=outputs, manifest=manifest)
+    if result.flagged:
+        region = _key_region(chosen=chosen, indices=indices)
+        if region is not None:
+            result.key_region = region
     return result
+
+
+KEY_REGION_SLICES = 64
+
+
+def _key_region(*, chosen: ChosenSeries, indices: list[int]) -> dict | None:
+    """The key slice and region box for the summary image (results/key_region.py), looked for
+    only once the model has flagged the study, in at most KEY_REGION_SLICES of the slices it
+    read, at full resolution: bounded memory on a 600-slice series, no cost on clean ones."""
+    picks = [
+        indices[i]
+        for i in slice_indices(count=len(indices), depth=min(len(indices), KEY_REGION_SLICES), sampling="nearest")
+    ]
+    try:
+        volume = volume_load(chosen=chosen, indices=picks)
+    except UnreadablePixels:  # the model read them a moment ago; a file changed meanwhile
+        return None
+    return key_region_find(volume=volume, instance_ids=[chosen.slices[i].instance_id for i in picks])
 
 
 def _model_infer_guarded(*, study: Study, model: AIModel) -> InferenceResult:
@@ -255,7 +273,7 @@ def _inference_retried(study: Study) -> bool:
     return study.events.filter(kind=INFERENCE_RETRY, id__gt=routed or 0).exists()
 
 
-def _read_outputs(result: InferenceResult, *, outputs: dict, manifest: dict) -> InferenceResult:
+def outputs_read(result: InferenceResult, *, outputs: dict, manifest: dict) -> InferenceResult:
     spec = manifest["output"]
     values = outputs.get(spec["score"])
     if values is None or values.size != 1:

@@ -1,7 +1,11 @@
 """From a study's files to a model's input tensor: choose the series, load pixels, preprocess.
 
 Loading reads every header of the chosen series (to sort slices by position) but decodes pixel
-data only for the slices the model's input needs. Headers of uncompressed files come from a
+data only for the slices the model's input needs. A model whose manifest gives a voxel
+`spacing` in millimetres gets the volume resampled to that physical grid (box average in-plane
+from Pixel Spacing, slab mean or linear interpolation along the slices from their positions),
+one slice at a time: memory stays at one source slice plus the model's input, whether the
+series has 10 slices or 600. Headers of uncompressed files come from a
 small element-stream reader (routing.store.header) that also notes where Pixel Data starts,
 so those pixels are one numpy read; compressed transfer syntaxes go through pydicom's
 pixel-data plugins (pylibjpeg, pyjpegls).
@@ -9,6 +13,7 @@ pixel-data plugins (pylibjpeg, pyjpegls).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +99,55 @@ def series_choose(*, study: Study, manifest: dict[str, Any]) -> ChosenSeries:
     raise NoSuitableSeries("; ".join(misses))
 
 
+def volume_slice_indices(*, slices: list[Slice], manifest: dict[str, Any]) -> list[int]:
+    """Which of the sorted `slices` the model's input is made of (the SR cites these)."""
+    spec = manifest["input"]
+    if spec.get("spacing"):
+        weights = _z_weights(slices=slices, depth=spec["shape"][-3], spacing=spec["spacing"][0])
+        return [int(i) for i in np.flatnonzero(weights.any(axis=0))]
+    return slice_indices(count=len(slices), depth=spec["shape"][-3], sampling=spec["slices"])
+
+
+@dataclass
+class Prepared:
+    tensor: np.ndarray
+    load_seconds: float  # reading and decoding pixels
+    preprocess_seconds: float  # everything else
+
+
+def volume_prepare(*, slices: list[Slice], indices: list[int], manifest: dict[str, Any]) -> Prepared:
+    """The model's input tensor from the sorted `slices` (`indices` from volume_slice_indices).
+
+    The one preprocessing function: the pipeline (services.model_infer) and evaluate_model
+    both call it. Raises UnreadablePixels.
+    """
+    if manifest["input"].get("spacing"):
+        return _resample_physical(slices=slices, indices=indices, manifest=manifest)
+    started = time.perf_counter()
+    volume = _slices_load(slices=slices, indices=indices)
+    loaded = time.perf_counter()
+    tensor = volume_preprocess(volume=volume, manifest=manifest)
+    return Prepared(tensor=tensor, load_seconds=loaded - started, preprocess_seconds=time.perf_counter() - loaded)
+
+
+def slices_from_files(paths: list[Path], *, orientation: str = "axial") -> list[Slice]:
+    """Files outside the database (evaluate_model), sorted exactly as a received series would be.
+
+    A slice's `instance_id` is its index in `paths`. Raises NoSuitableSeries.
+    """
+    problem, slices = _slices_sorted([(index, path, None) for index, path in enumerate(paths)], orientation=orientation)
+    if problem:
+        raise NoSuitableSeries(problem)
+    return slices
+
+
 def volume_load(*, chosen: ChosenSeries, indices: list[int]) -> LoadedVolume:
     """Pixel data of the slices at `indices` (positions in chosen.slices). Raises UnreadablePixels."""
-    first = chosen.slices[0].header
+    return _slices_load(slices=chosen.slices, indices=indices)
+
+
+def _slices_load(*, slices: list[Slice], indices: list[int]) -> LoadedVolume:
+    first = slices[0].header
     assert first.rows is not None and first.columns is not None  # choosing skips slices without dimensions
     rows, cols = int(first.rows), int(first.columns)
     dtype = _stored_dtype(first)
@@ -104,16 +155,151 @@ def volume_load(*, chosen: ChosenSeries, indices: list[int]) -> LoadedVolume:
     slopes = np.ones(len(indices), dtype=np.float32)
     intercepts = np.zeros(len(indices), dtype=np.float32)
     for out, index in enumerate(indices):
-        item = chosen.slices[index]
-        try:
-            stored[out] = _read_pixels(item, rows=rows, cols=cols, dtype=dtype)
-        except UnreadablePixels:
-            raise
-        except Exception as exc:  # pydicom and the decoders raise many types for bad data
-            raise UnreadablePixels(f"instance {item.instance_id}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        item = slices[index]
+        stored[out] = _read_pixels_guarded(item, rows=rows, cols=cols, dtype=dtype)
         slopes[out] = item.header.rescale_slope
         intercepts[out] = item.header.rescale_intercept
-    return LoadedVolume(stored=stored, slopes=slopes, intercepts=intercepts, source_slices=len(chosen.slices))
+    return LoadedVolume(stored=stored, slopes=slopes, intercepts=intercepts, source_slices=len(slices))
+
+
+def _read_pixels_guarded(item: Slice, *, rows: int, cols: int, dtype: np.dtype) -> np.ndarray:
+    try:
+        return _read_pixels(item, rows=rows, cols=cols, dtype=dtype)
+    except UnreadablePixels:
+        raise
+    except Exception as exc:  # pydicom and the decoders raise many types for bad data
+        raise UnreadablePixels(f"instance {item.instance_id}: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _resample_physical(*, slices: list[Slice], indices: list[int], manifest: dict[str, Any]) -> Prepared:
+    """Resample to the manifest's voxel spacing, centred on the series, one source slice at a time.
+
+    In-plane: each output pixel is the mean of the source pixels it covers (a box filter: thin
+    slices' noise averages out, small bright foci are diluted, never dropped). Along the slices:
+    the mean of the source slices inside each output slab, or linear interpolation between the
+    two nearest when thick slices leave a slab empty. Outside the scanned field: air (-1024 HU).
+    """
+    spec = manifest["input"]
+    depth, height, width = spec["shape"][-3:]
+    spacing_z, spacing_y, spacing_x = (float(v) for v in spec["spacing"])
+    fill = -1024.0 if spec["rescale"] == "hu" else 0.0
+    first = slices[0].header
+    assert first.rows is not None and first.columns is not None  # choosing skips slices without dimensions
+    rows, cols = int(first.rows), int(first.columns)
+    if not first.pixel_spacing or len(first.pixel_spacing) != 2 or min(first.pixel_spacing) <= 0:
+        raise UnreadablePixels(
+            f"instance {slices[0].instance_id} has no usable Pixel Spacing: the model needs millimetres"
+        )
+    row_mm, col_mm = (float(v) for v in first.pixel_spacing)
+    y_band = _band(rows, row_mm, height, spacing_y)
+    x_band = _band(cols, col_mm, width, spacing_x)
+    covered = np.outer(y_band.covered, x_band.covered)
+    z_weights = _z_weights(slices=slices, depth=depth, spacing=spacing_z)
+    dtype = _stored_dtype(first)
+    out = np.zeros((depth, height, width), dtype=np.float32)
+    out_weight = z_weights.sum(axis=1)
+    read_seconds = 0.0
+    started = time.perf_counter()
+    for index in indices:
+        item = slices[index]
+        began = time.perf_counter()
+        stored = _read_pixels_guarded(item, rows=rows, cols=cols, dtype=dtype)
+        read_seconds += time.perf_counter() - began
+        # Box means are linear: resample the stored values, then rescale the small plane (the
+        # intercept only where the image covers it; the rest is the fill).
+        small = _band_apply(_band_apply(stored, y_band, axis=0), x_band, axis=1)
+        if spec["rescale"] == "hu":
+            small = small * np.float32(item.header.rescale_slope) + np.float32(item.header.rescale_intercept) * covered
+        small += fill * (1 - covered)
+        for target in np.flatnonzero(z_weights[:, index]):
+            out[target] += z_weights[target, index] * small
+    out += fill * (1 - out_weight)[:, None, None]
+    if spec["window"]:
+        low = spec["window"]["center"] - spec["window"]["width"] / 2
+        out = (np.clip(out, low, low + spec["window"]["width"]) - low) / spec["window"]["width"]
+    tensor = np.ascontiguousarray(out.reshape(spec["shape"]), dtype=np.float32)
+    return Prepared(
+        tensor=tensor, load_seconds=read_seconds, preprocess_seconds=time.perf_counter() - started - read_seconds
+    )
+
+
+@dataclass
+class _Band:
+    """A box-filter resampling along one axis as a banded matrix: output pixel j is the sum over t
+    of weights[j, t] * source[index[j, t]]. A handful of multiply-adds per output pixel, where
+    a dense (output x source) matrix product costs a hundred times more."""
+
+    index: np.ndarray  # (size_out, K) source pixels
+    weights: np.ndarray  # (size_out, K) shares, zero where unused
+    covered: np.ndarray  # (size_out,) share of the output pixel inside the image
+
+
+def _band(size_in: int, spacing_in: float, size_out: int, spacing_out: float) -> _Band:
+    """Each output pixel the mean of the source pixels it covers; both grids centred on each other."""
+    src_low = (np.arange(size_in) - size_in / 2) * spacing_in
+    dst_low = (np.arange(size_out) - size_out / 2) * spacing_out
+    overlap = np.minimum(dst_low[:, None] + spacing_out, src_low[None, :] + spacing_in) - np.maximum(
+        dst_low[:, None], src_low[None, :]
+    )
+    dense = np.clip(overlap, 0, None) / spacing_out
+    nonzero = dense > 0
+    starts = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), 0)
+    width = max(1, int(nonzero.sum(axis=1).max()))
+    wanted = starts[:, None] + np.arange(width)
+    index = np.minimum(wanted, size_in - 1)
+    weights = np.where(wanted < size_in, np.take_along_axis(dense, index, axis=1), 0)
+    return _Band(index=index, weights=weights.astype(np.float32), covered=dense.sum(axis=1).astype(np.float32))
+
+
+def _band_apply(plane: np.ndarray, band: _Band, *, axis: int) -> np.ndarray:
+    out: np.ndarray | None = None
+    for t in range(band.index.shape[1]):
+        if axis == 0:
+            term = band.weights[:, t, None] * plane[band.index[:, t]]
+        else:
+            term = band.weights[None, :, t] * plane[:, band.index[:, t]]
+        out = term if out is None else out + term
+    assert out is not None
+    return out
+
+
+def _z_weights(*, slices: list[Slice], depth: int, spacing: float) -> np.ndarray:
+    """(depth, len(slices)): how much each source slice contributes to each output slab.
+
+    Slabs are `spacing` apart, centred on the middle of the series. A slab holding source slices
+    averages them; an empty slab between two slices interpolates linearly; beyond the ends, a
+    slab within half a slice thickness of the end slice takes it, farther ones stay empty (air).
+    """
+    positions = np.array([s.position for s in slices], dtype=np.float64)
+    if not all(s.header.position and len(s.header.position) == 3 for s in slices):
+        # Sorted by Instance Number, no positions: the slices are taken as Slice Thickness apart.
+        positions = np.arange(len(slices), dtype=np.float64) * float(slices[0].header.slice_thickness or spacing)
+    weights = np.zeros((depth, len(slices)), dtype=np.float32)
+    if not len(positions):
+        return weights
+    middle = (positions[0] + positions[-1]) / 2
+    if len(positions) > 1:
+        thickness = float(np.median(np.diff(positions)))
+    else:
+        thickness = slices[0].header.slice_thickness or spacing
+    thickness = max(thickness, 1e-3)
+    for target in range(depth):
+        centre = middle + (target - (depth - 1) / 2) * spacing
+        inside = np.flatnonzero((positions >= centre - spacing / 2) & (positions < centre + spacing / 2))
+        if len(inside):
+            weights[target, inside] = 1 / len(inside)
+            continue
+        above = int(np.searchsorted(positions, centre))
+        if 0 < above < len(positions):
+            low, high = positions[above - 1], positions[above]
+            share = (centre - low) / (high - low) if high > low else 0.5
+            weights[target, above - 1] = 1 - share
+            weights[target, above] = share
+        elif above == 0 and positions[0] - centre <= thickness / 2:
+            weights[target, 0] = 1
+        elif above == len(positions) and centre - positions[-1] <= thickness / 2:
+            weights[target, -1] = 1
+    return weights
 
 
 def slice_indices(*, count: int, depth: int, sampling: str) -> list[int]:
@@ -153,14 +339,20 @@ def _series_slices(series: Series, *, orientation: str) -> tuple[str, list[Slice
         Instance.objects.filter(series=series, deleted_at=None).exclude(path="").order_by("instance_number", "id")
     )
     data_dir = Path(settings.DATA_DIR)
+    return _slices_sorted(
+        [(instance.pk, data_dir / instance.path, instance.instance_number) for instance in instances],
+        orientation=orientation,
+    )
+
+
+def _slices_sorted(items: list[tuple[int, Path, int | None]], *, orientation: str) -> tuple[str, list[Slice]]:
     slices: list[Slice] = []
     normal: np.ndarray | None = None
-    for instance in instances:
-        path = data_dir / instance.path
+    for instance_id, path, instance_number in items:
         try:
             header = slice_header_read(path)
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            return f"instance {instance.pk} cannot be read ({type(exc).__name__})", []
+            return f"instance {instance_id} cannot be read ({type(exc).__name__})", []
         if normal is None:
             normal = _slice_normal(header.orientation)
             if normal is None:
@@ -168,12 +360,12 @@ def _series_slices(series: Series, *, orientation: str) -> tuple[str, list[Slice
             if orientation == "axial" and abs(normal[2]) < AXIAL_MIN_COSINE:
                 return "not axial", []
         if not header.rows or not header.columns:
-            return f"instance {instance.pk} has no image (Rows/Columns missing)", []
+            return f"instance {instance_id} has no image (Rows/Columns missing)", []
         if header.position and len(header.position) == 3:
             along = float(np.dot(normal, header.position))
         else:
-            along = float(header.instance_number or instance.instance_number or 0)
-        slices.append(Slice(instance_id=instance.pk, path=path, position=along, header=header))
+            along = float(header.instance_number or instance_number or 0)
+        slices.append(Slice(instance_id=instance_id, path=path, position=along, header=header))
     shapes = {(s.header.rows, s.header.columns) for s in slices}
     if len(shapes) > 1:
         return f"images of different sizes {sorted(shapes)}", []

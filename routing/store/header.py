@@ -88,12 +88,14 @@ _CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 
 
 # Inference's attributes: tag → (keyword, kind): US numbers, DS/IS decimal strings (maybe several).
 SLICE_TAGS = {
+    0x00180050: ("SliceThickness", "DS"),
     0x00200013: ("InstanceNumber", "IS"),
     0x00200032: ("ImagePositionPatient", "DS"),
     0x00200037: ("ImageOrientationPatient", "DS"),
     0x00280002: ("SamplesPerPixel", "US"),
     0x00280010: ("Rows", "US"),
     0x00280011: ("Columns", "US"),
+    0x00280030: ("PixelSpacing", "DS"),
     0x00280100: ("BitsAllocated", "US"),
     0x00280103: ("PixelRepresentation", "US"),
     0x00281052: ("RescaleIntercept", "DS"),
@@ -129,6 +131,8 @@ class SliceHeader:
     # Where the uncompressed pixel bytes are, when the fast reader found them.
     pixel_offset: int | None = None
     pixel_length: int | None = None
+    pixel_spacing: list[float] | None = None  # mm: row spacing, column spacing
+    slice_thickness: float | None = None
 
 
 def instance_header_read(path: Path) -> dict[str, str]:
@@ -179,6 +183,8 @@ def slice_header_read_pydicom(path: Path) -> SliceHeader:
         position=[float(v) for v in position] if position else None,
         orientation=[float(v) for v in orientation] if orientation else None,
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        pixel_spacing=[float(v) for v in ds.PixelSpacing] if ds.get("PixelSpacing") else None,
+        slice_thickness=number("SliceThickness", 0.0) or None,
     )
 
 
@@ -272,6 +278,8 @@ def _slice_parse(data: bytes, whole_file: bool) -> SliceHeader | None:
         transfer_syntax_uid=syntax,
         pixel_offset=value_at,
         pixel_length=length,
+        pixel_spacing=found.get("PixelSpacing"),  # type: ignore[arg-type]
+        slice_thickness=float(first("SliceThickness", 0.0)) or None,
     )
 
 
