@@ -269,6 +269,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "pacslens.context_processors.version",
             ],
         },
     },

@@ -15,3 +15,6 @@ urlpatterns = [
     # triage audit, audit log.
     path("", include("pacslens.staff.urls")),
 ]
+
+# A host name outside PACSLENS_ALLOWED_HOSTS gets a page saying so (pacslens/ops/views.py).
+handler400 = "pacslens.ops.views.bad_request"

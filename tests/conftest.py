@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.support.fhir_server",
     "tests.support.listener_proc",
     "tests.support.mllp",
+    "tests.support.oauth_server",
     "tests.support.orthanc",
     "tests.support.postgres",
     "tests.support.pull",

@@ -134,3 +134,16 @@ class TestAuditLogPage:
         users["nobody"].groups.add(Group.objects.get(name="Informaticists"))
         page = root.get("/audit/log/", {"action": "access"}, HTTP_HX_REQUEST="true").content.decode()
         assert "Changed access" in page and "groups added: Informaticists" in page and "auth.user" in page
+
+
+def test_the_receivers_listen_to_the_audited_models_only():
+    # A receiver for every model would run on each instance the listener records, and would make
+    # its raw-SQL insert fall back to the ORM (routing/store/records.py).
+    from django.db.models import signals
+
+    from routing.models import Instance, Study, StudyEvent
+
+    for model in (Instance, Study, StudyEvent):
+        for signal in (signals.pre_save, signals.post_save, signals.post_delete):
+            assert not signal.has_listeners(model), (signal, model)
+    assert signals.post_save.has_listeners(Group) and signals.post_save.has_listeners(StowSender)

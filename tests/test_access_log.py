@@ -1,6 +1,6 @@
 """The web server's access log never holds a query string: a study search puts the accession
 number in `q=`. Runs gunicorn with the exact arguments of the Procfile and of the systemd unit
-in docs/deployment.md, so neither can drift back to logging `%(r)s`."""
+shipped in deploy/systemd/, so neither can drift back to logging `%(r)s`."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def procfile_args() -> list[str]:
 
 
 def systemd_unit_args() -> list[str]:
-    text = (REPO / "docs" / "deployment.md").read_text()
+    text = (REPO / "deploy" / "systemd" / "pacslens-web.service").read_text()
     match = re.search(r"^ExecStart=\S+/gunicorn ((?:.*\\\n)*.*)$", text, flags=re.MULTILINE)
-    assert match, "no gunicorn ExecStart in docs/deployment.md"
+    assert match, "no gunicorn ExecStart in deploy/systemd/pacslens-web.service"
     # systemd joins continued lines and turns %% into %.
     return shlex.split(match.group(1).replace("\\\n", " ").replace("%%", "%"))
 

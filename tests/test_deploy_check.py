@@ -1,29 +1,24 @@
-"""`manage.py check --deploy` passes with the production settings docs/deployment.md documents.
+"""`manage.py check --deploy` passes with the production settings a site installs.
 
-The env file is read from the document itself (the ```ini block that starts with
-`# /etc/pacslens/pacslens.env`), so the documentation and the check cannot drift apart. Only
-paths are redirected into the test's temp dir; the database is never connected to.
+The env file is the one shipped in deploy/pacslens.env (docs/deployment.md installs it), so the
+file and the check cannot drift apart. Only paths are redirected into the test's temp dir; the
+database is never connected to.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import subprocess
 
 from tests.support.listener_proc import PYTHON, REPO
 
-DEPLOYMENT_DOC = REPO / "docs" / "deployment.md"
-ENV_FILE_MARKER = "# /etc/pacslens/pacslens.env"
+ENV_FILE = REPO / "deploy" / "pacslens.env"
 
 
 def documented_env() -> dict[str, str]:
-    text = DEPLOYMENT_DOC.read_text()
-    blocks = re.findall(r"```ini\n(.*?)```", text, flags=re.DOTALL)
-    [block] = [b for b in blocks if b.startswith(ENV_FILE_MARKER)]
     env = {}
-    for line in block.splitlines():
+    for line in ENV_FILE.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             name, _, value = line.partition("=")

@@ -30,6 +30,7 @@ from results.models import Destination
 from routing.models import ApplicationEntity, Instance
 from routing.receive import dicom_tls
 from routing.receive.listener import DicomListener
+from tests.support.certs import Pair, ca_make, leaf_make
 from tests.support.ct import ct_series_write, make_ct_slices
 from tests.support.listener_proc import dcmtk_env
 from tests.support.net import free_port, require_program
@@ -42,12 +43,6 @@ STORESCP_AE = "STORESCP"
 
 
 @dataclass
-class Pair:
-    cert: Path
-    key: Path
-
-
-@dataclass
 class Certificates:
     ca: Path
     server: Pair  # our certificate: listener, and client certificate of our SCUs
@@ -55,75 +50,6 @@ class Certificates:
     other_ca: Path
     untrusted_client: Pair  # signed by another CA
     untrusted_server: Pair  # signed by another CA
-
-
-def openssl(*args: str) -> None:
-    subprocess.run([require_program("openssl"), *args], check=True, capture_output=True, timeout=60)
-
-
-def ca_make(folder: Path, name: str) -> Pair:
-    pair = Pair(folder / f"{name}.pem", folder / f"{name}.key")
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        f"/CN={name}",
-        "-keyout",
-        str(pair.key),
-        "-out",
-        str(pair.cert),
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    )
-    return pair
-
-
-def leaf_make(folder: Path, name: str, ca: Pair) -> Pair:
-    pair = Pair(folder / f"{name}.pem", folder / f"{name}.key")
-    csr = folder / f"{name}.csr"
-    extensions = folder / f"{name}.ext"
-    extensions.write_text(
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
-    )
-    openssl(
-        "req",
-        "-new",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        f"/CN={name}",
-        "-keyout",
-        str(pair.key),
-        "-out",
-        str(csr),
-    )
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        str(csr),
-        "-CA",
-        str(ca.cert),
-        "-CAkey",
-        str(ca.key),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        str(pair.cert),
-        "-extfile",
-        str(extensions),
-    )
-    return pair
 
 
 @pytest.fixture(scope="module")

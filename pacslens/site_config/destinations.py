@@ -11,9 +11,20 @@
       port: 2575
       hl7_message_type: ORM^O01
       ...
+    - name: cloud-fhir
+      kind: fhir
+      base_url: https://fhir.example/R4
+      auth: oauth2                    # OAuth 2.0 client credentials
+      oauth_token_url: https://login.example/oauth2/token
+      oauth_client_id: pacslens
+      oauth_scope: system/Observation.write system/ImagingStudy.write
+      oauth_audience: ''
+      ca_bundle: |                    # PEM: the CA of the server's (and token URL's) HTTPS certificate
+        -----BEGIN CERTIFICATE-----
+        ...
 
-Secrets (passwords, bearer tokens) are never exported. On import a `secret` given in the file
-is stored; when the file has none, the destination keeps the secret it has, so an exported
+Secrets (passwords, bearer tokens, OAuth client secrets) are never exported. On import a `secret` given in the file
+(or `oauth_client_secret`) is stored; when the file has none, the destination keeps the one it has, so an exported
 file re-imports without wiping credentials -- unless the entry changes where or how the secret
 is sent (Destination.TARGET_FIELDS): then the file must give the secret again.
 """
@@ -40,6 +51,11 @@ FIELDS = [
     "base_url",
     "auth",
     "username",
+    "oauth_token_url",
+    "oauth_client_id",
+    "oauth_scope",
+    "oauth_audience",
+    "ca_bundle",
     "host",
     "port",
     "hl7_message_type",
@@ -58,7 +74,7 @@ FIELDS = [
     "breaker_threshold",
     "breaker_cooldown_seconds",
 ]
-IMPORT_ONLY = {"secret"}
+IMPORT_ONLY = {"secret", "oauth_client_secret"}
 REFERENCES = {"application_entity", "rules"}
 
 
@@ -104,9 +120,11 @@ class DestinationsSection:
             # The AE reference is checked above; it may only exist once the import is applied.
             row, secret_dropped = destination_from_entry(entry, resolve_ae=False)
             if secret_dropped and row.auth != "none":
+                field_name = "oauth_client_secret" if row.auth == "oauth2" else "secret"
                 problems.append(
-                    f"{label}: field 'secret': the target or auth changed, so the stored secret is not kept; give it"
+                    f"{label}: field '{field_name}': the target or auth changed, so the stored secret is not kept; give it"
                 )
+                continue  # (the model's own "needs the secret" would say the same again)
             problems.extend(clean_problems(row, label, exclude=["application_entity"]))
         return problems
 
@@ -140,9 +158,12 @@ def destination_from_entry(entry: dict[str, Any], *, resolve_ae: bool) -> tuple[
     if resolve_ae:
         row.application_entity = ApplicationEntity.objects.filter(ae_title=ae_title).first() if ae_title else None
     # A stored secret never follows the destination to a new target or auth.
-    secret_dropped = "secret" not in entry and bool(row.pk) and row.target_changed
-    if secret_dropped:
-        row.secret = ""
+    secret_field = "oauth_client_secret" if row.auth == "oauth2" else "secret"
+    secret_dropped = secret_field not in entry and bool(row.pk) and row.target_changed
+    if bool(row.pk) and row.target_changed:
+        for field_name in ("secret", "oauth_client_secret"):
+            if field_name not in entry:
+                setattr(row, field_name, "")
     return row, secret_dropped
 
 

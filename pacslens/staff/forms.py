@@ -15,12 +15,14 @@ from results.models import AIModel, AuthKind, Destination, DestinationKind, Infe
 from results.models.delivery import ACCESSION_FIELDS
 from routing.models import (
     ApplicationEntity,
+    HttpClientAuth,
     PollSource,
     RoutingRule,
     RuleCondition,
     Study,
     StudyState,
 )
+from routing.models.sealed import UnreadableSecret
 from routing.validators import ae_title_warning
 
 STUDY_SORTS = {
@@ -198,13 +200,76 @@ class DryRunForm(forms.Form):
     )
 
 
-class PollSourceForm(ConfigModelForm):
+SECRET_PLACEHOLDER = "(unchanged)"
+SECRET_NAMES = {"secret": "password or token", "oauth_client_secret": "OAuth client secret"}
+
+
+def _write_only(label: str) -> forms.CharField:
+    return forms.CharField(
+        required=False,
+        label=label,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only: never shown again. Leave empty to keep the current one.",
+    )
+
+
+# The HTTPS client fields a DICOMweb or FHIR destination and a DICOMweb poll source share
+# (routing.models.oauth.HttpClientAuth): OAuth 2.0 client credentials and the CA bundle.
+HTTP_AUTH_WIDGETS = {
+    "ca_bundle": forms.Textarea(
+        attrs={"rows": 4, "spellcheck": "false", "placeholder": "-----BEGIN CERTIFICATE-----", "class": "mono"}
+    ),
+}
+
+
+class WriteOnlySecretsForm(ConfigModelForm):
+    """Secrets are write-only: never rendered back, kept as they are when left empty on edit, and
+    asked for again when the row's target changes (the model's TARGET_FIELDS), so a stored secret
+    never goes to a new target. Subclasses say which secrets their current values need."""
+
+    SECRETS: tuple[str, ...] = ()
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name in self.SECRETS:
+            if name in self.fields and self._stored(name):
+                self.fields[name].widget.attrs["placeholder"] = SECRET_PLACEHOLDER
+
+    def _stored(self, name: str) -> str:
+        """The stored secret ("" for a new row); an UnreadableSecret is "" but truthy here."""
+        stored = getattr(self.instance, name) if self.instance.pk else ""
+        return stored if not isinstance(stored, UnreadableSecret) else stored or "(unreadable)"
+
+    def secret_needed(self, name: str, cleaned: dict) -> bool:
+        raise NotImplementedError
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        assert cleaned is not None  # ModelForm.clean returns cleaned_data
+        moved = self.instance.pk and set(type(self.instance).TARGET_FIELDS) & set(self.changed_data)
+        for name in self.SECRETS:
+            if name not in self.fields or cleaned.get(name):
+                continue
+            if not moved:
+                cleaned[name] = getattr(self.instance, name) if self.instance.pk else ""
+            elif self.secret_needed(name, cleaned) and self._stored(name):
+                self.add_error(
+                    name,
+                    f"The target or authentication changed: enter the {SECRET_NAMES.get(name, 'secret')} again "
+                    "(the stored one is never sent to a new target).",
+                )
+        return cleaned
+
+
+class PollSourceForm(WriteOnlySecretsForm):
     dicomweb_url = forms.URLField(
         required=False,
         assume_scheme="https",
         label="DICOMweb URL",
         help_text="DICOMweb base URL, e.g. https://pacs/dicom-web",
     )
+    oauth_client_secret = _write_only("OAuth client secret")
+    SECRETS = ("oauth_client_secret",)
 
     class Meta:
         model = PollSource
@@ -217,6 +282,7 @@ class PollSourceForm(ConfigModelForm):
             "move_destination",
             "dicomweb_url",
             "dicomweb_token_env",
+            *HttpClientAuth.HTTP_AUTH_FIELDS,
             "interval_seconds",
             "modalities",
             "lookback_hours",
@@ -235,9 +301,10 @@ class PollSourceForm(ConfigModelForm):
             "max_concurrent_retrieves": "Retrieves at once at most",
             "min_query_spacing_seconds": "Seconds between two queries at least",
         }
+        widgets = HTTP_AUTH_WIDGETS
 
-
-SECRET_PLACEHOLDER = "(unchanged)"
+    def secret_needed(self, name: str, cleaned: dict) -> bool:
+        return bool(cleaned.get("oauth_token_url"))
 
 
 # The destination form, declared per kind. To add a field for one kind: the model field, its name
@@ -246,7 +313,15 @@ SECRET_PLACEHOLDER = "(unchanged)"
 DESTINATION_COMMON_FIELDS = ["name", "kind", "enabled", "description", "rules"]
 DESTINATION_KIND_FIELDS: dict[str, list[str]] = {
     DestinationKind.DICOM: ["application_entity", "send_summary_image", "send_key_objects"],
-    DestinationKind.DICOMWEB: ["base_url", "auth", "username", "secret", "send_summary_image", "send_key_objects"],
+    DestinationKind.DICOMWEB: [
+        "base_url",
+        "auth",
+        "username",
+        "secret",
+        *HttpClientAuth.HTTP_AUTH_FIELDS,
+        "send_summary_image",
+        "send_key_objects",
+    ],
     DestinationKind.HL7: [
         "host",
         "port",
@@ -260,7 +335,7 @@ DESTINATION_KIND_FIELDS: dict[str, list[str]] = {
         "on_ack_error",
         "on_ack_reject",
     ],
-    DestinationKind.FHIR: ["base_url", "auth", "username", "secret"],
+    DestinationKind.FHIR: ["base_url", "auth", "username", "secret", *HttpClientAuth.HTTP_AUTH_FIELDS],
 }
 DESTINATION_RETRY_FIELDS = [
     "timeout_seconds",
@@ -272,10 +347,10 @@ DESTINATION_RETRY_FIELDS = [
 ]
 
 
-class DestinationForm(ConfigModelForm):
+class DestinationForm(WriteOnlySecretsForm):
     """One form, the fields of the chosen kind only (DESTINATION_KIND_FIELDS). Model validation
-    (`Destination.clean`) reports per kind, next to the field it concerns. The secret is
-    write-only: it is never rendered back, and left empty on edit it stays as it was."""
+    (`Destination.clean`) reports per kind, next to the field it concerns. The secrets (password
+    or token, OAuth client secret) are write-only (WriteOnlySecretsForm)."""
 
     COMMON_FIELDS = DESTINATION_COMMON_FIELDS
     KIND_FIELDS = DESTINATION_KIND_FIELDS
@@ -285,12 +360,9 @@ class DestinationForm(ConfigModelForm):
     # What a new destination starts with, beyond the model defaults.
     NEW_DEFAULTS = {"hl7_message_type": "ORU^R01"}
 
-    secret = forms.CharField(
-        required=False,
-        label="Password or token",
-        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
-        help_text="Write-only: never shown again. Leave empty to keep the current one.",
-    )
+    secret = _write_only("Password or token")
+    oauth_client_secret = _write_only("OAuth client secret")
+    SECRETS = ("secret", "oauth_client_secret")
 
     class Meta:
         model = Destination
@@ -333,6 +405,7 @@ class DestinationForm(ConfigModelForm):
             "accession_field": forms.Select(choices=[(f, f) for f in ACCESSION_FIELDS]),
             # Browsers offer the admin's own login here otherwise.
             "username": forms.TextInput(attrs={"autocomplete": "off"}),
+            **HTTP_AUTH_WIDGETS,
         }
 
     def __init__(self, *args, **kwargs) -> None:
@@ -345,9 +418,6 @@ class DestinationForm(ConfigModelForm):
         for name in list(self.fields):
             if name not in shown:
                 del self.fields[name]
-        self._stored_secret = self.instance.secret if self.instance.pk else ""
-        if "secret" in self.fields and (self._stored_secret or (self.instance.pk and self.instance.secret_unreadable)):
-            self.fields["secret"].widget.attrs["placeholder"] = SECRET_PLACEHOLDER
 
     def _chosen_kind(self) -> str:
         kind = self.data.get("kind") if self.is_bound else self.initial.get("kind")
@@ -371,22 +441,12 @@ class DestinationForm(ConfigModelForm):
         if "secret" not in self.fields:
             # A kind without authentication: no secret is sent, none is kept for a later switch back.
             self.instance.secret, self.instance.auth, self.instance.username = "", AuthKind.NONE, ""
-            return cleaned
-        if cleaned.get("secret"):
-            return cleaned
-        # The stored secret stays only while it goes where, and how, it went before.
-        moved = self.instance.pk and set(Destination.TARGET_FIELDS) & set(self.changed_data)
-        if not moved:
-            cleaned["secret"] = self.instance.secret if self.instance.pk else ""
-        elif cleaned.get("auth", AuthKind.NONE) != AuthKind.NONE and (
-            self._stored_secret or self.instance.secret_unreadable
-        ):
-            self.add_error(
-                "secret",
-                "The target or authentication changed: enter the password or token again "
-                "(the stored one is never sent to a new target).",
-            )
+            self.instance.oauth_client_secret = ""
         return cleaned
+
+    def secret_needed(self, name: str, cleaned: dict) -> bool:
+        auth = cleaned.get("auth", AuthKind.NONE)
+        return auth == AuthKind.OAUTH2 if name == "oauth_client_secret" else auth in (AuthKind.BASIC, AuthKind.BEARER)
 
 
 class DiscardForm(forms.Form):

@@ -222,7 +222,7 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: st
     if outcome.ok:
         fields.update(state=DeliveryState.DELIVERED, delivered_at=now, last_error="", last_error_class="")
         event = ("delivered", f"{destination.name}: delivered ({delivery.kind}, key {delivery.idempotency_key})")
-    elif outcome.kind is OutcomeKind.TRANSIENT and delivery.attempts < destination.max_attempts:
+    elif outcome.retryable and delivery.attempts < destination.max_attempts:
         retry_at = now + destination.backoff(delivery.attempts, random.random())
         fields.update(
             state=DeliveryState.PENDING,

@@ -178,6 +178,9 @@ class OutcomeKind(enum.StrEnum):
     # The destination's configuration is wrong (AE title unknown, 401/403): retrying the same
     # configuration cannot help, staff must fix the destination.
     CONFIG_ERROR = "config_error"
+    # The OAuth token endpoint was unreachable or refused our client: the fix is at the identity
+    # provider, and once it is made deliveries flow again, so it is retried like a transient one.
+    TOKEN_ERROR = "token_error"
 
 
 class Protocol(enum.StrEnum):
@@ -213,7 +216,7 @@ class Outcome:
 
     @property
     def retryable(self) -> bool:
-        return self.kind is OutcomeKind.TRANSIENT
+        return self.kind in (OutcomeKind.TRANSIENT, OutcomeKind.TOKEN_ERROR)
 
     def describe(self) -> str:
         code = _format_code(self.protocol, self.code)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, cast
 
+import requests
 from django.conf import settings
 from pydicom.uid import (
     UID,
@@ -30,10 +31,11 @@ from results.deliver.hl7 import (
 )
 from results.deliver.payload import Outcome, OutcomeKind, Protocol, ResultPayload
 from results.deliver.sr import SRBuildError, build_sr
-from results.deliver.stow_client import HttpAuth, stow_datasets
+from results.deliver.stow_client import stow_datasets
 from results.deliver.summary import SummaryBuildError, build_key_objects, build_summary_image
 from results.models import Destination
-from results.models.sealed import SECRET_UNREADABLE
+from routing.models.sealed import SECRET_UNREADABLE
+from routing.oauth import OAuthBearer, OAuthClient, PeerSession, TokenError, tls_verify
 from routing.receive import dicom_tls
 
 BuildError = (SRBuildError, HL7BuildError, FHIRBuildError, SummaryBuildError)
@@ -51,14 +53,41 @@ def send(
     the HL7 MSH-10 control id, or for FHIR the Observation identifier (system, value).
     `coding` is the delivery's coding profile snapshot (Delivery.coding; {}: the defaults)."""
     coding = coding or {}
-    if destination.auth != "none" and destination.kind in ("dicomweb", "fhir") and destination.secret_unreadable:
-        return Outcome(
-            OutcomeKind.CONFIG_ERROR,
-            Protocol(destination.kind),
-            None,
-            SECRET_UNREADABLE,
-            str(key[1] if isinstance(key, tuple) else key),
-        )
+    if destination.kind not in ("dicomweb", "fhir"):
+        return _send(destination, payload, key, context, coding, None)
+    key_value = str(key[1] if isinstance(key, tuple) else key)
+    unreadable = destination.oauth_secret_unreadable if destination.auth == "oauth2" else destination.secret_unreadable
+    if destination.auth != "none" and unreadable:
+        return Outcome(OutcomeKind.CONFIG_ERROR, Protocol(destination.kind), None, SECRET_UNREADABLE, key_value)
+    try:
+        with http_session(destination) as session:
+            return _send(destination, payload, key, context, coding, session)
+    except TokenError as exc:
+        return Outcome(OutcomeKind.TOKEN_ERROR, Protocol(destination.kind), exc.code, str(exc), key_value)
+
+
+def http_session(destination: Destination) -> requests.Session:
+    """A session for a DICOMweb or FHIR destination: its authentication and its CA bundle.
+    Its requests raise TokenError when an OAuth token cannot be had."""
+    session = PeerSession(tls_verify(destination))
+    if destination.auth == "oauth2":
+        session.auth = OAuthBearer(OAuthClient.of(destination))
+    elif destination.auth == "basic":
+        session.auth = (destination.username, destination.secret)
+    elif destination.auth == "bearer":
+        session.headers["Authorization"] = f"Bearer {destination.secret}"
+    return session
+
+
+def _send(
+    destination: Destination,
+    payload: ResultPayload,
+    key: str | tuple[str, str],
+    context,
+    coding: dict[str, Any],
+    session: requests.Session | None,
+) -> Outcome:
+    """`session`: a DICOMweb or FHIR destination's (http_session), None for the other kinds."""
     if destination.kind in ("dicom", "dicomweb"):
         # The summary image and KOS go with the SR in this one delivery (one ledger row, one
         # retry schedule); their UIDs derive from the result like the SR's.
@@ -85,7 +114,11 @@ def send(
                     break  # the next attempt sends them all again, under the same UIDs
         else:
             outcomes = stow_datasets(
-                destination.base_url, datasets, auth=http_auth(destination), timeout=destination.timeout_seconds
+                destination.base_url,
+                datasets,
+                timeout=destination.timeout_seconds,
+                session=session,
+                verify=tls_verify(destination),
             )
         return outcome_combined(outcomes, total=len(datasets))
     if destination.kind == "hl7":
@@ -106,14 +139,13 @@ def send(
         )
     if destination.kind == "fhir":
         assert isinstance(key, tuple)
-        token = destination.secret if destination.auth == "bearer" else None
         return send_fhir_result(
             destination.base_url,
             payload,
             settings=fhir_settings(coding),
-            bearer_token=token,
             timeout=destination.timeout_seconds,
             identifier=key,
+            session=session,
         )
     raise ValueError(f"unknown destination kind {destination.kind!r}")
 
@@ -125,7 +157,7 @@ def outcome_combined(outcomes: list[Outcome], *, total: int) -> Outcome:
     if not failures:
         warnings = "; ".join(o.warning for o in outcomes if o.warning)
         return replace(outcomes[-1], warning=warnings)
-    order = (OutcomeKind.CONFIG_ERROR, OutcomeKind.PERMANENT, OutcomeKind.TRANSIENT)
+    order = (OutcomeKind.CONFIG_ERROR, OutcomeKind.PERMANENT, OutcomeKind.TOKEN_ERROR, OutcomeKind.TRANSIENT)
     worst = min(failures, key=lambda o: order.index(o.kind))
     if total > 1:
         stored = len(outcomes) - len(failures)
@@ -161,14 +193,6 @@ def _send_dicom(destination: Destination, dataset, context) -> Outcome:
             return failure
         context.sessions[destination.pk] = session
     return session.store(dataset)
-
-
-def http_auth(destination: Destination) -> HttpAuth:
-    if destination.auth == "basic":
-        return HttpAuth(kind="basic", username=destination.username, password=destination.secret)
-    if destination.auth == "bearer":
-        return HttpAuth(kind="bearer", token=destination.secret)
-    return HttpAuth()
 
 
 def ack_policy(destination: Destination) -> AckPolicy:

@@ -25,13 +25,15 @@ from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
+from pacslens import __version__
 from results.deliver.payload import ResultPayload
 
 MANUFACTURER = "PacsLens"
 SERIES_DESCRIPTION = "PacsLens AI result"
 # High enough to sort after acquired series in PACS viewers, which order series by number.
 SERIES_NUMBER = 9901
-SOFTWARE_VERSION = "0.1"
+# Software Versions (0018,1020) of every SR: the release that made it (pacslens/__init__.py).
+SOFTWARE_VERSION = __version__
 
 
 # Besides private schemes (99...), a site may code the result in one of these standard schemes.

@@ -8,9 +8,7 @@ re-send reuses the row's idempotency key.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from datetime import timedelta
-from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
@@ -18,8 +16,9 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from results.models.sealed import SealedSecretField, UnreadableSecret
 from routing.models.fields import NameField, PortField
+from routing.models.oauth import HttpClientAuth
+from routing.models.sealed import SealedSecretField, UnreadableSecret
 from routing.validators import validate_host
 
 # Where an HL7 destination's RIS keeps the accession number; results/deliver/hl7.py maps each to
@@ -39,6 +38,7 @@ class AuthKind(models.TextChoices):
     NONE = "none", "None"
     BASIC = "basic", "Basic"
     BEARER = "bearer", "Bearer token"
+    OAUTH2 = "oauth2", "OAuth 2.0 client credentials"
 
 
 class AckAction(models.TextChoices):
@@ -51,7 +51,7 @@ class AckAction(models.TextChoices):
 REQUESTS_PER_SEND = {"fhir": 3, "dicom": 2, "dicomweb": 1, "hl7": 1}
 
 
-class Destination(models.Model):
+class Destination(HttpClientAuth):
     """Where results go. One row per PACS, DICOMweb server, HL7 receiver or FHIR server."""
 
     name = NameField(max_length=50, unique=True, help_text="Short name used in the UI, CLI and YAML")
@@ -74,11 +74,11 @@ class Destination(models.Model):
     send_key_objects = models.BooleanField(
         default=False, help_text="Also send a Key Object Selection flagging the key images, for viewers that show KOS"
     )
-    # DICOMweb / FHIR
+    # DICOMweb / FHIR (and the OAuth client and CA bundle fields of HttpClientAuth)
     base_url = models.CharField(max_length=300, blank=True, help_text="e.g. https://pacs.example/dicom-web")
     auth = models.CharField(max_length=10, choices=AuthKind.choices, default=AuthKind.NONE)
     username = models.CharField(max_length=100, blank=True)
-    # Password or bearer token, encrypted at rest (results/models/sealed.py). Never exported to
+    # Password or bearer token, encrypted at rest (routing/models/sealed.py). Never exported to
     # YAML; write-only in the UI; dropped whenever the target or auth changes (TARGET_FIELDS).
     secret = SealedSecretField(blank=True)
     # HL7 v2 over MLLP
@@ -129,33 +129,21 @@ class Destination(models.Model):
     class Meta:
         ordering = ["name"]
 
-    # Where the secret goes and how: change any of these and the stored secret must be given again,
-    # or Test and the next delivery would hand it to the new target.
-    TARGET_FIELDS = ("kind", "application_entity", "base_url", "host", "port", "auth", "username")
+    # Where the secrets go and how: change any of these and the stored secrets must be given again,
+    # or Test and the next delivery would hand them to the new target.
+    TARGET_FIELDS = (
+        "kind",
+        "application_entity",
+        "base_url",
+        "host",
+        "port",
+        "auth",
+        "username",
+        *HttpClientAuth.TARGET_FIELDS,
+    )
 
     def __str__(self) -> str:
         return f"{self.name} ({self.get_kind_display()})"
-
-    # What TARGET_FIELDS were when the row was loaded (None for a new, unsaved destination).
-    _loaded_target: tuple[Any, ...] | None = None
-
-    @classmethod
-    def from_db(
-        cls, db: str | None, field_names: Collection[str], values: Collection[Any], **kwargs: Any
-    ) -> Destination:
-        instance = super().from_db(db, field_names, values, **kwargs)
-        if not instance.get_deferred_fields():
-            instance._loaded_target = instance._target()
-        return instance
-
-    def _target(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f + "_id" if f == "application_entity" else f) for f in self.TARGET_FIELDS)
-
-    @property
-    def target_changed(self) -> bool:
-        """Whether where or how the secret is sent differs from what was loaded from the database."""
-        loaded = getattr(self, "_loaded_target", None)
-        return loaded is not None and loaded != self._target()
 
     @property
     def secret_unreadable(self) -> bool:
@@ -177,6 +165,7 @@ class Destination(models.Model):
                 errors["base_url"] = "Enter the server's base URL, starting with http:// or https://."
             if self.auth == AuthKind.BASIC and not self.username:
                 errors["username"] = "Basic authentication needs a user name."
+            errors.update(self.oauth_problems(required=self.auth == AuthKind.OAUTH2))
         if self.kind == DestinationKind.HL7:
             if not self.host:
                 errors["host"] = "An HL7 destination needs the RIS host."
@@ -253,6 +242,8 @@ class ErrorClass(models.TextChoices):
     TRANSIENT = "transient", "Transient"
     PERMANENT = "permanent", "Permanent"
     CONFIG_ERROR = "config_error", "Configuration error"
+    # The OAuth token endpoint was unreachable or refused our client (routing/oauth.py).
+    TOKEN_ERROR = "token_error", "Token error (OAuth)"
 
 
 class Delivery(models.Model):
@@ -320,7 +311,7 @@ class DeliveryAttempt(models.Model):
     worker = models.CharField(max_length=100, blank=True)
     started_at = models.DateTimeField()
     ended_at = models.DateTimeField()
-    outcome = models.CharField(max_length=12, help_text="success, transient, permanent or config_error")
+    outcome = models.CharField(max_length=12, help_text="success, transient, permanent, config_error or token_error")
     code = models.CharField(max_length=40, blank=True, help_text="DICOM status, HL7 ACK code or HTTP status")
     message = models.TextField(blank=True)
 

@@ -1,102 +1,14 @@
-"""Secrets we must send on (a destination's password or bearer token), encrypted at rest.
+"""Moved to routing/models/sealed.py, where poll sources (routing never imports results) can use it
+too. Kept for migration 0005 and existing imports."""
 
-The database holds Fernet tokens; the key lives outside it: PACSLENS_SECRETS_KEY (one or more
-Fernet keys, comma-separated, newest first: the newest encrypts, all decrypt, so a key can be
-rotated) or else `$PACSLENS_DATA_DIR/secrets.key`, created 0600 on first use. A copy of the
-database alone gives away no credential.
-
-A secret the configured keys cannot decrypt (the key file lost, a key rotated out) reads as an
-UnreadableSecret: empty, so it is never sent, and kept as it was when the row is saved again.
-Callers report it as a configuration error (`Destination.secret_unreadable`).
-"""
-
-from __future__ import annotations
-
-import os
-from functools import cache
-from pathlib import Path
-
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
-from django.db import models
-
-KEY_FILE_NAME = "secrets.key"
-SECRET_UNREADABLE = (
-    "the stored password or token cannot be decrypted with the configured keys "
-    "(PACSLENS_SECRETS_KEY, or secrets.key in the data dir): restore the key, or enter the secret again"
+from routing.models.sealed import (
+    KEY_FILE_NAME,
+    SECRET_UNREADABLE,
+    SealedSecretField,
+    UnreadableSecret,
+    _fernet,
+    seal,
+    unseal,
 )
 
-
-class UnreadableSecret(str):
-    """A stored secret no configured key decrypts: reads as "", keeps its ciphertext for saving."""
-
-    ciphertext: str
-
-    def __new__(cls, ciphertext: str) -> UnreadableSecret:
-        value = super().__new__(cls, "")
-        value.ciphertext = ciphertext
-        return value
-
-
-def seal(plaintext: str) -> str:
-    return _fernet(_key_source()).encrypt(plaintext.encode()).decode()
-
-
-def unseal(ciphertext: str) -> str:
-    """The plaintext, or an UnreadableSecret when no configured key decrypts it."""
-    try:
-        return _fernet(_key_source()).decrypt(ciphertext.encode()).decode()
-    except InvalidToken:
-        return UnreadableSecret(ciphertext)
-
-
-class SealedSecretField(models.TextField):
-    """A text column holding `seal(value)`; the model attribute holds the plaintext."""
-
-    def from_db_value(self, value, expression, connection):
-        return unseal(value) if value else ""
-
-    def get_prep_value(self, value):
-        if isinstance(value, UnreadableSecret):
-            return value.ciphertext
-        value = super().get_prep_value(value)
-        return seal(value) if value else ""
-
-
-def _key_source() -> tuple[str, ...] | Path:
-    keys = tuple(settings.SECRETS_KEYS)
-    return keys or Path(settings.DATA_DIR) / KEY_FILE_NAME
-
-
-@cache
-def _fernet(source: tuple[str, ...] | Path) -> MultiFernet:
-    keys = source if isinstance(source, tuple) else (_key_file(source),)
-    try:
-        return MultiFernet([Fernet(key) for key in keys])
-    except ValueError:
-        raise ImproperlyConfigured(
-            f"{'PACSLENS_SECRETS_KEY' if isinstance(source, tuple) else source} must hold Fernet keys "
-            "(32 url-safe base64-encoded bytes each; make one with: python -c "
-            "'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
-        ) from None
-
-
-def _key_file(path: Path) -> str:
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Created private (never on disk readable by others, not even for a moment) and complete
-        # under a temporary name, then linked into place: a second process reads a whole key.
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(Fernet.generate_key().decode() + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass  # another process made it first; use theirs
-        finally:
-            temporary.unlink()
-    return path.read_text().strip()
+__all__ = ["KEY_FILE_NAME", "SECRET_UNREADABLE", "SealedSecretField", "UnreadableSecret", "_fernet", "seal", "unseal"]

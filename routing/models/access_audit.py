@@ -100,7 +100,6 @@ def _audited(sender) -> bool:
 # --- rows: users, groups, STOW-RS senders ------------------------------------------------------
 
 
-@receiver(pre_save, dispatch_uid="pacslens_access_pre_save")
 def _remember_before(sender, instance, raw=False, update_fields=None, **kwargs) -> None:
     if raw or not _audited(sender) or _login_only(sender, update_fields):
         return
@@ -112,7 +111,6 @@ def _remember_before(sender, instance, raw=False, update_fields=None, **kwargs) 
         instance._access_secret_changed = getattr(previous, secret) != getattr(instance, secret)
 
 
-@receiver(post_save, dispatch_uid="pacslens_access_post_save")
 def _record_save(sender, instance, created, raw=False, update_fields=None, **kwargs) -> None:
     if raw or not _audited(sender) or _login_only(sender, update_fields):
         return
@@ -131,12 +129,21 @@ def _record_save(sender, instance, created, raw=False, update_fields=None, **kwa
     access_change_record(obj=instance, before=before, after=after, detail=f"{kind} changed: {', '.join(changed)}")
 
 
-@receiver(post_delete, dispatch_uid="pacslens_access_post_delete")
 def _record_delete(sender, instance, **kwargs) -> None:
     if _audited(sender):
         access_change_record(
             obj=instance, before=access_snapshot(instance), after=None, detail=f"{sender._meta.verbose_name} deleted"
         )
+
+
+# Connected per audited model, never for every model: a receiver for all senders would also run on
+# every Instance the listener records, and would make its raw-SQL insert fall back to the ORM
+# (routing/store/records.py takes the ORM's road whenever anyone listens to Instance saves).
+# The senders are "app_label.Model" strings, which Django resolves once the model is loaded.
+for _label in FIELDS:
+    pre_save.connect(_remember_before, sender=_label, dispatch_uid=f"pacslens_access_pre_save:{_label}")
+    post_save.connect(_record_save, sender=_label, dispatch_uid=f"pacslens_access_post_save:{_label}")
+    post_delete.connect(_record_delete, sender=_label, dispatch_uid=f"pacslens_access_post_delete:{_label}")
 
 
 def _login_only(sender, update_fields) -> bool:

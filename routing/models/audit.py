@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from pacslens.client_address import client_address
 
-SECRET_FIELDS = {"secret", "token_hash", "password", "webhook_url"}
+SECRET_FIELDS = {"secret", "token_hash", "password", "webhook_url", "oauth_client_secret", "access_token"}
 MASK = "********"
 
 

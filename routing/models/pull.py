@@ -24,6 +24,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from routing.models.access_audit import access_change_record, access_snapshot
 from routing.models.core import ApplicationEntity, Study
 from routing.models.fields import NameField
+from routing.models.oauth import HttpClientAuth
 from routing.validators import validate_ae_title
 
 
@@ -65,7 +66,7 @@ def modalities_list(value: str) -> list[str]:
     return [m.strip().upper() for m in value.replace(",", "\\").split("\\") if m.strip()]
 
 
-class PollSource(models.Model):
+class PollSource(HttpClientAuth):
     class Kind(models.TextChoices):
         DIMSE = "dimse", "DIMSE (C-FIND + C-MOVE/C-GET)"
         DICOMWEB = "dicomweb", "DICOMweb (QIDO-RS + WADO-RS)"
@@ -125,8 +126,16 @@ class PollSource(models.Model):
         ordering = ["name"]
         indexes = [models.Index(fields=["next_poll_at"], name="pollsource_due_idx", condition=Q(enabled=True))]
 
+    # Where the OAuth client secret goes, and where its tokens go (HttpClientAuth.TARGET_FIELDS).
+    TARGET_FIELDS = ("kind", "dicomweb_url", *HttpClientAuth.TARGET_FIELDS)
+
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def uses_oauth(self) -> bool:
+        """DICOMweb with OAuth 2.0 client credentials: a token URL is set."""
+        return self.kind == self.Kind.DICOMWEB and bool(self.oauth_token_url)
 
     def clean(self) -> None:
         if self.kind == self.Kind.DIMSE:
@@ -145,6 +154,13 @@ class PollSource(models.Model):
             validate_poll_token_env(self.dicomweb_token_env)
         except ValidationError as exc:
             raise ValidationError({"dicomweb_token_env": exc.messages}) from None
+        if self.kind == self.Kind.DICOMWEB:
+            oauth = self.uses_oauth or bool(self.oauth_client_id)
+            errors = self.oauth_problems(required=oauth)
+            if oauth and self.dicomweb_token_env:
+                errors["dicomweb_token_env"] = "Use either a token variable or OAuth client credentials, not both."
+            if errors:
+                raise ValidationError(errors)
 
     def dicomweb_token(self) -> str:
         """The bearer token from the environment, "" when none is configured or the variable is unset.

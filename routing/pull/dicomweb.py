@@ -19,6 +19,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from routing.models import PollSource
+from routing.models.sealed import SECRET_UNREADABLE
+from routing.oauth import OAuthBearer, OAuthClient, PeerSession, TokenError, tls_verify
 from routing.pull.types import (
     FoundStudy,
     PullError,
@@ -121,9 +123,15 @@ def retrieve_study(source: PollSource, study_instance_uid: str, *, association_i
     return RetrieveOutcome(ok=True, status=200, completed=completed)
 
 
-def _client(source: PollSource) -> DICOMwebClient:
-    headers = {}
-    if source.dicomweb_token_env:
+def dicomweb_session(source: PollSource) -> requests.Session:
+    """A session with the source's authentication (OAuth client credentials, or the token from its
+    environment variable) and its CA bundle. Raises PullError when the configuration is unusable."""
+    session = PeerSession(tls_verify(source))
+    if source.uses_oauth:
+        if source.oauth_secret_unreadable:
+            raise PullError(f"oauth_client_secret: {SECRET_UNREADABLE}", permanent=True)
+        session.auth = OAuthBearer(OAuthClient.of(source))
+    elif source.dicomweb_token_env:
         try:
             token = source.dicomweb_token()
         except ValidationError as exc:
@@ -132,8 +140,12 @@ def _client(source: PollSource) -> DICOMwebClient:
             raise PullError(
                 f"environment variable {source.dicomweb_token_env} (the DICOMweb token) is not set", permanent=True
             )
-        headers["Authorization"] = f"Bearer {token}"
-    client = DICOMwebClient(url=source.dicomweb_url.rstrip("/"), headers=headers, timeout=HTTP_TIMEOUT)
+        session.headers["Authorization"] = f"Bearer {token}"
+    return session
+
+
+def _client(source: PollSource) -> DICOMwebClient:
+    client = DICOMwebClient(url=source.dicomweb_url.rstrip("/"), session=dicomweb_session(source), timeout=HTTP_TIMEOUT)
     # Its retry loop also retries refused connections, for 30 s; our backoff is per source and retrieve.
     client.set_http_retry_params(retry=False)
     return client
@@ -151,6 +163,11 @@ class _http_errors:
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc is None or isinstance(exc, PullError):
             return False
+        if isinstance(exc, TokenError):
+            # Not permanent: once the identity provider's side is fixed, the next try gets a token.
+            raise PullError(
+                f"{self.where}: token error: {exc}", status=exc.code if isinstance(exc.code, int) else None
+            ) from None
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
             code = exc.response.status_code
             hint = {401: "check the token", 403: "check the token's permissions", 404: "check the base URL"}.get(code)

@@ -13,7 +13,8 @@ from pydicom.uid import generate_uid
 
 from pacslens.ops.probes.dimse import probe_dicom_echo
 from pacslens.ops.probes.result import DEFAULT_TIMEOUT, ProbeResult
-from results.deliver.senders import http_auth
+from results.deliver.senders import http_session
+from routing.oauth import TokenError
 
 
 def probe_qido(base_url: str, *, headers: dict, auth, timeout: float) -> ProbeResult:
@@ -114,9 +115,8 @@ def probe_destination(destination) -> ProbeResult:
         ae = destination.application_entity
         return probe_dicom_echo(host=ae.host, port=ae.port, called_ae_title=ae.ae_title, timeout=timeout, tls=ae.tls)
     if destination.kind in ("dicomweb", "fhir"):
-        headers: dict[str, str] = {}
-        basic = http_auth(destination).apply(headers)
-        return probe_http(url=destination.base_url, kind=destination.kind, auth=basic, headers=headers, timeout=timeout)
+        with http_session(destination) as session:
+            return probe_http(url=destination.base_url, kind=destination.kind, session=session, timeout=timeout)
     return probe_tcp(host=destination.host, port=destination.port, timeout=timeout)
 
 
@@ -127,8 +127,10 @@ def probe_http(
     auth: tuple[str, str] | None = None,
     headers: dict | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    session: requests.Session | None = None,
 ) -> ProbeResult:
-    """GET a cheap, authenticated resource: QIDO-RS `studies?limit=1` or FHIR `metadata`."""
+    """GET a cheap, authenticated resource: QIDO-RS `studies?limit=1` or FHIR `metadata`.
+    `session` carries the endpoint's authentication (OAuth included) and CA bundle."""
     base = url.rstrip("/")
     if kind == "fhir":
         name, target, accept = "FHIR metadata", f"{base}/metadata", "application/fhir+json"
@@ -140,7 +142,15 @@ def probe_http(
         return ProbeResult(name, ok, summary, code=code, reason=reason, seconds=seconds)
 
     try:
-        response = requests.get(target, headers={"Accept": accept, **(headers or {})}, auth=auth, timeout=timeout)
+        response = (session or requests).get(
+            target, headers={"Accept": accept, **(headers or {})}, auth=auth, timeout=timeout
+        )
+    except TokenError as exc:
+        seconds = time.perf_counter() - started
+        return answer(False, "no OAuth token", str(exc.code or ""), str(exc))
+    except requests.exceptions.SSLError:
+        seconds = time.perf_counter() - started
+        return answer(False, "TLS certificate not trusted", "", f"{base}: check the CA bundle")
     except requests.RequestException as exc:
         seconds = time.perf_counter() - started
         return answer(False, "no HTTP answer", "", f"{type(exc).__name__}: cannot reach {base}")
@@ -149,7 +159,7 @@ def probe_http(
     if response.status_code in (200, 204):
         return answer(True, f"{'FHIR capability statement' if kind == 'fhir' else 'QIDO-RS'} answered", code)
     if response.status_code in (401, 403):
-        return answer(False, "credentials refused", code, "check the user name, password or token")
+        return answer(False, "credentials refused", code, "check the user name, password, token or OAuth client")
     if response.status_code == 404:
         return answer(False, "not found", code, f"{target} does not exist: check the base URL")
     return answer(False, "unexpected answer", code, response.reason or "")

@@ -3,7 +3,7 @@ STOW-RS senders; create / edit / enable-disable each; a Test button whose result
 
 from __future__ import annotations
 
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
@@ -22,6 +22,8 @@ from routing.models import (
     PollSource,
     StowSender,
 )
+from routing.pull.dicomweb import dicomweb_session
+from routing.pull.types import PullError
 
 
 @staff_view()  # either of two view permissions: checked below
@@ -143,12 +145,12 @@ def poll_source_test(request, pk: int) -> HttpResponse:
             result = probe_dicom_echo(host=pacs.host, port=pacs.port, called_ae_title=pacs.ae_title, tls=pacs.tls)
     else:
         try:
-            token = source.dicomweb_token()
-        except ValidationError as exc:
-            problem = f"The token's variable is refused: {exc.messages[0]}."
+            session = dicomweb_session(source)
+        except PullError as exc:
+            problem = f"The source's configuration is refused: {exc}."
         else:
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            result = probe_http(url=source.dicomweb_url, kind="dicomweb", headers=headers)
+            with session:
+                result = probe_http(url=source.dicomweb_url, kind="dicomweb", session=session)
     AuditEntry.record(
         actor=actor(request),
         action=AuditAction.TEST,
