@@ -30,7 +30,7 @@ class Migration(migrations.Migration):
     dependencies = [
         ("auth", "0012_alter_user_first_name_max_length"),
         ("routing", "0004_audit_entry_staff_groups"),
-        ("results", "0014_webhooks"),
+        ("results", "0015_webhooks"),
     ]
 
     operations = [migrations.RunPython(grant_permissions, migrations.RunPython.noop)]

@@ -10,7 +10,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('results', '0013_coding_profiles'),
+        ('results', '0014_destination_oauth_and_ca_bundle'),
     ]
 
     operations = [
