@@ -4,6 +4,7 @@ which delivery is most urgent, the task only says there may be work."""
 from __future__ import annotations
 
 from results.deliver.ledger import deliveries_run_pending
+from results.deliver.webhooks import webhooks_send_due
 
 
 def deliver_pending() -> int:
@@ -13,3 +14,8 @@ def deliver_pending() -> int:
 def sweep_deliveries() -> int:
     """Scheduled: retries whose backoff ended, expired leases (a killed worker), lost triggers."""
     return deliveries_run_pending(budget_seconds=25.0)
+
+
+def send_webhooks() -> int:
+    """Woken on commit of an event, by the due-time timer, and every minute as a sweep."""
+    return webhooks_send_due()

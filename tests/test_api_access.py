@@ -25,6 +25,7 @@ from pacslens.api.models import ApiClient, ApiToken
 from pacslens.api.services import api_client_create
 from pacslens.staff.views import failures, study_actions
 from pacslens.staff.views import studies as staff_studies
+from results.models import WebhookSubscription
 from routing.models import AuditEntry, PollSource, StudyRetrieve
 from tests.support.api import API_ROLES, api_groups_ensure
 from tests.support.factories import PASSWORD, make_user
@@ -61,6 +62,13 @@ def matrix(p: dict) -> list[tuple[str, str, dict, set[str]]]:
         ("GET", "/config/site", {}, ADMIN | AUDITOR),
         ("POST", "/config/site/import", {"data": "pacslens_config: 1\n"}, ADMIN),
         ("GET", "/health", {}, EVERYONE),
+        # Webhooks: configuration like destinations (invalid bodies, so an allowed call changes nothing).
+        ("GET", "/webhooks", {}, ADMIN | AUDITOR),
+        ("POST", "/webhooks", {"json": {"name": "w", "url": "ftp://bad"}}, ADMIN),
+        ("GET", f"/webhooks/{p['webhook'].pk}", {}, ADMIN | AUDITOR),
+        ("PATCH", f"/webhooks/{p['webhook'].pk}", {"json": {}}, ADMIN),
+        ("DELETE", f"/webhooks/{p['webhook'].pk}", {}, ADMIN),
+        ("GET", f"/webhooks/{p['webhook'].pk}/events", {}, ADMIN | AUDITOR),
     ]
     for kind in CONFIG_KINDS:
         item = f"/config/{kind}/{p[kind].pk}"
@@ -88,13 +96,16 @@ def objects(pipeline) -> dict:
         "destinations": pipeline["destination"],
         "routing-rules": pipeline["rule"],
         "poll-sources": source,
+        "webhook": WebhookSubscription.objects.create(
+            name="engine", webhook_url="https://engine.example.org/hook", secret="s" * 20
+        ),
     }
 
 
 class TestPermissionMatrix:
     def test_every_endpoint_and_method_checks_the_role(self, api, objects):
         rows = matrix(objects)
-        assert len(rows) == 19 + 6 * len(CONFIG_KINDS)
+        assert len(rows) == 25 + 6 * len(CONFIG_KINDS)
         audit_before = AuditEntry.objects.count()
         for method, path, kwargs, allowed in rows:
             assert api.call(None, method, path, **kwargs).status_code == 401, (method, path)

@@ -356,3 +356,29 @@ class TestAlerts:
         assert smtp_server.messages[0][0] == ["it@hospital.example"]
         assert "Test alert" in smtp_server.messages[0][1]["Subject"]
         screenshot(page, "alerts")
+
+
+class TestWebhooks:
+    def test_adds_a_webhook_sees_its_secret_once_and_the_event_it_was_sent(self, page, webhook_receiver):
+        from results.deliver.webhooks import webhook_events_record, webhooks_send_due
+        from results.models import WebhookSubscription
+
+        login(page, "admin")
+        page.click("nav >> text=Webhooks")
+        page.click("text=Add webhook")
+        page.fill("#id_name", "mirth")
+        page.fill("#id_webhook_url", "ftp://nowhere")
+        page.check("input[value='result.flagged']")
+        page.click("button:has-text('Save')")
+        page.wait_for_selector("#id_webhook_url-errors:has-text('starting with https://')")
+        page.fill("#id_webhook_url", webhook_receiver.url)
+        page.click("button:has-text('Save')")
+        subscription = WebhookSubscription.objects.get(name="mirth")
+        assert page.inner_text("#new-secret") == subscription.secret
+        study = make_study(accession="BROWSER1")
+        webhook_events_record(event_type="result.flagged", study=study, result=make_result(study))
+        assert webhooks_send_due() == 1
+        page.goto("/webhooks/")
+        assert subscription.secret not in page.content()
+        page.wait_for_selector("#webhook-events :text('result.flagged')")
+        screenshot(page, "webhooks")

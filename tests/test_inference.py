@@ -29,6 +29,8 @@ from results.models import (
     ImmutableResultError,
     InferenceResult,
     ResultStatus,
+    WebhookEvent,
+    WebhookSubscription,
 )
 from results.tasks import infer_pending, sweep_inference
 from routing.models import Operator, Priority, RoutingRule, Study, StudyState
@@ -107,6 +109,27 @@ class TestPipeline:
         )
         kinds = list(study.events.values_list("kind", flat=True))
         assert kinds == ["receiving", "complete", "routed", "inferring", "inferred"]
+
+    def test_a_flagged_live_result_is_a_webhook_event_written_with_it(self, demo_site, tmp_path):
+        WebhookSubscription.objects.create(name="engine", webhook_url="https://e.example.org/h", secret="s" * 20)
+        flagged = ingest(demo(tmp_path, lesion=True, seed=1).paths)
+        process_study(flagged.pk)
+        clean = ingest(demo(tmp_path, "clean", seed=2).paths)
+        process_study(clean.pk)
+        [event] = WebhookEvent.objects.all()
+        result = InferenceResult.objects.get(study=flagged)
+        assert event.event_type == "result.flagged" and event.state == "pending"
+        assert event.payload == {
+            "study": {"id": flagged.pk, "study_instance_uid": flagged.study_instance_uid},
+            "result": {
+                "uid": str(result.uid),
+                "model": demo_site.name,
+                "model_version": demo_site.version,
+                "score": result.score,
+                "flagged": True,
+                "label": "hyperdense region",
+            },
+        }
 
     def test_a_clean_study_is_not_flagged(self, demo_site, tmp_path):
         study = ingest(demo(tmp_path, seed=2).paths)

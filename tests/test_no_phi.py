@@ -5,8 +5,9 @@ A study whose patient name and ID are marker strings goes through real processes
 to a live RIS (MLLP, AA), a RIS that answers AE *echoing the patient's name back* (as some
 interface engines do), and a dead PACS. Every log line (all loggers at DEBUG, pynetdicom and
 django-q included), both log formats, every django-q2 table (broker payloads decoded, task
-args/kwargs/results, schedules), every free-text column a failure writes, `/metrics`,
-`/healthz` and `study_status --json` are then searched for the markers.
+args/kwargs/results, schedules), every free-text column a failure writes, every webhook body a
+real HTTP receiver was sent (flagged result, failed deliveries), `/metrics`, `/healthz` and
+`study_status --json` are then searched for the markers.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from django_q.models import OrmQ, Schedule, Task
 from django_q.signing import SignedPackage
 from prometheus_client import generate_latest
 from pacslens.ops.metrics import registry
-from results.models import AlertEvent, Delivery, DeliveryAttempt, InferenceResult
+from results.models import AlertEvent, Delivery, DeliveryAttempt, InferenceResult, WebhookEvent
 from routing.models import Heartbeat, OpsCounter, StoreAssociation, StudyEvent
 out = []
 for row in OrmQ.objects.all():
@@ -69,6 +70,7 @@ out += [("delivery", d.last_error + " " + d.discard_reason) for d in Delivery.ob
 out += [("result", r.message + " " + repr(r.outputs)) for r in InferenceResult.objects.all()]
 out += [("heartbeat", repr(h.detail)) for h in Heartbeat.objects.all()]
 out += [("alert", e.title + " " + e.text) for e in AlertEvent.objects.all()]
+out += [("webhook", repr(w.payload) + " " + w.last_error) for w in WebhookEvent.objects.all()]
 out += [("counter", c.label) for c in OpsCounter.objects.all()]
 out += [("association", repr(vars(a))) for a in StoreAssociation.objects.all()]
 out.append(("metrics", generate_latest(registry()).decode()))
@@ -123,7 +125,7 @@ def ris() -> Iterator[tuple[RecordingMLLP, RecordingMLLP]]:
 
 
 @pytest.mark.parametrize("log_format", ["plain", "json"])
-def test_markers_appear_in_no_log_queue_or_error(listener_factory, ris, tmp_path, log_format):
+def test_markers_appear_in_no_log_queue_or_error(listener_factory, ris, webhook_receiver, tmp_path, log_format):
     live, echo = ris
     debug = {
         "PACSLENS_LOG_LEVEL": "DEBUG",
@@ -142,6 +144,8 @@ def test_markers_appear_in_no_log_queue_or_error(listener_factory, ris, tmp_path
         .replace("ECHO_PORT", str(echo.port))
     )
     command_output = [_manage(env, "setup_site"), _manage(env, "import_config", str(config))]
+    subscribe = "from results.models import WebhookSubscription as W; W.objects.create(name='e', webhook_url=%r, secret='s' * 20)"
+    command_output.append(_manage(env, "shell", "-c", subscribe % webhook_receiver.url))
     workers_log = listener.data_dir / "workers.log"
     with workers_log.open("ab") as log:
         workers = subprocess.Popen(
@@ -162,6 +166,9 @@ def test_markers_appear_in_no_log_queue_or_error(listener_factory, ris, tmp_path
         assert sent.returncode == 0, sent.stderr
         assert listener.echo(calling_ae_title="NOT_ALLOWED") is None  # a rejection path too
         deliveries = _wait_deliveries_settled(listener, count=3)
+        deadline = time.monotonic() + 60  # result.flagged and the two delivery.failed events
+        while len(webhook_receiver.requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
     finally:
         workers.terminate()
         workers.wait(60)
@@ -182,9 +189,14 @@ def test_markers_appear_in_no_log_queue_or_error(listener_factory, ris, tmp_path
         "commands": "\n".join(command_output),
         "database dump": dump,
         "study_status": status,
+        "webhooks sent": "\n".join(repr(headers) + " " + raw.decode() for _, headers, raw in webhook_receiver.requests),
     }
     assert "COUNTS" in dump and "delivery_failed" in dump  # the dump saw the failure paths
     assert "alert\t" in dump and "in the failure queue" in dump  # and the alert about them
+    assert (
+        searched["webhooks sent"].count('"type":"delivery.failed"') == 2
+        and "result.flagged" in searched["webhooks sent"]
+    )
     assert "DEBUG" in searched["workers log"]  # debug logging really was on
     leaks = [
         f"{where}: {line.strip()[:300]}"

@@ -39,6 +39,8 @@ def get_urls(p: dict) -> list[tuple[str, set[str]]]:
         (f"/rules/{p['rule'].pk}/", ADMIN),
         ("/rules/dry-run/", ADMIN),
         ("/models/", ADMIN),
+        ("/webhooks/", ADMIN),
+        ("/webhooks/new/", ADMIN),
         ("/audit/triage/", SUPERUSER),
         ("/audit/triage.csv", SUPERUSER),
         ("/audit/log/", SUPERUSER),
@@ -56,6 +58,7 @@ def post_urls(p: dict) -> list[tuple[str, dict, set[str]]]:
         (f"/endpoints/destinations/{p['destination'].pk}/toggle/", {}, ADMIN),
         ("/endpoints/ae/new/", {"ae_title": ""}, ADMIN),
         (f"/endpoints/ae/{p['entity'].pk}/assess/", {}, ADMIN),
+        ("/webhooks/new/", {"name": ""}, ADMIN),
     ]
 
 

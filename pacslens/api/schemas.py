@@ -264,3 +264,50 @@ class Health(Schema):
     status: str
     checks: dict[str, dict[str, Any]]
     queue: dict[str, Any]
+
+
+# --- webhooks ---------------------------------------------------------------------------------
+
+
+class Webhook(Schema):
+    id: int
+    name: str
+    events: list[str]
+    enabled: bool
+    url_set: bool = Field(description="The URL is write-only: whether one is stored")
+    created_at: datetime
+    updated_at: datetime
+    last_sent_at: datetime | None
+    last_error: str
+    etag: str
+    secret: str | None = Field(
+        None, description="The signing secret: only in the answer that made it (create, or rotate_secret)"
+    )
+
+
+class WebhookIn(Schema):
+    name: str
+    url: str = Field(description="http(s) URL the workers POST to (write-only)")
+    events: list[str] | None = Field(None, description="Default: every event type")
+    enabled: bool = True
+    secret: str | None = Field(None, description="At least 16 characters; omitted: one is made and answered once")
+
+
+class WebhookPatch(Schema):
+    name: str | None = None
+    url: str | None = None
+    events: list[str] | None = None
+    enabled: bool | None = None
+    secret: str | None = None
+    rotate_secret: bool = Field(False, description="Make a new signing secret (answered once)")
+
+
+class WebhookEventRow(Schema):
+    event_id: str
+    type: str
+    state: str
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+    sent_at: datetime | None
+    last_error: str

@@ -8,7 +8,8 @@ work as soon as something is due:
 
 - a pending delivery whose `next_attempt_at` has come and whose destination's breaker is closed,
   or an in-flight one whose lease expired (its worker died): `deliver_pending`;
-- an association whose release grace has passed: `check_completion_after_release` for it.
+- an association whose release grace has passed: `check_completion_after_release` for it;
+- a webhook event whose retry time came, or whose sender's lease expired: `send_webhooks`.
 
 The sweeps stay as the safety net (a lost task, a timer that was not running). The rows stay the
 truth: an enqueued task only says "look now", and a duplicate finds nothing to claim.
@@ -27,7 +28,8 @@ from django.utils import timezone
 from django_q.models import OrmQ
 from django_q.tasks import async_task
 
-from results.models import Delivery, DeliveryState
+from results.models import Delivery, DeliveryState, WebhookEvent
+from results.outbox import outbox_due_at
 from routing.tasks import completion_checks_enqueue_due
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 TICK_SECONDS = 0.25  # how often the database is asked; bounds how late due work starts
 REPEAT_AFTER = timedelta(seconds=2)  # a due delivery still unclaimed after this gets another wake-up
 DELIVER_TASK = "results.delivery_tasks.deliver_pending"
+WEBHOOK_TASK = "results.delivery_tasks.send_webhooks"
 
 
 def delivery_due_at(now: datetime) -> datetime | None:
@@ -63,6 +66,7 @@ class DueWakeThread(threading.Thread):
         self._stop_event = threading.Event()
         self._delivery_woken_at: datetime | None = None
         self._delivery_woken_for: datetime | None = None  # the due time that wake-up was for
+        self._webhook_woken_for: datetime | None = None
         self.wakes = 0  # tasks enqueued, for tests and logs
 
     def stop(self) -> None:
@@ -87,6 +91,12 @@ class DueWakeThread(threading.Thread):
         if due is not None and due <= now and self._delivery_wake_allowed(now, due):
             async_task(DELIVER_TASK)
             self._delivery_woken_at, self._delivery_woken_for = now, due
+            woken += 1
+        webhook_due = outbox_due_at(WebhookEvent)
+        # Once per due time: a row the task leaves due (the receiver failed) has a later one.
+        if webhook_due is not None and webhook_due <= now and webhook_due != self._webhook_woken_for:
+            async_task(WEBHOOK_TASK)
+            self._webhook_woken_for = webhook_due
             woken += 1
         self.wakes += woken
         return woken

@@ -23,6 +23,8 @@ SCHEDULES: list[tuple[str, int]] = [
     ("routing.pull.poll.poll_due_sources", 1),
     # Alert rules: one alert when a condition starts, one when it clears (pacslens/ops/alerts).
     ("pacslens.ops.alerts.service.alerts_check", 1),
+    # Outbound event webhooks: retries whose backoff ended, lost wake-ups (results/deliver/webhooks.py).
+    ("results.delivery_tasks.send_webhooks", 1),
 ]
 
 

@@ -19,6 +19,7 @@ from pacslens.staff.views import (
     studies,
     study_actions,
     triage,
+    webhooks,
 )
 
 urlpatterns = [
@@ -80,4 +81,7 @@ urlpatterns += [
     path("alerts/rules/new/", alerts.alert_rule_edit, name="alert_rule_create"),
     path("alerts/rules/<int:pk>/", alerts.alert_rule_edit, name="alert_rule_edit"),
     path("endpoints/destinations/<int:pk>/coding/", coding.destination_coding, name="destination_coding"),
+    path("webhooks/", webhooks.webhook_page, name="webhook_page"),
+    path("webhooks/new/", webhooks.webhook_edit, name="webhook_create"),
+    path("webhooks/<int:pk>/", webhooks.webhook_edit, name="webhook_edit"),
 ]

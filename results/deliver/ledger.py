@@ -30,6 +30,7 @@ from results.deliver.payload import (
     OutcomeKind,
     Protocol,
 )
+from results.deliver.webhooks import webhook_events_record
 from results.models import (
     Delivery,
     DeliveryAttempt,
@@ -37,6 +38,7 @@ from results.models import (
     Destination,
     ErrorClass,
     InferenceResult,
+    WebhookEventType,
 )
 from results.models.inference import ResultStatus
 from routing.models import Study, StudyState
@@ -266,6 +268,9 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, started, worker: st
                 f"(held by the circuit breaker): {message}",
             )
         delivery.study.log_event(*event)
+        if fields["state"] == DeliveryState.FAILED:
+            delivery.last_error_class = outcome.kind.value
+            webhook_events_record(event_type=WebhookEventType.DELIVERY_FAILED, study=delivery.study, delivery=delivery)
         study_delivery_settle(study=delivery.study)
     logger.info("delivery %s attempt %s: %s", delivery.pk, delivery.attempts, outcome.kind.value)
 
@@ -344,8 +349,8 @@ def study_delivery_settle(*, study: Study) -> None:
             from_states=[StudyState.DELIVERING, StudyState.FAILED],
             detail=f"closed without full delivery: {summary}",
         )
-    else:
-        study.transition(StudyState.DELIVERED, from_states=[StudyState.DELIVERING, StudyState.FAILED], detail=summary)
+    elif study.transition(StudyState.DELIVERED, from_states=[StudyState.DELIVERING, StudyState.FAILED], detail=summary):
+        webhook_events_record(event_type=WebhookEventType.STUDY_DELIVERED, study=study)
 
 
 # --- staff actions ---------------------------------------------------------------------------

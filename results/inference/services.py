@@ -17,6 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from results.deliver.ledger import deliveries_create
+from results.deliver.webhooks import webhook_events_record
 from results.inference.runtime import (
     InferenceTimeout,
     ModelFileError,
@@ -35,7 +36,7 @@ from results.inference.volume import (
     volume_slice_indices,
 )
 from results.key_region import key_region_find
-from results.models import AIModel, FailureReason, InferenceResult, ResultStatus
+from results.models import AIModel, FailureReason, InferenceResult, ResultStatus, WebhookEventType
 from routing.models import Study, StudyState
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,9 @@ def study_infer(*, study: Study) -> list[InferenceResult]:
         deliveries_create(
             study=study, results=live, rule_ids=[rule["id"] for rule in decision.matched_rules] if decision else []
         )
+        for result in live:
+            if result.status == ResultStatus.SUCCEEDED and result.flagged:
+                webhook_events_record(event_type=WebhookEventType.RESULT_FLAGGED, study=study, result=result)
     logger.info("study %s %s: %s", study.pk, to_state, detail)
     return outcomes
 

@@ -1,4 +1,4 @@
-"""Results app models, one module per seam: alerts (channels, rules, their state), inference (model registry, results), delivery (ledger)."""
+"""Results app models, one module per seam: alerts (channels, rules, their state), inference (model registry, results), delivery (ledger), webhooks (subscriptions, their event outbox), outbox (what those outboxes share)."""
 
 from results.models.alerts import (
     AlertChannel,
@@ -9,7 +9,6 @@ from results.models.alerts import (
     AlertNotification,
     AlertRule,
     AlertState,
-    NotificationState,
     WebhookFormat,
 )
 from results.models.coding import CodingProfile
@@ -31,6 +30,8 @@ from results.models.inference import (
     ResultStatus,
 )
 from results.models.installation import Installation
+from results.models.outbox import NotificationState, OutboxRow
+from results.models.webhooks import EVENT_TYPES, WebhookEvent, WebhookEventType, WebhookSubscription
 
 __all__ = [
     "AlertChannel",
@@ -58,4 +59,9 @@ __all__ = [
     "InferenceResult",
     "Installation",
     "ResultStatus",
+    "OutboxRow",
+    "EVENT_TYPES",
+    "WebhookEvent",
+    "WebhookEventType",
+    "WebhookSubscription",
 ]

@@ -20,6 +20,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator, URLVali
 from django.db import models
 from django.utils import timezone
 
+from results.models.outbox import OutboxRow
 from results.models.sealed import SealedSecretField, UnreadableSecret
 from routing.validators import validate_ae_title
 
@@ -265,26 +266,11 @@ class AlertEvent(models.Model):
         return f"{self.kind}: {self.title}"
 
 
-class NotificationState(models.TextChoices):
-    PENDING = "pending", "Pending"
-    SENDING = "sending", "Sending"
-    SENT = "sent", "Sent"
-    FAILED = "failed", "Failed"
-
-
-class AlertNotification(models.Model):
+class AlertNotification(OutboxRow):
     """One event to one channel: the outbox row the sender claims."""
-
-    MAX_ATTEMPTS = 6
 
     event = models.ForeignKey(AlertEvent, on_delete=models.CASCADE, related_name="notifications")
     channel = models.ForeignKey(AlertChannel, on_delete=models.CASCADE, related_name="notifications")
-    state = models.CharField(max_length=8, choices=NotificationState.choices, default=NotificationState.PENDING)
-    attempts = models.PositiveIntegerField(default=0)
-    next_attempt_at = models.DateTimeField(default=timezone.now)
-    lease_until = models.DateTimeField(null=True, blank=True)
-    last_error = models.CharField(max_length=300, blank=True)
-    sent_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [

@@ -2,7 +2,8 @@
 
 `smtp_server` runs aiosmtpd on a free port and points Django's SMTP backend at it (pytest-django
 swaps in the in-memory backend; the fixture puts the real one back). `webhook_receiver` records
-every POST's JSON body and answers with the statuses in `script` first, then 200.
+every accepted POST's JSON body (and every POST's headers and raw bytes in `requests`) and answers
+with the statuses in `script` first, then 200.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def smtp_server(settings) -> Iterator[SMTPRecorder]:
 class WebhookReceiver:
     def __init__(self) -> None:
         self.bodies: list[Any] = []
+        self.requests: list[tuple[int, dict[str, str], bytes]] = []  # (status answered, headers, raw body)
         self.script: list[int] = []
         self.lock = threading.Lock()
         receiver = self
@@ -65,6 +67,7 @@ class WebhookReceiver:
                 raw = self.rfile.read(length)
                 with receiver.lock:
                     status = receiver.script.pop(0) if receiver.script else 200
+                    receiver.requests.append((status, dict(self.headers.items()), raw))
                     if status < 300:
                         receiver.bodies.append(json.loads(raw))
                 self.send_response(status)

@@ -64,6 +64,7 @@ def staff_groups_ensure() -> None:
         migration.create_staff_groups(apps, None)
         importlib.import_module("results.migrations.0008_pacs_admins_see_failure_queue").grant_queue_view(apps, None)
         importlib.import_module("results.migrations.0012_alert_roles_default_rules").grant_permissions(apps, None)
+        importlib.import_module("results.migrations.0016_webhook_permissions").grant_permissions(apps, None)
 
 
 def make_user(role: str) -> User:

@@ -16,7 +16,6 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
 from django.utils import timezone
 
 from pacslens.ops.alerts.channels import WEBHOOK_TIMEOUT, AlertMessage, ChannelError, channel_send
@@ -28,14 +27,11 @@ from results.models import (
     AlertNotification,
     AlertRule,
     AlertState,
-    NotificationState,
 )
+from results.outbox import outbox_claim_due, outbox_settle
 from routing.models import AuditAction, AuditEntry
 
 logger = logging.getLogger(__name__)
-
-SEND_BACKOFF_BASE = 30.0
-SEND_BACKOFF_CAP = 1800.0
 
 
 def alerts_check() -> dict[str, int]:
@@ -101,19 +97,9 @@ def alert_clear(*, rule: AlertRule, state: AlertState, now: datetime) -> bool:
 
 def notifications_send_due(*, now: datetime | None = None, limit: int = 100) -> int:
     """Claim and send due notifications; returns how many were sent."""
-    now = now or timezone.now()
-    due = Q(state=NotificationState.PENDING, next_attempt_at__lte=now) | Q(
-        state=NotificationState.SENDING, lease_until__lt=now
-    )
-    sent = 0
-    for notification in (
-        AlertNotification.objects.filter(due)
-        .select_related("event", "channel")
-        .order_by("next_attempt_at", "pk")[:limit]
-    ):
-        if _claim(notification, due=due, now=now):
-            sent += notification_send(notification=notification)
-    return sent
+    lease = timedelta(seconds=2 * max(WEBHOOK_TIMEOUT, float(settings.EMAIL_TIMEOUT)) + 30)
+    claimed = outbox_claim_due(AlertNotification, lease=lease, limit=limit, related=("event", "channel"), now=now)
+    return sum(notification_send(notification=notification) for notification in claimed)
 
 
 def notification_send(*, notification: AlertNotification) -> bool:
@@ -127,20 +113,10 @@ def notification_send(*, notification: AlertNotification) -> bool:
             channel_send(channel, message_of(event))
         except ChannelError as exc:
             error = str(exc)
-    now = timezone.now()
-    claimed = AlertNotification.objects.filter(pk=notification.pk, state=NotificationState.SENDING)
+    outbox_settle(notification, error=error, give_up=not channel.enabled)
     if not error:
-        claimed.update(state=NotificationState.SENT, sent_at=now, lease_until=None, last_error="")
-        AlertChannel.objects.filter(pk=channel.pk).update(last_sent_at=now, last_error="")
+        AlertChannel.objects.filter(pk=channel.pk).update(last_sent_at=timezone.now(), last_error="")
         return True
-    gave_up = not channel.enabled or notification.attempts >= AlertNotification.MAX_ATTEMPTS
-    delay = min(SEND_BACKOFF_CAP, SEND_BACKOFF_BASE * 2 ** max(notification.attempts - 1, 0))
-    claimed.update(
-        state=NotificationState.FAILED if gave_up else NotificationState.PENDING,
-        next_attempt_at=now + timedelta(seconds=delay),
-        lease_until=None,
-        last_error=error[:300],
-    )
     AlertChannel.objects.filter(pk=channel.pk).update(last_error=error[:300])
     logger.warning("alert %s to channel %s: %s", event.pk, channel.name, error)
     return False
@@ -199,14 +175,3 @@ def _event(*, rule: AlertRule, subject: str, kind: str, what: Firing, now: datet
     )
     logger.info("alert %s %s: rule %s, subject %s", event.pk, kind, rule.name, subject)
     return event
-
-
-def _claim(notification: AlertNotification, *, due: Q, now: datetime) -> bool:
-    lease = timedelta(seconds=2 * max(WEBHOOK_TIMEOUT, float(settings.EMAIL_TIMEOUT)) + 30)
-    updated = AlertNotification.objects.filter(due, pk=notification.pk, attempts=notification.attempts).update(
-        state=NotificationState.SENDING, lease_until=now + lease, attempts=F("attempts") + 1
-    )
-    if updated == 1:
-        notification.attempts += 1
-        notification.state = NotificationState.SENDING
-    return updated == 1
