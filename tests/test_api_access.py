@@ -19,10 +19,13 @@ from django.utils import timezone
 from openapi_spec_validator import validate
 
 from pacslens.api.endpoints import deliveries as api_deliveries
+from pacslens.api.endpoints import probes as api_probes
 from pacslens.api.endpoints import studies as api_studies
 from pacslens.api.main import api as ninja_api
 from pacslens.api.models import ApiClient, ApiToken
 from pacslens.api.services import api_client_create
+from pacslens.staff.views import destinations as staff_destinations
+from pacslens.staff.views import endpoints as staff_endpoints
 from pacslens.staff.views import failures, study_actions
 from pacslens.staff.views import studies as staff_studies
 from results.models import WebhookSubscription
@@ -69,6 +72,11 @@ def matrix(p: dict) -> list[tuple[str, str, dict, set[str]]]:
         ("PATCH", f"/webhooks/{p['webhook'].pk}", {"json": {}}, ADMIN),
         ("DELETE", f"/webhooks/{p['webhook'].pk}", {}, ADMIN),
         ("GET", f"/webhooks/{p['webhook'].pk}/events", {}, ADMIN | AUDITOR),
+        # The endpoints page's Test buttons and Assess (nodes that refuse: quick answers).
+        ("POST", f"/config/ae-titles/{p['ae-titles'].pk}/test", {}, ADMIN),
+        ("POST", f"/config/ae-titles/{p['ae-titles'].pk}/assess", {}, ADMIN),
+        ("POST", f"/config/destinations/{p['destinations'].pk}/test", {}, ADMIN),
+        ("POST", f"/config/poll-sources/{p['poll-sources'].pk}/test", {}, ADMIN),
     ]
     for kind in CONFIG_KINDS:
         item = f"/config/{kind}/{p[kind].pk}"
@@ -105,7 +113,7 @@ def objects(pipeline) -> dict:
 class TestPermissionMatrix:
     def test_every_endpoint_and_method_checks_the_role(self, api, objects):
         rows = matrix(objects)
-        assert len(rows) == 25 + 6 * len(CONFIG_KINDS)
+        assert len(rows) == 29 + 6 * len(CONFIG_KINDS)
         audit_before = AuditEntry.objects.count()
         for method, path, kwargs, allowed in rows:
             assert api.call(None, method, path, **kwargs).status_code == 401, (method, path)
@@ -133,6 +141,10 @@ class TestPermissionMatrix:
         assert failures.failure_queue.staff_permissions == api_deliveries.VIEW
         assert failures.failure_retry.staff_permissions == api_deliveries.RETRY
         assert failures.failure_discard.staff_permissions == api_deliveries.DISCARD
+        assert staff_endpoints.ae_test.staff_permissions == api_probes.AE_TEST
+        assert staff_endpoints.ae_assess.staff_permissions == api_probes.AE_ASSESS
+        assert staff_endpoints.poll_source_test.staff_permissions == api_probes.POLL_SOURCE_TEST
+        assert staff_destinations.destination_test.staff_permissions == api_probes.DESTINATION_TEST
 
 
 class TestTokens:

@@ -311,3 +311,43 @@ class WebhookEventRow(Schema):
     next_attempt_at: datetime
     sent_at: datetime | None
     last_error: str
+
+
+# --- tests and assessment ----------------------------------------------------------------------
+
+
+class ProbeOutcome(Schema):
+    status: str = Field(description="success, failed or inconclusive")
+    ok: bool | None
+    name: str = Field(description="What was asked: C-ECHO, QIDO-RS, FHIR metadata, MLLP connect")
+    summary: str
+    code: str = Field(description="The peer's DICOM status, association rejection or HTTP status")
+    reason: str = Field(description="Why it failed, in words to act on")
+    details: list[str]
+    seconds: float
+    tested_at: datetime
+    in_words: str = Field(description="The line the Test button shows")
+
+
+class AssessmentProbe(Schema):
+    name: str
+    ok: bool | None
+    summary: str
+    details: list[str]
+
+
+class AssessmentPattern(Schema):
+    name: str
+    usable: bool | None
+    why: str
+
+
+class Assessment(Schema):
+    node: str
+    endpoints: list[str]
+    probes: list[AssessmentProbe]
+    ingestion: list[AssessmentPattern]
+    results: list[AssessmentPattern]
+    it_actions: list[str]
+    answers: list[dict[str, str]]
+    report: str

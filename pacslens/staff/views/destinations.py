@@ -7,14 +7,12 @@ from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from pacslens.ops.probes import probe_destination
+from pacslens.ops import endpoint_tests
 from pacslens.staff.forms import DestinationForm
 from pacslens.staff.views.access import actor, staff_view
 from pacslens.staff.views.config import config_delete, config_edit, config_toggle
 from pacslens.staff.views.endpoints import endpoint_list, render_probe
 from results.models import Destination
-from results.models.sealed import SECRET_UNREADABLE
-from routing.models import AuditAction, AuditEntry
 
 
 @staff_view("results.view_destination", "results.change_destination", "results.add_destination")
@@ -48,23 +46,6 @@ def destination_delete(request, pk: int) -> HttpResponse:
 @require_POST
 def destination_test(request, pk: int) -> HttpResponse:
     destination = get_object_or_404(Destination.objects.select_related("application_entity"), pk=pk)
-    problem, result = "", None
-    try:
-        destination.full_clean()
-    except Exception as exc:  # ValidationError: the destination is not complete enough to test
-        problem = f"Fix the configuration first: {'; '.join(getattr(exc, 'messages', [str(exc)]))}"
-    if not problem and destination.auth != "none" and destination.secret_unreadable:
-        problem = f"Configuration error: {SECRET_UNREADABLE}."
-    if not problem:
-        result = probe_destination(destination)
-    destination.test_record(ok=bool(result and result.ok), detail=result.in_words() if result else problem)
-    AuditEntry.record(
-        actor=actor(request),
-        action=AuditAction.TEST,
-        obj=destination,
-        object_repr=str(destination),
-        detail=result.audit_text() if result else problem,
-        request=request,
-    )
+    result, problem = endpoint_tests.destination_test(destination, actor=actor(request), request=request)
     what = {"dicom": "C-ECHO", "hl7": "MLLP connect"}.get(destination.kind, "HTTP probe")
     return render_probe(request, obj=destination, result=result, problem=problem, what=what)

@@ -9,21 +9,17 @@ from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from pacslens.ops.assess import node_assess
-from pacslens.ops.probes import ProbeResult, probe_dicom_echo, probe_http
+from pacslens.ops import endpoint_tests
+from pacslens.ops.probes import ProbeResult
 from pacslens.staff.forms import ApplicationEntityForm, PollSourceForm
 from pacslens.staff.views.access import actor, render_page, staff_view
 from pacslens.staff.views.config import config_delete, config_edit, config_toggle
 from results.models import Destination
 from routing.models import (
     ApplicationEntity,
-    AuditAction,
-    AuditEntry,
     PollSource,
     StowSender,
 )
-from routing.pull.dicomweb import dicomweb_session
-from routing.pull.types import PullError
 
 
 @staff_view()  # either of two view permissions: checked below
@@ -73,26 +69,8 @@ def ae_delete(request, pk: int) -> HttpResponse:
 def ae_test(request, pk: int) -> HttpResponse:
     """C-ECHO the node from our AE title; the answer replaces the row's result cell."""
     entity = get_object_or_404(ApplicationEntity, pk=pk)
-    if entity.missing_address or entity.port is None:
-        result = None
-        problem = f"This AE title has no {entity.missing_address}: edit it to add one, then test again."
-    else:
-        result = probe_dicom_echo(host=entity.host, port=entity.port, called_ae_title=entity.ae_title, tls=entity.tls)
-        problem = ""
-    AuditEntry.record(
-        actor=actor(request),
-        action=AuditAction.TEST,
-        obj=entity,
-        object_repr=str(entity),
-        detail=result.audit_text() if result else problem,
-        request=request,
-    )
+    result, problem = endpoint_tests.ae_test(entity, actor=actor(request), request=request)
     return render_probe(request, obj=entity, result=result, problem=problem, what="C-ECHO")
-
-
-# Per probe: an assessment runs about ten probes in the request, so keep each short enough that
-# a node that drops packets still answers within the web server's timeout.
-ASSESS_PROBE_TIMEOUT = 2.0
 
 
 @staff_view("routing.change_applicationentity")
@@ -101,16 +79,9 @@ def ae_assess(request, pk: int) -> HttpResponse:
     long): GET offers the button, POST runs it; nothing is stored in the node."""
     entity = get_object_or_404(ApplicationEntity, pk=pk)
     context = {"nav": "endpoints", "entity": entity, "report": None}
-    if request.method == "POST" and not entity.missing_address:
-        context["report"] = node_assess(node=entity.ae_title, timeout=ASSESS_PROBE_TIMEOUT).as_text()
-        AuditEntry.record(
-            actor=actor(request),
-            action=AuditAction.TEST,
-            obj=entity,
-            object_repr=str(entity),
-            detail="integration assessment",
-            request=request,
-        )
+    if request.method == "POST":
+        report = endpoint_tests.ae_assess(entity, actor=actor(request), request=request)
+        context["report"] = report.as_text() if report else None
     return render_page(request, "endpoints/assessment.html", context, fragment="report")
 
 
@@ -134,31 +105,7 @@ def poll_source_toggle(request, pk: int) -> HttpResponse:
 def poll_source_test(request, pk: int) -> HttpResponse:
     """C-ECHO the PACS of a DIMSE source, or a QIDO-RS request to a DICOMweb one."""
     source = get_object_or_404(PollSource.objects.select_related("pacs"), pk=pk)
-    problem, result = "", None
-    if source.kind == PollSource.Kind.DIMSE:
-        pacs = source.pacs
-        if pacs is None:
-            problem = "The source has no PACS: choose its AE title."
-        elif pacs.missing_address or pacs.port is None:
-            problem = f"The source's PACS ({pacs.ae_title}) has no {pacs.missing_address}: edit its AE title."
-        else:
-            result = probe_dicom_echo(host=pacs.host, port=pacs.port, called_ae_title=pacs.ae_title, tls=pacs.tls)
-    else:
-        try:
-            session = dicomweb_session(source)
-        except PullError as exc:
-            problem = f"The source's configuration is refused: {exc}."
-        else:
-            with session:
-                result = probe_http(url=source.dicomweb_url, kind="dicomweb", session=session)
-    AuditEntry.record(
-        actor=actor(request),
-        action=AuditAction.TEST,
-        obj=source,
-        object_repr=str(source),
-        detail=result.audit_text() if result else problem,
-        request=request,
-    )
+    result, problem = endpoint_tests.poll_source_test(source, actor=actor(request), request=request)
     return render_probe(request, obj=source, result=result, problem=problem, what="Test")
 
 

@@ -1,0 +1,148 @@
+"""The endpoints page's actions through the automation API, over real HTTP to gunicorn: the Test
+buttons (a real pynetdicom SCP answering C-ECHO, the MLLP listener, an OAuth token endpoint in
+front of Orthanc's DICOMweb) and the integration assessment (a PacsLens listener). Each must give
+the answer, the audit row and (destinations) the last-test fields the staff page gives."""
+
+from __future__ import annotations
+
+import pytest
+from pynetdicom.sop_class import Verification
+
+from results.models import Destination
+from routing.models import ApplicationEntity, AuditEntry, OAuthToken, PollSource
+from tests.support.mllp import MLLPListener
+from tests.support.net import free_port
+
+PROBLEM = "application/problem+json"
+ADMIN = "pacs_administrator"
+CLIENT_ID, CLIENT_SECRET = "pacslens-gateway", "client-s3cret-value"
+
+
+def problem(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == PROBLEM
+    return response.json()
+
+
+class TestAeTitle:
+    def test_c_echo_a_live_node_then_a_dead_one(self, api, scp_factory):
+        scp = scp_factory(sop_classes=(Verification,))
+        entity = ApplicationEntity.objects.create(ae_title="TESTSCP", host="127.0.0.1", port=scp.port)
+
+        response = api.call(ADMIN, "POST", f"/config/ae-titles/{entity.pk}/test")
+
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["status"] == "success" and body["ok"] is True and body["name"] == "C-ECHO"
+        assert body["seconds"] >= 0 and body["tested_at"]
+        audit = AuditEntry.objects.get(action="test", object_id=str(entity.pk))
+        assert audit.actor == "api:test-pacs_administrator" and audit.detail.startswith("ok")
+
+        ApplicationEntity.objects.filter(pk=entity.pk).update(port=free_port())
+        body = api.call(ADMIN, "POST", f"/config/ae-titles/{entity.pk}/test").json()
+        assert body["status"] == "failed" and "cannot connect" in body["in_words"]
+        assert AuditEntry.objects.filter(action="test", detail__startswith="failed").count() == 1
+
+    def test_a_node_without_an_address_is_a_409_with_the_page_message_and_audited(self, api):
+        entity = ApplicationEntity.objects.create(ae_title="SENDER")
+        body = problem(api.call(ADMIN, "POST", f"/config/ae-titles/{entity.pk}/test"), 409)
+        assert body["detail"] == "This AE title has no host and port: edit it to add one, then test again."
+        assert AuditEntry.objects.get(action="test").detail == body["detail"]
+        problem(api.call(ADMIN, "POST", f"/config/ae-titles/{entity.pk}/assess"), 409)
+        problem(api.call(ADMIN, "POST", "/config/ae-titles/999999/test"), 404)
+
+    def test_assess_a_live_node(self, api, scp_factory):
+        scp = scp_factory(sop_classes=(Verification,))
+        entity = ApplicationEntity.objects.create(ae_title="TESTSCP", host="127.0.0.1", port=scp.port)
+
+        response = api.call(ADMIN, "POST", f"/config/ae-titles/{entity.pk}/assess")
+
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["node"] == "TESTSCP" and body["report"].startswith("Integration assessment of TESTSCP")
+        echo = next(p for p in body["probes"] if p["name"] == "C-ECHO")
+        assert echo["ok"] is True, body["probes"]
+        assert body["ingestion"] and body["results"] and body["it_actions"]
+        assert AuditEntry.objects.get(action="test").detail == "integration assessment"
+
+
+class TestDestination:
+    def test_the_mllp_probe_keeps_the_last_test_as_the_page_does(self, api):
+        server = MLLPListener()
+        try:
+            destination = Destination.objects.create(
+                name="ris", kind="hl7", host="127.0.0.1", port=server.port, hl7_message_type="ORU^R01"
+            )
+            body = api.call(ADMIN, "POST", f"/config/destinations/{destination.pk}/test").json()
+            assert body["status"] == "success" and f"127.0.0.1:{server.port} accepted" in body["in_words"]
+        finally:
+            server.server.shutdown()
+            server.server.server_close()
+        destination.refresh_from_db()
+        assert destination.last_test_ok is True and destination.last_test_detail == body["in_words"]
+
+        body = api.call(ADMIN, "POST", f"/config/destinations/{destination.pk}/test").json()
+        assert body["status"] == "failed" and "cannot connect" in body["in_words"]
+        destination.refresh_from_db()
+        assert destination.last_test_ok is False and destination.last_test_failed
+        assert AuditEntry.objects.filter(action="test", object_id=str(destination.pk)).count() == 2
+
+    def test_an_incomplete_destination_is_a_409_and_a_failed_last_test(self, api):
+        destination = Destination.objects.create(name="ris", kind="hl7", hl7_message_type="ORU^R01")
+        body = problem(api.call(ADMIN, "POST", f"/config/destinations/{destination.pk}/test"), 409)
+        assert body["detail"].startswith("Fix the configuration first:")
+        destination.refresh_from_db()
+        assert destination.last_test_ok is False and destination.last_test_detail == body["detail"]
+        assert AuditEntry.objects.get(action="test").detail == body["detail"]
+
+    @pytest.mark.interop
+    def test_oauth_fetches_a_token_with_the_destinations_credentials(
+        self, api, orthanc, oauth_gateway_factory, oauth_ca
+    ):
+        gateway = oauth_gateway_factory(upstream=orthanc.dicomweb_url, lifetime=60)
+        gateway.register(CLIENT_ID, CLIENT_SECRET)
+        destination = Destination(
+            name="cloud",
+            kind="dicomweb",
+            base_url=gateway.url,
+            auth="oauth2",
+            oauth_token_url=gateway.token_url,
+            oauth_client_id=CLIENT_ID,
+            oauth_client_secret=CLIENT_SECRET,
+            ca_bundle=oauth_ca.bundle,
+            timeout_seconds=10,
+        )
+        destination.full_clean()
+        destination.save()
+
+        body = api.call(ADMIN, "POST", f"/config/destinations/{destination.pk}/test").json()
+        assert body["status"] == "success" and body["name"] == "QIDO-RS", body
+        assert len(gateway.token_requests) == 1
+
+        gateway.revoke_client(CLIENT_ID)
+        OAuthToken.objects.all().delete()
+        body = api.call(ADMIN, "POST", f"/config/destinations/{destination.pk}/test").json()
+        assert body["status"] == "failed" and body["summary"] == "no OAuth token" and "invalid_client" in body["reason"]
+        destination.refresh_from_db()
+        assert destination.last_test_ok is False and "no OAuth token" in destination.last_test_detail
+        assert CLIENT_SECRET not in str(list(AuditEntry.objects.values_list("detail", flat=True)))
+
+
+class TestPollSource:
+    def test_a_dimse_source_echoes_its_pacs(self, api, scp_factory):
+        scp = scp_factory(sop_classes=(Verification,))
+        pacs = ApplicationEntity.objects.create(ae_title="TESTSCP", host="127.0.0.1", port=scp.port)
+        source = PollSource.objects.create(name="pacs-poll", kind="dimse", pacs=pacs)
+        body = api.call(ADMIN, "POST", f"/config/poll-sources/{source.pk}/test").json()
+        assert body["status"] == "success" and body["name"] == "C-ECHO"
+        assert AuditEntry.objects.get(action="test", object_id=str(source.pk)).detail.startswith("ok")
+
+        source_without = PollSource.objects.create(name="orphan", kind="dimse")
+        body = problem(api.call(ADMIN, "POST", f"/config/poll-sources/{source_without.pk}/test"), 409)
+        assert body["detail"] == "The source has no PACS: choose its AE title."
+
+    def test_other_roles_may_not_test(self, api):
+        source = PollSource.objects.create(name="orphan", kind="dimse")
+        for role in ("informaticist", "auditor"):
+            problem(api.call(role, "POST", f"/config/poll-sources/{source.pk}/test"), 403)
+        assert not AuditEntry.objects.filter(action="test").exists()
