@@ -29,7 +29,7 @@ from pacslens.staff.views import endpoints as staff_endpoints
 from pacslens.staff.views import failures, study_actions
 from pacslens.staff.views import studies as staff_studies
 from results.models import WebhookSubscription
-from routing.models import AuditEntry, PollSource, StudyRetrieve
+from routing.models import AuditEntry, PollSource, StowSender, StudyRetrieve
 from tests.support.api import API_ROLES, api_groups_ensure
 from tests.support.factories import PASSWORD, make_user
 from tests.support.web import gunicorn_run
@@ -77,6 +77,11 @@ def matrix(p: dict) -> list[tuple[str, str, dict, set[str]]]:
         ("POST", f"/config/ae-titles/{p['ae-titles'].pk}/assess", {}, ADMIN),
         ("POST", f"/config/destinations/{p['destinations'].pk}/test", {}, ADMIN),
         ("POST", f"/config/poll-sources/{p['poll-sources'].pk}/test", {}, ADMIN),
+        # STOW-RS senders (an invalid name: an allowed create changes nothing).
+        ("GET", "/stow-senders", {}, ADMIN),
+        ("POST", "/stow-senders", {"json": {"name": ""}}, ADMIN),
+        ("GET", f"/stow-senders/{p['stow-sender'].pk}", {}, ADMIN),
+        ("POST", f"/stow-senders/{p['stow-sender'].pk}/revoke", {}, ADMIN),
     ]
     for kind in CONFIG_KINDS:
         item = f"/config/{kind}/{p[kind].pk}"
@@ -104,6 +109,7 @@ def objects(pipeline) -> dict:
         "destinations": pipeline["destination"],
         "routing-rules": pipeline["rule"],
         "poll-sources": source,
+        "stow-sender": StowSender.create_with_token(name="CT1")[0],
         "webhook": WebhookSubscription.objects.create(
             name="engine", webhook_url="https://engine.example.org/hook", secret="s" * 20
         ),
@@ -113,7 +119,7 @@ def objects(pipeline) -> dict:
 class TestPermissionMatrix:
     def test_every_endpoint_and_method_checks_the_role(self, api, objects):
         rows = matrix(objects)
-        assert len(rows) == 29 + 6 * len(CONFIG_KINDS)
+        assert len(rows) == 33 + 6 * len(CONFIG_KINDS)
         audit_before = AuditEntry.objects.count()
         for method, path, kwargs, allowed in rows:
             assert api.call(None, method, path, **kwargs).status_code == 401, (method, path)

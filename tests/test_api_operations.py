@@ -6,10 +6,11 @@ the answer, the audit row and (destinations) the last-test fields the staff page
 from __future__ import annotations
 
 import pytest
+import requests
 from pynetdicom.sop_class import Verification
 
 from results.models import Destination
-from routing.models import ApplicationEntity, AuditEntry, OAuthToken, PollSource
+from routing.models import ApplicationEntity, AuditEntry, OAuthToken, PollSource, StowSender
 from tests.support.mllp import MLLPListener
 from tests.support.net import free_port
 
@@ -146,3 +147,46 @@ class TestPollSource:
         for role in ("informaticist", "auditor"):
             problem(api.call(role, "POST", f"/config/poll-sources/{source.pk}/test"), 403)
         assert not AuditEntry.objects.filter(action="test").exists()
+
+
+class TestStowSenders:
+    def test_create_shows_the_token_once_it_authenticates_then_revoke_refuses_it(self, api):
+        ApplicationEntity.objects.create(ae_title="CTSCANNER")
+        response = api.call(ADMIN, "POST", "/stow-senders", json={"name": "CT1", "ae_title": "CTSCANNER"})
+        assert response.status_code == 201, response.text
+        created = response.json()
+        token = created["token"]
+        assert token.startswith("plstow_") and created["token_hint"] == token[:11] and created["active"]
+        assert response.headers["Location"].endswith(f"/api/v1/stow-senders/{created['id']}")
+        listed = api.call(ADMIN, "GET", "/stow-senders").json()
+        assert [s["name"] for s in listed] == ["CT1"] and "token" not in listed[0]
+        assert listed[0]["ae_title"] == "CTSCANNER"
+
+        def stow(bearer: str) -> int:
+            headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "text/plain"}
+            return requests.post(f"{api.url}/dicomweb/studies", data=b"x", headers=headers, timeout=10).status_code
+
+        assert stow(token) not in (401, 403)
+        revoked = api.call(ADMIN, "POST", f"/stow-senders/{created['id']}/revoke")
+        assert revoked.status_code == 200 and revoked.json()["active"] is False
+        assert stow(token) == 401
+        body = problem(api.call(ADMIN, "POST", f"/stow-senders/{created['id']}/revoke"), 409)
+        assert body["detail"] == "sender 'CT1' was already revoked"
+
+        # Audited by the access audit, as from the command, with the API client as the actor.
+        rows = AuditEntry.objects.filter(object_type="routing.stowsender").order_by("at", "id")
+        assert [(r.actor, r.detail) for r in rows] == [
+            ("api:test-pacs_administrator", "stow sender created"),
+            ("api:test-pacs_administrator", "stow sender token revoked"),
+        ]
+        assert token not in str([(r.before, r.after, r.detail) for r in rows])
+
+    def test_bad_names_and_unknown_ae_titles_are_named_and_a_name_is_never_reused(self, api):
+        body = problem(api.call(ADMIN, "POST", "/stow-senders", json={"name": "X" * 17}), 422)
+        assert body["field"] == "name"
+        body = problem(api.call(ADMIN, "POST", "/stow-senders", json={"name": "CT1", "ae_title": "NOPE"}), 422)
+        assert body["field"] == "ae_title" and "no AE title 'NOPE'" in body["detail"]
+        assert api.call(ADMIN, "POST", "/stow-senders", json={"name": "CT1"}).status_code == 201
+        body = problem(api.call(ADMIN, "POST", "/stow-senders", json={"name": "CT1"}), 409)
+        assert body["field"] == "name" and "exists" in body["detail"]
+        assert StowSender.objects.count() == 1

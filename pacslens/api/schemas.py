@@ -351,3 +351,26 @@ class Assessment(Schema):
     it_actions: list[str]
     answers: list[dict[str, str]]
     report: str
+
+
+# --- STOW-RS senders ---------------------------------------------------------------------------
+
+
+class StowSender(Schema):
+    id: int
+    name: str
+    ae_title: str | None
+    token_hint: str
+    active: bool
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class StowSenderCreated(StowSender):
+    token: str = Field(description="The sender's bearer token: shown in this answer only")
+
+
+class StowSenderIn(Schema):
+    name: str = Field(description="An AE title (at most 16 characters), recorded as the calling AE")
+    ae_title: str | None = Field(default=None, description="Link to this existing AE title")

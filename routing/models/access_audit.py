@@ -27,6 +27,8 @@ from django.http import HttpRequest
 from routing.models.audit import MASK, AuditAction, AuditEntry
 
 _request: ContextVar[HttpRequest | None] = ContextVar("pacslens_audit_request", default=None)
+# Who, when it is not the request's logged-in user: an API client (its `api:NAME`).
+_actor: ContextVar[str | None] = ContextVar("pacslens_audit_actor", default=None)
 
 # What is recorded of each row: never a password hash or a token hash, only that it changed.
 USER_FIELDS = ("username", "first_name", "last_name", "email", "is_active", "is_staff", "is_superuser")
@@ -51,10 +53,24 @@ def audit_request(request: HttpRequest) -> Iterator[None]:
         _request.reset(token)
 
 
+@contextmanager
+def audit_as(actor: str, request: HttpRequest | None = None) -> Iterator[None]:
+    """Attribute the changes made meanwhile to `actor` (an API client: no user is logged in)."""
+    actor_token, request_token = _actor.set(actor), _request.set(request)
+    try:
+        yield
+    finally:
+        _actor.reset(actor_token)
+        _request.reset(request_token)
+
+
 def current_actor() -> tuple[str, HttpRequest | None]:
-    """(who, request): the logged-in user of the request being served, else the process's user
-    and command (`root (manage.py createsuperuser)`)."""
+    """(who, request): `audit_as`'s actor, else the logged-in user of the request being served,
+    else the process's user and command (`root (manage.py createsuperuser)`)."""
     request = _request.get()
+    actor = _actor.get()
+    if actor is not None:
+        return actor, request
     if request is not None:
         user = getattr(request, "user", None)
         return (user.get_username() if user is not None and user.is_authenticated else "anonymous"), request

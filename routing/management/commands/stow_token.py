@@ -9,7 +9,8 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from routing.models import ApplicationEntity, StowSender
+from routing.models import StowSender
+from routing.stow_senders import StowSenderExists, stow_sender_create, stow_sender_revoke
 
 
 class Command(BaseCommand):
@@ -34,16 +35,13 @@ class Command(BaseCommand):
             self.list()
 
     def create(self, name: str, ae_title: str) -> None:
-        ae = None
-        if ae_title:
-            ae = ApplicationEntity.objects.filter(ae_title=ae_title).first()
-            if ae is None:
-                raise CommandError(f"no AE title {ae_title!r}; create it first (UI or import_config)")
-        if StowSender.objects.filter(name=name).exists():
-            raise CommandError(f"a sender named {name!r} exists; revoke it and choose a new name")
         try:
-            _, token = StowSender.create_with_token(name=name, application_entity=ae)
+            _, token = stow_sender_create(name=name, ae_title=ae_title)
+        except StowSenderExists as exc:
+            raise CommandError(str(exc)) from None
         except ValidationError as exc:
+            if list(exc.message_dict) == ["ae_title"]:
+                raise CommandError(exc.message_dict["ae_title"][0]) from None
             raise CommandError("; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())) from None
         self.stderr.write(f"Sender {name} created. Its token (shown only now):")
         self.stdout.write(token)
@@ -52,7 +50,7 @@ class Command(BaseCommand):
         sender = StowSender.objects.filter(name=name).first()
         if sender is None:
             raise CommandError(f"no sender named {name!r}")
-        if not sender.revoke():
+        if not stow_sender_revoke(sender):
             raise CommandError(f"sender {name!r} was already revoked")
         self.stdout.write(f"Sender {name} revoked.")
 
