@@ -26,7 +26,7 @@ from pacslens.api.models import ApiClient, ApiToken
 from pacslens.api.services import api_client_create
 from pacslens.staff.views import destinations as staff_destinations
 from pacslens.staff.views import endpoints as staff_endpoints
-from pacslens.staff.views import failures, study_actions
+from pacslens.staff.views import failures, retrieves, study_actions
 from pacslens.staff.views import studies as staff_studies
 from results.models import WebhookSubscription
 from routing.models import AuditEntry, PollSource, StowSender, StudyRetrieve
@@ -82,6 +82,10 @@ def matrix(p: dict) -> list[tuple[str, str, dict, set[str]]]:
         ("POST", "/stow-senders", {"json": {"name": ""}}, ADMIN),
         ("GET", f"/stow-senders/{p['stow-sender'].pk}", {}, ADMIN),
         ("POST", f"/stow-senders/{p['stow-sender'].pk}/revoke", {}, ADMIN),
+        # Failing poll sources (the failure queue's section; an empty reason: a stop changes nothing).
+        ("GET", "/poll-sources/failing", {}, ADMIN | INFORMATICIST),
+        ("POST", f"/poll-sources/{p['poll-sources'].pk}/poll-now", {}, INFORMATICIST),
+        ("POST", f"/poll-sources/{p['poll-sources'].pk}/stop", {"json": {"reason": ""}}, ADMIN),
     ]
     for kind in CONFIG_KINDS:
         item = f"/config/{kind}/{p[kind].pk}"
@@ -119,7 +123,7 @@ def objects(pipeline) -> dict:
 class TestPermissionMatrix:
     def test_every_endpoint_and_method_checks_the_role(self, api, objects):
         rows = matrix(objects)
-        assert len(rows) == 33 + 6 * len(CONFIG_KINDS)
+        assert len(rows) == 36 + 6 * len(CONFIG_KINDS)
         audit_before = AuditEntry.objects.count()
         for method, path, kwargs, allowed in rows:
             assert api.call(None, method, path, **kwargs).status_code == 401, (method, path)
@@ -147,6 +151,8 @@ class TestPermissionMatrix:
         assert failures.failure_queue.staff_permissions == api_deliveries.VIEW
         assert failures.failure_retry.staff_permissions == api_deliveries.RETRY
         assert failures.failure_discard.staff_permissions == api_deliveries.DISCARD
+        assert retrieves.failure_source_poll_now.staff_permissions == api_deliveries.SOURCE_POLL_NOW
+        assert retrieves.failure_source_stop.staff_permissions == api_deliveries.SOURCE_STOP
         assert staff_endpoints.ae_test.staff_permissions == api_probes.AE_TEST
         assert staff_endpoints.ae_assess.staff_permissions == api_probes.AE_ASSESS
         assert staff_endpoints.poll_source_test.staff_permissions == api_probes.POLL_SOURCE_TEST

@@ -5,12 +5,15 @@ the answer, the audit row and (destinations) the last-test fields the staff page
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import requests
+from django.utils import timezone
 from pynetdicom.sop_class import Verification
 
 from results.models import Destination
-from routing.models import ApplicationEntity, AuditEntry, OAuthToken, PollSource, StowSender
+from routing.models import ApplicationEntity, AuditEntry, OAuthToken, Poll, PollSource, StowSender
 from tests.support.mllp import MLLPListener
 from tests.support.net import free_port
 
@@ -190,3 +193,53 @@ class TestStowSenders:
         body = problem(api.call(ADMIN, "POST", "/stow-senders", json={"name": "CT1"}), 409)
         assert body["field"] == "name" and "exists" in body["detail"]
         assert StowSender.objects.count() == 1
+
+
+class TestFailingPollSources:
+    @pytest.fixture
+    def failing(self, db) -> PollSource:
+        pacs = ApplicationEntity.objects.create(ae_title="OLDPACS", host="127.0.0.1", port=free_port())
+        source = PollSource.objects.create(
+            name="old-pacs",
+            kind="dimse",
+            pacs=pacs,
+            consecutive_failures=4,
+            next_poll_at=timezone.now() + timedelta(hours=1),
+        )
+        Poll.objects.create(source=source, status=Poll.Status.FAILED, error="cannot connect to 127.0.0.1")
+        return source
+
+    def test_list_then_poll_now_skips_the_backoff_once_audited(self, api, failing):
+        listed = api.call("informaticist", "GET", "/poll-sources/failing").json()
+        assert [(s["id"], s["consecutive_failures"], s["last_poll_status"]) for s in listed] == [
+            (failing.pk, 4, "failed")
+        ]
+        assert "cannot connect" in listed[0]["last_poll_error"]
+
+        response = api.call("informaticist", "POST", f"/poll-sources/{failing.pk}/poll-now")
+
+        assert response.status_code == 202, response.text
+        assert response.json()["detail"] == "old-pacs will be polled within a minute."
+        failing.refresh_from_db()
+        assert failing.next_poll_at <= timezone.now()
+        audit = AuditEntry.objects.get(action="retry", object_id=str(failing.pk))
+        assert audit.actor == "api:test-informaticist" and audit.detail == "poll now, after 4 failed polls"
+        problem(api.call(ADMIN, "POST", f"/poll-sources/{failing.pk}/poll-now"), 403)
+
+    def test_stop_needs_a_reason_then_disables_it_once(self, api, failing):
+        body = problem(api.call(ADMIN, "POST", f"/poll-sources/{failing.pk}/stop", json={"reason": "  "}), 422)
+        assert body["errors"] == [{"field": "reason", "detail": "A reason is required to stop polling a source."}]
+        problem(api.call("informaticist", "POST", f"/poll-sources/{failing.pk}/stop", json={"reason": "x"}), 403)
+
+        response = api.call(ADMIN, "POST", f"/poll-sources/{failing.pk}/stop", json={"reason": "PACS retired"})
+
+        assert response.status_code == 200 and response.json()["detail"] == "old-pacs is no longer polled."
+        failing.refresh_from_db()
+        assert not failing.enabled
+        audit = AuditEntry.objects.get(action="disable", object_id=str(failing.pk))
+        assert audit.detail == "stopped polling after 4 failed polls; reason: PACS retired"
+        assert audit.actor == "api:test-pacs_administrator"
+        assert api.call("informaticist", "GET", "/poll-sources/failing").json() == []
+        body = problem(api.call(ADMIN, "POST", f"/poll-sources/{failing.pk}/stop", json={"reason": "again"}), 409)
+        assert body["detail"] == "old-pacs was already off."
+        problem(api.call("informaticist", "POST", f"/poll-sources/{failing.pk}/poll-now"), 409)

@@ -204,6 +204,17 @@ class RetrieveRow(Schema):
     finished_at: datetime | None
 
 
+class FailingSource(Schema):
+    id: int
+    name: str
+    kind: str
+    consecutive_failures: int
+    next_poll_at: datetime
+    last_poll_status: str | None
+    last_poll_started_at: datetime | None
+    last_poll_error: str
+
+
 # --- results ----------------------------------------------------------------------------------
 
 

@@ -13,8 +13,8 @@ from pacslens.api.problems import Problem, form_problems
 from pacslens.staff.forms import DiscardForm
 from results.deliver.ledger import delivery_discard, delivery_retry
 from results.models import Delivery, DeliveryState, ErrorClass
-from routing.models import AuditAction, AuditEntry, StudyRetrieve
-from routing.pull.failed import retrieve_discard, retrieve_retry
+from routing.models import AuditAction, AuditEntry, PollSource, StudyRetrieve
+from routing.pull.failed import retrieve_discard, retrieve_retry, source_poll_now, source_stop, sources_failing
 
 router = Router(tags=["failure queue"])
 # As the failure queue's views (pacslens/staff/views/failures.py).
@@ -25,6 +25,9 @@ DISCARD = ("results.view_delivery", "results.discard_delivery")
 RETRIEVE_VIEW = ("routing.view_studyretrieve",)
 RETRIEVE_RETRY = ("routing.view_studyretrieve", "routing.retry_studyretrieve")
 RETRIEVE_DISCARD = ("routing.view_studyretrieve", "routing.discard_studyretrieve")
+# Its failing poll sources: Poll now as a retry, Stop polling as the source's change.
+SOURCE_POLL_NOW = ("routing.view_studyretrieve", "routing.retry_studyretrieve")
+SOURCE_STOP = ("routing.change_pollsource",)
 MAX_ROWS = 500
 
 
@@ -158,11 +161,64 @@ def retrieve_discard_one(request: HttpRequest, retrieve_id: int, body: schemas.D
     client = require(request, *RETRIEVE_DISCARD)
     record = get_object_or_404(StudyRetrieve.objects.select_related("source"), pk=retrieve_id)
     form = DiscardForm({"reason": body.reason})
+    form.fields["reason"].error_messages["required"] = "A reason is required to discard a retrieve."
     if not form.is_valid():
         raise Problem(422, "A reason is required to discard a retrieve.", errors=form_problems(form))
     if not retrieve_discard(retrieve=record, actor=client.actor, reason=form.cleaned_data["reason"], request=request):
         raise Problem(409, f"The retrieve is {record.get_state_display().lower()}, not failed: nothing to discard.")
     return {"detail": "Discarded.", "ids": [record.pk]}
+
+
+@router.get("/poll-sources/failing", response=list[schemas.FailingSource], summary="List failing poll sources")
+def poll_sources_failing(request: HttpRequest):
+    """Enabled poll sources whose polls keep failing (the failure queue's section), with their
+    last poll. A failed poll is retried by itself, with backoff."""
+    require(request, *RETRIEVE_VIEW)
+    answers = []
+    for source in sources_failing():
+        poll = source.polls.first()
+        answers.append(
+            {
+                "id": source.pk,
+                "name": source.name,
+                "kind": source.kind,
+                "consecutive_failures": source.consecutive_failures,
+                "next_poll_at": source.next_poll_at,
+                "last_poll_status": poll.status if poll else None,
+                "last_poll_started_at": poll.started_at if poll else None,
+                "last_poll_error": poll.error if poll else "",
+            }
+        )
+    return answers
+
+
+@router.post(
+    "/poll-sources/{int:source_id}/poll-now", response={202: schemas.ActionOutcome}, summary="Poll a source now"
+)
+def poll_source_poll_now(request: HttpRequest, source_id: int):
+    """Skip the source's backoff once: the next poll sweep (within a minute) polls it. 409 when
+    the source is disabled. Audited as the failure queue's Poll now."""
+    client = require(request, *SOURCE_POLL_NOW)
+    source = get_object_or_404(PollSource, pk=source_id)
+    if not source_poll_now(source=source, actor=client.actor, request=request):
+        raise Problem(409, f"{source.name} is disabled.")
+    return 202, {"detail": f"{source.name} will be polled within a minute.", "queued": 1, "ids": [source.pk]}
+
+
+@router.post("/poll-sources/{int:source_id}/stop", response=schemas.ActionOutcome, summary="Stop polling a source")
+def poll_source_stop(request: HttpRequest, source_id: int, body: schemas.DiscardIn):
+    """Give up on a failing source: disable it; the reason is required and audited. Enable it
+    again by configuration (`PATCH /config/poll-sources/{id}` with `enabled: true`). 409 when it
+    was already off."""
+    client = require(request, *SOURCE_STOP)
+    source = get_object_or_404(PollSource, pk=source_id)
+    form = DiscardForm({"reason": body.reason})
+    form.fields["reason"].error_messages["required"] = "A reason is required to stop polling a source."
+    if not form.is_valid():
+        raise Problem(422, "A reason is required to stop polling a source.", errors=form_problems(form))
+    if not source_stop(source=source, actor=client.actor, reason=form.cleaned_data["reason"], request=request):
+        raise Problem(409, f"{source.name} was already off.")
+    return {"detail": f"{source.name} is no longer polled.", "ids": [source.pk]}
 
 
 def _retry(request: HttpRequest, ids: list[int], actor: str, scope: str) -> int:
