@@ -18,12 +18,14 @@ from django.test import Client
 from django.utils import timezone
 from openapi_spec_validator import validate
 
+from pacslens.api.endpoints import coding as api_coding
 from pacslens.api.endpoints import deliveries as api_deliveries
 from pacslens.api.endpoints import probes as api_probes
 from pacslens.api.endpoints import studies as api_studies
 from pacslens.api.main import api as ninja_api
 from pacslens.api.models import ApiClient, ApiToken
 from pacslens.api.services import api_client_create
+from pacslens.staff.views import coding as staff_coding
 from pacslens.staff.views import destinations as staff_destinations
 from pacslens.staff.views import endpoints as staff_endpoints
 from pacslens.staff.views import failures, retrieves, study_actions
@@ -86,6 +88,9 @@ def matrix(p: dict) -> list[tuple[str, str, dict, set[str]]]:
         ("GET", "/poll-sources/failing", {}, ADMIN | INFORMATICIST),
         ("POST", f"/poll-sources/{p['poll-sources'].pk}/poll-now", {}, INFORMATICIST),
         ("POST", f"/poll-sources/{p['poll-sources'].pk}/stop", {"json": {"reason": ""}}, ADMIN),
+        # A destination's coding profile: the page needs view and change, so auditors do not read it.
+        ("GET", f"/config/destinations/{p['destinations'].pk}/coding", {}, ADMIN),
+        ("PUT", f"/config/destinations/{p['destinations'].pk}/coding", {"json": {}}, ADMIN),
     ]
     for kind in CONFIG_KINDS:
         item = f"/config/{kind}/{p[kind].pk}"
@@ -123,7 +128,7 @@ def objects(pipeline) -> dict:
 class TestPermissionMatrix:
     def test_every_endpoint_and_method_checks_the_role(self, api, objects):
         rows = matrix(objects)
-        assert len(rows) == 36 + 6 * len(CONFIG_KINDS)
+        assert len(rows) == 38 + 6 * len(CONFIG_KINDS)
         audit_before = AuditEntry.objects.count()
         for method, path, kwargs, allowed in rows:
             assert api.call(None, method, path, **kwargs).status_code == 401, (method, path)
@@ -153,6 +158,7 @@ class TestPermissionMatrix:
         assert failures.failure_discard.staff_permissions == api_deliveries.DISCARD
         assert retrieves.failure_source_poll_now.staff_permissions == api_deliveries.SOURCE_POLL_NOW
         assert retrieves.failure_source_stop.staff_permissions == api_deliveries.SOURCE_STOP
+        assert staff_coding.destination_coding.staff_permissions == api_coding.CODING
         assert staff_endpoints.ae_test.staff_permissions == api_probes.AE_TEST
         assert staff_endpoints.ae_assess.staff_permissions == api_probes.AE_ASSESS
         assert staff_endpoints.poll_source_test.staff_permissions == api_probes.POLL_SOURCE_TEST

@@ -9,10 +9,12 @@ from datetime import timedelta
 
 import pytest
 import requests
+import yaml
 from django.utils import timezone
 from pynetdicom.sop_class import Verification
 
-from results.models import Destination
+from pacslens.site_config.document import ConfigError, config_export, config_import
+from results.models import CodingProfile, Destination
 from routing.models import ApplicationEntity, AuditEntry, OAuthToken, Poll, PollSource, StowSender
 from tests.support.mllp import MLLPListener
 from tests.support.net import free_port
@@ -243,3 +245,52 @@ class TestFailingPollSources:
         body = problem(api.call(ADMIN, "POST", f"/poll-sources/{failing.pk}/stop", json={"reason": "again"}), 409)
         assert body["detail"] == "old-pacs was already off."
         problem(api.call("informaticist", "POST", f"/poll-sources/{failing.pk}/poll-now"), 409)
+
+
+class TestCodingProfile:
+    def test_read_the_defaults_then_replace_with_if_match_as_the_yaml_section(self, api):
+        ris = Destination.objects.create(
+            name="ris", kind="hl7", host="127.0.0.1", port=2575, hl7_message_type="ORU^R01"
+        )
+        path = f"/config/destinations/{ris.pk}/coding"
+        read = api.call(ADMIN, "GET", path)
+        assert read.status_code == 200, read.text
+        body = read.json()
+        assert body["stored"] is False and body["entry"]["destination"] == "ris"
+        assert set(body["entry"]) - {"destination"} == set(CodingProfile.fields_for_kind("hl7"))
+        assert read.headers["ETag"] == body["etag"]
+
+        change = {"hl7_patient_id_authority": "HOSP", "hl7_patient_id_type": "MR", "hl7_study_uid": "zds"}
+        problem(api.call(ADMIN, "PUT", path, json=change), 428)
+        problem(api.call(ADMIN, "PUT", path, json=change, headers={"If-Match": '"stale"'}), 412)
+        # Refused as the YAML import refuses the same entry, field named, message alike.
+        bad = {"hl7_order_number_fields": "PID-3", "fhir_code_system": "http://x"}
+        body = problem(api.call(ADMIN, "PUT", path, json=bad, headers={"If-Match": read.json()["etag"]}), 422)
+        with pytest.raises(ConfigError) as refused:
+            config_import(yaml.safe_dump({"pacslens_config": 1, "coding_profiles": [{"destination": "ris", **bad}]}))
+        assert body["detail"] in " ".join(refused.value.problems)
+        assert "do not apply to a hl7 destination" in body["detail"]
+        body = problem(
+            api.call(
+                ADMIN, "PUT", path, json={"hl7_order_number_fields": "PID-3"}, headers={"If-Match": read.json()["etag"]}
+            ),
+            422,
+        )
+        assert body["field"] == "hl7_order_number_fields" and "Unknown field PID-3" in body["detail"]
+        assert not CodingProfile.objects.exists()
+
+        saved = api.call(ADMIN, "PUT", path, json=change, headers={"If-Match": read.json()["etag"]})
+
+        assert saved.status_code == 200, saved.text
+        assert saved.json()["stored"] is True and saved.json()["etag"] != read.json()["etag"]
+        profile = CodingProfile.objects.get(destination=ris)
+        assert (profile.hl7_patient_id_authority, profile.hl7_study_uid) == ("HOSP", "zds")
+        exported = yaml.safe_load(config_export())["coding_profiles"]
+        assert exported == [saved.json()["entry"]]
+        audit = AuditEntry.objects.get(action="update", object_type="results.codingprofile")
+        assert audit.actor == "api:test-pacs_administrator" and audit.after["hl7_patient_id_authority"] == "HOSP"
+        # The old ETag no longer matches; fields left out go back to their defaults.
+        problem(api.call(ADMIN, "PUT", path, json={}, headers={"If-Match": read.json()["etag"]}), 412)
+        again = api.call(ADMIN, "PUT", path, json={}, headers={"If-Match": saved.json()["etag"]})
+        assert again.status_code == 200 and again.json()["entry"] == read.json()["entry"]
+        problem(api.call("informaticist", "GET", path), 403)

@@ -385,3 +385,10 @@ class StowSenderCreated(StowSender):
 class StowSenderIn(Schema):
     name: str = Field(description="An AE title (at most 16 characters), recorded as the calling AE")
     ae_title: str | None = Field(default=None, description="Link to this existing AE title")
+
+
+class CodingProfileObject(Schema):
+    id: int = Field(description="The destination's id")
+    etag: str
+    stored: bool = Field(description="False while the destination sends the defaults")
+    entry: dict[str, Any]
