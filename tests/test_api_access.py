@@ -18,6 +18,7 @@ from django.test import Client
 from django.utils import timezone
 from openapi_spec_validator import validate
 
+from pacslens.api.endpoints import alerts as api_alerts
 from pacslens.api.endpoints import coding as api_coding
 from pacslens.api.endpoints import deliveries as api_deliveries
 from pacslens.api.endpoints import probes as api_probes
@@ -25,12 +26,13 @@ from pacslens.api.endpoints import studies as api_studies
 from pacslens.api.main import api as ninja_api
 from pacslens.api.models import ApiClient, ApiToken
 from pacslens.api.services import api_client_create
+from pacslens.staff.views import alerts as staff_alerts
 from pacslens.staff.views import coding as staff_coding
 from pacslens.staff.views import destinations as staff_destinations
 from pacslens.staff.views import endpoints as staff_endpoints
 from pacslens.staff.views import failures, retrieves, study_actions
 from pacslens.staff.views import studies as staff_studies
-from results.models import WebhookSubscription
+from results.models import AlertChannel, AlertRule, WebhookSubscription
 from routing.models import AuditEntry, PollSource, StowSender, StudyRetrieve
 from tests.support.api import API_ROLES, api_groups_ensure
 from tests.support.factories import PASSWORD, make_user
@@ -42,6 +44,7 @@ INFORMATICIST = {"informaticist"}
 AUDITOR = {"auditor"}
 EVERYONE = set(API_ROLES)
 CONFIG_KINDS = ("ae-titles", "destinations", "routing-rules", "poll-sources")
+ALERT_KINDS = ("alert-channels", "alert-rules")
 
 
 def matrix(p: dict) -> list[tuple[str, str, dict, set[str]]]:
@@ -91,13 +94,19 @@ def matrix(p: dict) -> list[tuple[str, str, dict, set[str]]]:
         # A destination's coding profile: the page needs view and change, so auditors do not read it.
         ("GET", f"/config/destinations/{p['destinations'].pk}/coding", {}, ADMIN),
         ("PUT", f"/config/destinations/{p['destinations'].pk}/coding", {"json": {}}, ADMIN),
+        # The Alerts page: its status and Send test alert (to a port that refuses).
+        ("GET", "/alerts/active", {}, ADMIN),
+        ("GET", "/alerts/events", {}, ADMIN),
+        ("POST", f"/config/alert-channels/{p['alert-channels'].pk}/test", {}, ADMIN),
     ]
-    for kind in CONFIG_KINDS:
+    # Alert channels and rules: the Alerts page is PACS administrators' alone.
+    readers = {kind: ADMIN if kind in ALERT_KINDS else ADMIN | AUDITOR for kind in CONFIG_KINDS + ALERT_KINDS}
+    for kind in CONFIG_KINDS + ALERT_KINDS:
         item = f"/config/{kind}/{p[kind].pk}"
         rows += [
-            ("GET", f"/config/{kind}", {}, ADMIN | AUDITOR),
+            ("GET", f"/config/{kind}", {}, readers[kind]),
             ("POST", f"/config/{kind}", {"json": {}}, ADMIN),
-            ("GET", item, {}, ADMIN | AUDITOR),
+            ("GET", item, {}, readers[kind]),
             # Without If-Match: 428 for a role that may, 403 for one that may not.
             ("PUT", item, {"json": {}}, ADMIN),
             ("PATCH", item, {"json": {}}, ADMIN),
@@ -119,6 +128,8 @@ def objects(pipeline) -> dict:
         "routing-rules": pipeline["rule"],
         "poll-sources": source,
         "stow-sender": StowSender.create_with_token(name="CT1")[0],
+        "alert-channels": AlertChannel.objects.create(name="hook", kind="webhook", webhook_url="http://127.0.0.1:9/"),
+        "alert-rules": AlertRule.objects.create(name="queue", condition="failure_queue"),
         "webhook": WebhookSubscription.objects.create(
             name="engine", webhook_url="https://engine.example.org/hook", secret="s" * 20
         ),
@@ -128,7 +139,7 @@ def objects(pipeline) -> dict:
 class TestPermissionMatrix:
     def test_every_endpoint_and_method_checks_the_role(self, api, objects):
         rows = matrix(objects)
-        assert len(rows) == 38 + 6 * len(CONFIG_KINDS)
+        assert len(rows) == 41 + 6 * len(CONFIG_KINDS + ALERT_KINDS)
         audit_before = AuditEntry.objects.count()
         for method, path, kwargs, allowed in rows:
             assert api.call(None, method, path, **kwargs).status_code == 401, (method, path)
@@ -159,6 +170,8 @@ class TestPermissionMatrix:
         assert retrieves.failure_source_poll_now.staff_permissions == api_deliveries.SOURCE_POLL_NOW
         assert retrieves.failure_source_stop.staff_permissions == api_deliveries.SOURCE_STOP
         assert staff_coding.destination_coding.staff_permissions == api_coding.CODING
+        assert staff_alerts.alert_page.staff_permissions == api_alerts.VIEW
+        assert staff_alerts.alert_channel_test.staff_permissions == api_alerts.TEST
         assert staff_endpoints.ae_test.staff_permissions == api_probes.AE_TEST
         assert staff_endpoints.ae_assess.staff_permissions == api_probes.AE_ASSESS
         assert staff_endpoints.poll_source_test.staff_permissions == api_probes.POLL_SOURCE_TEST

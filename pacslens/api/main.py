@@ -14,7 +14,18 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from pacslens.api import schemas
 from pacslens.api.auth import ApiBearer
-from pacslens.api.endpoints import coding, config, deliveries, health, probes, results, stow_senders, studies, webhooks
+from pacslens.api.endpoints import (
+    alerts,
+    coding,
+    config,
+    deliveries,
+    health,
+    probes,
+    results,
+    stow_senders,
+    studies,
+    webhooks,
+)
 from pacslens.api.problems import CONTENT_TYPE, TITLES, Problem, problem_response, validation_problems
 
 
@@ -60,7 +71,7 @@ api = PacsLensAPI(
     docs_url="/docs",
     openapi_url="/openapi.json",
 )
-for module in (studies, deliveries, results, config, coding, probes, stow_senders, webhooks, health):
+for module in (studies, deliveries, results, config, coding, probes, stow_senders, alerts, webhooks, health):
     api.add_router("", module.router)
 
 

@@ -392,3 +392,38 @@ class CodingProfileObject(Schema):
     etag: str
     stored: bool = Field(description="False while the destination sends the defaults")
     entry: dict[str, Any]
+
+
+# --- alerts -----------------------------------------------------------------------------------
+
+
+class AlertActive(Schema):
+    rule: str
+    condition: str
+    subject: str
+    message: str
+    started_at: datetime
+
+
+class AlertNotificationRow(Schema):
+    channel: str
+    state: str
+    last_error: str
+
+
+class AlertEventRow(Schema):
+    id: int
+    at: datetime
+    kind: str = Field(description="started or cleared")
+    condition: str
+    rule: str | None
+    subject: str
+    title: str
+    text: str
+    notifications: list[AlertNotificationRow]
+
+
+class AlertTestOutcome(Schema):
+    channel: str
+    sent: bool
+    error: str

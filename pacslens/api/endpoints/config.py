@@ -26,7 +26,7 @@ from pacslens.api import schemas
 from pacslens.api.auth import require
 from pacslens.api.problems import Problem, config_problems
 from pacslens.site_config.document import SECTIONS, ConfigError, config_export, config_import
-from results.models import AIModel, Destination
+from results.models import AIModel, AlertChannel, AlertRule, Destination
 from routing.models import ApplicationEntity, AuditAction, AuditEntry, PollSource, RoutingRule, Study
 from routing.models.audit import config_snapshot
 from routing.rules import study_explain_routing
@@ -164,7 +164,13 @@ def _register(kind: ConfigKind) -> None:
         return 204, None
 
 
-for _kind in KINDS:
+# The Alerts page's configuration: not part of the site permissions above (an export or import
+# of the whole site keeps needing what it needed), registered the same way.
+ALERT_KINDS = [
+    ConfigKind("alert-channels", "alert_channels", AlertChannel, "name"),
+    ConfigKind("alert-rules", "alert_rules", AlertRule, "name"),
+]
+for _kind in KINDS + ALERT_KINDS:
     _register(_kind)
 
 

@@ -122,7 +122,21 @@ def notification_send(*, notification: AlertNotification) -> bool:
     return False
 
 
-def alert_send_test(*, channel: AlertChannel, actor: str, request=None) -> str:
+class ChannelIncomplete(ValueError):
+    """The channel is not complete enough to send to (the message says what to fix)."""
+
+
+def alert_test_send(*, channel: AlertChannel, actor: str, request=None, where: str = "the Alerts page") -> str:
+    """The Send test alert button: "" when it went out, else why not (a channel not complete
+    enough to send to is refused, unaudited, before anything is sent)."""
+    try:
+        channel.full_clean()
+    except Exception as exc:  # ValidationError: not complete enough to send to
+        raise ChannelIncomplete(f"Fix the channel first: {'; '.join(getattr(exc, 'messages', [str(exc)]))}") from None
+    return alert_send_test(channel=channel, actor=actor, request=request, where=where)
+
+
+def alert_send_test(*, channel: AlertChannel, actor: str, request=None, where: str = "the Alerts page") -> str:
     """Send a test alert now (not through the outbox: the staff member waits for the answer).
     Returns "" on success, else what went wrong; audited either way."""
     message = AlertMessage(
@@ -130,7 +144,7 @@ def alert_send_test(*, channel: AlertChannel, actor: str, request=None) -> str:
         condition="test",
         subject="",
         title="Test alert",
-        text=f"A test alert sent by {actor} from the Alerts page. If you read this, channel {channel.name} works.",
+        text=f"A test alert sent by {actor} from {where}. If you read this, channel {channel.name} works.",
         at=timezone.localtime(),
     )
     try:

@@ -9,7 +9,7 @@ from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from pacslens.ops.alerts.service import alert_send_test
+from pacslens.ops.alerts.service import ChannelIncomplete, alert_test_send
 from pacslens.staff.alert_forms import AlertChannelForm, AlertRuleForm
 from pacslens.staff.views.access import actor, render_page, staff_view
 from pacslens.staff.views.config import config_edit
@@ -63,10 +63,9 @@ def alert_rule_edit(request, pk: int | None = None) -> HttpResponse:
 def alert_channel_test(request, pk: int) -> HttpResponse:
     """Send a test alert now and say inline whether it went out."""
     channel = get_object_or_404(AlertChannel, pk=pk)
-    problem = ""
+    problem = error = ""
     try:
-        channel.full_clean()
-    except Exception as exc:  # ValidationError: not complete enough to send to
-        problem = f"Fix the channel first: {'; '.join(getattr(exc, 'messages', [str(exc)]))}"
-    error = "" if problem else alert_send_test(channel=channel, actor=actor(request), request=request)
+        error = alert_test_send(channel=channel, actor=actor(request), request=request)
+    except ChannelIncomplete as exc:
+        problem = str(exc)
     return render(request, "alerts/test_result.html", {"channel": channel, "problem": problem, "error": error})
