@@ -298,26 +298,39 @@ class TestFhirDelivery:
 
 
 class TestLease:
-    # Transactional: the renewal thread has its own connection, which a test's open transaction would lock out.
-    @pytest.mark.django_db(transaction=True)
-    def test_the_lease_outlives_a_slow_fhir_send_of_three_requests(self, data_dir, rule, fhir_server, monkeypatch):
-        # Each request answers just inside the timeout: the send takes about 3 timeouts, more
-        # than one request's allowance. Without the margin, the lease must still cover it.
+    @staticmethod
+    def slow_fhir_delivery_claimed(data_dir, rule, fhir_server, monkeypatch, *, answer_after, timeout_seconds):
+        """A FHIR delivery claimed by worker w1, to a server answering each request after
+        `answer_after` seconds; the lease has no margin beyond the send's own allowance."""
         monkeypatch.setattr(lease, "LEASE_EXTRA_SECONDS", 0.0)
         answer = fhir_server.handle
 
         def slowly(request, method):
-            time.sleep(0.8)
+            time.sleep(answer_after)
             answer(request, method)
 
         monkeypatch.setattr(fhir_server, "handle", slowly)
         study, result = inferred_study(data_dir)
         destination = Destination.objects.create(
-            name="fhir", kind="fhir", base_url=fhir_server.url, auth="bearer", secret=TOKEN, timeout_seconds=1.0
+            name="fhir",
+            kind="fhir",
+            base_url=fhir_server.url,
+            auth="bearer",
+            secret=TOKEN,
+            timeout_seconds=timeout_seconds,
         )
         destination.rules.add(rule)
         deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
-        delivery = delivery_claim_next(worker="w1")
+        return delivery_claim_next(worker="w1")
+
+    # Transactional: the renewal thread has its own connection, which a test's open transaction would lock out.
+    @pytest.mark.django_db(transaction=True)
+    def test_the_lease_outlives_a_slow_fhir_send_of_three_requests(self, data_dir, rule, fhir_server, monkeypatch):
+        # Each request answers just inside the timeout: the send takes about 3 timeouts, more
+        # than one request's allowance. Without the margin, the lease must still cover it.
+        delivery = self.slow_fhir_delivery_claimed(
+            data_dir, rule, fhir_server, monkeypatch, answer_after=0.8, timeout_seconds=1.0
+        )
         lease_until = delivery.lease_until
 
         outcome = delivery_send(delivery=delivery)
@@ -330,22 +343,10 @@ class TestLease:
     def test_the_lease_is_renewed_while_a_send_outlasts_it(self, data_dir, rule, fhir_server, monkeypatch):
         # A lease of 0.3 s against a send of about 1.5 s (three slow requests): only renewal
         # keeps another worker from taking the row over mid-send.
-        monkeypatch.setattr(lease, "LEASE_EXTRA_SECONDS", 0.0)
         monkeypatch.setattr(Destination, "send_seconds_max", lambda self: 0.3)
-        answer = fhir_server.handle
-
-        def slowly(request, method):
-            time.sleep(0.5)
-            answer(request, method)
-
-        monkeypatch.setattr(fhir_server, "handle", slowly)
-        study, result = inferred_study(data_dir)
-        destination = Destination.objects.create(
-            name="fhir", kind="fhir", base_url=fhir_server.url, auth="bearer", secret=TOKEN, timeout_seconds=5.0
+        delivery = self.slow_fhir_delivery_claimed(
+            data_dir, rule, fhir_server, monkeypatch, answer_after=0.5, timeout_seconds=5.0
         )
-        destination.rules.add(rule)
-        deliveries_create(study=study, results=[result], rule_ids=[rule.pk])
-        delivery = delivery_claim_next(worker="w1")
         takeovers = []
         sending = threading.Event()
 
