@@ -25,9 +25,10 @@ from django_q.tasks import async_task
 from routing.models import Heartbeat, HeartbeatRole, Instance, StoreAssociation, Study, StudyRetrieve, StudyState
 
 ACTIVE_RETRIEVE_STATES = [StudyRetrieve.State.PENDING, StudyRetrieve.State.RETRIEVING]
-# A listener process that has not beaten for this long is gone (three missed 10-second beats,
-# as /healthz counts): its associations that never ended are closed as aborted.
-LISTENER_GONE_AFTER = timedelta(seconds=30)
+# A listener process that has not beaten for this long is gone: its associations that never ended
+# are closed as aborted. Longer than /healthz's 30 s on purpose: a live listener whose beats a
+# busy database delayed must not lose its associations (a supervisor closes a dead child's at once).
+LISTENER_GONE_AFTER = timedelta(minutes=2)
 
 logger = logging.getLogger(__name__)
 

@@ -118,7 +118,7 @@ class TestAssociationRelease:
 
 
 class TestAssociationsOfAStoppedListener:
-    def open_association(self, listener, started_seconds_ago=60):
+    def open_association(self, listener, started_seconds_ago=300):
         return StoreAssociation.objects.create(
             calling_ae_title="MODALITY1",
             called_ae_title="PACSLENS",
