@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pacslens.settings")
 WORK = Path(tempfile.mkdtemp(prefix="pacslens-bench-delivery-"))
 os.environ["PACSLENS_DATA_DIR"] = str(WORK / "unused-data")  # never the user's var/
 
-from bench.sustained import RIS, percentile, studies_generate, wait_heartbeat
+from bench.sustained import RIS, deployed_start, deployed_stop, percentile, studies_generate
 from tests.support.identities import identity
 from tests.support.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create
 from tests.support.net import free_port
@@ -93,7 +92,7 @@ def run_pipeline(studies, *, storescu: str, orthanc) -> list[dict]:
     port = free_port()
     env = base_env(data_dir, PACSLENS_DICOM_PORT=str(port), PACSLENS_LOG_LEVEL="WARNING")
     ris = RIS()
-    processes = []
+    started: list[tuple[str, subprocess.Popen]] = []
     try:
         subprocess.run([PYTHON, "manage.py", "setup_site"], cwd=REPO, env=env, check=True, capture_output=True)
         config = data_dir / "destinations.yaml"
@@ -103,18 +102,7 @@ def run_pipeline(studies, *, storescu: str, orthanc) -> list[dict]:
         subprocess.run(
             [PYTHON, "manage.py", "import_config", str(config)], cwd=REPO, env=env, check=True, capture_output=True
         )
-        for role, command in (("listener", ["dicom_listener", "--port", str(port)]), ("workers", ["run_workers"])):
-            with open(data_dir / f"{role}.log", "ab") as log:
-                popen = subprocess.Popen(
-                    [PYTHON, "manage.py", *command],
-                    cwd=REPO,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            processes.append(popen)
-            wait_heartbeat(db, role, popen.pid)
+        deployed_start(data_dir=data_dir, env=env, db=db, port=port, started=started)
         for index, study in enumerate(studies):
             subprocess.run(
                 [storescu, "-aet", "STORESCU", "-aec", "PACSLENS", "127.0.0.1", str(port), "+sd", str(study.folder)],
@@ -126,13 +114,7 @@ def run_pipeline(studies, *, storescu: str, orthanc) -> list[dict]:
             print(f"  study {index + 1}/{len(studies)} delivered", flush=True)
         return measurements(db)
     finally:
-        for popen in processes:
-            popen.send_signal(signal.SIGTERM)
-        for popen in processes:
-            try:
-                popen.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(popen.pid, signal.SIGKILL)
+        deployed_stop([popen for _, popen in started], timeout=60)
         ris.close()
 
 

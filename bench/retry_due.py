@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pacslens.settings")
 WORK = Path(tempfile.mkdtemp(prefix="pacslens-bench-retry-"))
 os.environ["PACSLENS_DATA_DIR"] = str(WORK / "unused-data")  # never the user's var/
 
-from bench.sustained import RIS, RULE_NAME, wait_heartbeat
+from bench.sustained import RIS, RULE_NAME, deployed_start, deployed_stop
 from tests.support.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create
 from tests.support.net import free_port
 from tests.support.postgres import Database, sqlite_url
@@ -75,7 +74,7 @@ def main() -> None:
     ris_port = free_port()  # nothing listens on it until the outage ends
     dicom_port = free_port()
     env = base_env(data_dir, PACSLENS_DICOM_PORT=str(dicom_port), PACSLENS_LOG_LEVEL="WARNING")
-    processes: list[subprocess.Popen] = []
+    started: list[tuple[str, subprocess.Popen]] = []
     ris = None
     try:
         subprocess.run([PYTHON, "manage.py", "setup_site"], cwd=REPO, env=env, check=True, capture_output=True)
@@ -90,21 +89,7 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
-        for role, command in (
-            ("listener", ["dicom_listener", "--port", str(dicom_port)]),
-            ("workers", ["run_workers"]),
-        ):
-            with open(data_dir / f"{role}.log", "ab") as log:
-                popen = subprocess.Popen(
-                    [PYTHON, "manage.py", *command],
-                    cwd=REPO,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            processes.append(popen)
-            wait_heartbeat(db, role, popen.pid)
+        deployed_start(data_dir=data_dir, env=env, db=db, port=dicom_port, started=started)
         files = sorted(str(p) for p in study_dir.rglob("*") if p.is_file())
         subprocess.run(
             ["storescu", "-aec", "PACSLENS", "127.0.0.1", str(dicom_port), *files], env=dcmtk_env(), check=True
@@ -153,13 +138,7 @@ def main() -> None:
         else:
             print("the HL7 message never arrived (see the workers' log)")
     finally:
-        for popen in processes:
-            popen.send_signal(signal.SIGTERM)
-        for popen in processes:
-            try:
-                popen.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(popen.pid, signal.SIGKILL)
+        deployed_stop([popen for _, popen in started], timeout=90)
         if ris:
             ris.close()
         shutil.rmtree(WORK, ignore_errors=True)

@@ -245,7 +245,7 @@ def run_backend(backend: str, *, studies: list[GeneratedStudy], storescu: str, a
         **extra,
     )
     ris = RIS()
-    processes: list[Process] = []
+    started: list[tuple[str, subprocess.Popen]] = []
     try:
         subprocess.run([PYTHON, "manage.py", "setup_site"], cwd=REPO, env=env, check=True, capture_output=True)
         config = data_dir / "ris.yaml"
@@ -253,18 +253,8 @@ def run_backend(backend: str, *, studies: list[GeneratedStudy], storescu: str, a
         subprocess.run(
             [PYTHON, "manage.py", "import_config", str(config)], cwd=REPO, env=env, check=True, capture_output=True
         )
-        for role, command in (("listener", ["dicom_listener", "--port", str(port)]), ("workers", ["run_workers"])):
-            with open(data_dir / f"{role}.log", "ab") as log:
-                popen = subprocess.Popen(
-                    [PYTHON, "manage.py", *command],
-                    cwd=REPO,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            processes.append(Process(role, popen))
-            wait_heartbeat(db, role, popen.pid)
+        deployed_start(data_dir=data_dir, env=env, db=db, port=port, started=started)
+        processes = [Process(role, popen) for role, popen in started]
         return drive(
             backend,
             db=db,
@@ -276,17 +266,42 @@ def run_backend(backend: str, *, studies: list[GeneratedStudy], storescu: str, a
             senders=args.senders,
         )
     finally:
-        for proc in processes:
-            proc.popen.send_signal(signal.SIGTERM)
-        for proc in processes:
-            try:
-                proc.popen.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.popen.pid, signal.SIGKILL)
+        deployed_stop([popen for _, popen in started])
         ris.close()
         if cluster:
             cluster.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def deployed_start(
+    *, data_dir: Path, env: dict[str, str], db: Database, port: int, started: list[tuple[str, subprocess.Popen]]
+) -> None:
+    """`dicom_listener` and `run_workers` as deployed (logs in `data_dir`/<role>.log), each waited
+    for until it beats. Appends (role, process) to `started` as it goes, so the caller's `finally`
+    stops whatever did start (`deployed_stop`)."""
+    for role, command in (("listener", ["dicom_listener", "--port", str(port)]), ("workers", ["run_workers"])):
+        with open(data_dir / f"{role}.log", "ab") as log:
+            popen = subprocess.Popen(
+                [PYTHON, "manage.py", *command],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        started.append((role, popen))
+        wait_heartbeat(db, role, popen.pid)
+
+
+def deployed_stop(popens: list[subprocess.Popen], timeout: float = 90.0) -> None:
+    """SIGTERM to each (the deployed shutdown), SIGKILL to the process group of any still running after `timeout`."""
+    for popen in popens:
+        popen.send_signal(signal.SIGTERM)
+    for popen in popens:
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
 
 
 def wait_heartbeat(db: Database, role: str, pid: int, timeout: float = 60.0) -> None:
