@@ -26,6 +26,7 @@ from django.db import IntegrityError, OperationalError
 from django.utils import timezone
 
 from routing.models import Instance
+from routing.store.group_sync import group_fsync
 from routing.store.header import instance_header_read
 from routing.store.records import instance_record, instance_restore
 from routing.store.structure import dataset_structure_problem
@@ -248,7 +249,10 @@ def _fsync(path: Path) -> None:
 
 
 def _durable_rename(temp_path: Path, final_path: Path) -> None:
-    """Rename the already fsynced `temp_path` into place and make the rename durable."""
+    """Rename the already fsynced `temp_path` into place and make the rename durable.
+
+    The folder's fsync is shared with the other threads renaming into it (`group_fsync`): we
+    return only after an fsync of the folder that started after our rename has completed."""
     folder = final_path.parent
     if folder not in _made_dirs:
         folder.mkdir(parents=True, exist_ok=True)
@@ -256,11 +260,11 @@ def _durable_rename(temp_path: Path, final_path: Path) -> None:
         data_dir = Path(settings.DATA_DIR)
         parent = folder.parent
         while parent != data_dir.parent and data_dir in (parent, *parent.parents):
-            _fsync(parent)
+            group_fsync(parent)
             parent = parent.parent
         _made_dirs.add(folder)
     os.rename(temp_path, final_path)
-    _fsync(folder)  # the rename itself must survive a power cut
+    group_fsync(folder)  # the rename itself must survive a power cut
 
 
 def _safe_uid(value: str) -> str:
