@@ -36,6 +36,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,6 +110,18 @@ def instrument() -> None:
         if hasattr(spool, name):
             setattr(spool, name, STEPS.timed(step, getattr(spool, name)))
 
+    if hasattr(spool, "group_commit"):
+        group_commit = spool.group_commit
+
+        @contextmanager
+        def timed_group_commit():
+            with group_commit():
+                yield
+                start = time.perf_counter()  # leaving: the shared WAL fsync
+            STEPS.add("WAL fsync wait", time.perf_counter() - start)
+
+        spool.group_commit = timed_group_commit
+
     start_sync = spool._fsync_start
 
     def fsync_start(path):
@@ -139,6 +152,44 @@ def instrument() -> None:
                 STEPS.add(f"os.{name} {kind} (any thread)", time.perf_counter() - start)
 
         setattr(os, name, counted)
+
+
+# What each variant takes away from the code as it is (names absent from an older checkout are
+# skipped, so there every variant is that checkout's code).
+VARIANTS: dict[str, dict[str, str]] = {
+    "as-is": {},
+    "no-wal-group": {"group_commit": "nullcontext"},  # each COMMIT fsyncs the WAL itself (synchronous=FULL)
+    "no-group": {"group_commit": "nullcontext", "group_fsync": "plain_fsync"},  # the code before issue 17
+}
+
+
+def variant_apply(name: str) -> Callable[[], None]:
+    """Patch routing.store.spool for `name`; returns the undo."""
+    from contextlib import nullcontext
+
+    from routing.store import spool
+
+    replacements = {"nullcontext": nullcontext, "plain_fsync": plain_fsync}
+    saved = {}
+    for attr, replacement in VARIANTS[name].items():
+        if hasattr(spool, attr):
+            saved[attr] = getattr(spool, attr)
+            setattr(spool, attr, replacements[replacement])
+
+    def undo() -> None:
+        for attr, value in saved.items():
+            setattr(spool, attr, value)
+
+    return undo
+
+
+def plain_fsync(path: Path) -> None:
+    """One fsync per caller, as before the group fsync."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -331,33 +382,45 @@ def throughput_run(items: list[Item], threads: int) -> dict:
     }
 
 
-def throughput(datasets: dict[str, list[Item]], thread_counts: list[int], rounds: int) -> list[dict]:
+def throughput(
+    datasets: dict[str, list[Item]], thread_counts: list[int], rounds: int, variants: list[str]
+) -> list[dict]:
     rows = []
     for name, items in datasets.items():
         for threads in thread_counts:
-            runs = []
+            runs: dict[str, list[dict]] = defaultdict(list)
             for round_ in range(rounds + 1):  # round 0 is the warm-up
-                run = throughput_run(items, threads)
-                label = "warm-up" if round_ == 0 else f"round {round_}"
-                print(f"  {name:5} {threads} thread(s) {label:8} {run['instances_per_s']:8.1f} inst/s", flush=True)
-                if round_:
-                    runs.append(run)
-            steps = sorted({s for r in runs for s in r["ms_per_instance"]})
-            rows.append(
-                {
-                    "dataset": name,
-                    "threads": threads,
-                    "instances": len(items),
-                    "instances_per_s": statistics.median(r["instances_per_s"] for r in runs),
-                    "ms_per_instance": {
-                        s: statistics.median(r["ms_per_instance"].get(s, 0.0) for r in runs) for s in steps
-                    },
-                    "calls_per_instance": {
-                        s: statistics.median(r["calls_per_instance"].get(s, 0.0) for r in runs) for s in steps
-                    },
-                }
-            )
+                # Variants alternate within a round, so they share the machine's load (the disk is shared).
+                for variant in variants if round_ % 2 == 0 else variants[::-1]:
+                    undo = variant_apply(variant)
+                    try:
+                        run = throughput_run(items, threads)
+                    finally:
+                        undo()
+                    label = "warm-up" if round_ == 0 else f"round {round_}"
+                    print(
+                        f"  {name:5} {threads} thread(s) {variant:12} {label:8} {run['instances_per_s']:8.1f} inst/s",
+                        flush=True,
+                    )
+                    if round_:
+                        runs[variant].append(run)
+            for variant in variants:
+                rows.append(row_summarise(name, threads, variant, len(items), runs[variant]))
     return rows
+
+
+def row_summarise(name: str, threads: int, variant: str, instances: int, runs: list[dict]) -> dict:
+    steps = sorted({s for r in runs for s in r["ms_per_instance"]})
+    return {
+        "dataset": name,
+        "threads": threads,
+        "variant": variant,
+        "instances": instances,
+        "instances_per_s": statistics.median(r["instances_per_s"] for r in runs),
+        "rounds_instances_per_s": [r["instances_per_s"] for r in runs],
+        "ms_per_instance": {s: statistics.median(r["ms_per_instance"].get(s, 0.0) for r in runs) for s in steps},
+        "calls_per_instance": {s: statistics.median(r["calls_per_instance"].get(s, 0.0) for r in runs) for s in steps},
+    }
 
 
 STEP_ORDER = [
@@ -367,8 +430,20 @@ STEP_ORDER = [
     "file fsync wait",
     "rename + dir fsync wait",
     "rows + commit",
+    "WAL fsync wait",
     "instance_store total",
 ]
+
+
+def ratios_add(rows: list[dict], baseline: str = "no-group") -> None:
+    """Each variant against `baseline` run in the same round (so under the same load from the rest
+    of the machine): the median of the per-round ratios, steadier than a ratio of medians."""
+    by_key = {(r["dataset"], r["threads"], r["variant"]): r for r in rows}
+    for row in rows:
+        base = by_key.get((row["dataset"], row["threads"], baseline))
+        if base is not None and row is not base:
+            pairs = zip(row["rounds_instances_per_s"], base["rounds_instances_per_s"])
+            row[f"vs_{baseline}"] = statistics.median(a / b for a, b in pairs)
 
 
 def print_report(costs: dict[str, dict[str, float]], rows: list[dict], args) -> None:
@@ -383,9 +458,10 @@ def print_report(costs: dict[str, dict[str, float]], rows: list[dict], args) -> 
     )
     for row in rows:
         ms, calls = row["ms_per_instance"], row["calls_per_instance"]
+        versus = f", x{row['vs_no-group']:.2f} vs no-group in the same rounds" if "vs_no-group" in row else ""
         print(
-            f"  {row['dataset']:5} {row['threads']} thread(s): {row['instances_per_s']:7.1f} inst/s"
-            f"  ({row['instances']} instances)"
+            f"  {row['dataset']:5} {row['threads']} thread(s) {row['variant']:12}: {row['instances_per_s']:7.1f} inst/s"
+            f"  ({row['instances']} instances{versus})"
         )
         for step in STEP_ORDER:
             if step in ms:
@@ -399,6 +475,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--samples", type=int, default=40, help="samples per step cost")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="as-is: the code; no-wal-group: without the shared WAL fsync; no-group: without either (before issue 17)",
+    )
     parser.add_argument("--quick", action="store_true", help="a small smoke run: 1 round, fewer instances")
     args = parser.parse_args()
     if args.quick:
@@ -413,7 +496,8 @@ def main() -> None:
         datasets = datasets_make(ct_count, small_count)
         costs = {name: step_costs(items, args.samples) for name, items in datasets.items()}
         instrument()
-        rows = throughput(datasets, args.threads, args.rounds)
+        rows = throughput(datasets, args.threads, args.rounds, args.variants)
+        ratios_add(rows)
         print_report(costs, rows, args)
         OUT.mkdir(parents=True, exist_ok=True)
         out = OUT / f"store-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -1,9 +1,10 @@
 """The durable store under concurrency: several threads storing into one date folder share its
-fsyncs (routing/store/group_sync.py), and still none is answered before its own file, its own
-directory entry and its own rows are durable.
+fsyncs and the WAL's (routing/store/group_sync.py), and still none is answered before its own
+file, its own directory entry and its own rows are durable.
 
-Real files on the real filesystem, real threads; os.rename and os.fsync are wrapped only to
-record the order in which they happened (and to make each directory fsync last a little longer,
+Real files on the real filesystem, real threads, the suite's SQLite database; os.rename,
+os.fsync and each thread's connection.commit are wrapped only to record the order in which they
+happened (and to make each directory fsync last a little longer,
 so the threads really do overlap one another's fsyncs).
 """
 
@@ -21,7 +22,7 @@ import pytest
 from django.db import connection
 
 from routing.models import Instance, StoreAssociation
-from routing.store import group_sync
+from routing.store import group_sync, records
 from routing.store.group_sync import group_fsync
 from routing.store.spool import incoming_dir, instance_store
 from tests.support.ct import make_ct_slices
@@ -76,7 +77,7 @@ class TestConcurrentStores:
         datasets = make_ct_slices(self.THREADS * self.PER_THREAD)
         barrier = threading.Barrier(self.THREADS)
         sent: dict[str, bytes] = {}
-        answers: list[tuple[int, int]] = []  # (instance id, when its Success was returned)
+        answers: list[tuple[int, int, int]] = []  # (instance id, when its rows were committed, when answered)
         errors: list[BaseException] = []
 
         def association(index: int) -> None:
@@ -84,6 +85,15 @@ class TestConcurrentStores:
                 association_id = StoreAssociation.objects.create(
                     calling_ae_title=f"MODALITY{index}", called_ae_title="PACSLENS"
                 ).pk
+                commits: list[int] = []
+                real_commit = connection.commit
+
+                def commit() -> None:  # this thread's connection only
+                    real_commit()
+                    commits.append(recorder.tick())
+
+                connection.commit = commit  # type: ignore[method-assign]
+                assert records._sqlite_wal() is not None  # the suite's SQLite: WAL, synchronous=FULL
                 barrier.wait()
                 for ds in datasets[index :: self.THREADS]:
                     path = incoming_dir() / f"{ds.SOPInstanceUID}.tmp"
@@ -99,7 +109,10 @@ class TestConcurrentStores:
                     )
                     answered = recorder.tick()
                     assert result.ok and not result.duplicate, result.message
-                    answers.append((result.instance_id, answered))
+                    answers.append((result.instance_id, commits[-1], answered))
+                with connection.cursor() as cursor:  # the connection is as durable as configured again
+                    cursor.execute("PRAGMA synchronous")
+                    assert cursor.fetchone()[0] == 2
             except BaseException as exc:  # reported below
                 errors.append(exc)
             finally:
@@ -113,7 +126,9 @@ class TestConcurrentStores:
         assert not errors, errors
 
         assert len(answers) == len(datasets) == Instance.objects.count()
-        for instance_id, answered in answers:
+        wal = records._sqlite_wal()
+        assert wal is not None
+        for instance_id, committed, answered in answers:
             instance = Instance.objects.get(pk=instance_id)
             stored = data_dir / instance.path
             assert stored.read_bytes() == sent[instance.sop_instance_uid]
@@ -122,6 +137,9 @@ class TestConcurrentStores:
             assert recorder.covering_fsync(stored, -1, renamed), instance.path
             # ...and its folder by an fsync that started after that rename, before Success.
             assert recorder.covering_fsync(stored.parent, renamed, answered), instance.path
+            # ...and its rows, committed after that, by an fsync of the WAL that started after the commit.
+            assert renamed < committed
+            assert recorder.covering_fsync(wal[0], committed, answered), instance.path
         assert {(data_dir / i.path).parent for i in Instance.objects.all()} == {stored.parent}  # one folder, shared
 
 

@@ -1,22 +1,85 @@
 """The rows of a stored instance: its Study (found, created or re-opened), Series and Instance.
 
-Called by routing.store.spool once the file is durably in place; the row is committed before
-the caller answers Success. The next instance of a series an association is already delivering
-takes a fast path of two precompiled statements (see `_study_touch`).
+Called by routing.store.spool once the file is durably in place; the row is committed, and
+durable, before the caller answers Success. The next instance of a series an association is
+already delivering takes a fast path of two precompiled statements (see `_study_touch`).
+On SQLite the commits of concurrent stores share their WAL fsync (see `group_commit`).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Field, signals
 from django.utils import timezone
 
 from routing.models import Instance, Series, Study, StudyState
+from routing.store.group_sync import group_fsync
+
+
+@contextmanager
+def group_commit() -> Iterator[None]:
+    """Commit the rows written inside; on a normal exit, return only once those commits are durable.
+
+    SQLite in WAL mode with synchronous=FULL (our default) fsyncs the WAL inside every COMMIT,
+    while it holds the database's single write lock: concurrent stores queue one fsync each
+    behind that lock. Inside this block this connection commits with synchronous=NORMAL (the
+    frames are written to the WAL but not fsynced, and the lock is released at once); on the way
+    out one fsync of the WAL that started after our commits, shared with the other threads
+    (`group_fsync`), makes them durable. That is enough because the WAL is one file that SQLite
+    appends to in commit order, and it is only reset or truncated after a checkpoint has copied
+    its frames into the database file and fsynced it (SQLite does so in NORMAL as in FULL).
+
+    Nothing changes for PostgreSQL (which already flushes concurrent commits' WAL together),
+    for SQLite not in WAL mode or at synchronous below FULL, or inside an outer transaction
+    (its commit, not ours, is what becomes durable). Raises OSError if the WAL fsync failed:
+    the rows are committed then, but not known to be durable.
+    """
+    wal = None if connection.in_atomic_block else _sqlite_wal()
+    if wal is None:
+        yield
+        return
+    path, level = wal
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA synchronous=NORMAL")  # not allowed inside a transaction: here, none is open
+    try:
+        yield
+    finally:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(f"PRAGMA synchronous={level}")
+        except DatabaseError:
+            connection.close()  # never leave this connection less durable than configured
+    group_fsync(path)
+
+
+def _sqlite_wal() -> tuple[Path, int] | None:
+    """This thread's SQLite connection's WAL file and its synchronous level, when a commit fsyncs
+    the WAL (journal_mode=WAL, synchronous FULL or EXTRA); otherwise None. Asked once per connection."""
+    if connection.vendor != "sqlite":
+        return None
+    connection.ensure_connection()
+    raw = connection.connection
+    cached = getattr(connection, "_pacslens_wal", None)
+    if cached is None or cached[0] is not raw:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode")
+            journal_mode = str(cursor.fetchone()[0]).lower()
+            cursor.execute("PRAGMA synchronous")
+            level = int(cursor.fetchone()[0])
+            cursor.execute("PRAGMA database_list")
+            main_file = next((row[2] for row in cursor.fetchall() if row[1] == "main"), "")
+        wal = (Path(f"{main_file}-wal"), level) if journal_mode == "wal" and level >= 2 and main_file else None
+        cached = (raw, wal)
+        connection._pacslens_wal = cached  # type: ignore[attr-defined]  # ours, on Django's per-thread wrapper
+    return cached[1]
 
 
 def instance_record(

@@ -5,6 +5,21 @@ has the encoded Part 10 file in a temporary file under `DATA_DIR/incoming`; we c
 fsync it, rename it to a path *we* choose, fsync its directory, commit the rows
 (routing.store.records), and only then report Success. A crash at any point leaves either
 nothing visible or a complete, recorded instance.
+
+Why that order is durable, step by step (docs/deployment.md, "What Success means"):
+1. The file's fsync ends before the rename: the name never points at data still in the page
+   cache. (fsync, not fdatasync: on ext4 a new file's size and blocks go through the journal
+   either way, and bench/store.py measured no difference; the caller's file is closed, so we
+   re-open it, which costs ~10 µs.)
+2. After the rename, an fsync of the folder that *started after* the rename must end before we go
+   on: an fsync covers what was done before it began. Threads renaming into the same folder
+   share that fsync (routing.store.group_sync); one that renamed while an fsync was running
+   waits for the next.
+3. The rows are committed only after that, so a committed row always names a durable file; on
+   SQLite the commit's WAL fsync is shared the same way (`records.group_commit`), and we answer
+   only after a WAL fsync that started after our commit (and after any row we relied on, such
+   as the first copy of a duplicate) has ended.
+A failed fsync at any step answers Out of Resources: the sender keeps its copy and sends again.
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ from django.utils import timezone
 from routing.models import Instance
 from routing.store.group_sync import group_fsync
 from routing.store.header import instance_header_read
-from routing.store.records import instance_record, instance_restore
+from routing.store.records import group_commit, instance_record, instance_restore
 from routing.store.structure import dataset_structure_problem
 
 logger = logging.getLogger(__name__)
@@ -156,13 +171,20 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
         return StoreResult(OUT_OF_RESOURCES, "Out of resources: the instance could not be written to disk")
 
     try:
-        return _record(header, relative, final_path, **kwargs)
+        with group_commit():
+            result = _record(header, relative, final_path, **kwargs)
+    except OSError as exc:
+        # The rows are committed but the fsync that makes them durable failed: do not claim
+        # Success. The file and rows stay; a resend is then a duplicate and answered as such.
+        logger.error("cannot make the rows of instance %s durable: %s", header["SOPInstanceUID"], exc.strerror)
+        return StoreResult(OUT_OF_RESOURCES, "Out of resources: the instance could not be written to disk")
     except OperationalError as exc:
         # SQLite's lock timeout, a PostgreSQL failover: transient, so say "out of resources"
         # (the sender retries later) rather than "processing failure" (many give up).
         final_path.unlink(missing_ok=True)
         logger.warning("cannot record instance %s: database busy (%s)", header["SOPInstanceUID"], exc)
         return StoreResult(OUT_OF_RESOURCES, "Out of resources: the database is busy; send the instance again later")
+    return result
 
 
 def _record(header: dict[str, str], relative: str, final_path: Path, **kwargs) -> StoreResult:
