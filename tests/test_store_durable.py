@@ -3,7 +3,7 @@ fsyncs and the WAL's (routing/store/group_sync.py), and still none is answered b
 file, its own directory entry and its own rows are durable.
 
 Real files on the real filesystem, real threads, the suite's SQLite database; os.rename,
-os.fsync and each thread's connection.commit are wrapped only to record the order in which they
+os.fsync, os.fdatasync and each thread's connection.commit are wrapped only to record the order in which they
 happened (and to make each directory fsync last a little longer,
 so the threads really do overlap one another's fsyncs).
 """
@@ -24,7 +24,7 @@ from django.db import connection
 from routing.models import Instance, StoreAssociation
 from routing.store import group_sync, records
 from routing.store.group_sync import group_fsync
-from routing.store.spool import incoming_dir, instance_store
+from routing.store.spool import OUT_OF_RESOURCES, incoming_dir, instance_store
 from tests.support.ct import make_ct_slices
 
 
@@ -42,24 +42,28 @@ class Recorder:
             return next(self.counter)
 
     def install(self, monkeypatch, *, dir_fsync_delay: float = 0.0) -> None:
-        real_rename, real_fsync = os.rename, os.fsync
+        real_rename = os.rename
 
         def rename(src, dst, **kwargs):
             real_rename(src, dst, **kwargs)
             self.renames[os.fspath(dst)] = self.tick()
 
-        def fsync(fd):
-            st = os.fstat(fd)
-            is_dir = os.path.isdir(f"/proc/self/fd/{fd}")
-            started = self.tick()
-            if is_dir:
-                time.sleep(dir_fsync_delay)
-            real_fsync(fd)
-            with self.lock:
-                self.fsyncs.append((st.st_ino, started, next(self.counter), is_dir))
+        def recording(real_sync):
+            def sync(fd):
+                st = os.fstat(fd)
+                is_dir = os.path.isdir(f"/proc/self/fd/{fd}")
+                started = self.tick()
+                if is_dir:
+                    time.sleep(dir_fsync_delay)
+                real_sync(fd)
+                with self.lock:
+                    self.fsyncs.append((st.st_ino, started, next(self.counter), is_dir))
+
+            return sync
 
         monkeypatch.setattr(os, "rename", rename)
-        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "fsync", recording(os.fsync))
+        monkeypatch.setattr(os, "fdatasync", recording(os.fdatasync))  # the WAL's
 
     def covering_fsync(self, path: Path, after: int, before: int) -> bool:
         """Did an fsync of `path` start after `after` and end before `before`?"""
@@ -141,6 +145,42 @@ class TestConcurrentStores:
             assert renamed < committed
             assert recorder.covering_fsync(wal[0], committed, answered), instance.path
         assert {(data_dir / i.path).parent for i in Instance.objects.all()} == {stored.parent}  # one folder, shared
+
+
+class TestWalFsyncFailure:
+    def test_rows_not_known_durable_are_not_answered_success(self, transactional_db, data_dir, monkeypatch):
+        (ds,) = make_ct_slices(1)
+        wal = records._sqlite_wal()
+        assert wal is not None
+        real_fdatasync = os.fdatasync
+
+        def failing(fd):
+            if os.fstat(fd).st_ino == wal[0].stat().st_ino:
+                raise OSError(errno.EIO, "Input/output error")
+            real_fdatasync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", failing)
+        assert store(ds).status == OUT_OF_RESOURCES
+        with connection.cursor() as cursor:  # the connection is back at the configured level
+            cursor.execute("PRAGMA synchronous")
+            assert cursor.fetchone()[0] == 2
+        # The sender sends it again once the disk is back: the row committed meanwhile makes it a duplicate.
+        monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+        again = store(ds)
+        assert again.ok and again.duplicate
+        assert Instance.objects.count() == 1 and (data_dir / Instance.objects.get().path).exists()
+
+
+def store(ds):
+    path = incoming_dir() / f"{ds.SOPInstanceUID}.tmp"
+    ds.save_as(path, enforce_file_format=True)
+    return instance_store(
+        temp_path=path,
+        request_sop_class_uid=ds.SOPClassUID,
+        request_sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+        calling_ae_title="MODALITY1",
+    )
 
 
 class TestGroupFsync:

@@ -34,9 +34,13 @@ GROUPS_MAX = 16
 FAILURES_KEPT = 64
 
 
-def group_fsync(path: Path) -> None:
-    """Return once an fsync of `path` that started after this call has completed; raise its OSError if it failed."""
-    _group(path).fsync_after_now(path)
+def group_fsync(path: Path, *, data_only: bool = False) -> None:
+    """Return once an fsync of `path` that started after this call has completed; raise its OSError if it failed.
+
+    `data_only`: fdatasync (the data and the size, not the timestamps), as SQLite syncs its WAL:
+    a WAL rewritten in place after a checkpoint then needs no journal commit. Pass the same
+    value for a path every time."""
+    _group(path).fsync_after_now(path, data_only)
 
 
 class _Group:
@@ -52,7 +56,7 @@ class _Group:
     def idle(self) -> bool:
         return not self.running and self.finished == self.started
 
-    def fsync_after_now(self, path: Path) -> None:
+    def fsync_after_now(self, path: Path, data_only: bool) -> None:
         with self.condition:
             # Our change is made: the next generation to start, and no earlier one, covers it.
             needed = self.started + 1
@@ -73,7 +77,7 @@ class _Group:
             generation = self.started
         failure = None
         try:
-            _fsync(path)
+            _fsync(path, data_only)
         except OSError as exc:
             failure = exc
         with self.condition:
@@ -88,10 +92,13 @@ class _Group:
             raise failure
 
 
-def _fsync(path: Path) -> None:
+def _fsync(path: Path, data_only: bool) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        if data_only and hasattr(os, "fdatasync"):  # not on macOS
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

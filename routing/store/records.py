@@ -33,7 +33,7 @@ def group_commit() -> Iterator[None]:
     behind that lock. Inside this block this connection commits with synchronous=NORMAL (the
     frames are written to the WAL but not fsynced, and the lock is released at once); on the way
     out one fsync of the WAL that started after our commits, shared with the other threads
-    (`group_fsync`), makes them durable. That is enough because the WAL is one file that SQLite
+    (`group_fsync`; an fdatasync, as SQLite's own), makes them durable. That is enough because the WAL is one file that SQLite
     appends to in commit order, and it is only reset or truncated after a checkpoint has copied
     its frames into the database file and fsynced it (SQLite does so in NORMAL as in FULL).
 
@@ -57,7 +57,7 @@ def group_commit() -> Iterator[None]:
                 cursor.execute(f"PRAGMA synchronous={level}")
         except DatabaseError:
             connection.close()  # never leave this connection less durable than configured
-    group_fsync(path)
+    group_fsync(path, data_only=True)  # as SQLite syncs its WAL itself
 
 
 def _sqlite_wal() -> tuple[Path, int] | None:
