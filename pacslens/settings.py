@@ -175,8 +175,6 @@ DICOM_ACSE_TIMEOUT = envfloat("PACSLENS_DICOM_ACSE_TIMEOUT", 30.0, minimum=1)
 DICOM_DIMSE_TIMEOUT = envfloat("PACSLENS_DICOM_DIMSE_TIMEOUT", 60.0, minimum=1)
 DICOM_NETWORK_TIMEOUT = envfloat("PACSLENS_DICOM_NETWORK_TIMEOUT", 60.0, minimum=1)
 DICOM_ACCEPT_ANY_CALLING_AE = envbool("PACSLENS_ACCEPT_ANY_CALLING_AE", False)
-# Our pynetdicom receive path (routing/receive/pynetdicom_speedups.py): faster, and it bounds PDU sizes.
-DICOM_SPEEDUPS = envbool("PACSLENS_DICOM_SPEEDUPS", True)
 DICOM_SHUTDOWN_GRACE = envfloat("PACSLENS_DICOM_SHUTDOWN_GRACE", 30.0, minimum=0)
 # Identifiers we mint (results/deliver/identity.py): DICOM UIDs under the site's own org root, or "" for
 # UUID-derived 2.25 UIDs; the FHIR Observation identifier under the site's own system URI, or

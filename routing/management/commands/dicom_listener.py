@@ -1,6 +1,6 @@
 """`manage.py dicom_listener`: the C-ECHO / C-STORE SCP, run forever under a supervisor.
 
-pynetdicom runs every association of a process under one GIL, so for throughput we start
+Every association of a process runs under one GIL, so for throughput we start
 PACSLENS_DICOM_LISTENER_PROCESSES processes. The supervisor binds the listening socket(s) (plain,
 TLS, or both: PACSLENS_DICOM_TLS_MODE) before forking and every process accepts on them, so a
 connection goes to whichever process is free to accept it; with SO_REUSEPORT the kernel hashed
@@ -90,7 +90,6 @@ class Command(BaseCommand):
                 "port": listener.port,
                 "tls_port": listener.tls_port if listener.tls_mode != "off" else None,
                 "active_associations": sum(len(each.active_associations) for each in listener.servers),
-                "pynetdicom_speedups": listener.speedups,
             },
         )
         heartbeat.start()
