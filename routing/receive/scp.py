@@ -177,8 +177,15 @@ class AcceptorSettings:
 
 
 def supported_contexts(storage_classes: list[str], transfer_syntaxes: list[str]) -> list[PresentationContext]:
-    """Verification (pynetdicom's default transfer syntaxes) and every storage class with `transfer_syntaxes`."""
-    return [build_context(VERIFICATION), *(build_context(uid, transfer_syntaxes) for uid in storage_classes)]
+    """Verification (pynetdicom's default transfer syntaxes) and every storage class with `transfer_syntaxes`.
+
+    The requestor may be their SCU, never their SCP (we send no requests): a role selection item is
+    answered so, and a context whose requestor would only be its SCP is rejected (PS3.7 D.3.3.4).
+    """
+    contexts = [build_context(VERIFICATION), *(build_context(uid, transfer_syntaxes) for uid in storage_classes)]
+    for context in contexts:
+        context.scu_role, context.scp_role = True, False
+    return contexts
 
 
 class AcceptorServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
