@@ -763,7 +763,7 @@ class AssociationRunner:
             path=Path(),
             move_originator_ae_title=_text(command, 0x1030).strip(),
         )
-        self._pending = _PendingStore.open(self.settings.incoming_dir(), request, context_id)
+        self._pending = _PendingStore.open(self.settings.incoming_dir, request, context_id)
 
     def _data_fragment(self, context_id: int, length: int, last: bool) -> None:
         pending = self._pending
@@ -862,10 +862,10 @@ class _PendingStore:
         self.failed = False
 
     @classmethod
-    def open(cls, folder: Path, request: StoreRequest, context_id: int) -> _PendingStore:
+    def open(cls, folder: Callable[[], Path], request: StoreRequest, context_id: int) -> _PendingStore:
         pending = cls(request, context_id)
-        try:
-            fd, name = tempfile.mkstemp(dir=folder, suffix=".part")
+        try:  # creating the folder may fail as well (incoming_dir makes it when missing)
+            fd, name = tempfile.mkstemp(dir=folder(), suffix=".part")
         except OSError as exc:
             pending._fail(exc)
             return pending
