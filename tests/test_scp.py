@@ -444,6 +444,27 @@ class TestAssociation:
         assert nothing_left(data_dir)
         assert still_serves(listener)
 
+    def test_release_request_before_association_is_aborted(self, listener, peer):
+        peer.send(RELEASE_RQ_PDU)
+        assert peer.aborted() == (PROVIDER, UNEXPECTED_PDU)
+
+    def test_unknown_pdu_before_association_is_aborted(self, listener, peer):
+        peer.send(pdu(0x09, b"\0\0\0\0"))
+        assert peer.aborted() == (PROVIDER, UNRECOGNISED_PDU)
+
+    def test_abort_before_association_is_not_answered(self, listener, peer):
+        peer.send(ABORT_PDU)
+        assert peer.closed()  # PS3.8 9.2 state Sta2, A-ABORT PDU received: AA-2, close
+        assert still_serves(listener)
+
+    def test_unsupported_protocol_version(self, listener, peer):
+        request = bytearray(associate_rq())
+        struct.pack_into(">H", request, 6, 2)  # only bit 0 (version 1) is defined
+        peer.send(bytes(request))
+        answer = peer.pdu()
+        assert answer == (ASSOCIATE_RJ, bytes([0, 2, 2, 2]))
+        assert peer.closed()
+
     def test_silence_before_the_request_is_closed_without_abort(self, start_listener, data_dir):
         listener = start_listener(DICOM_ACSE_TIMEOUT=0.3)
         peer = Peer(listener)
