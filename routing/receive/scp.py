@@ -574,7 +574,9 @@ class AssociationRunner:
         """Read the A-ASSOCIATE-RQ and answer it: accepted, `assoc.established`."""
         pdu_type, length = self._pdu_header()
         if pdu_type != ASSOCIATE_RQ:
-            if pdu_type in (RELEASE_RQ, ABORT, P_DATA_TF, ASSOCIATE_AC, ASSOCIATE_RJ, RELEASE_RP):
+            if pdu_type == ABORT:
+                raise PeerGone()  # PS3.8 9.2 state Sta2: an A-ABORT PDU is not answered, just closed (AA-2)
+            if pdu_type in (RELEASE_RQ, P_DATA_TF, ASSOCIATE_AC, ASSOCIATE_RJ, RELEASE_RP):
                 raise ProtocolError("expected an A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
             raise ProtocolError("unrecognised PDU type", ABORT_UNRECOGNISED_PDU)
         if length > MAXIMUM_ASSOCIATE_RQ:
