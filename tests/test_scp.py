@@ -466,7 +466,7 @@ class TestAssociation:
         assert peer.closed()
 
     def test_silence_before_the_request_is_closed_without_abort(self, start_listener, data_dir):
-        listener = start_listener(DICOM_ACSE_TIMEOUT=0.3)
+        listener = start_listener(DICOM_ACSE_TIMEOUT=1.0)
         peer = Peer(listener)
         try:
             assert peer.closed()  # PS3.8 9.2.3: ARTIM expired, no A-ABORT
@@ -626,7 +626,7 @@ class TestProtocolErrors:
         assert still_serves(listener)
 
     def test_network_timeout_while_established(self, start_listener, data_dir):
-        listener = start_listener(DICOM_NETWORK_TIMEOUT=0.3)
+        listener = start_listener(DICOM_NETWORK_TIMEOUT=1.0)
         peer = Peer(listener)
         try:
             peer.associate()
@@ -686,7 +686,7 @@ class TestEndingsMidDataSet:
 
 
 class TestWriteFailures:
-    def test_write_failing_mid_receive_drains_and_answers_out_of_resources(self, listener, peer, data_dir):
+    def test_write_failing_mid_receive_drains_and_answers_out_of_resources(self, listener, peer, data_dir, caplog):
         # A file size limit (RLIMIT_FSIZE, no privileges needed; Python ignores SIGXFSZ) makes
         # the temporary file's writes fail with EFBIG part way through, as a full disk would.
         ct = make_ct()
@@ -707,6 +707,7 @@ class TestWriteFailures:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         assert (cs.CommandField, cs.MessageIDBeingRespondedTo, cs.Status) == (0x8001, 4, 0xA700)
         assert cs.ErrorComment == "Out of resources: the data set could not be written"
+        assert "File too large" in caplog.text  # a write failed, not the file's creation
         assert nothing_left(data_dir)
         # The rest of the data set was read: the association goes on in step.
         again = make_ct()
