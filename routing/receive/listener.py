@@ -114,6 +114,7 @@ class DicomListener:
             maximum_pdu_size=MAXIMUM_PDU_SIZE,
             acse_timeout=settings.DICOM_ACSE_TIMEOUT,
             network_timeout=settings.DICOM_NETWORK_TIMEOUT,
+            dimse_timeout=settings.DICOM_DIMSE_TIMEOUT,
             # Receive straight to a temporary file under the data dir: bounded memory for huge
             # instances, and the final rename stays on one filesystem.
             incoming_dir=incoming_dir,  # created now: a data dir we cannot write fails at start

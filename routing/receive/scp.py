@@ -170,8 +170,9 @@ class StoreHandler(Protocol):
 class AcceptorSettings:
     ae_title: str
     maximum_pdu_size: int
-    acse_timeout: float | None
-    network_timeout: float | None
+    acse_timeout: float | None  # until the A-ASSOCIATE-RQ has arrived (and the TLS handshake)
+    network_timeout: float | None  # between DIMSE messages
+    dimse_timeout: float | None  # within one: from a C-STORE-RQ's command to its data set's last byte
     incoming_dir: Callable[[], Path]
     supported: list[PresentationContext]
 
@@ -766,6 +767,7 @@ class AssociationRunner:
             move_originator_ae_title=_text(command, 0x1030).strip(),
         )
         self._pending = _PendingStore.open(self.settings.incoming_dir, request, context_id)
+        self.sock.settimeout(self.settings.dimse_timeout)
 
     def _data_fragment(self, context_id: int, length: int, last: bool) -> None:
         pending = self._pending
@@ -790,6 +792,7 @@ class AssociationRunner:
             remaining -= count
         if last:
             self._pending = self._pending_command = None
+            self.sock.settimeout(self.settings.network_timeout)
             self._store(pending)
 
     def _store(self, pending: _PendingStore) -> None:
