@@ -681,6 +681,19 @@ class TestEndingsMidDataSet:
         assert row.instances_received == 1
         assert still_serves(listener)
 
+    def test_data_set_stalled_past_the_dimse_timeout(self, start_listener, data_dir):
+        listener = start_listener(DICOM_DIMSE_TIMEOUT=1.0)
+        peer = Peer(listener)
+        try:
+            store_one_then_start_another(peer, data_dir)  # and then nothing more of its data set
+            assert peer.aborted() == (PROVIDER, NOT_SPECIFIED)
+        finally:
+            peer.close()
+        assert not incoming_files(data_dir)
+        row = StoreAssociation.objects.get()
+        assert row.ended_at is not None and not row.released_normally
+        assert still_serves(listener)
+
 
 # --- a receive that cannot be written -------------------------------------------------------------
 
