@@ -137,15 +137,17 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
         logger.warning("refusing instance: free space under %s below the floor", settings.DATA_DIR)
         return StoreResult(OUT_OF_RESOURCES, "Out of resources: free disk space is below the configured floor")
 
+    # Flush the data to disk in another thread while this one checks and parses it; the rename
+    # (and so Success) still waits for the flush. Started first: the checks take as long as a
+    # flush of a small file, and a refused file's flush is wasted but harmless.
+    synced = _fsync_start(temp_path)
+
     # The header reader stops long before Pixel Data: a cut-short instance must not be acknowledged.
     problem = dataset_structure_problem(temp_path)
     if problem:
         logger.info("refusing instance %s: %s", _safe_uid(request_sop_instance_uid), problem)
         return StoreResult(CANNOT_UNDERSTAND, f"Cannot understand: the data set is incomplete or malformed ({problem})")
 
-    # Flush the data to disk in another thread while this one parses and checks it; the rename
-    # (and so Success) still waits for the flush.
-    synced = _fsync_start(temp_path)
     try:
         header = instance_header_read(temp_path)
     except Exception as exc:  # pydicom raises many types on malformed input; all mean "cannot understand"
