@@ -36,10 +36,10 @@ class Target:
 
     def line(self) -> str:
         sign = "≥" if self.at_least else "≤"
-        target = f"(target {sign} {self.bound:.{self.digits}f}{self.unit})"
+        target = f"(target {sign} {self.bound:,.{self.digits}f}{self.unit})"
         if self.measured is None:
             return f"{self.label}: not measured {target}  NOT MEASURED"
-        figure = f"{self.measured:.{self.digits}f}{self.unit}" + (f" {self.note}" if self.note else "")
+        figure = f"{self.measured:,.{self.digits}f}{self.unit}" + (f" {self.note}" if self.note else "")
         return f"{self.label}: {figure} {target}  {'MET' if self.met else 'NOT MET'}"
 
 
