@@ -11,8 +11,9 @@ instance.
 
 It ends with the targets of issue 17, each MET or NOT MET (bench/_targets.py): the throughput
 ratios are the median over the rounds of PacsLens's instances/s divided by storescp's in the
-same round; the memory targets use the RSS of the largest listener process, which is what an
-operator sees in `top` (the sums over the processes, RSS and PSS, are printed beside them).
+same round. The memory targets use one process's RSS, which is what an operator sees in `top`:
+idle, the largest process of the listener (the supervisor included); the 100 MB instance, the
+process that received it. The sums over the processes, RSS and PSS, are printed beside them.
 
 TCP_NODELAY=1 is in every dcmtk process's environment: Debian's dcmtk leaves Nagle on otherwise
 and every instance stalls on a delayed ACK, which would measure the stall, not the software.
