@@ -4,7 +4,7 @@ figure beside it and MET / NOT MET.
     Targets (bench/listener.py)
       4 assoc CT: 0.31× storescp --fork (target ≥ 0.50×)  NOT MET
 
-bench/run.py (`make bench`) collects every block (from a line starting with "Targets" to the
+bench/run.py (`make bench`) collects every block (from a line starting with "Targets (" to the
 next blank line) and prints them together at the end.
 """
 

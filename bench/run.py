@@ -52,7 +52,7 @@ def script_run(script: Path, args: list[str]) -> tuple[int, list[list[str]]]:
         for line in process.stdout:
             print(line, end="", flush=True)
             line = line.rstrip("\n")
-            if line.startswith(HEADER):
+            if line.startswith(f"{HEADER} ("):
                 block = [line]
                 blocks.append(block)
             elif block is not None and line.strip():

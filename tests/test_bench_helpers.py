@@ -58,6 +58,9 @@ def test_run_collects_the_targets_blocks(tmp_path: Path) -> None:
     script = tmp_path / "fake_bench.py"
     script.write_text(
         "print('figures')\n"
+        "print('Targets: p95 < 3 s (an older benchmark\\'s line, not a block)')\n"
+        "print('  not collected')\n"
+        "print()\n"
         "print('Targets (fake_bench.py)')\n"
         "print('  a: 1 (target ≥ 2)  NOT MET')\n"
         "print()\n"
