@@ -6,6 +6,7 @@ file stops the process at start instead of misbehaving at 3 a.m.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -120,6 +121,14 @@ def envfile(name: str, *, required: bool) -> Path | None:
     return path
 
 
+def package_dir(name: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ImproperlyConfigured(f"the package {name!r} is not installed: pip install -r requirements.txt")
+    return Path(spec.origin).parent
+
+
 DEBUG = envbool("PACSLENS_DEBUG", False)
 DATA_DIR = Path(envstr("PACSLENS_DATA_DIR", str(BASE_DIR / "var"))).resolve()
 
@@ -166,8 +175,6 @@ DICOM_ACSE_TIMEOUT = envfloat("PACSLENS_DICOM_ACSE_TIMEOUT", 30.0, minimum=1)
 DICOM_DIMSE_TIMEOUT = envfloat("PACSLENS_DICOM_DIMSE_TIMEOUT", 60.0, minimum=1)
 DICOM_NETWORK_TIMEOUT = envfloat("PACSLENS_DICOM_NETWORK_TIMEOUT", 60.0, minimum=1)
 DICOM_ACCEPT_ANY_CALLING_AE = envbool("PACSLENS_ACCEPT_ANY_CALLING_AE", False)
-# Our pynetdicom receive path (routing/receive/pynetdicom_speedups.py): faster, and it bounds PDU sizes.
-DICOM_SPEEDUPS = envbool("PACSLENS_DICOM_SPEEDUPS", True)
 DICOM_SHUTDOWN_GRACE = envfloat("PACSLENS_DICOM_SHUTDOWN_GRACE", 30.0, minimum=0)
 # Identifiers we mint (results/deliver/identity.py): DICOM UIDs under the site's own org root, or "" for
 # UUID-derived 2.25 UIDs; the FHIR Observation identifier under the site's own system URI, or
@@ -234,9 +241,9 @@ INSTALLED_APPS = [
     # The site as a whole: project-wide management commands (pacslens/management); no models.
     "pacslens",
     # The automation API (/api/v1/, docs/api.md): clients, tokens and the django-ninja endpoints.
-    # "ninja" makes its docs page use the Swagger UI files it ships (static files, no CDN).
+    # Not "ninja" itself: an installed app is imported by every process, the DICOM listener too,
+    # and ninja brings pydantic (~10 MiB each). Its Swagger UI files are served from NINJA_DIR below.
     "pacslens.api",
-    "ninja",
 ]
 
 MIDDLEWARE = [
@@ -259,10 +266,14 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "pacslens.urls"
 
+# django-ninja's templates and static files: its Swagger UI page (pacslens/api/main.py) is served
+# from them as if "ninja" were an installed app, which it is not (INSTALLED_APPS says why).
+NINJA_DIR = package_dir("ninja")
+
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [BASE_DIR / "templates"],
+        "DIRS": [BASE_DIR / "templates", NINJA_DIR / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -329,7 +340,7 @@ STORAGES = {
 # The staff UI's own login page (the admin's accepts only is_staff accounts; informaticists are not).
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"
-STATICFILES_DIRS = [BASE_DIR / "static"]
+STATICFILES_DIRS = [BASE_DIR / "static", NINJA_DIR / "static"]
 
 # Login throttling (django-axes): after AXES_FAILURE_LIMIT failed logins for one user name from one
 # address, that pair is locked out for AXES_COOLOFF_TIME hours. The axes backend goes first.

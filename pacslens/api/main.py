@@ -7,10 +7,15 @@ ships, served as our static files (no CDN, no inline script).
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.openapi.docs import Swagger, _csrf_needed
 
 from pacslens.api import schemas
 from pacslens.api.auth import ApiBearer
@@ -50,6 +55,24 @@ class PacsLensAPI(NinjaAPI):
         return schema
 
 
+class SwaggerServedLocally(Swagger):
+    """ninja's Swagger UI page from the template and files the package ships (settings.NINJA_DIR).
+
+    ninja renders that page only when "ninja" is an installed app, and otherwise one that loads
+    Swagger UI from a CDN; it is not an installed app here so that the processes that never serve
+    the API (the DICOM listener) do not import it (settings.INSTALLED_APPS).
+    """
+
+    def render_page(self, request: HttpRequest, api: NinjaAPI, **kwargs: Any) -> HttpResponse:
+        self.settings["url"] = self.get_openapi_url(api, kwargs)
+        context = {
+            "swagger_settings": json.dumps(self.settings, indent=1),
+            "api": api,
+            "add_csrf": _csrf_needed(api),
+        }
+        return render(request, self.template, context)
+
+
 PROBLEM_RESPONSES = {
     status: {
         "description": f"{TITLES[status]} (RFC 9457 problem details)",
@@ -68,6 +91,7 @@ api = PacsLensAPI(
     ),
     auth=ApiBearer(),
     urls_namespace="api-v1",
+    docs=SwaggerServedLocally(),
     docs_url="/docs",
     openapi_url="/openapi.json",
 )

@@ -4,9 +4,9 @@ A `HeartbeatThread` stamps a `Heartbeat` row every HEARTBEAT_INTERVAL seconds so
 (another process, maybe another host) can tell a live listener or worker cluster from a dead
 one, and adds the in-memory counters of this process to `OpsCounter` rows on the same beat.
 
-`AssociationCounter` is bound to the listener's association server: it counts A-ASSOCIATE-AC
-and -RJ as they are sent (our own allow-list rejections and pynetdicom's called-AE and
-association-limit ones alike) with no database work on the association's thread.
+`AssociationCounter` is bound to the listener's association server (routing.receive.scp): it
+counts A-ASSOCIATE-AC and -RJ as they are sent (allow-list, called-AE and association-limit
+rejections alike) with no database work on the association's thread.
 """
 
 from __future__ import annotations
@@ -19,20 +19,17 @@ from collections import Counter
 from collections.abc import Callable
 
 from django.db import close_old_connections, connection
-from pynetdicom import evt
-from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from routing.models import Heartbeat, OpsCounter
-from routing.receive.pynetdicom_speedups import pdus_refused_take
+from routing.receive.scp import pdus_refused_take
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 10.0  # seconds between beats; /healthz calls a process down after 3 missed beats
 ASSOCIATIONS_COUNTER = "dicom_associations"
 
-# (result, source, diagnostic) of A-ASSOCIATE-RJ, PS3.8 9.3.4, as metric label values.
-# Looked up with the primitive's source and diagnostic, which pynetdicom types as optional.
-REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
+# (source, diagnostic) of A-ASSOCIATE-RJ, PS3.8 9.3.4, as metric label values.
+REJECT_REASONS: dict[tuple[int, int], str] = {
     (1, 1): "no-reason-given",
     (1, 2): "application-context-not-supported",
     (1, 3): "calling-ae-not-recognised",
@@ -56,24 +53,20 @@ class AssociationCounter:
         self._pending: Counter[tuple[str, str]] = Counter()
 
     def bind(self, server) -> None:
-        """Bind to a pynetdicom AssociationServer: every later association reports to us."""
-        server.bind(evt.EVT_ACSE_SENT, self.on_acse_sent)
-        if hasattr(server, "on_connection_refused"):  # our ReusePortServer: connections closed unanswered
-            server.on_connection_refused = self.on_connection_refused
+        """Bind to a routing.receive.scp.AcceptorServer: every later association reports to us."""
+        server.on_associate_answered = self.on_associate_answered
+        server.on_connection_refused = self.on_connection_refused
 
     def on_connection_refused(self, reason: str) -> None:
         with self._lock:
             self._pending[(ASSOCIATIONS_COUNTER, f"refused:{reason}")] += 1
 
-    def on_acse_sent(self, event) -> None:
-        primitive = event.primitive
-        if not isinstance(primitive, A_ASSOCIATE) or not event.assoc.is_acceptor or primitive.result is None:
-            return
-        if primitive.result == 0:
+    def on_associate_answered(self, reject: tuple[int, int, int] | None) -> None:
+        """None: A-ASSOCIATE-AC sent; else the (result, source, diagnostic) of the A-ASSOCIATE-RJ."""
+        if reject is None:
             label = "accepted"
         else:
-            reason = REJECT_REASONS.get((primitive.result_source, primitive.diagnostic), "other")
-            label = f"rejected:{reason}"
+            label = f"rejected:{REJECT_REASONS.get((reject[1], reject[2]), 'other')}"
         with self._lock:
             self._pending[(ASSOCIATIONS_COUNTER, label)] += 1
 

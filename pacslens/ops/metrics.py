@@ -64,7 +64,7 @@ from routing.models import (
     StudyRetrieve,
     StudyState,
 )
-from routing.receive.pynetdicom_speedups import PDUS_REFUSED_COUNTER
+from routing.receive.scp import PDUS_REFUSED_COUNTER
 
 INFERENCE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 LATENCY_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any, Self
 
-from cryptography import x509
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import models
@@ -31,6 +30,8 @@ def validate_ca_bundle(value: str) -> None:
         return
     if _PRIVATE_KEY_MARK in value:
         raise ValidationError("this holds a private key: paste only the CA certificate(s), never a key")
+    from cryptography import x509  # noqa: PLC0415 - only the forms validate bundles; the listener loads this model
+
     try:
         certificates = x509.load_pem_x509_certificates(value.encode())
     except ValueError:

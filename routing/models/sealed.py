@@ -9,6 +9,9 @@ database alone gives away no credential.
 A secret the configured keys cannot decrypt (the key file lost, a key rotated out) reads as an
 UnreadableSecret: empty, so it is never sent, and kept as it was when the row is saved again.
 Callers report it as a configuration error (`Destination.secret_unreadable`).
+
+`cryptography` is imported on first use, not with the models: the DICOM listener loads every model
+and never seals or unseals (docs/operations.md, "Listener memory").
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models
+
+if TYPE_CHECKING:
+    from cryptography.fernet import MultiFernet
 
 KEY_FILE_NAME = "secrets.key"
 SECRET_UNREADABLE = (
@@ -46,6 +52,8 @@ def seal(plaintext: str) -> str:
 
 def unseal(ciphertext: str) -> str:
     """The plaintext, or an UnreadableSecret when no configured key decrypts it."""
+    from cryptography.fernet import InvalidToken  # noqa: PLC0415 - on first use (module docstring)
+
     try:
         return _fernet(_key_source()).decrypt(ciphertext.encode()).decode()
     except InvalidToken:
@@ -72,6 +80,8 @@ def _key_source() -> tuple[str, ...] | Path:
 
 @cache
 def _fernet(source: tuple[str, ...] | Path) -> MultiFernet:
+    from cryptography.fernet import Fernet, MultiFernet  # noqa: PLC0415 - on first use (module docstring)
+
     keys = source if isinstance(source, tuple) else (_key_file(source),)
     try:
         return MultiFernet([Fernet(key) for key in keys])
@@ -84,6 +94,8 @@ def _fernet(source: tuple[str, ...] | Path) -> MultiFernet:
 
 
 def _key_file(path: Path) -> str:
+    from cryptography.fernet import Fernet  # noqa: PLC0415 - on first use (module docstring)
+
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         # Created private (never on disk readable by others, not even for a moment) and complete

@@ -1,21 +1,29 @@
 """`manage.py dicom_listener`: the C-ECHO / C-STORE SCP, run forever under a supervisor.
 
-pynetdicom runs every association of a process under one GIL, so for throughput we start
+Every association of a process runs under one GIL, so for throughput we start
 PACSLENS_DICOM_LISTENER_PROCESSES processes. The supervisor binds the listening socket(s) (plain,
 TLS, or both: PACSLENS_DICOM_TLS_MODE) before forking and every process accepts on them, so a
 connection goes to whichever process is free to accept it; with SO_REUSEPORT the kernel hashed
 connections to processes whatever their load. SIGTERM/SIGINT: stop accepting, let running
 associations finish (bounded by PACSLENS_DICOM_SHUTDOWN_GRACE), exit 0.
+
+Memory (docs/operations.md, "Listener memory"): the supervisor has imported everything the children
+use before it forks, and freezes the garbage collector's view of those objects, so the children
+share its pages instead of copying them; the listener skips the URL checks, which would import the
+staff UI, the API and the delivery and inference code it never runs.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
 import time
 
 from django.conf import settings
+from django.core.checks import Tags
+from django.core.checks.registry import registry
 from django.core.management.base import BaseCommand
 from django.db import DatabaseError, connections
 
@@ -31,6 +39,10 @@ LISTEN_BACKLOG = 128  # connections the kernel queues while every process is bus
 
 class Command(BaseCommand):
     help = "Run the DICOM listener (C-ECHO, C-STORE SCP)."
+    # Every system check but the URL ones: those import the URLconf, that is the staff UI, the API
+    # and the delivery and inference code (onnxruntime, highdicom, ...), ~55 MiB in every listener
+    # process, which never serves HTTP. The web process and `manage.py check` still run them.
+    requires_system_checks = sorted(registry.tags_available() - {Tags.urls})
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--port", type=int, default=None, help="Override PACSLENS_DICOM_PORT")
@@ -78,7 +90,6 @@ class Command(BaseCommand):
                 "port": listener.port,
                 "tls_port": listener.tls_port if listener.tls_mode != "off" else None,
                 "active_associations": sum(len(each.active_associations) for each in listener.servers),
-                "pynetdicom_speedups": listener.speedups,
             },
         )
         heartbeat.start()
@@ -126,6 +137,11 @@ class Command(BaseCommand):
                 pass
 
     def spawn(self, port: int, sockets: list[socket.socket]) -> int:
+        # Objects the supervisor made (modules, classes, settings) move to a generation the
+        # collector never visits: a child's collections would otherwise write to every one of
+        # them and so copy the pages it shares with the supervisor (measured with two processes:
+        # 4-5 MiB more PSS in all, idle or after receiving).
+        gc.freeze()
         pid = os.fork()
         if pid == 0:  # child
             code = 0
