@@ -133,7 +133,11 @@ def _overview() -> Section:
                     ["Product", f"PacsLens {SOFTWARE_VERSION}"],
                     ["Implementation Class UID", pynetdicom.PYNETDICOM_IMPLEMENTATION_UID],
                     ["Implementation Version Name", pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION],
-                    ["DICOM toolkit", f"pynetdicom {pynetdicom.__version__}"],
+                    [
+                        "DICOM toolkit",
+                        f"PacsLens acceptor (listener); pynetdicom {pynetdicom.__version__} (association "
+                        "negotiation, and every association PacsLens requests)",
+                    ],
                 ],
             )
         ],
@@ -163,9 +167,16 @@ def _application_entity() -> Section:
         ],
         ["Maximum PDU size received", f"{MAXIMUM_PDU_SIZE} bytes"],
         ["ARTIM / ACSE timeout", f"{settings.DICOM_ACSE_TIMEOUT:g} s"],
-        ["DIMSE timeout", f"{settings.DICOM_DIMSE_TIMEOUT:g} s"],
         ["Network (idle) timeout", f"{settings.DICOM_NETWORK_TIMEOUT:g} s"],
-        ["Asynchronous operations", "Not supported (one outstanding operation per association)"],
+        [
+            "Asynchronous operations",
+            "Not supported (one outstanding operation per association; a proposed window is answered 1/1)",
+        ],
+        [
+            "SCP/SCU role selection",
+            "Answered: the requestor may be SCU only; a context proposing it as SCP only is rejected",
+        ],
+        ["DIMSE timeout", f"{settings.DICOM_DIMSE_TIMEOUT:g} s (a C-STORE data set that stops arriving is aborted)"],
     ]
     return Section(f"Application entity {settings.AE_TITLE}", tables=[Table(["Item", "Value"], rows)])
 

@@ -178,8 +178,15 @@ class AcceptorSettings:
 
 
 def supported_contexts(storage_classes: list[str], transfer_syntaxes: list[str]) -> list[PresentationContext]:
-    """Verification (pynetdicom's default transfer syntaxes) and every storage class with `transfer_syntaxes`."""
-    return [build_context(VERIFICATION), *(build_context(uid, transfer_syntaxes) for uid in storage_classes)]
+    """Verification (pynetdicom's default transfer syntaxes) and every storage class with `transfer_syntaxes`.
+
+    The requestor may be their SCU, never their SCP (we send no requests): a role selection item is
+    answered so, and a context whose requestor would only be its SCP is rejected (PS3.7 D.3.3.4).
+    """
+    contexts = [build_context(VERIFICATION), *(build_context(uid, transfer_syntaxes) for uid in storage_classes)]
+    for context in contexts:
+        context.scu_role, context.scp_role = True, False
+    return contexts
 
 
 class AcceptorServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -568,7 +575,9 @@ class AssociationRunner:
         """Read the A-ASSOCIATE-RQ and answer it: accepted, `assoc.established`."""
         pdu_type, length = self._pdu_header()
         if pdu_type != ASSOCIATE_RQ:
-            if pdu_type in (RELEASE_RQ, ABORT, P_DATA_TF, ASSOCIATE_AC, ASSOCIATE_RJ, RELEASE_RP):
+            if pdu_type == ABORT:
+                raise PeerGone()  # PS3.8 9.2 state Sta2: an A-ABORT PDU is not answered, just closed (AA-2)
+            if pdu_type in (RELEASE_RQ, P_DATA_TF, ASSOCIATE_AC, ASSOCIATE_RJ, RELEASE_RP):
                 raise ProtocolError("expected an A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
             raise ProtocolError("unrecognised PDU type", ABORT_UNRECOGNISED_PDU)
         if length > MAXIMUM_ASSOCIATE_RQ:
@@ -757,7 +766,7 @@ class AssociationRunner:
             path=Path(),
             move_originator_ae_title=_text(command, 0x1030).strip(),
         )
-        self._pending = _PendingStore.open(self.settings.incoming_dir(), request, context_id)
+        self._pending = _PendingStore.open(self.settings.incoming_dir, request, context_id)
         self.sock.settimeout(self.settings.dimse_timeout)
 
     def _data_fragment(self, context_id: int, length: int, last: bool) -> None:
@@ -858,10 +867,10 @@ class _PendingStore:
         self.failed = False
 
     @classmethod
-    def open(cls, folder: Path, request: StoreRequest, context_id: int) -> _PendingStore:
+    def open(cls, folder: Callable[[], Path], request: StoreRequest, context_id: int) -> _PendingStore:
         pending = cls(request, context_id)
-        try:
-            fd, name = tempfile.mkstemp(dir=folder, suffix=".part")
+        try:  # creating the folder may fail as well (incoming_dir makes it when missing)
+            fd, name = tempfile.mkstemp(dir=folder(), suffix=".part")
         except OSError as exc:
             pending._fail(exc)
             return pending
