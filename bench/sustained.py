@@ -6,8 +6,9 @@ into one machine running `dicom_listener` and `run_workers` with 2 worker proces
 deployed. The RIS is an MLLP receiver in this process that stamps each HL7 message's arrival.
 
 Figures, per database:
-- studies/hour end to end: studies / (last worklist update - first instance sent);
-- latency from the study's last instance received to its HL7 message at the RIS (p50/p95/max);
+- studies/hour end to end: studies / (last RIS ACK - first instance sent);
+- latency from the study's last instance received to the RIS's ACK of its HL7 message
+  (p50/p95/max; the RIS answers each message at once and stamps when its ACK went out);
 - queue depth over time: studies in flight, broker rows, deliveries pending;
 - peak memory (RSS) of every process.
 
@@ -17,6 +18,10 @@ Figures, per database:
 PostgreSQL is a private cluster (tests/support/postgres.py) with its default durability (fsync on).
 Everything runs in a temporary directory; the user's var/ is never touched. Results go to
 stdout and bench/out/sustained-*.json. Synthetic demonstration data only.
+
+It ends with issue 17's targets, per database, MET or NOT MET (bench/_targets.py): ≥ 10,000
+head CTs/hour on 2 cores, p95 last instance → RIS ACK ≤ 5 s. One run per database, not a median
+of rounds: a run is 200 studies and minutes long.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ os.environ["PACSLENS_DATA_DIR"] = str(WORK / "unused-data")  # never the user's 
 
 import psutil
 
+from bench._targets import Target, targets_print
 from tests.support.listener_proc import DB_NAME, PYTHON, base_env, dcmtk_env, template_db_create
 from tests.support.net import free_port
 from tests.support.postgres import Database, postgres_cluster_start, sqlite_url
@@ -111,6 +117,7 @@ def main() -> int:
         out = OUT / f"sustained-{datetime.now():%Y%m%d-%H%M%S}.json"
         out.write_text(json.dumps({"args": vars(args), "cpus": os.cpu_count(), "runs": runs}, indent=1, default=str))
         print(f"\nwritten to {out.relative_to(REPO)}")
+        targets(runs, args)
         return 0
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
@@ -162,10 +169,11 @@ class _ReusableServer(socketserver.ThreadingTCPServer):
 
 
 class RIS:
-    """An MLLP receiver answering AA and stamping when each MSH-10 arrived (wall clock)."""
+    """An MLLP receiver answering AA and stamping when each MSH-10 arrived and when its ACK went out (wall clock)."""
 
     def __init__(self, port: int | None = None) -> None:
         self.arrivals: dict[str, float] = {}
+        self.acks: dict[str, float] = {}
         self.messages = 0
         ris = self
 
@@ -186,6 +194,7 @@ class RIS:
                     ris.messages += 1
                     ack = f"MSH|^~\\&|RIS|HOSP|PACSLENS||20240101120000||ACK^R01|A{control_id}|P|{version}\rMSA|AA|{control_id}"
                     self.request.sendall(b"\x0b" + ack.encode() + b"\x1c\r")
+                    ris.acks.setdefault(control_id, time.time())
 
         self.port = port or free_port()
         self.server = _ReusableServer(("127.0.0.1", self.port), Handler)
@@ -395,7 +404,7 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
     )
     latencies, last_update = [], started_wall
     for row in rows:
-        arrived = ris.arrivals.get(row["idempotency_key"] or "")
+        arrived = ris.acks.get(row["idempotency_key"] or "")
         if arrived is None:
             continue
         last_received = row["last_received_at"]
@@ -417,11 +426,11 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
         "megabytes": round(sum(s.megabytes for s in studies), 1),
         "send_failures": failures,
         "states": by_state,
-        "delivered_to_ris": len(ris.arrivals),
+        "delivered_to_ris": len(ris.acks),
         "hl7_messages": ris.messages,
         "sent_seconds": round(sent_s, 1),
         "end_to_end_seconds": round(elapsed, 1),
-        "studies_per_hour": round(len(ris.arrivals) / elapsed * 3600) if elapsed > 0 else None,
+        "studies_per_hour": round(len(ris.acks) / elapsed * 3600) if elapsed > 0 else None,
         "latency_s": {
             "p50": round(statistics.median(latencies), 2) if latencies else None,
             "p95": round(percentile(latencies, 95), 2) if latencies else None,
@@ -460,7 +469,7 @@ def percentile(sorted_values: list[float], pct: float) -> float:
 
 def report(run: dict) -> None:
     print(
-        f"  sent in {run['sent_seconds']} s; last worklist update after {run['end_to_end_seconds']} s; "
+        f"  sent in {run['sent_seconds']} s; last RIS ACK after {run['end_to_end_seconds']} s; "
         f"states {run['states']}; HL7 messages {run['hl7_messages']} for {run['delivered_to_ris']} studies"
     )
     if run["send_failures"]:
@@ -489,7 +498,29 @@ def summary(runs: list[dict]) -> None:
             f"{run['megabytes']:.0f} | {run['studies_per_hour']} | {latency['p50']} | {latency['p95']} | "
             f"{latency['max']} | {total:.0f} |"
         )
-    print("Target: >= 1,000 head CT studies/hour end to end, p95 < 10 s (last instance received -> HL7 at the RIS).")
+
+
+def targets(runs: list[dict], args) -> None:
+    """Issue 17's pipeline targets, per database."""
+    lines = []
+    for run in runs:
+        lines.append(
+            Target(f"{run['backend']}: head CTs/hour end to end", run["studies_per_hour"], 10_000, True, digits=0)
+        )
+        lines.append(
+            Target(f"{run['backend']}: p95 last instance → RIS ACK", run["latency_s"]["p95"], 5, False, unit=" s")
+        )
+    cores = os.cpu_count()
+    notes = [
+        f"{args.studies} studies, {args.senders} senders, {args.workers} worker processes, on {cores} cores"
+        + ("" if cores == 2 else " (the target is for 2)")
+        + f"; one run per database; load average {os.getloadavg()[0]:.1f} at the end",
+    ]
+    if any(run["delivered_to_ris"] < run["studies"] for run in runs):
+        notes.append("not every study reached the RIS: the figures cover those that did")
+    if args.quick:
+        notes.append("--quick: a smoke run (40 small studies), not the issue's conditions")
+    targets_print("bench/sustained.py", lines, notes=notes)
 
 
 if __name__ == "__main__":
