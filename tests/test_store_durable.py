@@ -171,6 +171,27 @@ class TestWalFsyncFailure:
         assert Instance.objects.count() == 1 and (data_dir / Instance.objects.get().path).exists()
 
 
+class TestRenameLost:
+    def test_a_row_whose_file_is_missing_takes_the_resent_copy(self, transactional_db, data_dir):
+        # The folder's fsync runs beside the commit: a power cut may keep the rows and lose the
+        # rename. The sender never had Success and sends again: that copy must be kept, not
+        # answered as a duplicate of a file that is not there.
+        (ds,) = make_ct_slices(1)
+        first = store(ds)
+        assert first.ok and not first.duplicate
+        lost = data_dir / Instance.objects.get().path
+        lost.unlink()
+        again = store(ds)
+        assert again.ok and not again.duplicate
+        instance = Instance.objects.get()
+        assert instance.pk == first.instance_id
+        assert (data_dir / instance.path).is_file()
+        # A true duplicate (its file is there) is still answered as one, and the file kept once.
+        third = store(ds)
+        assert third.ok and third.duplicate
+        assert (data_dir / Instance.objects.get().path).is_file()
+
+
 def store(ds):
     path = incoming_dir() / f"{ds.SOPInstanceUID}.tmp"
     ds.save_as(path, enforce_file_format=True)

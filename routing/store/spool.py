@@ -167,14 +167,19 @@ def _store(*, temp_path: Path, request_sop_class_uid: str, request_sop_instance_
     final_path = Path(settings.DATA_DIR) / relative
     try:
         synced.result()
-        _durable_rename(temp_path, final_path)
+        renamed = _durable_rename_start(temp_path, final_path)
     except OSError as exc:
         logger.error("cannot write instance %s: %s", header["SOPInstanceUID"], exc.strerror)
         return StoreResult(OUT_OF_RESOURCES, "Out of resources: the instance could not be written to disk")
 
+    # The folder's fsync (making the rename durable) runs while the rows are written and
+    # committed; Success waits for both. Should a power cut keep the rows but lose the rename, the
+    # sender, never having had Success, sends again, and a row whose file is missing takes the new
+    # copy (_record).
     try:
         with group_commit():
             result = _record(header, relative, final_path, **kwargs)
+        renamed.result()
     except OSError as exc:
         # The rows are committed but the fsync that makes them durable failed: do not claim
         # Success. The file and rows stay; a resend is then a duplicate and answered as such.
@@ -198,8 +203,9 @@ def _record(header: dict[str, str], relative: str, final_path: Path, **kwargs) -
         # The SOP Instance UID is already stored (a resend, or another association just now): the
         # unique constraint tells us, which saves a query on every instance that is not a duplicate.
         existing = Instance.objects.filter(sop_instance_uid=header["SOPInstanceUID"]).first()
-        if existing is not None and existing.deleted_at is not None:
-            # Sent again after retention removed its pixel data: keep this copy (not a duplicate).
+        if existing is not None and (existing.deleted_at is not None or not _stored_file_exists(existing)):
+            # Sent again after retention removed its pixel data, or after a power cut lost the
+            # rename of the first copy (it was never answered Success): keep this copy.
             instance_restore(
                 existing, relative=relative, size=final_path.stat().st_size, association_id=kwargs.get("association_id")
             )
@@ -232,6 +238,10 @@ def _mismatch(header: dict[str, str], request_class: str, request_instance: str)
     return None
 
 
+def _stored_file_exists(existing: Instance) -> bool:
+    return (Path(settings.DATA_DIR) / existing.path).is_file()
+
+
 def _duplicate(existing: Instance, temp_path: Path) -> StoreResult:
     stored = Path(settings.DATA_DIR) / existing.path
     same = stored.exists() and filecmp.cmp(stored, temp_path, shallow=False)
@@ -254,14 +264,18 @@ def _final_relative_path() -> str:
     return f"instances/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}.dcm"
 
 
-def _fsync_start(path: Path) -> Future:
-    """fsync `path` in a worker thread (the GIL is released while the disk works)."""
+def _pool() -> ThreadPoolExecutor:
+    """This process's threads for fsyncs (the GIL is released while the disk works)."""
     global _fsync_pool
     with _fsync_pool_lock:
         if _fsync_pool is None or _fsync_pool[0] != os.getpid():  # a pool does not survive fork
             _fsync_pool = (os.getpid(), ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync"))
-        pool = _fsync_pool[1]
-    return pool.submit(_fsync, path)
+        return _fsync_pool[1]
+
+
+def _fsync_start(path: Path) -> Future:
+    """fsync `path` in a worker thread."""
+    return _pool().submit(_fsync, path)
 
 
 def _fsync(path: Path) -> None:
@@ -270,6 +284,18 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _durable_rename_start(temp_path: Path, final_path: Path) -> Future:
+    """Rename the already fsynced `temp_path` into place; the Future is done once the rename is durable."""
+    folder = final_path.parent
+    if folder not in _made_dirs:  # rare (a new day): all of it here
+        _durable_rename(temp_path, final_path)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+    os.rename(temp_path, final_path)
+    return _pool().submit(group_fsync, folder)
 
 
 def _durable_rename(temp_path: Path, final_path: Path) -> None:
