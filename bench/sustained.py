@@ -214,6 +214,11 @@ class Process:
     role: str
     popen: subprocess.Popen
     peak_rss: dict[str, float] = field(default_factory=dict)  # label -> MiB
+    cpu_s: dict[int, float] = field(default_factory=dict)  # pid -> user+system seconds, last seen
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the role's processes (a process that exited counts up to its last sample)."""
+        return sum(self.cpu_s.values())
 
     def sample(self) -> None:
         try:
@@ -225,9 +230,11 @@ class Process:
             label = f"{self.role}" if index == 0 else f"{self.role} child {proc.pid}"
             try:
                 rss = proc.memory_info().rss / MiB
+                times = proc.cpu_times()
             except psutil.NoSuchProcess:
                 continue
             self.peak_rss[label] = max(self.peak_rss.get(label, 0.0), rss)
+            self.cpu_s[proc.pid] = times.user + times.system
 
 
 def run_backend(backend: str, *, studies: list[GeneratedStudy], storescu: str, args) -> dict:
@@ -438,6 +445,16 @@ def drive(backend, *, db, ris, processes, studies, storescu, port, senders) -> d
         },
         "queue_depth": depth,
         "peak_rss_mib": {label: round(mib, 1) for proc in processes for label, mib in proc.peak_rss.items()},
+        # What bounds throughput on this machine: CPU seconds per study by role, and the rate at
+        # which they would use every core (the model's own threads included).
+        "cpu_s_per_study": {
+            proc.role: round(proc.cpu_seconds() / len(studies), 3) for proc in processes if len(studies)
+        },
+        "cpu_bound_studies_per_hour": round(
+            (os.cpu_count() or 1) * 3600 / (sum(proc.cpu_seconds() for proc in processes) / len(studies))
+        )
+        if studies and sum(proc.cpu_seconds() for proc in processes)
+        else None,
     }
 
 
@@ -482,6 +499,10 @@ def report(run: dict) -> None:
             f"    {sample['t']:7.1f}: {sample['in_flight']:4} / {sample['waiting_for_workers']:4} / "
             f"{sample['broker']:4} / {sample['deliveries']:4} / {sample['delivered']:4}"
         )
+    per_study = ", ".join(f"{role} {seconds:.2f} s" for role, seconds in run["cpu_s_per_study"].items())
+    print(
+        f"  CPU per study: {per_study}; all cores busy at this cost: {run['cpu_bound_studies_per_hour']} studies/hour"
+    )
     print("  peak RSS (MiB)")
     for label, mib in run["peak_rss_mib"].items():
         print(f"    {label:32} {mib:8.1f}")
