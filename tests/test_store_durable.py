@@ -204,20 +204,26 @@ def store(ds):
     )
 
 
+def first_fsync_held(monkeypatch) -> tuple[list[int], threading.Event, threading.Event]:
+    """os.fsync recording its calls, the first one held until released: (calls, entered, release)."""
+    calls: list[int] = []
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls, entered, release
+
+
 class TestGroupFsync:
     def test_an_fsync_already_running_does_not_cover_a_later_call(self, tmp_path, monkeypatch):
-        first_entered, release = threading.Event(), threading.Event()
-        calls = []
-        real_fsync = os.fsync
-
-        def fsync(fd):
-            calls.append(fd)
-            if len(calls) == 1:
-                first_entered.set()
-                release.wait(10)
-            real_fsync(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
+        calls, first_entered, release = first_fsync_held(monkeypatch)
         first = threading.Thread(target=group_fsync, args=(tmp_path,))
         first.start()
         assert first_entered.wait(10)
@@ -233,18 +239,7 @@ class TestGroupFsync:
         assert later_done.is_set() and len(calls) == 2
 
     def test_one_fsync_serves_every_thread_that_called_before_it_started(self, tmp_path, monkeypatch):
-        gate, entered = threading.Event(), threading.Event()
-        calls = []
-        real_fsync = os.fsync
-
-        def fsync(fd):
-            calls.append(fd)
-            if len(calls) == 1:
-                entered.set()
-                gate.wait(10)
-            real_fsync(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
+        calls, entered, gate = first_fsync_held(monkeypatch)
         threads = [threading.Thread(target=group_fsync, args=(tmp_path,)) for _ in range(5)]
         threads[0].start()
         assert entered.wait(10)
