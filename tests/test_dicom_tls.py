@@ -33,7 +33,7 @@ from routing.receive.listener import DicomListener
 from tests.support.certs import Pair, ca_make, leaf_make
 from tests.support.ct import ct_series_write, make_ct_slices
 from tests.support.listener_proc import dcmtk_env
-from tests.support.net import free_port, require_program
+from tests.support.net import closed_by_peer, free_port, require_program
 from tests.support.sr import make_payload
 
 pytestmark = pytest.mark.interop
@@ -141,6 +141,21 @@ def test_a_silent_connection_does_not_hold_up_the_others(listener_in_thread, cer
         assert echoscu(listener.port, *with_cert(certs.client, certs.ca)).returncode == 0
 
 
+def test_connections_waiting_for_their_handshake_count_toward_the_peer_limit(listener_in_thread, settings):
+    settings.DICOM_MAX_ASSOCIATIONS_PER_PEER = 2
+    listener = listener_in_thread("tls")
+    silent = [socket.create_connection(("127.0.0.1", listener.port), timeout=10) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # both accepted, their threads waiting for a ClientHello
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as third:
+            assert closed_by_peer(third, timeout=5), "a third connection from the same peer must be closed at once"
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+# A failed handshake ends its thread cleanly (it once raised while closing the connection).
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_an_untrusted_client_certificate_is_refused(listener_in_thread, certs, caplog):
     listener = listener_in_thread("tls")
     # The client trusts our CA, so only our side can be refusing.

@@ -23,6 +23,7 @@ from pynetdicom.sop_class import Verification
 from routing.models import OpsCounter
 from routing.receive.scp import PDUS_REFUSED_COUNTER
 from tests.support.listener_proc import ListenerProcess
+from tests.support.net import closed_by_peer
 
 GIB = 1024**3
 CLAIMS = 4
@@ -41,19 +42,6 @@ def tree_rss(listener: ListenerProcess) -> int:
 
 def pdu_header(pdu_type: int, length: int) -> bytes:
     return struct.pack(">BBL", pdu_type, 0, length)
-
-
-def closed_by_peer(sock: socket.socket, timeout: float = 15.0) -> bool:
-    """True when the listener closes the connection (after an A-ABORT, if it sends one)."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(4096):
-            pass
-    except TimeoutError:
-        return False
-    except OSError:  # reset: closed as well
-        return True
-    return True
 
 
 def pdata_tf(primitive) -> bytes:

@@ -268,6 +268,11 @@ class AcceptorServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._recent_accepts.append(time.monotonic())
         client_socket.setblocking(True)
         client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            # Wrapped here (no I/O yet), so the socket counted as open by _connection_refusal is the
+            # one the association uses (wrapping detaches the plain socket); the handshake, which
+            # waits on the peer, runs on the connection's own thread (process_request_thread).
+            client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
         return client_socket, address
 
     def _accept_defer(self) -> None:
@@ -313,10 +318,10 @@ class AcceptorServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def process_request_thread(self, request, client_address) -> None:
         try:
-            if self.ssl_context is not None:
-                request = _tls_handshake(self.ssl_context, request, client_address, self.acceptor.acse_timeout)
-                if request is None:
-                    return
+            if isinstance(request, ssl.SSLSocket) and not _tls_handshake(
+                request, client_address, self.acceptor.acse_timeout
+            ):
+                return
             assoc = Association(peer_address=client_address[0], peer_port=client_address[1], sock=request)
             try:
                 AssociationRunner(self, assoc).run()
@@ -367,25 +372,17 @@ class AssociationSlots:
             self._count -= 1
 
 
-def _tls_handshake(
-    context: ssl.SSLContext, request: socket.socket, client_address, timeout: float | None
-) -> ssl.SSLSocket | None:
-    """The server side of the TLS handshake, bounded by the ACSE timeout; None (logged) when it fails."""
+def _tls_handshake(request: ssl.SSLSocket, client_address, timeout: float | None) -> bool:
+    """The server side of the TLS handshake, bounded by the ACSE timeout; False (logged) when it fails."""
     try:
-        wrapped = context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-    except (OSError, ValueError) as exc:
-        logger.warning("refusing TLS connection from %s: %s", client_address[0], type(exc).__name__)
-        return None
-    try:
-        wrapped.settimeout(timeout)
-        wrapped.do_handshake()
-        wrapped.settimeout(None)
-        return wrapped
+        request.settimeout(timeout)
+        request.do_handshake()
+        request.settimeout(None)
+        return True
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         reason = getattr(exc, "reason", None) or type(exc).__name__
         logger.warning("refusing TLS connection from %s: %s", client_address[0], reason)
-        wrapped.close()
-        return None
+        return False
 
 
 # --- encoding ------------------------------------------------------------------------------------

@@ -76,3 +76,16 @@ class HeaderRecorder:
 
     def authorizations(self) -> list[str]:
         return [h.get("Authorization", "") for h in self.headers]
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 15.0) -> bool:
+    """True when the listener closes the connection (after an A-ABORT, if it sends one)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:  # reset: closed as well
+        return True
+    return True
