@@ -185,11 +185,9 @@ def variant_apply(name: str) -> Callable[[], None]:
 
 def plain_fsync(path: Path) -> None:
     """One fsync per caller, as before the group fsync."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    from routing.store.group_sync import fsync_path  # after django.setup(), as the other imports here
+
+    fsync_path(path)
 
 
 # --- data ----------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class _Group:
             generation = self.started
         failure = None
         try:
-            _fsync(path, data_only)
+            fsync_path(path, data_only=data_only)
         except OSError as exc:
             failure = exc
         with self.condition:
@@ -92,7 +92,8 @@ class _Group:
             raise failure
 
 
-def _fsync(path: Path, data_only: bool) -> None:
+def fsync_path(path: Path, *, data_only: bool = False) -> None:
+    """fsync (or fdatasync) a file or folder by its path, on its own: no sharing."""
     fd = os.open(path, os.O_RDONLY)
     try:
         if data_only and hasattr(os, "fdatasync"):  # not on macOS

@@ -41,7 +41,7 @@ from django.db import IntegrityError, OperationalError
 from django.utils import timezone
 
 from routing.models import Instance
-from routing.store.group_sync import group_fsync
+from routing.store.group_sync import fsync_path, group_fsync
 from routing.store.header import instance_header_read
 from routing.store.records import group_commit, instance_record, instance_restore
 from routing.store.structure import dataset_structure_problem
@@ -275,15 +275,7 @@ def _pool() -> ThreadPoolExecutor:
 
 def _fsync_start(path: Path) -> Future:
     """fsync `path` in a worker thread."""
-    return _pool().submit(_fsync, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return _pool().submit(fsync_path, path)
 
 
 def _durable_rename_start(temp_path: Path, final_path: Path) -> Future:
