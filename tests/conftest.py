@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.support.fhir_router",
     "tests.support.fhir_server",
     "tests.support.listener_proc",
+    "tests.support.listener_thread",
     "tests.support.mllp",
     "tests.support.oauth_server",
     "tests.support.orthanc",

@@ -29,7 +29,6 @@ from results.deliver.sr import build_sr
 from results.models import Destination
 from routing.models import ApplicationEntity, Instance
 from routing.receive import dicom_tls
-from routing.receive.listener import DicomListener
 from tests.support.certs import Pair, ca_make, leaf_make
 from tests.support.ct import ct_series_write, make_ct_slices
 from tests.support.listener_proc import dcmtk_env
@@ -77,19 +76,10 @@ def tls_settings(settings, certs):
 
 
 @pytest.fixture
-def listener_in_thread(transactional_db, data_dir, tls_settings):
+def listener_in_thread(thread_listener_factory, tls_settings):
+    # Made now, not at start: some tests bind the AE title to a certificate name first.
     ApplicationEntity.objects.create(ae_title=CALLING, host="127.0.0.1", may_send=True)
-    started: list[DicomListener] = []
-
-    def start(tls_mode: str) -> DicomListener:
-        dicom = DicomListener(host="127.0.0.1", port=0, ae_title="PACSLENS", tls_mode=tls_mode, tls_port=0)
-        dicom.start()
-        started.append(dicom)
-        return dicom
-
-    yield start
-    for dicom in started:
-        dicom.stop(grace=2)
+    return lambda tls_mode: thread_listener_factory(calling=CALLING, tls_mode=tls_mode, tls_port=0)
 
 
 def dcmtk(program: str, *args: str) -> subprocess.CompletedProcess:

@@ -32,7 +32,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.sop_class import Verification
 
-from routing.models import ApplicationEntity, Instance, StoreAssociation
+from routing.models import Instance, StoreAssociation
 from routing.receive.listener import DicomListener
 from routing.receive.scp import file_meta_bytes, response_command
 from tests.support.ct import make_ct
@@ -275,22 +275,9 @@ def pdv_items(body: bytes) -> Iterator[tuple[int, bytes]]:
 
 
 @pytest.fixture
-def start_listener(transactional_db, data_dir, settings) -> Iterator[Callable[..., DicomListener]]:
+def start_listener(thread_listener_factory) -> Callable[..., DicomListener]:
     """Start an in-process listener after applying `settings` overrides (read at start)."""
-    ApplicationEntity.objects.create(ae_title=CALLING, host="127.0.0.1", may_send=True)
-    started: list[DicomListener] = []
-
-    def start(**overrides) -> DicomListener:
-        for name, value in overrides.items():
-            setattr(settings, name, value)
-        dicom = DicomListener(host="127.0.0.1", port=0, ae_title=CALLED)
-        dicom.start()
-        started.append(dicom)
-        return dicom
-
-    yield start
-    for dicom in started:
-        dicom.stop(grace=2)
+    return lambda **overrides: thread_listener_factory(calling=CALLING, ae_title=CALLED, settings_overrides=overrides)
 
 
 @pytest.fixture
