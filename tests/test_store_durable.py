@@ -204,8 +204,9 @@ def store(ds):
     )
 
 
-def first_fsync_held(monkeypatch) -> tuple[list[int], threading.Event, threading.Event]:
-    """os.fsync recording its calls, the first one held until released: (calls, entered, release)."""
+def first_fsync_held(monkeypatch, *, second_fails: bool = False) -> tuple[list[int], threading.Event, threading.Event]:
+    """os.fsync recording its calls, the first one held until released (and the second failing
+    with EIO, if asked): (calls, entered, release)."""
     calls: list[int] = []
     entered, release = threading.Event(), threading.Event()
     real_fsync = os.fsync
@@ -215,6 +216,8 @@ def first_fsync_held(monkeypatch) -> tuple[list[int], threading.Event, threading
         if len(calls) == 1:
             entered.set()
             release.wait(10)
+        elif len(calls) == 2 and second_fails:
+            raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -253,20 +256,7 @@ class TestGroupFsync:
         assert len(calls) == 2  # the first, then one for the four that came while it ran
 
     def test_a_failed_fsync_fails_every_thread_it_was_to_cover(self, tmp_path, monkeypatch):
-        gate, entered = threading.Event(), threading.Event()
-        calls = []
-        real_fsync = os.fsync
-
-        def fsync(fd):
-            calls.append(fd)
-            if len(calls) == 1:
-                entered.set()
-                gate.wait(10)
-            elif len(calls) == 2:
-                raise OSError(errno.EIO, "Input/output error")
-            real_fsync(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
+        calls, entered, gate = first_fsync_held(monkeypatch, second_fails=True)
         outcomes: list[str] = []
 
         def call() -> None:
