@@ -509,7 +509,6 @@ class AssociationRunner:
         self._command = bytearray()
         self._command_context = 0
         self._pending: _PendingStore | None = None  # a C-STORE whose data set is arriving
-        self._pending_command: dict[int, bytes] | None = None  # a command that still expects its data set
         self._slot = False  # holds one of the listener's association slots
         self._incoming_path: Path | None = None  # looked up (and made) once per association
 
@@ -720,7 +719,7 @@ class AssociationRunner:
                 self._data_fragment(context_id, value_length, last)
 
     def _command_fragment(self, context_id: int, length: int, last: bool) -> None:
-        if self._pending is not None or self._pending_command is not None:
+        if self._pending is not None:
             raise ProtocolError("a command arrived before the previous data set ended")
         if self._command and context_id != self._command_context:
             raise ProtocolError("command fragments on different presentation contexts")
@@ -762,7 +761,6 @@ class AssociationRunner:
                 "C-STORE-RQ without a data set",
             )
             return
-        self._pending_command = command
         request = StoreRequest(
             message_id=message_id,
             sop_class_uid=_text(command, 0x0002),
@@ -797,7 +795,7 @@ class AssociationRunner:
             pending.write(view[:count])
             remaining -= count
         if last:
-            self._pending = self._pending_command = None
+            self._pending = None
             self.sock.settimeout(self.settings.network_timeout)
             self._store(pending)
 
@@ -853,7 +851,7 @@ class AssociationRunner:
         _send_quietly(self.sock, abort_pdu(SOURCE_PROVIDER, exc.reason))
 
     def _pending_discard(self) -> None:
-        pending, self._pending, self._pending_command = self._pending, None, None
+        pending, self._pending = self._pending, None
         if pending is not None:
             pending.discard()
 
